@@ -1,0 +1,75 @@
+"""Backend choice: `FMRT_BACKEND` = auto (default) | triton | torch.
+
+- auto:   Triton kernels for CUDA tensors when Triton imports; the torch reference otherwise.
+- triton: always the Triton kernels; CPU tensors need `TRITON_INTERPRET=1` (how CI runs them).
+- torch:  always the pure-torch reference.
+
+`use_backend(name)` overrides the environment inside a `with` block (tests, benchmarks).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+_override: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def requested_backend() -> str:
+    name = _override if _override is not None else os.environ.get("FMRT_BACKEND", "auto")
+    name = name.strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"FMRT_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside the block: `with use_backend("triton"): ...`."""
+    global _override
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    prev, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = prev
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the op should launch its Triton kernel for these tensors.
+
+    Raises ValueError when `triton` is forced on CPU tensors without the interpreter, or Triton
+    does not import.
+    """
+    name = requested_backend()
+    if name == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+    if name == "auto":
+        return on_cuda and triton_available()
+    if not triton_available():
+        raise ValueError("FMRT_BACKEND=triton but Triton does not import (pip install triton)")
+    if not on_cuda and not interpreter_enabled():
+        raise ValueError(
+            "FMRT_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before Triton is "
+            "imported; use FMRT_BACKEND=torch (or auto) for the CPU reference path"
+        )
+    return True

@@ -1,0 +1,1 @@
+"""Adapters for diffusers and DiffSynth-Studio users."""

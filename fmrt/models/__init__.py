@@ -1,0 +1,1 @@
+"""Models used by fmrt's runtime, tests, demos and benchmarks."""

@@ -1,0 +1,41 @@
+from setuptools import setup
+
+VERSION = "0.1.0"
+
+setup(
+    name="fmrt",
+    version=VERSION,
+    description="Flow-matching runtime for NVIDIA GPUs: fused Triton kernels, 3D-RoPE attention, "
+    "training and sampling for Wan / FLUX / SD3-style DiTs and MeanFlow",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # `kernels/` installs as `fmrt.kernels`; never as a top-level `kernels` (another PyPI project).
+    packages=["fmrt", "fmrt.kernels", "fmrt.models", "fmrt.integrations"],
+    package_dir={"fmrt": "fmrt", "fmrt.kernels": "kernels"},
+    package_data={"fmrt": ["assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "einops>=0.7",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm",
+        "pillow",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "diffusers>=0.32",
+            "matplotlib>=3.7",
+            "peft>=0.12",
+        ],
+        "plot": ["matplotlib>=3.7"],
+        "lora": ["peft>=0.12"],
+        "flash": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["fmrt=fmrt.cli:main"]},
+)

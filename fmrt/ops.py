@@ -133,3 +133,8 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
             raise ValueError(f"{name} must have {want} elements for norm={norm!r}, "
                              f"got {tuple(w.shape)}")
     return ref.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash attention (Triton, with forward-mode JVP): see kernels/attention.py
+# ---------------------------------------------------------------------------------------------

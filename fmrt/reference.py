@@ -140,4 +140,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
     return out.transpose(1, 2).to(q.dtype)
 
 
-# --- attention ops (fmrt Triton flash attention with JVP) ------------------------------------
+
+
+
+# ---------------------------------------------------------------------------------------------
+# flash attention (Triton, with forward-mode JVP): see kernels/attention.py
+# ---------------------------------------------------------------------------------------------

@@ -1,0 +1,41 @@
+"""Wan-style self-attention block: fused qkv projection -> q/k RMSNorm + 3D RoPE -> global
+non-causal attention -> output projection."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fmrt import ops
+from fmrt.attention import attention
+
+
+class WanSelfAttention(nn.Module):
+    """x `[B, S, dim]` + RoPE tables `[S, head_dim/2]` -> `[B, S, dim]`.
+
+    `qkv` is one Linear(dim, 3*dim) (rows: q, then k, then v); q and k are views into its output,
+    normalised and rotated by `ops.qk_norm_rope` without a copy. `qk_norm`: "across_heads" (Wan,
+    weights [dim]), "per_head" (FLUX / SD3, weights [head_dim]) or None.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, qk_norm: Optional[str] = "across_heads",
+                 eps: float = 1e-6, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.qk_norm, self.eps, self.backend = qk_norm, eps, backend
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.o = nn.Linear(dim, dim)
+        wdim = {"across_heads": dim, "per_head": self.head_dim}.get(qk_norm)
+        self.norm_q = nn.Parameter(torch.ones(wdim)) if wdim else None
+        self.norm_k = nn.Parameter(torch.ones(wdim)) if wdim else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k = ops.qk_norm_rope(q, k, self.norm_q, self.norm_k, cos, sin, eps=self.eps,
+                                norm=self.qk_norm)
+        out = attention(q, k, v, backend=self.backend)
+        return self.o(out.reshape(B, S, self.dim))

@@ -186,7 +186,15 @@ class FlowMatchScheduler:
     `sigmas` `[N]` float32 and `timesteps` `[N]` float32 (1000 * sigma; Wan-official: integers)
     live on the CPU; `sigma_grid(device)` and every lookup use per-device copies made once per
     `set_timesteps`. The constructor sets the 1000-step training grid (and its weight table) so
-    a fresh scheduler can sample training sigmas at once; call `set_timesteps` to change it.
+    a fresh scheduler can sample training sigmas at once; call `set_timesteps` to change it
+    (an inference `set_timesteps(N)` drops the weight table: keep one scheduler for training
+    and another for sampling).
+
+    Stepping: `step(v, timestep, x)` (DiffSynth: nearest grid timestep), `step(v, None, x,
+    index=i)` (int, 0-d or `[B]` int64 tensor), or by sigmas with
+    `fmrt.ops.euler_step(x, v, grid[i], grid[i + 1])` on `grid = sigma_grid(device)`.
+    Wan-official: Wan feeds its model the integer `timesteps[i]` (model sigma
+    `timesteps[i] / 1000`) while its solver steps with `sigmas[i]`.
     """
 
     num_train_timesteps = NUM_TRAIN_TIMESTEPS
@@ -275,7 +283,8 @@ class FlowMatchScheduler:
             return Shift("exponential", _real("exponential_shift_mu", mu))
         if seq_len is not None:
             seq_len = _real("dynamic_shift_len", seq_len, positive=True)
-            mu = qwen_image_mu(seq_len) if p.mu_rule == "qwen_image" else flux2_empirical_mu(seq_len, n)
+            mu = (qwen_image_mu(seq_len) if p.mu_rule == "qwen_image"
+                  else flux2_empirical_mu(seq_len, n))
             return Shift("exponential", mu)
         return Shift("exponential", p.default_shift)
 

@@ -1,7 +1,7 @@
 """Regenerate `diffsynth_flow_match.json`, the DiffSynth-Studio golden values of
 tests/test_schedule.py. Not run by CI (CI has no DiffSynth). Usage:
 
-    git --git-dir=<DiffSynth-Studio.git> show <commit>:diffsynth/diffusion/flow_match.py > /tmp/ds.py
+    git --git-dir=<DiffSynth.git> show <commit>:diffsynth/diffusion/flow_match.py > /tmp/ds.py
     python tests/golden/make_diffsynth_golden.py /tmp/ds.py <commit>
 
 It imports DiffSynth's own scheduler module (torch, math, numpy only) and records its grids,

@@ -259,7 +259,12 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: floa
     elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise TypeError(f"seed must be a non-negative int, got {seed!r}")
     if not use_triton(x, v):
-        z = noise if noise is not None else _seeded_normal(seed, x)
+        if noise is not None:
+            z = noise
+        elif eta == 0:  # the noise is multiplied by 0: no need to draw it
+            z = torch.zeros_like(x)
+        else:
+            z = _seeded_normal(seed, x)
         return ref.sde_step(x, v, sigma, sigma_next, float(eta), z, return_log_prob)
     from fmrt.kernels import step as K
     out, zz = K.sde_step(x.contiguous(), v.contiguous(), sigma, sigma_next, float(eta),

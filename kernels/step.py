@@ -13,22 +13,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_sigma(ptr, scalar, b, IS_TENSOR: tl.constexpr):
-    """sigma for the batch indices `b`: from a [B] tensor, or the scalar argument."""
+def _load_sigma(ptr, scalar, stride, b, IS_TENSOR: tl.constexpr):
+    """sigma for the batch indices `b`: from a 0-d / [B] tensor (element b * stride; stride 0
+    broadcasts one value), or the scalar argument."""
     if IS_TENSOR:
-        return tl.load(ptr + b).to(tl.float32)
+        return tl.load(ptr + b * stride).to(tl.float32)
     return scalar
 
 
 @triton.jit
-def _euler_kernel(x_ptr, v_ptr, out_ptr, s_ptr, s_val, sn_ptr, sn_val, n, inner,
-                  SIGMA_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+def _euler_kernel(x_ptr, v_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, n, inner,
+                  S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
     """out = x + (sigma_next - sigma) * v, fp32 math, one rounding to x's dtype."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     b = offs // inner
-    s = _load_sigma(s_ptr, s_val, b, SIGMA_TENSOR)
-    sn = _load_sigma(sn_ptr, sn_val, b, SIGMA_TENSOR)
+    s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
+    sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, (x + (sn - s) * v).to(out_ptr.dtype.element_ty), mask=m)
@@ -38,10 +39,11 @@ NSTAT = 8  # partial sums per program: c, c^2, u, u^2, d, d^2, v^2 (v before res
 
 
 @triton.jit
-def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, s_ptr, s_val, sn_ptr, sn_val,
-                   ratio_ptr, part_ptr, inner, C, n_chunks,
+def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_val, s_st,
+                   sn_ptr, sn_val, sn_st, ratio_ptr, part_ptr, inner, C, n_chunks,
                    STEP: tl.constexpr, WRITE: tl.constexpr, G_TENSOR: tl.constexpr,
-                   SIGMA_TENSOR: tl.constexpr, RESCALE: tl.constexpr, STATS: tl.constexpr,
+                   S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, RESCALE: tl.constexpr,
+                   STATS: tl.constexpr,
                    ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Guided velocity and step for one tile of one sample (grid = (chunks, B)).
 
@@ -61,7 +63,7 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, s_ptr, s_val, sn_
     local = rows[:, None] * C + cols[None, :]
     m = (cols[None, :] < C) & (local < inner)
     offs = b.to(tl.int64) * inner + local
-    g = _load_sigma(g_ptr, g_val, b, G_TENSOR)
+    g = _load_sigma(g_ptr, g_val, g_st, b, G_TENSOR)
     c = tl.load(c_ptr + offs, mask=m, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
     d = c - u
@@ -85,16 +87,17 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, s_ptr, s_val, sn_
             r = tl.where(ok, tl.sqrt(nc) / tl.sqrt(tl.where(ok, nv, 1.0)), 1.0)
             v = v * r[:, None]
         if STEP:
-            s = _load_sigma(s_ptr, s_val, b, SIGMA_TENSOR)
-            sn = _load_sigma(sn_ptr, sn_val, b, SIGMA_TENSOR)
+            s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
+            sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
             x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
             v = x + (sn - s) * v
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, sn_ptr, sn_val, eta, seed, part_ptr,
-                inner, n_chunks, HAS_NOISE: tl.constexpr, SIGMA_TENSOR: tl.constexpr,
+def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, eta,
+                seed, part_ptr, inner, n_chunks, HAS_NOISE: tl.constexpr, S_TENSOR: tl.constexpr,
+                SN_TENSOR: tl.constexpr,
                 LOGP: tl.constexpr, BLOCK: tl.constexpr):
     """Euler-Maruyama step of the flow SDE (Flow-GRPO discretisation), grid = (chunks, B).
 
@@ -108,8 +111,8 @@ def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, sn_ptr, sn_val, eta,
     local = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = local < inner
     offs = b.to(tl.int64) * inner + local
-    s = _load_sigma(s_ptr, s_val, b, SIGMA_TENSOR)
-    sn = _load_sigma(sn_ptr, sn_val, b, SIGMA_TENSOR)
+    s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
+    sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
     dt = sn - s
     s_den = tl.where(s >= 1.0, sn, s)
     k = eta * eta / (2.0 * (1.0 - s_den))
@@ -132,10 +135,16 @@ def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, sn_ptr, sn_val, eta,
 # ---------------------------------------------------------------------------------------------
 
 def sigma_args(sigma, like: torch.Tensor, batch: int):
-    """(pointer tensor, scalar) kernel arguments for a float or `[B]`/0-d tensor sigma."""
-    if isinstance(sigma, torch.Tensor):
-        return sigma.to(device=like.device, dtype=torch.float32).expand(batch).contiguous(), 0.0
-    return like, float(sigma)
+    """(pointer tensor, scalar, stride, is_tensor) kernel arguments for a per-sample value: a
+    float (passed by value), or a 0-d / [1] / [B] tensor read on the device without a copy
+    when it is already float32 (stride 0 broadcasts one value)."""
+    if not isinstance(sigma, torch.Tensor):
+        return like, float(sigma), 0, False
+    t = sigma if (sigma.dtype == torch.float32 and sigma.device == like.device) else \
+        sigma.to(device=like.device, dtype=torch.float32)
+    if t.ndim == 0 or t.numel() == 1:
+        return t, 0.0, 0, True
+    return t, 0.0, t.stride(0), True
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
@@ -145,19 +154,13 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Ten
     if n == 0:
         return out
     batch = x.shape[0] if x.ndim else 1
-    is_tensor = isinstance(sigma, torch.Tensor) or isinstance(sigma_next, torch.Tensor)
-    if is_tensor:
-        sigma = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma))
-        sigma_next = (sigma_next if isinstance(sigma_next, torch.Tensor)
-                      else torch.tensor(float(sigma_next)))
-    s_ptr, s_val = sigma_args(sigma, x, batch)
-    sn_ptr, sn_val = sigma_args(sigma_next, x, batch)
+    s_ptr, s_val, s_st, s_t = sigma_args(sigma, x, batch)
+    sn_ptr, sn_val, sn_st, sn_t = sigma_args(sigma_next, x, batch)
     BLOCK = 1024
     grid = (triton.cdiv(n, BLOCK),)
-    _euler_kernel[grid](x, v, out, s_ptr, s_val, sn_ptr, sn_val, n, max(n // batch, 1),
-                        SIGMA_TENSOR=is_tensor, BLOCK=BLOCK)
+    _euler_kernel[grid](x, v, out, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, n,
+                        max(n // batch, 1), S_TENSOR=s_t, SN_TENSOR=sn_t, BLOCK=BLOCK)
     return out
-
 
 
 def _pow2(n: int) -> int:
@@ -174,24 +177,6 @@ def _tile(inner: int, row: int):
         return rows, bc, row, triton.cdiv(n_rows, rows), 8 if rows * bc >= 4096 else 4
     block = min(4096, max(128, _pow2(inner)))
     return 1, block, block, triton.cdiv(inner, block), 8 if block >= 4096 else 4
-
-
-def _scalar_args(val, like: torch.Tensor, batch: int):
-    """(pointer, scalar, is_tensor) for a float or a 0-d / [B] tensor per-sample value."""
-    if isinstance(val, torch.Tensor):
-        return val.to(device=like.device, dtype=torch.float32).expand(batch).contiguous(), 0.0, True
-    return like, float(val), False
-
-
-def _sigma_pair(sigma, sigma_next, like: torch.Tensor, batch: int):
-    is_tensor = isinstance(sigma, torch.Tensor) or isinstance(sigma_next, torch.Tensor)
-    if is_tensor:
-        sigma = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma))
-        sigma_next = (sigma_next if isinstance(sigma_next, torch.Tensor)
-                      else torch.tensor(float(sigma_next)))
-    s_ptr, s_val = sigma_args(sigma, like, batch)
-    sn_ptr, sn_val = sigma_args(sigma_next, like, batch)
-    return s_ptr, s_val, sn_ptr, sn_val, is_tensor
 
 
 def finish_stats(part: torch.Tensor, n: int, sigma) -> dict:
@@ -245,11 +230,11 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
     xx = x if step else c
     token = rescale == "norm" and row > 0
     rows, bc, C, chunks, warps = _tile(inner, row if token else 0)
-    g_ptr, g_val, g_tensor = _scalar_args(scale, c, B)
-    if step:
-        s_ptr, s_val, sn_ptr, sn_val, s_tensor = _sigma_pair(sigma, sigma_next, c, B)
-    else:
-        s_ptr, s_val, sn_ptr, sn_val, s_tensor = c, 0.0, c, 0.0, False
+    g_args = sigma_args(scale, c, B)
+    s_args = sigma_args(sigma if step else 0.0, c, B)
+    sn_args = sigma_args(sigma_next if step else 0.0, c, B)
+    sig = (*g_args[:3], *s_args[:3], *sn_args[:3])
+    flags = dict(G_TENSOR=g_args[3], S_TENSOR=s_args[3], SN_TENSOR=sn_args[3])
     grid = (chunks, B)
     part = None
     need_part = stats or (rescale == "norm" and not token)
@@ -258,10 +243,9 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
     ratio = c
     mode = 0
     if rescale == "norm" and not token:
-        _guided_kernel[grid](xx, c, u, out, g_ptr, g_val, s_ptr, s_val, sn_ptr, sn_val, ratio,
-                             part, inner, C, chunks, STEP=False, WRITE=False, G_TENSOR=g_tensor,
-                             SIGMA_TENSOR=s_tensor, RESCALE=0, STATS=True, ROWS=rows,
-                             BLOCK_C=bc, num_warps=warps)
+        _guided_kernel[grid](xx, c, u, out, *sig, ratio, part, inner, C, chunks, STEP=False,
+                             WRITE=False, RESCALE=0, STATS=True, ROWS=rows, BLOCK_C=bc,
+                             num_warps=warps, **flags)
         t = part.sum(1)
         cc, vv = t[:, 1], t[:, 6]
         ratio = torch.where(vv > 0, cc.sqrt() / vv.clamp_min(1e-30).sqrt(),
@@ -271,10 +255,9 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
     else:
         mode = 2 if token else 0
         stats_here = stats
-    _guided_kernel[grid](xx, c, u, out, g_ptr, g_val, s_ptr, s_val, sn_ptr, sn_val, ratio,
-                         part if part is not None else c, inner, C, chunks, STEP=step, WRITE=True,
-                         G_TENSOR=g_tensor, SIGMA_TENSOR=s_tensor, RESCALE=mode,
-                         STATS=stats_here, ROWS=rows, BLOCK_C=bc, num_warps=warps)
+    _guided_kernel[grid](xx, c, u, out, *sig, ratio, part if part is not None else c, inner, C,
+                         chunks, STEP=step, WRITE=True, RESCALE=mode, STATS=stats_here,
+                         ROWS=rows, BLOCK_C=bc, num_warps=warps, **flags)
     return out, (part if stats else None)
 
 
@@ -289,10 +272,11 @@ def sde_step(x, v, sigma, sigma_next, eta: float, noise, seed: int, logp: bool):
         return out, (torch.zeros(B, device=x.device) if logp else None)
     block = min(4096, max(128, _pow2(inner)))
     chunks = triton.cdiv(inner, block)
-    s_ptr, s_val, sn_ptr, sn_val, s_tensor = _sigma_pair(sigma, sigma_next, x, B)
+    s_ptr, s_val, s_st, s_t = sigma_args(sigma, x, B)
+    sn_ptr, sn_val, sn_st, sn_t = sigma_args(sigma_next, x, B)
     part = torch.empty(B, chunks, dtype=torch.float32, device=x.device) if logp else x
-    _sde_kernel[(chunks, B)](x, v, noise if noise is not None else x, out, s_ptr, s_val, sn_ptr,
-                             sn_val, float(eta), int(seed), part, inner, chunks,
-                             HAS_NOISE=noise is not None, SIGMA_TENSOR=s_tensor, LOGP=logp,
-                             BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    _sde_kernel[(chunks, B)](x, v, noise if noise is not None else x, out, s_ptr, s_val, s_st,
+                             sn_ptr, sn_val, sn_st, float(eta), int(seed), part, inner, chunks,
+                             HAS_NOISE=noise is not None, S_TENSOR=s_t, SN_TENSOR=sn_t,
+                             LOGP=logp, BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return out, (part.double().sum(1) if logp else None)

@@ -99,6 +99,14 @@ def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma) -> Tensor:
     return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next)
 
 
+def _euler_step(x: Tensor, v: Tensor, sigma, sigma_next, triton: bool) -> Tensor:
+    """euler_step after its checks (the samplers call this once per step)."""
+    if not triton:
+        return ref.euler_step(x, v, sigma, sigma_next)
+    from fmrt.kernels import step as K
+    return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next)
+
+
 def check_scale(name: str, scale, x: Tensor) -> None:
     """A guidance scale: a float, or a floating 0-d / `[B]` tensor on x's device."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float, Tensor)):
@@ -156,7 +164,14 @@ def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale, *, rescale: str = "none
     row = _check_guidance(v_cond, v_uncond, scale, rescale, norm_dim, stats)
     if sigma is not None:
         check_sigma("sigma", sigma, v_cond, per_sample_only=True)
-    if not use_triton(v_cond, v_uncond):
+    return _cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim, stats, sigma, row,
+                        use_triton(v_cond, v_uncond))
+
+
+def _cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim, stats, sigma, row: int,
+                 triton: bool) -> Tensor:
+    """cfg_combine after its checks (the samplers call this once per step)."""
+    if not triton:
         out = ref.cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim)
         if stats is not None:
             st = ref.guidance_stats(v_cond, v_uncond, scale, 1.0 if sigma is None else sigma)
@@ -197,7 +212,14 @@ def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma:
     check_same("v_cond", v_cond, "x", x)
     check_sigma("sigma", sigma, x, per_sample_only=True)
     check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
-    if not use_triton(x, v_cond, v_uncond):
+    return _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, norm_dim,
+                              stats, row, use_triton(x, v_cond, v_uncond))
+
+
+def _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, norm_dim, stats,
+                       row: int, triton: bool) -> Tensor:
+    """guided_euler_step after its checks (the samplers call this once per step)."""
+    if not triton:
         out = ref.guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale,
                                     norm_dim)
         if stats is not None:
@@ -258,23 +280,29 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: floa
         seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
     elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise TypeError(f"seed must be a non-negative int, got {seed!r}")
-    if not use_triton(x, v):
+    return _sde_step(x, v, sigma, sigma_next, float(eta), noise, seed, return_log_prob,
+                     use_triton(x, v))
+
+
+def _sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, return_log_prob: bool,
+              triton: bool):
+    """sde_step after its checks (the samplers call this once per step)."""
+    if not triton:
         if noise is not None:
             z = noise
         elif eta == 0:  # the noise is multiplied by 0: no need to draw it
             z = torch.zeros_like(x)
         else:
             z = _seeded_normal(seed, x)
-        return ref.sde_step(x, v, sigma, sigma_next, float(eta), z, return_log_prob)
+        return ref.sde_step(x, v, sigma, sigma_next, eta, z, return_log_prob)
     from fmrt.kernels import step as K
-    out, zz = K.sde_step(x.contiguous(), v.contiguous(), sigma, sigma_next, float(eta),
+    out, zz = K.sde_step(x.contiguous(), v.contiguous(), sigma, sigma_next, eta,
                          None if noise is None else noise.contiguous(), seed or 0,
                          return_log_prob)
     if not return_log_prob:
         return out
     B, n = x.shape[0], x[0].numel()
-    _, std_dt = ref.sde_coefficients(sigma, sigma_next, float(eta),
-                                     torch.empty(B, device=x.device))
+    _, std_dt = ref.sde_coefficients(sigma, sigma_next, eta, torch.empty(B, device=x.device))
     lp = -0.5 * zz / n - torch.log(std_dt.double()).expand(B) - 0.5 * math.log(2 * math.pi)
     return out, lp.float()
 

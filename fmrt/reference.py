@@ -113,7 +113,8 @@ def guided_velocity(v_cond: Tensor, v_uncond: Tensor, scale, rescale: str = "non
     (norm_dim None) or per token over `norm_dim`. scale: float or `[B]`."""
     dt = compute_dtype(v_cond.dtype)
     c, u = v_cond.to(dt), v_uncond.to(dt)
-    v = u + broadcast_sigma(scale, c) * (c - u)
+    g = broadcast_sigma(scale, c) if isinstance(scale, Tensor) else float(scale)
+    v = u + g * (c - u)
     if rescale == "norm":
         v = v * norm_ratio(c, v, norm_dim)
     return v

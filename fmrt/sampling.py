@@ -28,6 +28,7 @@ from torch import Tensor
 
 from fmrt import ops
 from fmrt import reference as ref
+from fmrt._dispatch import use_triton
 
 SOLVERS = ("euler", "heun", "unipc", "euler_maruyama", "meanflow")
 _SEED_MIX = 0x9E3779B1
@@ -258,6 +259,14 @@ def _grid(noise: Tensor, scheduler, sigmas, steps: int, shift: float,
                               device=noise.device)
 
 
+def _checked(out, x: Tensor) -> Tensor:
+    """A model output, checked against x's shape and cast to x's dtype."""
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        raise ValueError(f"model must return a tensor of x's shape {tuple(x.shape)}, got "
+                         f"{getattr(out, 'shape', type(out).__name__)}")
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 def _step_seed(seed: int, i: int) -> int:
     return (seed * 1_000_003 + (i + 1) * _SEED_MIX) % (2 ** 62)
 
@@ -306,6 +315,8 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
         raise ValueError("recorder needs guidance (an uncond or a guidance_scale != 1)")
     grid = _grid(noise, scheduler, sigmas, steps, shift, denoising_strength)
     n = grid.numel() - 1
+    tri = use_triton(noise)  # dispatch once; the steps below skip the per-op checks
+    row = noise.shape[-1] if (rescale == "norm" and norm_dim is not None) else 0
     B = noise.shape[0]
     dev, dtype = noise.device, noise.dtype
 
@@ -337,15 +348,19 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
         """(c, u) or (v, None) at grid index i (meanflow: (r, t) = (grid[r], grid[i]))."""
         args = (times[r], times[i]) if r is not None else (times[i],)
         if not guided:
-            v = model(x, *[t[:B] for t in args], cond)
-            return v.to(dtype), None
+            v = _checked(model(x, *[t[:B] for t in args], cond), x)
+            return v, None
         if batched:
-            out = model(torch.cat([x, x]), *args, cond2).to(dtype)
+            out = model(torch.cat([x, x]), *args, cond2)
+            if not isinstance(out, Tensor) or out.shape[0] != 2 * B:
+                raise ValueError(f"model must return [2B={2 * B}, ...] for the batched CFG "
+                                 f"input, got {getattr(out, 'shape', type(out).__name__)}")
             c, u = out.chunk(2)
+            c, u = _checked(c, x), _checked(u, x)
         else:
             a = [t[:B] for t in args]
-            c = model(x, *a, cond).to(dtype)
-            u = model(x, *a, uncond).to(dtype)
+            c = _checked(model(x, *a, cond), x)
+            u = _checked(model(x, *a, uncond), x)
         if cfg_zero_star:
             alpha = ops.cfg_zero_star_scale(c, u).to(dtype)
             u = u * alpha.view(-1, *([1] * (u.ndim - 1)))
@@ -354,8 +369,8 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
     def combine(c, u, i, stats=None):
         if u is None:
             return c
-        return ops.cfg_combine(c, u, scales[i], rescale=rescale, norm_dim=norm_dim, stats=stats,
-                               sigma=grid[i] if stats is not None else None)
+        return ops._cfg_combine(c, u, scales[i], rescale, norm_dim, stats,
+                                grid[i] if stats is not None else None, row, tri)
 
     def pin(x: Tensor) -> Tensor:
         if first_frame is None:
@@ -390,25 +405,25 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
             if zeroed:
                 c, u = torch.zeros_like(c), None
             if u is not None:
-                x = ops.guided_euler_step(x, c, u, scales[i], s, sn, rescale=rescale,
-                                          norm_dim=norm_dim, stats=stats)
+                x = ops._guided_euler_step(x, c, u, scales[i], s, sn, rescale, norm_dim, stats,
+                                           row, tri)
             else:
-                x = ops.euler_step(x, c, s, sn)
+                x = ops._euler_step(x, c, s, sn, tri)
         elif solver == "heun":
             c, u = evaluate(x, i)
             v1 = torch.zeros_like(c) if zeroed else combine(c, u, i, stats)
-            x_e = pin(ops.euler_step(x, v1, s, sn))
+            x_e = pin(ops._euler_step(x, v1, s, sn, tri))
             if i < n - 1:
                 c2, u2 = evaluate(x_e, i + 1)
                 v2 = torch.zeros_like(c2) if zeroed else combine(c2, u2, i + 1)
                 v_avg = (0.5 * (v1.float() + v2.float())).to(dtype)
-                x = ops.euler_step(x, v_avg, s, sn)
+                x = ops._euler_step(x, v_avg, s, sn, tri)
             else:
                 x = x_e
         elif solver == "euler_maruyama":
             c, u = evaluate(x, i)
             v = torch.zeros_like(c) if zeroed else combine(c, u, i, stats)
-            x = ops.sde_step(x, v, s, sn, eta=float(eta), seed=_step_seed(seed, i))
+            x = ops._sde_step(x, v, s, sn, float(eta), None, _step_seed(seed, i), False, tri)
         else:  # unipc
             c, u = evaluate(x, i)
             v = torch.zeros_like(c) if zeroed else combine(c, u, i, stats)

@@ -126,18 +126,21 @@ def _check_noise(noise, x0: Tensor, seed) -> None:
 
 @torch.library.custom_op("fmrt::add_noise", mutates_args=())
 def _add_noise_op(x0: Tensor, sigma: Optional[Tensor], sigma_value: float,
-                  noise: Optional[Tensor], seed: Optional[Tensor], return_noise: bool
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+                  noise: Optional[Tensor], seed: Optional[Tensor], return_noise: bool,
+                  return_target: bool) -> tuple[Tensor, Tensor, Tensor]:
     from fmrt.kernels import noise as K
     return K.add_noise(x0.contiguous(), sigma, sigma_value,
-                       None if noise is None else noise.contiguous(), seed, return_noise)
+                       None if noise is None else noise.contiguous(), seed, return_noise,
+                       return_target)
 
 
 @_add_noise_op.register_fake
-def _add_noise_fake(x0, sigma, sigma_value, noise, seed, return_noise):
-    def new():
+def _add_noise_fake(x0, sigma, sigma_value, noise, seed, return_noise, return_target):
+    def new(keep):
+        if not keep:
+            return x0.new_empty(0)
         return torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
-    return new(), new(), new() if (return_noise and noise is None) else x0.new_empty(0)
+    return new(True), new(return_target), new(return_noise and noise is None)
 
 
 def add_noise(x0: Tensor, sigma: Sigma, noise: Optional[Tensor] = None, *, seed=None,
@@ -160,17 +163,24 @@ def add_noise(x0: Tensor, sigma: Sigma, noise: Optional[Tensor] = None, *, seed=
     if isinstance(seed, Tensor) and seed.device != x0.device:
         raise ValueError(f"seed is on {seed.device} but x0 is on {x0.device}")
     seed_t = None if noise is not None else seed_tensor(seed, x0.device)
+    x_t, target, eps = noised_sample(x0, sigma, noise, seed_t, return_noise=return_noise)
+    return (x_t, target, eps) if return_noise else (x_t, target)
+
+
+def noised_sample(x0: Tensor, sigma: Sigma, noise: Optional[Tensor], seed: Optional[Tensor], *,
+                  return_noise: bool = False, return_target: bool = True):
+    """add_noise after the checks (seed: a 0-d int64 tensor on x0's device, or None with
+    noise): `(x_t, target or None, noise or None)`; the kernel skips what is not asked for."""
     if use_triton(x0, *(t for t in (noise, sigma) if isinstance(t, Tensor))):
         s_t, s_v = (sigma, 0.0) if isinstance(sigma, Tensor) else (None, float(sigma))
-        x_t, target, gen = _add_noise_op(x0, s_t, s_v, noise, seed_t, return_noise)
-        if not return_noise:
-            return x_t, target
-        return x_t, target, (gen if noise is None else noise)
-    eps = noise if noise is not None else ref.philox_normal(x0.shape, seed_t, x0.device)
+        x_t, target, gen = _add_noise_op(x0, s_t, s_v, noise, seed, return_noise, return_target)
+        eps = (gen if noise is None else noise) if return_noise else None
+        return x_t, (target if return_target else None), eps
+    eps = noise if noise is not None else ref.philox_normal(x0.shape, seed, x0.device)
     x_t, target = ref.add_noise(x0, sigma, eps)
-    if not return_noise:
-        return x_t, target
-    return x_t, target, (eps.to(x0.dtype) if noise is None else noise)
+    if return_noise and noise is None:
+        eps = eps.to(x0.dtype)
+    return x_t, (target if return_target else None), (eps if return_noise else None)
 
 
 @torch.library.custom_op("fmrt::flow_matching_loss_fwd", mutates_args=())

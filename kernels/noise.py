@@ -60,7 +60,7 @@ def load_bcast(ptr, val, b, j, m, bstride, T, R, MODE: tl.constexpr, IDX64: tl.c
 def _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
                     eps, b, j, inner,
                     SIGMA_MODE: tl.constexpr, HAS_NOISE: tl.constexpr,
-                    STORE_NOISE: tl.constexpr, IDX64: tl.constexpr):
+                    STORE_NOISE: tl.constexpr, STORE_TARGET: tl.constexpr, IDX64: tl.constexpr):
     m = j < inner
     offs = b * inner + j
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -69,7 +69,8 @@ def _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bst
     s = load_bcast(s_ptr, s_val, b, j, m, s_bstride, s_T, s_R, SIGMA_MODE, IDX64)
     ty = xt_ptr.dtype.element_ty
     tl.store(xt_ptr + offs, ((1.0 - s) * x + s * eps).to(ty), mask=m)
-    tl.store(tgt_ptr + offs, (eps - x).to(ty), mask=m)
+    if STORE_TARGET:
+        tl.store(tgt_ptr + offs, (eps - x).to(ty), mask=m)
     if STORE_NOISE:
         tl.store(nout_ptr + offs, eps.to(ty), mask=m)
 
@@ -78,8 +79,10 @@ def _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bst
 def _add_noise_kernel(x_ptr, n_ptr, seed_ptr, xt_ptr, tgt_ptr, nout_ptr,
                       s_ptr, s_val, s_bstride, s_T, s_R, inner, n_groups,
                       SIGMA_MODE: tl.constexpr, HAS_NOISE: tl.constexpr,
-                      STORE_NOISE: tl.constexpr, IDX64: tl.constexpr, Q: tl.constexpr):
-    """x_t = (1 - sigma) x0 + sigma eps, target = eps - x0 (fp32 math, one rounding each);
+                      STORE_NOISE: tl.constexpr, STORE_TARGET: tl.constexpr,
+                      IDX64: tl.constexpr, Q: tl.constexpr):
+    """x_t = (1 - sigma) x0 + sigma eps, target = eps - x0 (fp32 math, one rounding each;
+    target skipped unless STORE_TARGET);
     eps loaded (HAS_NOISE) or Philox noise, stored to nout when STORE_NOISE.
     Grid: B * n_groups programs; program (b, g) covers within-sample indices [4Qg, 4Q(g+1))."""
     pid = tl.program_id(0).to(tl.int64)
@@ -93,13 +96,17 @@ def _add_noise_kernel(x_ptr, n_ptr, seed_ptr, xt_ptr, tgt_ptr, nout_ptr,
     else:
         n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q)
     _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
-                    n1, b, j0, inner, SIGMA_MODE, HAS_NOISE, STORE_NOISE, IDX64)
+                    n1, b, j0, inner, SIGMA_MODE, HAS_NOISE, STORE_NOISE, STORE_TARGET,
+                    IDX64)
     _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
-                    n2, b, j0 + Q, inner, SIGMA_MODE, HAS_NOISE, STORE_NOISE, IDX64)
+                    n2, b, j0 + Q, inner, SIGMA_MODE, HAS_NOISE, STORE_NOISE, STORE_TARGET,
+                    IDX64)
     _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
-                    n3, b, j0 + 2 * Q, inner, SIGMA_MODE, HAS_NOISE, STORE_NOISE, IDX64)
+                    n3, b, j0 + 2 * Q, inner, SIGMA_MODE, HAS_NOISE, STORE_NOISE, STORE_TARGET,
+                    IDX64)
     _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
-                    n4, b, j0 + 3 * Q, inner, SIGMA_MODE, HAS_NOISE, STORE_NOISE, IDX64)
+                    n4, b, j0 + 3 * Q, inner, SIGMA_MODE, HAS_NOISE, STORE_NOISE, STORE_TARGET,
+                    IDX64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,12 +156,14 @@ def _layout(x: torch.Tensor):
 
 
 def add_noise(x0: torch.Tensor, sigma: Optional[torch.Tensor], sigma_value: float,
-              noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], store_noise: bool):
+              noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], store_noise: bool,
+              store_target: bool = True):
     """(x_t, target, noise_out): x0 (and noise) contiguous `[B, ...]`; sigma a tensor
     broadcastable to x0 or None with `sigma_value`; seed a 0-d int64 tensor on x0's device when
-    noise is None. noise_out is the generated noise in x0's dtype when store_noise, else empty."""
+    noise is None. noise_out is the generated noise in x0's dtype when store_noise, else empty;
+    target is empty unless store_target."""
     x_t = torch.empty_like(x0)
-    target = torch.empty_like(x0)
+    target = torch.empty_like(x0) if store_target else x0.new_empty(0)
     store = store_noise and noise is None
     nout = torch.empty_like(x0) if store else x0.new_empty(0)
     batch, inner, n_groups = _layout(x0)
@@ -164,9 +173,10 @@ def add_noise(x0: torch.Tensor, sigma: Optional[torch.Tensor], sigma_value: floa
     grid = (batch * n_groups,)
     _add_noise_kernel[grid](
         x0, noise if noise is not None else x0, seed if seed is not None else x0,
-        x_t, target, nout if store else x_t,
+        x_t, target if store_target else x_t, nout if store else x_t,
         s_ptr, s_val, s_bs, s_T, s_R, inner, n_groups,
         SIGMA_MODE=mode, HAS_NOISE=noise is not None, STORE_NOISE=store,
+        STORE_TARGET=store_target,
         IDX64=inner >= 2 ** 31, Q=NOISE_Q, num_warps=4)
     return x_t, target, nout
 

@@ -464,8 +464,8 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: floa
 
     x, v: same shape `[B, ...]` and dtype; sigmas floats, 0-d or `[B]` tensors (sigma_next <=
     sigma); noise: explicit `N(0, I)` of x's shape, or None to draw Philox noise in-kernel from
-    `seed` (`tl.randn(seed, i)` at flat element index i; None draws a seed from torch's default
-    CPU generator). Returns x' of x's dtype, or `(x', log_prob [B] float32)` with
+    `seed` (an int, a 0-d integer device tensor, or None: drawn on x's device; the same seed
+    gives the same noise as `add_noise`, on the Triton and the torch path). Returns x' of x's dtype, or `(x', log_prob [B] float32)` with
     return_log_prob (the per-element mean Gaussian log-density of the step, as Flow-GRPO).
     """
     check_float_tensor("x", x)
@@ -489,10 +489,9 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: floa
         check_same("noise", noise, "x", x, dtype=False)
         if seed is not None:
             raise ValueError("give noise or seed, not both")
-    elif seed is None:
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    check_seed("seed", seed)
+    if noise is None:
+        seed = seed_tensor(seed, x.device)
     return _sde_step(x, v, sigma, sigma_next, float(eta), noise, seed, return_log_prob,
                      use_triton(x, v))
 
@@ -506,11 +505,11 @@ def _sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, return_log_prob:
         elif eta == 0:  # the noise is multiplied by 0: no need to draw it
             z = torch.zeros_like(x)
         else:
-            z = _seeded_normal(seed, x)
+            z = ref.philox_normal(x.shape, seed, device=x.device)
         return ref.sde_step(x, v, sigma, sigma_next, eta, z, return_log_prob)
     from fmrt.kernels import step as K
     out, zz = K.sde_step(x.contiguous(), v.contiguous(), sigma, sigma_next, eta,
-                         None if noise is None else noise.contiguous(), seed or 0,
+                         None if noise is None else noise.contiguous(), seed,
                          return_log_prob)
     if not return_log_prob:
         return out
@@ -518,16 +517,6 @@ def _sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, return_log_prob:
     _, std_dt = ref.sde_coefficients(sigma, sigma_next, eta, torch.empty(B, device=x.device))
     lp = -0.5 * zz / n - torch.log(std_dt.double()).expand(B) - 0.5 * math.log(2 * math.pi)
     return out, lp.float()
-
-
-def _seeded_normal(seed: int, x: Tensor) -> Tensor:
-    """The Philox normals `tl.randn(seed, i)` over x's flat indices, in torch (the reference of
-    the training section reproduces Triton's Philox)."""
-    philox = getattr(ref, "philox_randn", None)
-    if philox is None:
-        raise NotImplementedError("seeded noise on the torch path needs fmrt.reference's Philox "
-                                  "(branch train); pass noise= explicitly")
-    return philox(seed, x.shape, device=x.device)
 
 
 # ---------------------------------------------------------------------------------------------

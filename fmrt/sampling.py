@@ -267,7 +267,8 @@ def _checked(out, x: Tensor) -> Tensor:
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _step_seed(seed: int, i: int) -> int:
+def _step_seed(seed: Tensor, i: int) -> Tensor:
+    """Step i's Philox seed, derived on the device from the loop's seed."""
     return (seed * 1_000_003 + (i + 1) * _SEED_MIX) % (2 ** 62)
 
 
@@ -307,8 +308,7 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
                 cfg_zero_init_steps, callback)
     if scheduler is not None and sigmas is not None:
         raise ValueError("give scheduler or sigmas, not both")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise TypeError(f"seed must be a non-negative int or None, got {seed!r}")
+    ops.check_seed("seed", seed)
     guided = (uncond is not None or isinstance(guidance_scale, Tensor)
               or float(guidance_scale) != 1.0)
     if recorder is not None and not guided:
@@ -385,8 +385,8 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
     else:
         x = noise
     x = pin(x)
-    if solver == "euler_maruyama" and seed is None:
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+    if solver == "euler_maruyama":
+        seed_t = ops.seed_tensor(seed, dev)  # device seed: no host round trip per step
     if solver == "unipc":
         co = unipc_coefficients(grid)
         orders = unipc_orders(n)
@@ -423,7 +423,7 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
         elif solver == "euler_maruyama":
             c, u = evaluate(x, i)
             v = torch.zeros_like(c) if zeroed else combine(c, u, i, stats)
-            x = ops._sde_step(x, v, s, sn, float(eta), None, _step_seed(seed, i), False, tri)
+            x = ops._sde_step(x, v, s, sn, float(eta), None, _step_seed(seed_t, i), False, tri)
         else:  # unipc
             c, u = evaluate(x, i)
             v = torch.zeros_like(c) if zeroed else combine(c, u, i, stats)

@@ -11,6 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fmrt.kernels.noise import philox_normal4
+from fmrt.reference import NOISE_Q
+
 
 @triton.jit
 def _load_sigma(ptr, scalar, stride, b, IS_TENSOR: tl.constexpr):
@@ -95,39 +98,57 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
 
 
 @triton.jit
-def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, eta,
-                seed, part_ptr, inner, n_chunks, HAS_NOISE: tl.constexpr, S_TENSOR: tl.constexpr,
-                SN_TENSOR: tl.constexpr,
-                LOGP: tl.constexpr, BLOCK: tl.constexpr):
-    """Euler-Maruyama step of the flow SDE (Flow-GRPO discretisation), grid = (chunks, B).
-
-    dt = sn - s (< 0), s' = sn if s >= 1 else s, k = eta^2 / (2 (1 - s'))  (= std^2 / (2 s)),
-    mean = x (1 + k dt) + v (1 + k (1 - s)) dt,  out = mean + sqrt(2 k s (s - sn)) * z,
-    z = noise, or tl.randn(seed, i) at the flat element index i. eta = 0 is exactly Euler.
-    LOGP: partial sums of z^2 per program to part[b, chunk].
-    """
-    chunk = tl.program_id(0)
-    b = tl.program_id(1)
-    local = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = local < inner
-    offs = b.to(tl.int64) * inner + local
-    s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
-    sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
-    dt = sn - s
-    s_den = tl.where(s >= 1.0, sn, s)
-    k = eta * eta / (2.0 * (1.0 - s_den))
-    std_dt = tl.sqrt(tl.maximum(2.0 * k * s * (s - sn), 0.0))
+def _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, z, b, j, inner, s, sn, k, std_dt,
+              HAS_NOISE: tl.constexpr):
+    """One lane of Q elements; returns its sum of z^2 (masked)."""
+    m = j < inner
+    offs = b * inner + j
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_NOISE:
         z = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    else:
-        z = tl.randn(seed, offs)
+    dt = sn - s
     out = x * (1.0 + k * dt) + v * (1.0 + k * (1.0 - s)) * dt + std_dt * z
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
+    return tl.sum(tl.where(m, z * z, 0.0), axis=0)
+
+
+@triton.jit
+def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, eta,
+                seed_ptr, part_ptr, inner, n_groups, HAS_NOISE: tl.constexpr,
+                S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, LOGP: tl.constexpr,
+                Q: tl.constexpr):
+    """Euler-Maruyama step of the flow SDE (Flow-GRPO discretisation), grid = (groups, B).
+
+    dt = sn - s (< 0), s' = sn if s >= 1 else s, k = eta^2 / (2 (1 - s'))  (= std^2 / (2 s)),
+    mean = x (1 + k dt) + v (1 + k (1 - s)) dt,  out = mean + sqrt(2 k s (s - sn)) * z,
+    z = noise, or fmrt's seeded Philox noise (kernels/noise.py's offset scheme: program (g, b)
+    owns elements [4Qg, 4Q(g+1)) of sample b in four lanes of Q, one Philox call per 4
+    elements), so the same seed gives the same noise as `ops.add_noise`. eta = 0 is exactly
+    Euler. LOGP: the program's sum of z^2 to part[b, g].
+    """
+    g = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
+    sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
+    s_den = tl.where(s >= 1.0, sn, s)
+    k = eta * eta / (2.0 * (1.0 - s_den))
+    std_dt = tl.sqrt(tl.maximum(2.0 * k * s * (s - sn), 0.0))
+    j0 = g * (4 * Q) + tl.arange(0, Q).to(tl.int64)
+    if HAS_NOISE:
+        n1 = tl.zeros((Q,), tl.float32)
+        n2, n3, n4 = n1, n1, n1
+    else:
+        n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q)
+    zz = _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n1, b, j0, inner, s, sn, k, std_dt, HAS_NOISE)
+    zz += _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n2, b, j0 + Q, inner, s, sn, k, std_dt,
+                    HAS_NOISE)
+    zz += _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n3, b, j0 + 2 * Q, inner, s, sn, k, std_dt,
+                    HAS_NOISE)
+    zz += _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n4, b, j0 + 3 * Q, inner, s, sn, k, std_dt,
+                    HAS_NOISE)
     if LOGP:
-        zz = tl.where(m, z * z, 0.0)
-        tl.store(part_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(zz, axis=0))
+        tl.store(part_ptr + b * n_groups + g, zz)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,22 +282,23 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
     return out, (part if stats else None)
 
 
-def sde_step(x, v, sigma, sigma_next, eta: float, noise, seed: int, logp: bool):
-    """x, v (and noise) contiguous, same shape `[B, ...]`. Returns (out, per-sample sums of
-    z^2 `[B]` or None). Bytes: reads x, v (and noise), writes out: 3 N e (4 N e with noise)."""
+def sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, logp: bool):
+    """x, v (and noise) contiguous, same shape `[B, ...]`; seed a 0-d int64 device tensor when
+    noise is None. Returns (out, per-sample sums of z^2 `[B]` float64, or None).
+    Bytes: reads x, v (and noise), writes out: 3 N e (4 N e with noise)."""
     out = torch.empty_like(x)
     B = x.shape[0]
     n = x.numel()
     inner = n // B if B else 0
     if n == 0:
-        return out, (torch.zeros(B, device=x.device) if logp else None)
-    block = min(4096, max(128, _pow2(inner)))
-    chunks = triton.cdiv(inner, block)
+        return out, (torch.zeros(B, device=x.device, dtype=torch.float64) if logp else None)
+    groups = triton.cdiv(inner, 4 * NOISE_Q)
     s_ptr, s_val, s_st, s_t = sigma_args(sigma, x, B)
     sn_ptr, sn_val, sn_st, sn_t = sigma_args(sigma_next, x, B)
-    part = torch.empty(B, chunks, dtype=torch.float32, device=x.device) if logp else x
-    _sde_kernel[(chunks, B)](x, v, noise if noise is not None else x, out, s_ptr, s_val, s_st,
-                             sn_ptr, sn_val, sn_st, float(eta), int(seed), part, inner, chunks,
+    part = torch.empty(B, groups, dtype=torch.float32, device=x.device) if logp else x
+    _sde_kernel[(groups, B)](x, v, noise if noise is not None else x, out, s_ptr, s_val, s_st,
+                             sn_ptr, sn_val, sn_st, float(eta),
+                             seed if seed is not None else x, part, inner, groups,
                              HAS_NOISE=noise is not None, S_TENSOR=s_t, SN_TENSOR=sn_t,
-                             LOGP=logp, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+                             LOGP=logp, Q=NOISE_Q, num_warps=4)
     return out, (part.double().sum(1) if logp else None)

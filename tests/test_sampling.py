@@ -301,6 +301,8 @@ def test_euler_maruyama_sampler():
     # eta = 0 is the Euler sampler, on both backends
     assert torch.equal(d, sample(model, noise, steps=4, solver="euler"))
     assert_close(sample(model, noise, steps=4, solver="euler_maruyama", eta=0.0, seed=4), d)
+    # the torch path draws the same Philox noise: same trajectory
+    assert_close(sample(model, noise, steps=4, solver="euler_maruyama", eta=0.8, seed=3), a)
 
 
 @pytest.mark.parametrize("solver", ["euler", "unipc"])

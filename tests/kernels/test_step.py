@@ -355,6 +355,22 @@ def test_sde_step_seeded_noise_statistics():
     torch.testing.assert_close(lp, lp_r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("seed_kind", ["int", "tensor"])
+def test_sde_step_seeded_noise_is_fmrt_philox_on_both_paths(seed_kind):
+    # x = v = 0: x' = std_dt * z with z the Philox noise of ops.add_noise for the same seed
+    shape = (2, 3, 1500)  # two Philox groups per sample, a ragged tail
+    x = torch.zeros(shape)
+    seed = 77 if seed_kind == "int" else torch.tensor(77)
+    _, std_dt = ref.sde_coefficients(0.5, 0.3, 0.9, x)
+    want = std_dt * ref.philox_normal(shape, 77)
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            got = ops.sde_step(x, x, 0.5, 0.3, eta=0.9, seed=seed)
+            noise = ops.add_noise(x, 1.0, seed=seed)[0]
+        assert_close(got, want)
+        assert_close(got, std_dt * noise)
+
+
 def test_sampling_ops_bad_input():
     x = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="v_uncond"):
@@ -383,5 +399,9 @@ def test_sampling_ops_bad_input():
         ops.sde_step(x, x, 0.5, 0.4, eta=1.0, noise=torch.randn(2, 3))
     with pytest.raises(ValueError, match="log_prob"):
         ops.sde_step(x, x, 0.5, 0.4, eta=0.0, return_log_prob=True)
+    with pytest.raises(TypeError, match="seed"):
+        ops.sde_step(x, x, 0.5, 0.4, eta=1.0, seed=1.5)
+    with pytest.raises(ValueError, match="seed"):
+        ops.sde_step(x, x, 0.5, 0.4, eta=1.0, seed=-1)
     with pytest.raises(ValueError, match="sigma"):
         ops.guided_euler_step(x, x, x, 2.0, torch.rand(3), 0.4)

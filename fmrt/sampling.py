@@ -235,6 +235,17 @@ def _check_args(model, noise, steps, solver, guidance_scale, eta, recorder, deno
         raise ValueError(f"cfg_zero_init_steps must be >= 0, got {cfg_zero_init_steps}")
 
 
+def _model_grid(scheduler, grid: Tensor) -> Tensor:
+    """The sigmas the model sees: the grid itself, except for schedulers with integer
+    timesteps (the "Wan-official" template: Wan feeds its model the integer timestep t, i.e.
+    sigma t / 1000, while its solver steps with the exact sigmas)."""
+    preset = getattr(scheduler, "preset", None)
+    if scheduler is None or not getattr(preset, "integer_timesteps", False):
+        return grid
+    t = scheduler.timesteps.to(device=grid.device, dtype=torch.float32) / 1000.0
+    return torch.cat([t, grid[-1:]])
+
+
 def _grid(noise: Tensor, scheduler, sigmas, steps: int, shift: float,
           denoising_strength: float) -> Tensor:
     if sigmas is not None:
@@ -290,7 +301,7 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
     `model(z, r[B], t[B], cond) -> u`). noise: `[B, ...]`, also the output's dtype/device.
     Grid: `sigmas` (`[N + 1]`, ends with the final sigma) if given, else
     `scheduler.sigma_grid(device)` (call its `set_timesteps` first; the "Wan-official" template
-    gives Wan's own grid), else `linspace(denoising_strength, 0, steps + 1)` with `shift`.
+    gives Wan's own grid, and its model then sees the integer timesteps / 1000, as in Wan), else `linspace(denoising_strength, 0, steps + 1)` with `shift`.
     Guidance (when `uncond` is given or guidance_scale is not 1): `v = u + s (c - u)` with
     `rescale` / `norm_dim` as `ops.cfg_combine`; one batched forward over `cat([cond, uncond])`
     when both are tensors of the same shape and `batch_cfg`, two forwards otherwise.
@@ -314,6 +325,7 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
     if recorder is not None and not guided:
         raise ValueError("recorder needs guidance (an uncond or a guidance_scale != 1)")
     grid = _grid(noise, scheduler, sigmas, steps, shift, denoising_strength)
+    model_grid = _model_grid(scheduler, grid) if sigmas is None else grid
     n = grid.numel() - 1
     tri = use_triton(noise)  # dispatch once; the steps below skip the per-op checks
     row = noise.shape[-1] if (rescale == "norm" and norm_dim is not None) else 0
@@ -339,10 +351,10 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
         T = noise.shape[2]
         keep = torch.ones(T, device=dev, dtype=torch.float32)
         keep[0] = 0.0
-        frame_sigmas = grid[:, None] * keep[None, :]  # [N + 1, T]
+        frame_sigmas = model_grid[:, None] * keep[None, :]  # [N + 1, T]
         times = [frame_sigmas[i].expand(B * reps, T) for i in range(n + 1)]
     else:
-        times = [grid[i].expand(B * reps) for i in range(n + 1)]
+        times = [model_grid[i].expand(B * reps) for i in range(n + 1)]
 
     def evaluate(x: Tensor, i: int, r: Optional[int] = None):
         """(c, u) or (v, None) at grid index i (meanflow: (r, t) = (grid[r], grid[i]))."""

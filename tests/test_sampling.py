@@ -408,3 +408,59 @@ def test_sampling_loop_captures_in_a_cuda_graph(solver):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, first)
+
+
+# ---------------------------------------------------------------------------------------------
+# the scheduler (branch sched): its grids drive the loop; Wan-official + UniPC = Wan's default
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("template", ["Wan", "FLUX.1"])
+def test_scheduler_grid_drives_the_loop(template):
+    from fmrt import FlowMatchScheduler
+    sched = FlowMatchScheduler(template)
+    sched.set_timesteps(6, shift=3.0)
+    vel = _linear_velocity(seed=9)
+    x0 = torch.randn(2, 6, generator=torch.Generator().manual_seed(10))
+    seen = []
+
+    def model(x, s, c):
+        seen.append(s.clone())
+        return vel(x, s)
+
+    a = sample(model, x0, scheduler=sched)
+    assert torch.equal(torch.stack([t[0] for t in seen]), sched.sigmas)
+    x = x0
+    for i in range(6):  # DiffSynth's loop: scheduler.step with the grid's timesteps
+        x = sched.step(vel(x, sched.sigmas[i].expand(2)), sched.timesteps[i], x)
+    assert_close(a, x)
+
+
+def test_wan_official_unipc_matches_diffusers_unipc():
+    """Wan's default sampler: FlowUniPC (bh2, order 2) on Wan's grid (sigma_max 0.999, integer
+    timesteps fed to the model), against diffusers' UniPC on the same unshifted sigmas."""
+    import numpy as np
+    from diffusers import UniPCMultistepScheduler
+    from fmrt import FlowMatchScheduler
+    N, k = 10, 5.0
+    sched = FlowMatchScheduler("Wan-official")
+    sched.set_timesteps(N, shift=k)
+    vel = _linear_velocity(seed=11)
+    x0 = torch.randn(2, 6, generator=torch.Generator().manual_seed(12))
+    ref_s = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                    flow_shift=k)
+    ref_s.set_timesteps(sigmas=np.linspace(0.999, 0.0, N + 1)[:-1])
+    assert torch.equal(ref_s.timesteps.float(), sched.timesteps)
+    x, want = x0.clone(), []
+    for t in ref_s.timesteps:
+        x = ref_s.step(vel(x, (t / 1000.0).float().expand(2)), t, x).prev_sample
+        want.append(x)
+    seen = []
+
+    def model(x, s, c):
+        seen.append(s[0].item())
+        return vel(x, s)
+
+    out, got = _trajectory(model=model, noise=x0.clone(), scheduler=sched, solver="unipc")
+    assert seen == pytest.approx([t / 1000 for t in ref_s.timesteps.tolist()], abs=1e-7)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")

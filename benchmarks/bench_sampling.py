@@ -144,10 +144,12 @@ def _diffusers_loop(noise, v, cond, uncond, sched):
     return x
 
 
-@pytest.mark.parametrize("provider", ["fmrt", "diffusers"])
+@pytest.mark.parametrize("provider", ["fmrt", "fmrt_graph", "diffusers"])
 def test_bench_loop_host_overhead(benchmark, provider):
     """Time per step of a 50-step guided Euler loop on a tiny latent with a model that returns a
-    constant: what remains is the loop's own host cost (launches, scheduler bookkeeping, syncs)."""
+    constant: what remains is the loop's own host cost (launches, scheduler bookkeeping, syncs).
+    fmrt: one fused launch per step, no sync; fmrt_graph: the loop replayed from a CUDA graph;
+    diffusers: CFG combine then FlowMatchEulerDiscreteScheduler.step."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     shape = (1, 4, 2, 8, 8)
     noise = torch.randn(shape, device=DEVICE)
@@ -158,6 +160,13 @@ def test_bench_loop_host_overhead(benchmark, provider):
     grid = sched.sigmas.to(DEVICE)
     if provider == "fmrt":
         fn = lambda: _fmrt_loop(noise, v, cond, uncond, grid)  # noqa: E731
+    elif provider == "fmrt_graph":  # the whole loop replayed from a CUDA graph
+        if not CUDA:
+            pytest.skip("CUDA graphs need CUDA")
+        from fmrt.sampling import CapturedSampler
+        sampler = CapturedSampler(lambda x, s, c: v, noise, sigmas=grid, guidance_scale=5.0,
+                                  cond=cond, uncond=uncond, batch_cfg=False)
+        fn = lambda: sampler(noise)  # noqa: E731
     else:
         fn = lambda: _diffusers_loop(noise, v, cond, uncond, sched)  # noqa: E731
     for _ in range(2):

@@ -319,6 +319,10 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
                 cfg_zero_init_steps, callback)
     if scheduler is not None and sigmas is not None:
         raise ValueError("give scheduler or sigmas, not both")
+    if (scheduler is not None or sigmas is not None) and denoising_strength != 1.0:
+        raise ValueError("denoising_strength shapes the default grid only: with a scheduler pass "
+                         "it to scheduler.set_timesteps(steps, denoising_strength=...); with "
+                         "sigmas, start the grid at the strength")
     ops.check_seed("seed", seed)
     guided = (uncond is not None or isinstance(guidance_scale, Tensor)
               or float(guidance_scale) != 1.0)
@@ -461,3 +465,47 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
         if callback is not None:
             callback(i, x)
     return x
+
+
+class CapturedSampler:
+    """A whole `sample` call captured once in a CUDA graph, then replayed: one graph launch per
+    call, no per-step host cost. The model must be capturable (static shapes, no host syncs).
+
+        sampler = CapturedSampler(model, noise_like, sigmas=grid_on_cuda, solver=..., ...)
+        x = sampler(noise)          # copies noise into the static input, replays, clones out
+
+    `sigmas` must be a CUDA tensor (use `scheduler.sigma_grid(device)`); cond, uncond,
+    guidance_scale, first_frame, x_init and a 0-d device `seed` tensor are captured by reference:
+    update them in place between calls (an int seed replays the same noise every call).
+    """
+
+    def __init__(self, model: Callable, noise: Tensor, *, warmup: int = 1, **kwargs) -> None:
+        ops.check_float_tensor("noise", noise)
+        if not noise.is_cuda:
+            raise ValueError("CapturedSampler needs CUDA tensors (noise is on "
+                             f"{noise.device})")
+        sig = kwargs.get("sigmas")
+        if kwargs.get("scheduler") is not None or not isinstance(sig, Tensor) or not sig.is_cuda:
+            raise ValueError("CapturedSampler needs sigmas= as a CUDA tensor "
+                             "(scheduler.sigma_grid(device)), not a scheduler or a list")
+        for key in ("progress", "recorder", "callback"):
+            if kwargs.get(key):
+                raise ValueError(f"{key} cannot be used inside a captured sampling loop")
+        self.noise = noise.clone()
+        stream = torch.cuda.Stream(device=noise.device)
+        stream.wait_stream(torch.cuda.current_stream(noise.device))
+        with torch.cuda.stream(stream):  # compile the kernels, warm the allocator
+            for _ in range(max(int(warmup), 1)):
+                sample(model, self.noise, **kwargs)
+        torch.cuda.current_stream(noise.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = sample(model, self.noise, **kwargs)
+
+    def __call__(self, noise: Optional[Tensor] = None) -> Tensor:
+        if noise is not None:
+            ops.check_float_tensor("noise", noise)
+            ops.check_same("noise", noise, "the captured noise", self.noise)
+            self.noise.copy_(noise)
+        self.graph.replay()
+        return self.out.clone()

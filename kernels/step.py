@@ -46,7 +46,7 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
                    sn_ptr, sn_val, sn_st, ratio_ptr, part_ptr, inner, C, n_chunks,
                    STEP: tl.constexpr, WRITE: tl.constexpr, G_TENSOR: tl.constexpr,
                    S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, RESCALE: tl.constexpr,
-                   STATS: tl.constexpr,
+                   STATS: tl.constexpr, TOKEN: tl.constexpr,
                    ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Guided velocity and step for one tile of one sample (grid = (chunks, B)).
 
@@ -63,8 +63,12 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
     b = tl.program_id(1)
     rows = chunk.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
-    local = rows[:, None] * C + cols[None, :]
-    m = (cols[None, :] < C) & (local < inner)
+    if TOKEN:  # rows of C elements (C <= BLOCK_C)
+        local = rows[:, None] * C + cols[None, :]
+        m = (cols[None, :] < C) & (local < inner)
+    else:  # flat: ROWS = 1, a contiguous block of BLOCK_C elements (compile-time stride)
+        local = rows[:, None] * BLOCK_C + cols[None, :]
+        m = local < inner
     offs = b.to(tl.int64) * inner + local
     g = _load_sigma(g_ptr, g_val, g_st, b, G_TENSOR)
     c = tl.load(c_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -265,7 +269,8 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
     mode = 0
     if rescale == "norm" and not token:
         _guided_kernel[grid](xx, c, u, out, *sig, ratio, part, inner, C, chunks, STEP=False,
-                             WRITE=False, RESCALE=0, STATS=True, ROWS=rows, BLOCK_C=bc,
+                             WRITE=False, RESCALE=0, STATS=True, TOKEN=token, ROWS=rows,
+                             BLOCK_C=bc,
                              num_warps=warps, **flags)
         t = part.sum(1)
         cc, vv = t[:, 1], t[:, 6]
@@ -278,7 +283,7 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
         stats_here = stats
     _guided_kernel[grid](xx, c, u, out, *sig, ratio, part if part is not None else c, inner, C,
                          chunks, STEP=step, WRITE=True, RESCALE=mode, STATS=stats_here,
-                         ROWS=rows, BLOCK_C=bc, num_warps=warps, **flags)
+                         TOKEN=token, ROWS=rows, BLOCK_C=bc, num_warps=warps, **flags)
     return out, (part if stats else None)
 
 

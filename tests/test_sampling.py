@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fmrt import ops, reference as ref, use_backend
-from fmrt.sampling import (DiagnosticsRecorder, default_sigma_grid, plot_diagnostics, sample,
-                           unipc_orders)
+from fmrt.sampling import (CapturedSampler, DiagnosticsRecorder, default_sigma_grid,
+                           plot_diagnostics, sample, unipc_orders)
 from tests.helpers import assert_close
 
 BACKENDS = ["torch", "triton"]
@@ -289,6 +289,22 @@ def test_ti2v_pins_frame_zero_and_passes_per_frame_sigma(solver):
     assert not torch.equal(out[:, :, 1:], noise[:, :, 1:])
 
 
+def test_img2img_with_scheduler_strength():
+    from fmrt import FlowMatchScheduler
+    sched = FlowMatchScheduler("Wan")
+    sched.set_timesteps(4, denoising_strength=0.6)
+    g = torch.Generator().manual_seed(16)
+    x_init, noise = torch.randn(1, 2, 3, generator=g), torch.randn(1, 2, 3, generator=g)
+    first = []
+    sample(lambda x, s, c: first.append((x.clone(), s.clone())) or torch.zeros_like(x), noise,
+           scheduler=sched, x_init=x_init)
+    s0 = sched.sigmas[0]
+    assert_close(first[0][1], s0.expand(1))
+    assert_close(first[0][0], (1 - s0) * x_init + s0 * noise)
+    with pytest.raises(ValueError, match="denoising_strength"):
+        sample(lambda x, s, c: x, noise, scheduler=sched, x_init=x_init, denoising_strength=0.5)
+
+
 def test_euler_maruyama_sampler():
     noise = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(14))
     model = CountingModel()
@@ -408,6 +424,17 @@ def test_sampling_loop_captures_in_a_cuda_graph(solver):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, first)
+    # the helper: same answer, new noise goes through the static input
+    kw.pop("recorder")
+    sampler = CapturedSampler(model, noise, **kw)
+    torch.testing.assert_close(sampler(noise), sample(model, noise, **kw))
+    other = torch.randn_like(noise)
+    torch.testing.assert_close(sampler(other), sample(model, other, **kw))
+
+
+def test_captured_sampler_refuses_cpu_and_host_grids():
+    with pytest.raises(ValueError, match="CUDA"):
+        CapturedSampler(lambda x, s, c: x, torch.randn(1, 4), sigmas=torch.tensor([1.0, 0.0]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -405,3 +405,40 @@ def test_sampling_ops_bad_input():
         ops.sde_step(x, x, 0.5, 0.4, eta=1.0, seed=-1)
     with pytest.raises(ValueError, match="sigma"):
         ops.guided_euler_step(x, x, x, 2.0, torch.rand(3), 0.4)
+
+
+def test_sde_step_strided_tensor_sigmas_inputs_untouched():
+    x, v, z, s, sn = _make_sde((3, 6, 10), torch.float32, "tensor", seed=9)
+    xt, vt, zt = x.transpose(1, 2), v.transpose(1, 2), z.transpose(1, 2)
+    before = [t.clone() for t in (xt, vt, zt, s, sn)]
+    with use_backend("triton"):
+        out = ops.sde_step(xt, vt, s, sn, eta=0.5, noise=zt)
+        out1 = ops.sde_step(xt, vt, s[:1], sn[:1], eta=0.5, noise=zt)  # [1] broadcasts
+    assert_close(out, ref.sde_step(*before[:2], s, sn, 0.5, before[2]))
+    assert_close(out1, ref.sde_step(*before[:2], s[0], sn[0], 0.5, before[2]))
+    for t, b in zip((xt, vt, zt, s, sn), before):
+        assert torch.equal(t, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", RESCALE_MODES)
+def test_guided_and_sde_on_cuda_at_wan_size(dtype, mode):
+    rescale, norm_dim = mode
+    dev = torch.device("cuda")
+    shape = (2, 16, 21, 60, 104)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x, c, u = (torch.randn(shape, generator=g, device=dev).to(dtype) for _ in range(3))
+    s = torch.tensor([0.9, 0.4], device=dev)
+    sn = s - 0.05
+    scale = torch.tensor([5.0, 3.0], device=dev)
+    stats = {}
+    out = ops.guided_euler_step(x, c, u, scale, s, sn, rescale=rescale, norm_dim=norm_dim,
+                                stats=stats)
+    assert_close(out, ref.guided_euler_step(x, c, u, scale, s, sn, rescale, norm_dim))
+    want = ref.guidance_stats(c, u, scale, s)
+    for key, val in want.items():
+        torch.testing.assert_close(stats[key], val, rtol=1e-3, atol=1e-4)
+    got = ops.sde_step(x, c, s, sn, eta=0.7, seed=5)
+    z = ref.philox_normal(shape, 5, device=dev)
+    assert_close(got, ref.sde_step(x, c, s, sn, 0.7, z), scale=2)

@@ -30,7 +30,7 @@ def _euler_kernel(x_ptr, v_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_
     """out = x + (sigma_next - sigma) * v, fp32 math, one rounding to x's dtype."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    b = offs // inner
+    b = tl.where(m, offs // inner, 0)  # masked tail lanes must not read sigma out of bounds
     s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
     sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)

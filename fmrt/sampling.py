@@ -301,7 +301,8 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
     `model(z, r[B], t[B], cond) -> u`). noise: `[B, ...]`, also the output's dtype/device.
     Grid: `sigmas` (`[N + 1]`, ends with the final sigma) if given, else
     `scheduler.sigma_grid(device)` (call its `set_timesteps` first; the "Wan-official" template
-    gives Wan's own grid, and its model then sees the integer timesteps / 1000, as in Wan), else `linspace(denoising_strength, 0, steps + 1)` with `shift`.
+    gives Wan's own grid, and its model then sees the integer timesteps / 1000, as in Wan),
+    else `linspace(denoising_strength, 0, steps + 1)` with `shift`.
     Guidance (when `uncond` is given or guidance_scale is not 1): `v = u + s (c - u)` with
     `rescale` / `norm_dim` as `ops.cfg_combine`; one batched forward over `cat([cond, uncond])`
     when both are tensors of the same shape and `batch_cfg`, two forwards otherwise.
@@ -418,7 +419,9 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
         zeroed = cfg_zero_star and i < cfg_zero_init_steps
         if solver in ("euler", "meanflow"):
             c, u = evaluate(x, i, i + 1) if solver == "meanflow" else evaluate(x, i)
-            if zeroed:
+            if zeroed:  # CFG-Zero*'s zero-init step: x stays (the statistics still recorded)
+                if stats is not None:
+                    combine(c, u, i, stats)
                 c, u = torch.zeros_like(c), None
             if u is not None:
                 x = ops._guided_euler_step(x, c, u, scales[i], s, sn, rescale, norm_dim, stats,
@@ -427,7 +430,8 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
                 x = ops._euler_step(x, c, s, sn, tri)
         elif solver == "heun":
             c, u = evaluate(x, i)
-            v1 = torch.zeros_like(c) if zeroed else combine(c, u, i, stats)
+            v1 = combine(c, u, i, stats)
+            v1 = torch.zeros_like(v1) if zeroed else v1
             x_e = pin(ops._euler_step(x, v1, s, sn, tri))
             if i < n - 1:
                 c2, u2 = evaluate(x_e, i + 1)
@@ -438,11 +442,13 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
                 x = x_e
         elif solver == "euler_maruyama":
             c, u = evaluate(x, i)
-            v = torch.zeros_like(c) if zeroed else combine(c, u, i, stats)
+            v = combine(c, u, i, stats)
+            v = torch.zeros_like(v) if zeroed else v
             x = ops._sde_step(x, v, s, sn, float(eta), None, _step_seed(seed_t, i), False, tri)
         else:  # unipc
             c, u = evaluate(x, i)
-            v = torch.zeros_like(c) if zeroed else combine(c, u, i, stats)
+            v = combine(c, u, i, stats)
+            v = torch.zeros_like(v) if zeroed else v
             m = x.float() - s * v.float()  # flow prediction -> x0
             if i > 0:  # corrector of x_i with the new model output
                 j = i - 1

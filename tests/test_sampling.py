@@ -224,6 +224,12 @@ def test_cfg_zero_star(backend):
     want = _manual_guided_euler(CountingModel(), noise, grid, 5.0, cond, uncond,
                                 zero_star=True, zero_steps=1)
     assert_close(out, want, scale=4)
+    rec = DiagnosticsRecorder()
+    with use_backend(backend):
+        sample(CountingModel(), noise, sigmas=grid, guidance_scale=5.0, cond=cond,
+               uncond=uncond, cfg_zero_star=True, cfg_zero_init_steps=2, recorder=rec,
+               solver="heun")
+    assert len(rec) == 5 and all("cfg_diff_norm" in r for r in rec.records)
 
 
 def test_unbatchable_cond_uses_two_forwards():

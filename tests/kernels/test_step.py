@@ -442,3 +442,63 @@ def test_guided_and_sde_on_cuda_at_wan_size(dtype, mode):
     got = ops.sde_step(x, c, s, sn, eta=0.7, seed=5)
     z = ref.philox_normal(shape, 5, device=dev)
     assert_close(got, ref.sde_step(x, c, s, sn, 0.7, z), scale=2)
+
+
+_AOT_SCRIPT = r'''
+import json, re
+from collections import Counter
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fmrt.kernels import step as K
+
+def comp(fn, sig, const, warps):
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]]
+             for n in names if sig[n].startswith("*") or n in ("inner", "C")}
+    sig = {**sig, **{k: "constexpr" for k in const}}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = k.asm["ptx"]
+    return [Counter(re.findall(r"ld\.global[\.\w]*", ptx)),
+            Counter(re.findall(r"st\.global[\.\w]*", ptx))]
+
+g = {n: "*bf16" for n in ("x_ptr", "c_ptr", "u_ptr", "out_ptr")}
+for n in ("g", "s", "sn"):
+    g.update({n + "_ptr": "*fp32", n + "_val": "fp32", n + "_st": "i32"})
+g.update(ratio_ptr="*fp32", part_ptr="*fp32", inner="i32", C="i32", n_chunks="i32")
+base = dict(STEP=True, WRITE=True, G_TENSOR=True, S_TENSOR=True, SN_TENSOR=True, RESCALE=0,
+            STATS=True, TOKEN=False, ROWS=1, BLOCK_C=4096)
+out = {
+    "flat": comp(K._guided_kernel, g, base, 8),
+    "token": comp(K._guided_kernel, g, dict(base, RESCALE=2, TOKEN=True, ROWS=64, BLOCK_C=64), 8),
+    "norm_pass1": comp(K._guided_kernel, g, dict(base, STEP=False, WRITE=False), 8),
+}
+s = {n: "*bf16" for n in ("x_ptr", "v_ptr", "z_ptr", "out_ptr")}
+for n in ("s", "sn"):
+    s.update({n + "_ptr": "*fp32", n + "_val": "fp32", n + "_st": "i32"})
+s.update(eta="fp32", seed_ptr="*i64", part_ptr="*fp32", inner="i32", n_groups="i32")
+out["sde"] = comp(K._sde_kernel, s, dict(HAS_NOISE=False, S_TENSOR=True, SN_TENSOR=True,
+                                         LOGP=True, Q=1024), 4)
+print(json.dumps(out))
+'''
+
+
+def test_kernels_compile_for_h100_with_vector_memory_ops():
+    """Compile the step kernels for sm_90 ahead of time (no GPU needed; the interpreter never
+    lowers them) and check that the bf16 loads and stores are 128-bit vectors."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for name, (loads, stores) in out.items():
+        assert loads.get("ld.global.v4.b32", 0) > 0, (name, loads)
+        if name != "norm_pass1":
+            assert stores.get("st.global.v4.b32", 0) > 0, (name, stores)
+            assert not any(k.endswith(".b16") for k in list(loads) + list(stores)), name

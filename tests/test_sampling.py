@@ -73,6 +73,22 @@ def test_unipc_loop_matches_diffusers_step_by_step(steps, shift):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_heun_loop_matches_diffusers_flow_match_heun(backend):
+    from diffusers import FlowMatchHeunDiscreteScheduler
+    vel = _linear_velocity(seed=5)
+    x0 = torch.randn(2, 6, generator=torch.Generator().manual_seed(6))
+    sch = FlowMatchHeunDiscreteScheduler(shift=3.0)
+    sch.set_timesteps(6)
+    x = x0.clone()
+    for i, t in enumerate(sch.timesteps):  # [t0, t1, t1, t2, t2, ...]: predictor, corrector
+        x = sch.step(vel(x, sch.sigmas[i].expand(2)), t, x).prev_sample
+    grid = torch.cat([sch.sigmas[::2], torch.zeros(1)])  # its 6 distinct sigmas, then 0
+    with use_backend(backend):
+        out = sample(lambda x, s, c: vel(x, s), x0.clone(), sigmas=grid, solver="heun")
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+
+
 def test_unipc_triton_backend_and_orders():
     vel = _linear_velocity(seed=4)
     x0 = torch.randn(2, 6, generator=torch.Generator().manual_seed(5))

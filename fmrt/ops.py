@@ -413,9 +413,10 @@ def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma:
     `x + (sigma_next - sigma) * cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim)`.
 
     x, v_cond, v_uncond: same shape `[B, ...]` and dtype; scale: float or `[B]`; sigmas: floats,
-    0-d or `[B]` tensors. Per-sample rescale needs the norms before the step: a split reduction
-    (pass 1 reads v_cond, v_uncond for partial norms; pass 2 combines and steps: 6 N bytes-per-
-    element instead of 4 N). stats: a dict that receives float32 `[B]` device tensors (no host
+    0-d or `[B]` tensors. One pass (reads x, v_cond, v_uncond, writes x': 4 N e bytes for N
+    elements of e bytes), also with the per-token rescale (the token's row in registers). The
+    per-sample rescale needs the norms before the step: a split reduction (pass 1 reads v_cond,
+    v_uncond into per-program partial norms; pass 2 combines and steps): 6 N e bytes. stats: a dict that receives float32 `[B]` device tensors (no host
     sync) computed in the same pass: sigma, cond_mean, cond_std, uncond_mean, uncond_std,
     cfg_diff_mean, cfg_diff_std, cfg_diff_norm, vel_diff_norm (||sigma * cfg_diff||),
     x0_diff_norm (||x0_cond - x0_uncond||), rescale_ratio (||v_cond|| / ||v||, v unrescaled).

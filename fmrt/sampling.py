@@ -53,13 +53,22 @@ class DiagnosticsRecorder:
     def __len__(self) -> int:
         return len(self.records)
 
-    def to_host(self) -> list[dict[str, Any]]:
-        """The records with every tensor as a list of floats (one entry per sample)."""
-        out = []
-        for rec in self.records:
-            out.append({k: (v.detach().float().cpu().tolist() if isinstance(v, Tensor) else v)
-                        for k, v in rec.items()})
+    def as_tensors(self) -> dict[str, Tensor]:
+        """Each statistic stacked over the steps: `{key: [steps, B]}` on the device (no sync);
+        "step" is a CPU LongTensor `[steps]`."""
+        if not self.records:
+            return {}
+        out: dict[str, Tensor] = {"step": torch.tensor([r["step"] for r in self.records])}
+        for key in self.records[0]:
+            if key != "step":
+                out[key] = torch.stack([r[key].detach().float() for r in self.records])
         return out
+
+    def to_host(self) -> list[dict[str, Any]]:
+        """The records with every tensor as a list of floats (one entry per sample); one
+        device-to-host copy per statistic."""
+        stacked = {k: v.cpu().tolist() for k, v in self.as_tensors().items()}
+        return [{k: stacked[k][i] for k in stacked} for i in range(len(self.records))]
 
 
 def _host_records(records) -> list[dict[str, Any]]:

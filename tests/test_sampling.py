@@ -355,6 +355,8 @@ def test_recorder_and_plot(tmp_path, solver):
     assert len(rec) == 4
     assert all(isinstance(v, torch.Tensor) for v in rec.records[0].values()
                if not isinstance(v, int))
+    stacked = rec.as_tensors()
+    assert stacked["cfg_diff_norm"].shape == (4, 2)
     host = rec.to_host()
     assert [r["step"] for r in host] == [0, 1, 2, 3]
     assert_close(torch.tensor([r["sigma"][0] for r in host]), grid[:4])

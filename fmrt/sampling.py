@@ -117,7 +117,8 @@ def plot_diagnostics(records, path) -> None:
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
     panels = ((axes[0, 1], "vel_diff_norm", "CFG difference (velocity space): ||sigma * cfg_diff||"),
-              (axes[1, 0], "x0_diff_norm", "x0-prediction difference: ||x0_cond - x0_uncond||"),
+              (axes[1, 0], "x0_diff_norm", "x0-prediction difference: ||x0_cond - x0_uncond||\n"
+               "(x0 = x - sigma v: equals the velocity-space norm for a flow model)"),
               (axes[1, 1], "sigma", "Noise schedule (sigma_t)"))
     for ax, key, title in panels:
         if key in recs[0]:

@@ -102,6 +102,26 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
 
 
 @triton.jit
+def _ratio_kernel(part_ptr, ratio_ptr, n_chunks, BLOCK: tl.constexpr):
+    """Per-sample rescale factor from pass 1's partial sums (grid = (B,)):
+    ratio[b] = sqrt(sum_k part[b, k, 1] / sum_k part[b, k, 6]) = ||c|| / ||v||, 1 where ||v|| = 0.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    acc_c = tl.zeros((BLOCK,), tl.float32)
+    acc_v = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, n_chunks, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        m = k < n_chunks
+        row = part_ptr + (b * n_chunks + k) * 8
+        acc_c += tl.load(row + 1, mask=m, other=0.0)
+        acc_v += tl.load(row + 6, mask=m, other=0.0)
+    cc = tl.sum(acc_c, axis=0)
+    vv = tl.sum(acc_v, axis=0)
+    ok = vv > 0.0
+    tl.store(ratio_ptr + b, tl.where(ok, tl.sqrt(cc) / tl.sqrt(tl.where(ok, vv, 1.0)), 1.0))
+
+
+@triton.jit
 def _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, z, b, j, inner, s, sn, k, std_dt,
               HAS_NOISE: tl.constexpr):
     """One lane of Q elements; returns its sum of z^2 (masked)."""
@@ -272,10 +292,9 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
                              WRITE=False, RESCALE=0, STATS=True, TOKEN=token, ROWS=rows,
                              BLOCK_C=bc,
                              num_warps=warps, **flags)
-        t = part.sum(1)
-        cc, vv = t[:, 1], t[:, 6]
-        ratio = torch.where(vv > 0, cc.sqrt() / vv.clamp_min(1e-30).sqrt(),
-                            torch.ones_like(vv)).contiguous()
+        ratio = torch.empty(B, dtype=torch.float32, device=c.device)
+        _ratio_kernel[(B,)](part, ratio, chunks, BLOCK=min(1024, max(32, _pow2(chunks))),
+                            num_warps=1)
         mode = 1
         stats_here = False
     else:

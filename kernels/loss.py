@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fmrt.kernels import noise as N
 from fmrt.kernels.noise import _layout, bcast_args, load_bcast, philox_normal4
 from fmrt.reference import NOISE_Q
 
@@ -84,5 +85,5 @@ def fm_loss_fwd(pred: torch.Tensor, x0: torch.Tensor, noise: Optional[torch.Tens
         pred, x0, noise if noise is not None else x0, seed if seed is not None else x0,
         m_ptr, m_bs, m_T, m_R, grad if need_grad else part, part, inner, n_groups,
         HAS_NOISE=noise is not None, MASK_MODE=mode, NEED_GRAD=need_grad,
-        IDX64=inner >= 2 ** 31, Q=NOISE_Q, num_warps=4)
+        IDX64=inner >= N.IDX64_FROM, Q=NOISE_Q, num_warps=4)
     return part.view(batch, n_groups).sum(1), grad

@@ -28,7 +28,7 @@ from fmrt.reference import NOISE_Q
 def philox_normal4(seed, b, g, Q: tl.constexpr):
     """The four normal lanes (each `[Q]` float32) of group g of sample b:
     Philox(key=seed, counter=(lo(gQ+q), hi(gQ+q), b, 0)) -> 4 uniforms -> 2 Box-Muller pairs."""
-    cnt = g * Q + tl.arange(0, Q).to(tl.int64)
+    cnt = g.to(tl.int64) * Q + tl.arange(0, Q).to(tl.int64)
     c0 = (cnt & 0xFFFFFFFF).to(tl.uint32)
     c1 = (cnt >> 32).to(tl.uint32)
     c2 = (cnt * 0 + b).to(tl.uint32)
@@ -148,6 +148,10 @@ def bcast_args(t: Optional[torch.Tensor], value: float, shape, device, *,
     return flat, 0.0, inner if batched else 0, inner, 1, 2
 
 
+# within-sample indices at or above this use 64-bit index math in the broadcast loads
+IDX64_FROM = 2 ** 31
+
+
 def _layout(x: torch.Tensor):
     batch = x.shape[0] if x.ndim else 1
     inner = x.numel() // batch if batch else 0
@@ -177,7 +181,7 @@ def add_noise(x0: torch.Tensor, sigma: Optional[torch.Tensor], sigma_value: floa
         s_ptr, s_val, s_bs, s_T, s_R, inner, n_groups,
         SIGMA_MODE=mode, HAS_NOISE=noise is not None, STORE_NOISE=store,
         STORE_TARGET=store_target,
-        IDX64=inner >= 2 ** 31, Q=NOISE_Q, num_warps=4)
+        IDX64=inner >= IDX64_FROM, Q=NOISE_Q, num_warps=4)
     return x_t, target, nout
 
 

@@ -227,3 +227,10 @@ def test_training_step_compiles_without_graph_break():
         gc = torch.autograd.grad(got, lin.weight)[0]
     assert_close(got, want)
     assert_close(gc, gw)
+
+
+def test_loss_64bit_index_path(monkeypatch):
+    from fmrt.kernels import noise as K
+    monkeypatch.setattr(K, "IDX64_FROM", 0)
+    check_against_reference(ops.flow_matching_loss, ref.flow_matching_loss,
+                            _make((3, 5, 7, 11), torch.float32, mask="frame"))

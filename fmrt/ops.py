@@ -204,12 +204,19 @@ def _fm_loss_setup(ctx, inputs, output):
 
 
 def _fm_loss_backward(ctx, grad_num, grad_grad):
-    # d num_b / d pred = the stored 2 mask (pred - target): scale it per sample in place (its
-    # only use; a second backward trips autograd's saved-tensor version check).
+    # d num_b / d pred = the stored 2 mask (pred - target): scale it per sample, in place in
+    # eager mode (its only use, so no second buffer; a second backward trips autograd's
+    # saved-tensor version check); out of place under torch.compile, where a mutation of a
+    # saved activation would be functionalised into an extra copy.
     (g,) = ctx.saved_tensors
     if g.numel() == 0:
         return None, None, None, None, None, None
-    return g.mul_(grad_num.view(-1, *([1] * (g.ndim - 1)))), None, None, None, None, None
+    scale = grad_num.view(-1, *([1] * (g.ndim - 1)))
+    if torch.compiler.is_compiling():
+        grad = (g * scale).to(g.dtype)
+    else:
+        grad = g.mul_(scale)
+    return grad, None, None, None, None, None
 
 
 _fm_loss_op.register_autograd(_fm_loss_backward, setup_context=_fm_loss_setup)

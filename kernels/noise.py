@@ -28,11 +28,13 @@ from fmrt.reference import NOISE_Q
 def philox_normal4(seed, b, g, Q: tl.constexpr):
     """The four normal lanes (each `[Q]` float32) of group g of sample b:
     Philox(key=seed, counter=(lo(gQ+q), hi(gQ+q), b, 0)) -> 4 uniforms -> 2 Box-Muller pairs."""
-    cnt = g.to(tl.int64) * Q + tl.arange(0, Q).to(tl.int64)
-    c0 = (cnt & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (cnt >> 32).to(tl.uint32)
-    c2 = (cnt * 0 + b).to(tl.uint32)
-    c3 = c0 * 0
+    # gQ is a multiple of Q (a power of two), so lo(gQ) + q never carries into the high word
+    base = g.to(tl.int64) * Q
+    zero = tl.zeros((Q,), dtype=tl.uint32)
+    c0 = (base & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, Q).to(tl.uint32)
+    c1 = zero + (base >> 32).to(tl.uint32)
+    c2 = zero + b.to(tl.uint32)
+    c3 = zero
     i1, i2, i3, i4 = tl.philox(seed, c0, c1, c2, c3)
     n1, n2 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i1),
                                        tl.uint_to_uniform_float(i2))

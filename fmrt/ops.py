@@ -143,6 +143,29 @@ def _add_noise_fake(x0, sigma, sigma_value, noise, seed, return_noise, return_ta
     return new(True), new(return_target), new(return_noise and noise is None)
 
 
+def _add_noise_setup(ctx, inputs, output):
+    x0, sigma, sigma_value, noise, _, _, _ = inputs
+    ctx.sigma_value = sigma_value
+    ctx.dtypes = (x0.dtype, None if noise is None else noise.dtype)
+    ctx.save_for_backward(sigma)
+
+
+def _add_noise_backward(ctx, g_xt, g_target, g_noise):
+    # x_t = (1 - s) x0 + s eps, target = eps - x0: linear in x0 and eps (sigma gets no grad)
+    (sigma,) = ctx.saved_tensors
+    s = ref.broadcast_sigma(sigma if sigma is not None else ctx.sigma_value, g_xt)
+    g = g_xt.to(s.dtype)
+    gt = g_target.to(s.dtype) if g_target.numel() else torch.zeros((), dtype=s.dtype,
+                                                                   device=g.device)
+    x_dtype, n_dtype = ctx.dtypes
+    g_x0 = ((1.0 - s) * g - gt).to(x_dtype)
+    g_n = None if n_dtype is None else (s * g + gt).to(n_dtype)
+    return g_x0, None, None, g_n, None, None, None
+
+
+_add_noise_op.register_autograd(_add_noise_backward, setup_context=_add_noise_setup)
+
+
 def add_noise(x0: Tensor, sigma: Sigma, noise: Optional[Tensor] = None, *, seed=None,
               return_noise: bool = False):
     """Noise x0 `[B, ...]` to level sigma: returns `(x_t, target)`, or `(x_t, target, noise)`
@@ -152,7 +175,7 @@ def add_noise(x0: Tensor, sigma: Sigma, noise: Optional[Tensor] = None, *, seed=
     sigma: a float in [0, 1], a 0-d or `[B]` tensor, or a tensor with x0's ndim broadcastable to
     it (per frame: `[B, 1, T, 1, 1]`). noise: a float tensor of x0's shape, or None to draw
     N(0, 1) Philox noise from `seed` in the kernel (never written unless return_noise; the
-    returned noise is then rounded to x0's dtype). Not differentiable.
+    returned noise is then rounded to x0's dtype). Differentiable in x0 and noise (not sigma).
     """
     check_float_tensor("x0", x0)
     if x0.ndim == 0:

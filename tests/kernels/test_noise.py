@@ -281,3 +281,16 @@ def test_philox_counter_above_2_32():
     n1, n2 = ref.box_muller(u[0], u[1])
     n3, n4 = ref.box_muller(u[2], u[3])
     assert_close(out, torch.cat([n1, n2, n3, n4]), scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_noise_gradients(dtype):
+    def make():
+        (x0, s, eps), kw = _make((3, 5, 7, 11), dtype, "frame")()
+        return (x0.requires_grad_(True), s, eps.requires_grad_(True)), kw
+    check_against_reference(ops.add_noise, ref.add_noise, make)
+
+    def make_seeded():
+        (x0, s), kw = _make((3, 5, 7, 11), dtype, "tensor", noise=False)()
+        return (x0.requires_grad_(True), s), kw
+    check_against_reference(ops.add_noise, _ref_seeded, make_seeded)

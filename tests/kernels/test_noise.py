@@ -294,3 +294,19 @@ def test_add_noise_gradients(dtype):
         (x0, s), kw = _make((3, 5, 7, 11), dtype, "tensor", noise=False)()
         return (x0.requires_grad_(True), s), kw
     check_against_reference(ops.add_noise, _ref_seeded, make_seeded)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_noise_cuda_matches_cpu_reference(dtype):
+    # the compiled kernel (GPU transcendental approximations) against the CPU reference noise
+    x0 = torch.randn(3, 16, 5, 30, 52).to(dtype)
+    s = torch.rand(3)
+    want = _ref_seeded(x0, s, seed=2024)
+    got = ops.add_noise(x0.cuda(), s.cuda(), seed=2024)
+    assert_close(tuple(t.cpu() for t in got), want, scale=4.0)
+    _, _, eps = ops.add_noise(x0.cuda(), s.cuda(), seed=2024, return_noise=True)
+    n = eps.float().flatten()
+    assert abs(n.mean().item()) < 5 / n.numel() ** 0.5
+    slack = 0.0 if dtype == torch.float32 else 0.01      # rounding of the stored noise
+    assert abs(n.var().item() - 1) < 5 * (2 / n.numel()) ** 0.5 + slack

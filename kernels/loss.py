@@ -45,7 +45,8 @@ def _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, eps, b, j
 @triton.jit
 def _fm_loss_kernel(p_ptr, x_ptr, n_ptr, seed_ptr, m_ptr, m_bstride, m_T, m_R, g_ptr, part_ptr,
                     inner, n_groups, n_progs, HAS_NOISE: tl.constexpr, MASK_MODE: tl.constexpr,
-                    NEED_GRAD: tl.constexpr, IDX64: tl.constexpr, Q: tl.constexpr):
+                    NEED_GRAD: tl.constexpr, IDX64: tl.constexpr, Q: tl.constexpr,
+                    FAST: tl.constexpr):
     """part[0, b, g] = sum over group g of sample b of mask (pred - (eps - x0))^2,
     part[1, b, g] = sum of mask there, and (NEED_GRAD) grad = 2 mask (pred - (eps - x0)) in
     pred's dtype; fp32 math. Grid: B * n_groups programs, as `_add_noise_kernel`."""
@@ -57,7 +58,7 @@ def _fm_loss_kernel(p_ptr, x_ptr, n_ptr, seed_ptr, m_ptr, m_bstride, m_T, m_R, g
         n1 = tl.zeros((Q,), tl.float32)
         n2, n3, n4 = n1, n1, n1
     else:
-        n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q)
+        n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q, FAST)
     acc, accm = _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, n1, b, j0,
                            inner, HAS_NOISE, MASK_MODE, NEED_GRAD, IDX64)
     a, am = _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, n2, b, j0 + Q,
@@ -136,7 +137,7 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: Optional[tor
             pred, x0, noise if noise is not None else x0, seed if seed is not None else x0,
             m_ptr, m_bs, m_T, m_R, grad if need_grad else part, part, inner, n_groups, n_progs,
             HAS_NOISE=noise is not None, MASK_MODE=mode, NEED_GRAD=need_grad,
-            IDX64=inner >= N.IDX64_FROM, Q=NOISE_Q, num_warps=4)
+            IDX64=inner >= N.IDX64_FROM, Q=NOISE_Q, FAST=N.fast_math(pred), num_warps=4)
     w = None
     if weight is not None:
         w = weight.to(device=dev, dtype=torch.float32).reshape(-1).expand(batch).contiguous()

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fmrt.kernels.noise import philox_normal4
+from fmrt.kernels.noise import fast_math, philox_normal4
 from fmrt.reference import NOISE_Q
 
 
@@ -141,15 +141,15 @@ def _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, z, b, j, inner, s, sn, k, std_dt,
 def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, eta,
                 seed_ptr, part_ptr, inner, n_groups, HAS_NOISE: tl.constexpr,
                 S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, LOGP: tl.constexpr,
-                Q: tl.constexpr):
+                Q: tl.constexpr, FAST: tl.constexpr):
     """Euler-Maruyama step of the flow SDE (Flow-GRPO discretisation), grid = (groups, B).
 
     dt = sn - s (< 0), s' = sn if s >= 1 else s, k = eta^2 / (2 (1 - s'))  (= std^2 / (2 s)),
     mean = x (1 + k dt) + v (1 + k (1 - s)) dt,  out = mean + sqrt(2 k s (s - sn)) * z,
     z = noise, or fmrt's seeded Philox noise (kernels/noise.py's offset scheme: program (g, b)
     owns elements [4Qg, 4Q(g+1)) of sample b in four lanes of Q, one Philox call per 4
-    elements), so the same seed gives the same noise as `ops.add_noise`. eta = 0 is exactly
-    Euler. LOGP: the program's sum of z^2 to part[b, g].
+    elements; FAST: the hardware log/sin/cos of compiled CUDA kernels), so the same seed gives
+    the same noise as `ops.add_noise`. eta = 0 is exactly Euler. LOGP: the program's sum of z^2 to part[b, g].
     """
     g = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -163,7 +163,7 @@ def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val
         n1 = tl.zeros((Q,), tl.float32)
         n2, n3, n4 = n1, n1, n1
     else:
-        n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q)
+        n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q, FAST)
     zz = _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n1, b, j0, inner, s, sn, k, std_dt, HAS_NOISE)
     zz += _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n2, b, j0 + Q, inner, s, sn, k, std_dt,
                     HAS_NOISE)
@@ -324,5 +324,5 @@ def sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, logp: bool):
                              sn_ptr, sn_val, sn_st, float(eta),
                              seed if seed is not None else x, part, inner, groups,
                              HAS_NOISE=noise is not None, S_TENSOR=s_t, SN_TENSOR=sn_t,
-                             LOGP=logp, Q=NOISE_Q, num_warps=4)
+                             LOGP=logp, Q=NOISE_Q, FAST=fast_math(x), num_warps=4)
     return out, (part.double().sum(1) if logp else None)

@@ -479,7 +479,7 @@ for n in ("s", "sn"):
     s.update({n + "_ptr": "*fp32", n + "_val": "fp32", n + "_st": "i32"})
 s.update(eta="fp32", seed_ptr="*i64", part_ptr="*fp32", inner="i32", n_groups="i32")
 out["sde"] = comp(K._sde_kernel, s, dict(HAS_NOISE=False, S_TENSOR=True, SN_TENSOR=True,
-                                         LOGP=True, Q=1024), 4)
+                                         LOGP=True, Q=1024, FAST=True), 4)
 ratio = triton.compile(ASTSource(fn=K._ratio_kernel, signature={"part_ptr": "*fp32",
                        "ratio_ptr": "*fp32", "n_chunks": "i32", "BLOCK": "constexpr"},
                        constexprs={"BLOCK": 32}), target=GPUTarget("cuda", 90, 32),

@@ -5,7 +5,8 @@ against diffusers' FlowMatchEulerDiscreteScheduler loop.
 
 Compulsory bytes (N elements of e bytes): guided_euler_step reads x, v_cond, v_uncond and writes
 x' (4 N e); with the per-sample norm rescale fmrt's split reduction reads v_cond, v_uncond twice
-(6 N e moved; the compulsory count stays 4 N e, so pct_copy_bw shows the cost of the extra pass);
+(6 N e moved; the compulsory count stays 4 N e, so pct_copy_bw shows the cost of the extra pass;
+the per-token rescale (last dim, Qwen-Image style) and the in-pass diagnostics stay one pass);
 euler_step and cfg_combine 3 N e; sde_step (in-kernel noise) 3 N e.
 
 Run on a GPU: `pytest benchmarks/bench_sampling.py --benchmark-enable --benchmark-json=...`.
@@ -21,16 +22,19 @@ from benchmarks.conftest import (BENCH_DTYPES, CUDA, DEVICE, PROVIDERS, dtype_na
                                  make_provider_fn, run_bench, sync)
 from fmrt import ops, use_backend
 
-# Wan 1.3B 480p latent, Wan 14B 720p latent, FLUX latent (tiny stand-ins on CPU)
+# Wan 1.3B 480p latent, Wan 14B 720p latent, FLUX latent and its packed tokens (tiny on CPU)
 SHAPES = {
     "wan1.3b": (1, 16, 21, 60, 104),
     "wan14b_720p": (1, 16, 21, 90, 160),
     "flux": (1, 16, 128, 128),
+    "flux_packed": (1, 4096, 64),  # FLUX / Qwen-Image packed tokens [B, L, C]
 } if CUDA else {
     "wan1.3b": (1, 4, 3, 6, 10),
     "flux": (1, 4, 16, 16),
+    "flux_packed": (1, 64, 64),
 }
-OPS = ("guided_euler_step", "guided_euler_step_norm", "euler_step", "cfg_combine", "sde_step")
+OPS = ("guided_euler_step", "guided_euler_step_norm", "guided_euler_step_token_norm",
+       "guided_euler_step_stats", "euler_step", "cfg_combine", "sde_step")
 SCALE = 5.0
 
 
@@ -66,6 +70,20 @@ def _eager(op, x, c, u, s, sn):
             v = v * ratio.view(view)
             return (x.float() + dt * v).to(x.dtype)
         return f
+    if op == "guided_euler_step_token_norm":  # diffusers' Qwen-Image true CFG, then the step
+        def f():
+            v = u + SCALE * (c - u)
+            v = v * (torch.norm(c, dim=-1, keepdim=True) / torch.norm(v, dim=-1, keepdim=True))
+            return (x.float() + dt * v).to(x.dtype)
+        return f
+    if op == "guided_euler_step_stats":  # seed 000's diagnostics as separate reductions
+        def f():
+            d = c - u
+            stats = [t.flatten(1).mean(1) for t in (c, u, d)] + \
+                    [t.flatten(1).std(1) for t in (c, u, d)] + [d.flatten(1).norm(dim=1)]
+            v = u + SCALE * d
+            return (x.float() + dt * v).to(x.dtype), stats
+        return f
     if op == "sde_step":  # Flow-GRPO's sde_step_with_logprob (without the log-prob)
         sv = s.view(view)
         std = 0.7 * torch.sqrt(sv / (1 - sv))
@@ -97,14 +115,17 @@ def _fmrt_raw(op, x, c, u, s, sn):
         return lambda: ops.guided_euler_step(x, c, u, SCALE, s, sn)
     if op == "guided_euler_step_norm":
         return lambda: ops.guided_euler_step(x, c, u, SCALE, s, sn, rescale="norm")
+    if op == "guided_euler_step_token_norm":
+        return lambda: ops.guided_euler_step(x, c, u, SCALE, s, sn, rescale="norm", norm_dim=-1)
+    if op == "guided_euler_step_stats":
+        return lambda: ops.guided_euler_step(x, c, u, SCALE, s, sn, stats={})
     if op == "sde_step":
         return lambda: ops.sde_step(x, c, s, sn, eta=0.7, seed=1)
     raise ValueError(op)
 
 
 def _nbytes(op, n, e):
-    return {"euler_step": 3, "cfg_combine": 3, "guided_euler_step": 4,
-            "guided_euler_step_norm": 4, "sde_step": 3}[op] * n * e
+    return {"euler_step": 3, "cfg_combine": 3, "sde_step": 3}.get(op, 4) * n * e
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

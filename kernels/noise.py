@@ -6,7 +6,11 @@ Offset scheme (see `fmrt.reference`, "training ops"): x0 is `[B, inner]`; one pr
 group of 4 Q consecutive elements of one sample (Q = NOISE_Q); one Philox-4x32-10 call on the
 counter (g Q + q as two 32-bit words, b, 0) with key (seed lo, seed hi) yields the normals of
 the elements g 4Q + k Q + q, k = 0..3. Each of the four lanes is a contiguous run of Q
-elements, so loads and stores stay coalesced and vectorised.
+elements, so loads and stores stay coalesced and vectorised. Programs never straddle samples,
+so a sample much smaller than 4 Q = 4096 elements leaves lanes idle (fine for latents, which
+have 10^5 - 10^7 elements per sample). Compiled for CUDA, Box-Muller uses the hardware
+log / sin / cos approximations (`box_muller`, FAST): the IEEE-accurate libdevice versions
+would make the kernels compute-bound in bf16.
 
 Broadcast operands (sigma here, the loss mask in `loss.py`) arrive in one of three modes:
 0 = a Python float; 1 = one value per sample (`ptr[b * bstride]`, bstride 0 for one value);

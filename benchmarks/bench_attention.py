@@ -4,8 +4,8 @@ forward + backward, fmrt's fused kernel against the eager math of diffusers' Wan
 cast back) and its torch.compile; and `attention` for every backend installed here.
 
 Shapes: S = 32760 tokens = 21 x 30 x 52 (Wan2.1: 81 frames at 480 x 832 after the VAE's
-4 x 8 x 8 and the (1, 2, 2) patch), head dim 128, 12 heads (1.3B) and 40 heads (14B). Tiny shapes on CPU (interpreter; not performance claims).
-q and k are views of a fused `[B, S, 3, H, D]` qkv output, as in the model.
+4 x 8 x 8 and the (1, 2, 2) patch), head dim 128, 12 heads (1.3B) and 40 heads (14B).
+Tiny shapes on CPU (interpreter; not performance claims). q and k are views of a fused `[B, S, 3, H, D]` qkv output, as in the model.
 
 Compulsory bytes (N = B*S*H*D elements of e bytes):
   qk_norm_rope fwd      read q, k, write q, k: 4 N e, + the fp32 cos/sin tables once (S*D*4).

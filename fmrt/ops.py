@@ -563,8 +563,16 @@ NORMS = ("across_heads", "per_head", None)
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
                  cos: Tensor, sin: Tensor, *, eps: float = 1e-6,
                  norm: Optional[str] = "across_heads") -> tuple[Tensor, Tensor]:
-    """RMSNorm q and k (over H*D with weight [H*D], over D with weight [D], or not at all), then
-    rotate interleaved pairs by cos/sin `[S, D/2]`. q, k: `[B, S, H, D]`, any strides."""
+    """RMSNorm q and k, then rotate interleaved pairs (2i, 2i+1) by cos/sin `[S, D/2]`:
+    (a, b) -> (a cos - b sin, a sin + b cos). Returns contiguous `(q_out, k_out)` in q's dtype
+    (fp32 math, one rounding).
+
+    q, k: `[B, S, H, D]`, same shape and dtype, any strides (views of a fused qkv output are read
+    in place). norm: "across_heads" (Wan: RMS over H*D, weights `[H*D]`), "per_head" (FLUX /
+    SD3: RMS over D, weights `[D]`) or None (rotary only; weights ignored); a weight may be None
+    (no scale). Differentiable in q, k and both weights (reverse mode and torch.func.jvp);
+    cos / sin are treated as constants.
+    """
     check_float_tensor("q", q)
     check_float_tensor("k", k)
     if q.ndim != 4:
@@ -572,6 +580,8 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
     check_same("k", k, "q", q)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
     B, S, H, D = q.shape
     if D % 2:
         raise ValueError(f"head dim D must be even for the rotary, got {D}")
@@ -580,26 +590,34 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
                                             torch.bfloat16))
         if tuple(t.shape) != (S, D // 2):
             raise ValueError(f"{name} must be [S={S}, D/2={D // 2}], got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     want = {"across_heads": H * D, "per_head": D}.get(norm)
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
         if w is None:
             continue
         check_float_tensor(name, w, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+        if w.device != q.device:
+            raise ValueError(f"{name} is on {w.device} but q is on {q.device}")
         if want is not None and w.numel() != want:
             raise ValueError(f"{name} must have {want} elements for norm={norm!r}, "
                              f"got {tuple(w.shape)}")
     if use_triton(q, k, cos, sin, *(w for w in (q_weight, k_weight) if w is not None)):
         qw = None if q_weight is None or norm is None else q_weight.reshape(-1)
         kw = None if k_weight is None or norm is None else k_weight.reshape(-1)
-        return _qk_norm_rope_op(q, k, qw, kw, cos, sin, float(eps),
-                                "none" if norm is None else norm)
+        args = (q, k, qw, kw, cos, sin, float(eps), "none" if norm is None else norm)
+        if torch.compiler.is_compiling():  # no forward mode inside compiled graphs
+            return _qk_norm_rope_op(*args)
+        return _QKNormRope.apply(*args)
     return ref.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, norm)
 
 
-# Triton path: `fmrt::qk_norm_rope` (forward) and `fmrt::qk_norm_rope_backward` custom ops, so
-# the op traces into torch.compile graphs without a break; q, k reach the kernels with their
-# strides (no copy of a fused qkv view). The backward recomputes the norm statistics from q, k
-# (nothing but the inputs is saved) and returns deterministic weight gradients.
+# Triton path: an autograd.Function whose forward and backward call the `fmrt::qk_norm_rope`
+# and `fmrt::qk_norm_rope_backward` custom ops (each launch wrapped in a custom op, so the op
+# traces into torch.compile graphs without a break and works under torch.func.jvp); q, k reach
+# the kernels with their strides (no copy of a fused qkv view). The backward recomputes the norm
+# statistics from q, k (nothing but the inputs is saved) and returns deterministic weight
+# gradients; the forward-mode rule (jvp) is torch math.
 
 def _norm_arg(norm: str) -> Optional[str]:
     return None if norm == "none" else norm
@@ -658,7 +676,37 @@ def _qk_norm_rope_backward(ctx, gq, gk):
     return dq, dk, dwq, dwk, None, None, None, None
 
 
+# reverse mode of the custom op itself: what torch.compile traces (Dynamo cannot trace an
+# autograd.Function with a custom jvp)
 _qk_norm_rope_op.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
+
+
+class _QKNormRope(torch.autograd.Function):
+    """Eager path: the same reverse mode, plus forward mode (torch.func.jvp, MeanFlow) through
+    `reference.rms_norm_jvp` then the rotation (linear: it rotates the tangent). cos / sin are
+    constants (no gradient, no tangent)."""
+
+    @staticmethod
+    def forward(q, k, q_weight, k_weight, cos, sin, eps, norm):
+        return _qk_norm_rope_op(q, k, q_weight, k_weight, cos, sin, eps, norm)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _qk_norm_rope_setup(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:6])
+
+    backward = staticmethod(_qk_norm_rope_backward)
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tq_weight, tk_weight, tcos, tsin, teps, tnorm):
+        q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
+        norm = _norm_arg(ctx.norm)
+
+        def one(x, w, tx, tw):
+            t = ref.rms_norm_jvp(x, w, tx, tw, norm, ctx.eps)
+            return ref.rope_interleaved(t, cos, sin).to(x.dtype)
+
+        return one(q, q_weight, tq, tq_weight), one(k, k_weight, tk, tk_weight)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -365,6 +365,31 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], norm: Optional[str], eps: floa
     return y * weight.to(y.dtype) if weight is not None else y
 
 
+def rms_norm_jvp(x: Tensor, weight: Optional[Tensor], tx: Optional[Tensor],
+                 tweight: Optional[Tensor], norm: Optional[str], eps: float) -> Tensor:
+    """Forward-mode derivative of `rms_norm` along tangents (tx, tweight), in fp32:
+    with xhat = x * rstd, d xhat = rstd * (tx - xhat * mean(xhat * tx)) (mean over the norm
+    group), d out = d xhat * w + xhat * tweight. tx / tweight None mean zero tangents."""
+    dt = compute_dtype(x.dtype)
+    zero = torch.zeros((), dtype=dt, device=x.device)
+    if norm is None:
+        return tx.to(dt) if tx is not None else torch.zeros(x.shape, dtype=dt, device=x.device)
+    B, S, H, D = x.shape
+    shape = (B, S, H * D) if norm == "across_heads" else (B, S, H, D)
+    xf = x.to(dt).reshape(shape)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = xf * rstd
+    out = zero.expand(shape)
+    if tx is not None:
+        t = tx.to(dt).reshape(shape)
+        out = rstd * (t - xhat * (xhat * t).mean(-1, keepdim=True))
+        if weight is not None:
+            out = out * weight.to(dt)
+    if tweight is not None and weight is not None:
+        out = out + xhat * tweight.to(dt)
+    return out.reshape(B, S, H, D)
+
+
 def rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate interleaved pairs (x[..., 2i], x[..., 2i+1]) of x `[B, S, H, D]` by the angles
     whose cos/sin are `[S, D/2]`: (a, b) -> (a cos - b sin, a sin + b cos). Same dtype as x."""

@@ -145,3 +145,36 @@ def test_bad_input(backend):
             ops.qk_norm_rope(q.long(), q, w, w, cos, sin)
         with pytest.raises(ValueError, match="sin"):
             ops.qk_norm_rope(q, q, w, w, cos, sin[:, :4])
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_jvp_matches_reference(norm):
+    # forward mode (MeanFlow's torch.func.jvp through the DiT) with tangents on q, k and weights,
+    # then a backward through the primal outputs after the jvp (MeanFlow's pattern)
+    (q, k, wq, wk, cos, sin), kw = _make(2, (1, 2, 3), 2, 16, torch.float32, norm)()
+    g = torch.Generator().manual_seed(5)
+    tangents = tuple(torch.randn(t.shape, generator=g) for t in (q, k, wq, wk))
+
+    def run(fn):
+        return torch.func.jvp(lambda a, b, c, d: fn(a, b, c, d, cos, sin, **kw),
+                              (q, k, wq, wk), tangents)
+
+    with use_backend("triton"):
+        out_t, tan_t = run(ops.qk_norm_rope)
+        grads_t = torch.autograd.grad(out_t[0].sum() + out_t[1].square().sum(), (q, k, wq, wk),
+                                      allow_unused=True)
+    out_r, tan_r = run(_ref)
+    grads_r = torch.autograd.grad(out_r[0].sum() + out_r[1].square().sum(), (q, k, wq, wk),
+                                  allow_unused=True)
+    assert_close(out_t, out_r)
+    assert_close(tan_t, tan_r, scale=4)
+    assert_close(grads_t, grads_r, scale=4)
+
+
+def test_rms_norm_jvp_is_the_derivative():
+    g = torch.Generator().manual_seed(6)
+    x, tx = torch.randn(2, 3, 2, 8, generator=g), torch.randn(2, 3, 2, 8, generator=g)
+    for norm, n in (("across_heads", 16), ("per_head", 8)):
+        w, tw = torch.randn(n, generator=g), torch.randn(n, generator=g)
+        _, want = torch.func.jvp(lambda a, b: ref.rms_norm(a, b, norm, 1e-6), (x, w), (tx, tw))
+        assert_close(ref.rms_norm_jvp(x, w, tx, tw, norm, 1e-6), want)

@@ -178,3 +178,61 @@ def test_rms_norm_jvp_is_the_derivative():
         w, tw = torch.randn(n, generator=g), torch.randn(n, generator=g)
         _, want = torch.func.jvp(lambda a, b: ref.rms_norm(a, b, norm, 1e-6), (x, w), (tx, tw))
         assert_close(ref.rms_norm_jvp(x, w, tx, tw, norm, 1e-6), want)
+
+
+_AOT_SCRIPT = r'''
+import json, re
+from collections import Counter
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fmrt.kernels import rope as K
+
+def comp(fn, ptr_type, const, warps):
+    # signature in the kernel's argument order: pointers, i32 sizes / strides, fp32 eps; what
+    # Triton specialises at run time: ints equal to 1 (unit strides), multiples of 16 (D = 128)
+    sig = {}
+    for n in fn.arg_names:
+        sig[n] = ("constexpr" if n in const else "fp32" if n == "eps" else
+                  ptr_type.get(n, "*bf16") if n.endswith("_ptr") else "i32")
+    names = list(sig)
+    div = [n for n in names if n.endswith(("_sb", "_ss", "_sh")) or n in ("D", "part_n")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]]
+             for n in names if sig[n].startswith("*") or n in div}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = k.asm["ptx"]
+    return [Counter(re.findall(r"ld\.global[\.\w]*", ptx)),
+            Counter(re.findall(r"st\.global[\.\w]*", ptx))]
+
+out = {}
+fp32 = {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "part_ptr": "*fp32"}
+for case, BH, W in (("wan1.3b", 16, 4), ("wan14b", 64, 16)):
+    common = dict(NORM=1, HAS_WQ=True, HAS_WK=True, BLOCK_H=BH, BLOCK_D=128, c_sp=1,
+                  s_sp=1, q_sd=1, k_sd=1)
+    out["fwd_" + case] = comp(K._qk_norm_rope_fwd_kernel, fp32, common, W)
+    out["bwd_" + case] = comp(K._qk_norm_rope_bwd_kernel, fp32,
+                              dict(common, gq_sd=1, gk_sd=1, NEED_DW=True), W)
+print(json.dumps(out))
+'''
+
+
+def test_kernels_compile_for_h100_with_vector_memory_ops():
+    """Compile the rope kernels for sm_90 ahead of time at Wan's shapes (no GPU needed; the
+    interpreter never lowers them) and check that the bf16 rows (unit inner stride, as in a
+    fused qkv view) are loaded and stored as 128-bit vectors."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(out) == 4
+    for name, (loads, stores) in out.items():
+        assert loads.get("ld.global.v4.b32", 0) > 0, (name, loads)
+        assert stores.get("st.global.v4.b32", 0) > 0, (name, stores)
+        assert not any(k.endswith(".b16") for k in list(loads) + list(stores)), name

@@ -306,3 +306,16 @@ def test_wan_self_attention_norms_triton_vs_torch(qk_norm):
         grads.append([p.grad.clone() for p in m.parameters()])
     assert_close(outs[1], outs[0])
     assert_close(grads[1], grads[0], scale=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_backends_agree_with_math(dtype):
+    """Every backend installed on this GPU (auto included) against the fp32 math backend."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(2, 300, 4, 128, generator=g, device=dev).to(dtype) for _ in range(3))
+    want = attention(q, k, v, backend="math")
+    for name in ("auto", "flash_attn", "fa3", "fa4", "sdpa", "triton"):
+        if A.backend_available(name):
+            assert_close(attention(q, k, v, backend=name), want, scale=2, msg=name)

@@ -186,10 +186,11 @@ def _blocks(H: int, D: int) -> tuple[int, int, int]:
 
 
 def _backward_programs(n_rows: int, device: torch.device) -> int:
-    """Programs per tensor in the backward: a few per SM on CUDA (each loops over a chunk of
-    rows, keeping its weight-gradient partial in registers), fewer under the interpreter."""
+    """Programs per tensor in the backward: two per SM on CUDA (q and k: four per SM, about one
+    resident wave at Wan's row sizes; each loops over a chunk of rows keeping its weight-gradient
+    partial in registers, so the partials stay small), fewer under the interpreter."""
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 8
     return max(min(n_rows, target), 1)

@@ -48,6 +48,13 @@ def test_matches_reference_head_dims(norm, D):
                             if D == 64 else _make(1, (1, 2, 3), 5, D, torch.float32, norm))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_head_and_padded_head_dim(dtype):
+    # H = 1 (BLOCK_H 1) and D = 24 (BLOCK_D 32: masked tail pairs)
+    for norm in ("across_heads", "per_head"):
+        check_against_reference(ops.qk_norm_rope, _ref, _make(1, (2, 2, 1), 1, 24, dtype, norm))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_contiguous_and_half_weights(dtype):
     check_against_reference(ops.qk_norm_rope, _ref,

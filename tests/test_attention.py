@@ -319,3 +319,30 @@ def test_cuda_backends_agree_with_math(dtype):
     for name in ("auto", "flash_attn", "fa3", "fa4", "sdpa", "triton"):
         if A.backend_available(name):
             assert_close(attention(q, k, v, backend=name), want, scale=2, msg=name)
+
+
+def test_wan_self_attention_jvp_under_meanflow_override(monkeypatch, fresh_cache):
+    """MeanFlow's pattern through the block: torch.func.jvp inside backend_override("triton")
+    (math here when fmrt's Triton flash attention is absent), the Triton qk_norm_rope path,
+    then a backward through the primal output; against the same on the reference path."""
+    from fmrt.models.attention import WanSelfAttention
+
+    monkeypatch.delattr(ops, "flash_attention", raising=False)
+    torch.manual_seed(3)
+    m = WanSelfAttention(32, 2)
+    with torch.no_grad():
+        m.norm_q.add_(0.3 * torch.randn(32))
+        m.norm_k.add_(0.3 * torch.randn(32))
+    cos, sin = rope_3d_tables(16, (1, 2, 3))
+    x, tx = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
+    results = []
+    for backend in ("torch", "triton"):
+        m.zero_grad()
+        with use_backend(backend), backend_override("triton"):
+            out, tangent = torch.func.jvp(lambda x: m(x, cos, sin), (x,), (tx,))
+            (out.square().sum() + tangent.detach().sum() * out.sum()).backward()
+        results.append((out.detach(), tangent, [p.grad.clone() for p in m.parameters()]))
+    (o_r, t_r, g_r), (o_t, t_t, g_t) = results
+    assert_close(o_t, o_r)
+    assert_close(t_t, t_r, scale=4)
+    assert_close(g_t, g_r, scale=4)

@@ -201,32 +201,36 @@ NULL = 5
 
 
 class CondModel(nn.Module):
-    """Ignores z: u = a[c] t + b[c] (t - r), so du/dt along (v~, 0, 1) = a[c] + b[c].
-    Records whether each call ran with gradients enabled and its cond."""
+    """u = a[c] t + b[c] (t - r) + s[c] z, so du/dt along (v~, 0, 1) = s[c] v~ + a[c] + b[c]
+    (with s = 0 the model ignores z). Records whether each call had gradients, and its cond."""
 
-    def __init__(self):
+    def __init__(self, z_coef: bool = True):
         super().__init__()
         g = torch.Generator().manual_seed(7)
         self.a = nn.Parameter(torch.randn(NULL + 1, dtype=torch.float64, generator=g))
         self.b = nn.Parameter(torch.randn(NULL + 1, dtype=torch.float64, generator=g))
+        s = 0.5 * torch.randn(NULL + 1, dtype=torch.float64, generator=g)
+        self.s = nn.Parameter(s if z_coef else torch.zeros_like(s))
         self.calls = []
 
     def forward(self, z, r, t, cond):
         self.calls.append((torch.is_grad_enabled(), cond))
         val = self.a[cond] * t + self.b[cond] * (t - r)
-        return torch.zeros_like(z) + bview(val, z)
+        return bview(self.s[cond], z) * z + bview(val, z)
 
 
 def cfg_hand(m, x0, noise, t, r, cond, dropped, omega, kappa, p=1.0, c=1e-3):
     tt, rr = bview(t, x0), bview(r, x0)
-    v = noise - x0
+    z, v = (1 - tt) * x0 + tt * noise, noise - x0
     null = torch.full_like(cond, NULL)
-    a, b = m.a.detach(), m.b.detach()
+    a, b, s = m.a.detach(), m.b.detach(), m.s.detach()
     c_in = torch.where(dropped, null, cond)
-    v_g = omega * v + kappa * bview(a[cond] * t, x0) + (1 - omega - kappa) * bview(a[null] * t, x0)
+    u_c = bview(a[cond] * t, x0) + bview(s[cond], x0) * z           # u(z, t, t | c)
+    u_u = bview(a[null] * t, x0) + bview(s[null], x0) * z           # u(z, t, t | null)
+    v_g = omega * v + kappa * u_c + (1 - omega - kappa) * u_u
     v_g = torch.where(bview(dropped, x0), v, v_g)
-    u_tgt = v_g - (tt - rr) * bview(a[c_in] + b[c_in], x0)
-    u = bview(m.a[c_in] * t + m.b[c_in] * (t - r), x0).expand_as(x0)
+    u_tgt = v_g - (tt - rr) * (bview(s[c_in], x0) * v_g + bview(a[c_in] + b[c_in], x0))
+    u = bview(m.a[c_in] * t + m.b[c_in] * (t - r), x0) + bview(m.s[c_in], x0) * z
     return adaptive((u - u_tgt).square().sum(dim=(1, 2)), p, c)
 
 
@@ -240,10 +244,11 @@ def cfg_case(B=6):
     return x0, noise, t, r, cond, torch.full_like(cond, NULL)
 
 
-@pytest.mark.parametrize("omega,kappa", [(2.0, 0.0), (1.0, 0.5), (1.5, 0.3)])
-def test_cfg_in_training_formula(omega, kappa):
+@pytest.mark.parametrize("omega,kappa,z_coef", [(2.0, 0.0, True), (1.0, 0.5, True),
+                                                (1.5, 0.3, True), (1.5, 0.3, False)])
+def test_cfg_in_training_formula(omega, kappa, z_coef):
     x0, noise, t, r, cond, uncond = cfg_case()
-    m = CondModel()
+    m = CondModel(z_coef)
     st = {}
     loss = meanflow_loss(m, x0, noise=noise, t=t, r=r, cond=cond, uncond=uncond,
                          cfg_omega=omega, cfg_kappa=kappa, cond_drop_prob=0.0, stats=st)

@@ -588,7 +588,77 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
         if want is not None and w.numel() != want:
             raise ValueError(f"{name} must have {want} elements for norm={norm!r}, "
                              f"got {tuple(w.shape)}")
+    if use_triton(q, k, cos, sin, *(w for w in (q_weight, k_weight) if w is not None)):
+        qw = None if q_weight is None or norm is None else q_weight.reshape(-1)
+        kw = None if k_weight is None or norm is None else k_weight.reshape(-1)
+        return _qk_norm_rope_op(q, k, qw, kw, cos, sin, float(eps),
+                                "none" if norm is None else norm)
     return ref.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, norm)
+
+
+# Triton path: `fmrt::qk_norm_rope` (forward) and `fmrt::qk_norm_rope_backward` custom ops, so
+# the op traces into torch.compile graphs without a break; q, k reach the kernels with their
+# strides (no copy of a fused qkv view). The backward recomputes the norm statistics from q, k
+# (nothing but the inputs is saved) and returns deterministic weight gradients.
+
+def _norm_arg(norm: str) -> Optional[str]:
+    return None if norm == "none" else norm
+
+
+@torch.library.custom_op("fmrt::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+                     cos: Tensor, sin: Tensor, eps: float, norm: str) -> tuple[Tensor, Tensor]:
+    from fmrt.kernels import rope as K
+    return K.qk_norm_rope_fwd(q, k, None if q_weight is None else q_weight.contiguous(),
+                              None if k_weight is None else k_weight.contiguous(), cos, sin, eps,
+                              _norm_arg(norm))
+
+
+@_qk_norm_rope_op.register_fake
+def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, eps, norm):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device))
+
+
+@torch.library.custom_op("fmrt::qk_norm_rope_backward", mutates_args=())
+def _qk_norm_rope_bwd_op(gq: Tensor, gk: Tensor, q: Tensor, k: Tensor, q_weight: Optional[Tensor],
+                         k_weight: Optional[Tensor], cos: Tensor, sin: Tensor, eps: float,
+                         norm: str, need_dw: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from fmrt.kernels import rope as K
+    return K.qk_norm_rope_bwd(gq, gk, q, k, None if q_weight is None else q_weight.contiguous(),
+                              None if k_weight is None else k_weight.contiguous(), cos, sin, eps,
+                              _norm_arg(norm), need_dw)
+
+
+@_qk_norm_rope_bwd_op.register_fake
+def _qk_norm_rope_bwd_fake(gq, gk, q, k, q_weight, k_weight, cos, sin, eps, norm, need_dw):
+    def dw(w):
+        if not need_dw or w is None or norm == "none":
+            return q.new_empty(0, dtype=torch.float32)
+        return q.new_empty(w.shape, dtype=torch.float32)
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device), dw(q_weight), dw(k_weight))
+
+
+def _qk_norm_rope_setup(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, eps, norm = inputs
+    ctx.eps, ctx.norm = eps, norm
+    ctx.w_dtypes = tuple(None if w is None else w.dtype for w in (q_weight, k_weight))
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
+
+
+def _qk_norm_rope_backward(ctx, gq, gk):
+    q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
+    need_dw = any(ctx.needs_input_grad[2:4])
+    dq, dk, dwq, dwk = _qk_norm_rope_bwd_op(gq, gk, q, k, q_weight, k_weight, cos, sin, ctx.eps,
+                                            ctx.norm, need_dw)
+    wq_dt, wk_dt = ctx.w_dtypes
+    dwq = dwq.to(wq_dt) if ctx.needs_input_grad[2] and dwq.numel() else None
+    dwk = dwk.to(wk_dt) if ctx.needs_input_grad[3] and dwk.numel() else None
+    return dq, dk, dwq, dwk, None, None, None, None
+
+
+_qk_norm_rope_op.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
 
 
 # ---------------------------------------------------------------------------------------------

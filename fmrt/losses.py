@@ -288,13 +288,10 @@ def _mf_sample_times(B: int, sampler: str, mu: float, sigma: float, ratio_r_neq_
 
 
 def _jvp_attention():
-    """`fmrt.attention.backend_override("triton")` when both it and `ops.flash_attention` (the
-    JVP-capable Triton flash attention) exist, else a no-op context."""
-    from fmrt import attention as attn, ops
-    override = getattr(attn, "backend_override", None)
-    if override is None or not hasattr(ops, "flash_attention"):
-        return contextlib.nullcontext()
-    return override("triton")
+    """`fmrt.attention.backend_override("triton")`: attention(backend="auto") inside the JVP
+    runs fmrt's forward-AD-capable Triton flash attention (math when that is unavailable)."""
+    from fmrt.attention import backend_override
+    return backend_override("triton")
 
 
 def _call(model, z: Tensor, r: Tensor, t: Tensor, cond) -> Tensor:
@@ -321,8 +318,8 @@ def meanflow_loss(model: Callable, x0: Tensor, *, noise: Optional[Tensor] = None
     Noise: `noise` (x0's shape), else Philox noise from `seed` through `ops.add_noise` (seed
     None: drawn from `generator`, else from torch's default generator).
     `z = (1 - t) x0 + t noise`, `v = noise - x0`; `u, du/dt = torch.func.jvp(model, (z, r, t),
-    (v~, 0, 1))` (run inside `fmrt.attention.backend_override("triton")` when that and
-    `ops.flash_attention` exist, so attention supports forward AD); `u_tgt = sg(v~ - (t - r)
+    (v~, 0, 1))` inside `fmrt.attention.backend_override("triton")` (attention backend "auto"
+    then supports forward AD; explicit backends must do so themselves); `u_tgt = sg(v~ - (t - r)
     du/dt)`; per sample `L = sum((u - u_tgt)^2)` over the non-batch dims (in fp32);
     loss `mean(L / sg((L + c)^p))` (p = 0: mean L). Gradients reach the model only through u.
     CFG in training (cond and uncond given): each sample's cond is replaced by uncond with
@@ -409,8 +406,8 @@ def meanflow_loss(model: Callable, x0: Tensor, *, noise: Optional[Tensor] = None
             raise
         raise NotImplementedError(
             "meanflow_loss: the model uses an op without forward-mode AD (torch.func.jvp); "
-            "for attention use a JVP-capable backend (attn_backend='math', or 'triton' / "
-            f"fmrt.attention.backend_override when available). Original error: {e}") from e
+            "for attention use a JVP-capable backend (attn_backend='auto', 'triton' or 'math'). "
+            f"Original error: {e}") from e
     _check_pred(u, z)
 
     cdt = torch.float64 if u.dtype == torch.float64 else torch.float32

@@ -405,21 +405,20 @@ def test_dit_forward_backward_and_checkpointing():
 
 
 def test_dit_default_attention_under_jvp():
-    """torch's CPU SDPA has no forward AD: without fmrt's backend_override (branch rope2) and
-    ops.flash_attention (branch flashattn) the loss names the fix; with them it runs."""
-    m = tiny_dit()
+    """torch's CPU SDPA has no forward AD: attention backend "auto" works only because the loss
+    runs the JVP inside backend_override("triton") (math without fmrt's Triton attention);
+    an explicit "sdpa" model fails with a message naming the fix."""
     x0 = torch.randn(1, 3, 1, 2, 2)
 
-    def run():
+    def loss_of(m):
         return meanflow_loss(lambda z, r, t: m(z, t, None, r=r), x0, t=0.7, r=0.2, seed=0)
 
-    if hasattr(fattn, "backend_override") and hasattr(ops, "flash_attention"):
-        ref = tiny_dit(attn_backend="math")
-        want = meanflow_loss(lambda z, r, t: ref(z, t, None, r=r), x0, t=0.7, r=0.2, seed=0)
-        torch.testing.assert_close(run(), want, rtol=1e-4, atol=1e-5)
-    else:
-        with pytest.raises(NotImplementedError, match="attn_backend='math'"):
-            run()
+    want = loss_of(tiny_dit(attn_backend="math"))
+    torch.testing.assert_close(loss_of(tiny_dit()), want, rtol=1e-4, atol=1e-5)
+    q = torch.randn(1, 4, 2, 8)
+    assert fattn.resolve_backend("auto", q) == "sdpa"          # the override was undone
+    with pytest.raises(NotImplementedError, match="attn_backend='auto'"):
+        loss_of(tiny_dit(attn_backend="sdpa"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,7 +165,6 @@ def _sft_loss_diffsynth(model, x0: Tensor, cond, scheduler, first_frame, min_bou
 # MeanFlow loss
 # ---------------------------------------------------------------------------------------------
 
-import contextlib  # noqa: E402
 import math  # noqa: E402
 from typing import Callable  # noqa: E402
 

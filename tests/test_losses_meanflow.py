@@ -515,3 +515,44 @@ def test_bad_model_and_x0():
         meanflow_loss(_ok_model, torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="x0"):
         meanflow_loss(_ok_model, torch.tensor(1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_and_sampling_path_has_no_host_sync():
+    m = MLP((2, 3), dtype=torch.float32).cuda()
+    x0 = torch.randn(64, 2, 3, device="cuda")
+    cond = torch.randint(0, NULL, (64,), device="cuda")
+
+    def model(z, r, t, c):
+        return m(z, r, t) * (1 + 0.1 * c.to(z.dtype)).view(-1, 1, 1)
+
+    kw = dict(cond=cond, uncond=torch.full_like(cond, NULL), cfg_omega=1.5, cfg_kappa=0.3)
+    st = {}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:      # sampled (t, r), drops and Philox noise, all on the device: no host reads
+        loss = meanflow_loss(model, x0, generator=torch.Generator("cuda").manual_seed(0),
+                             stats=st, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    loss.backward()
+    assert all(torch.isfinite(q.grad).all() for q in m.parameters())
+    # the same step on the CPU with the CUDA step's times, noise (seed 1) and no drops
+    noise = torch.randn_like(x0)
+    t, r = st["t"], st["r"]
+    a = meanflow_loss(model, x0, noise=noise, t=t, r=r, cond_drop_prob=0.0, **kw)
+    mc = MLP((2, 3), dtype=torch.float32)
+    mc.load_state_dict({k: v.cpu() for k, v in m.state_dict().items()})
+
+    def model_cpu(z, r_, t_, c):
+        return mc(z, r_, t_) * (1 + 0.1 * c.to(z.dtype)).view(-1, 1, 1)
+
+    b = meanflow_loss(model_cpu, x0.cpu(), noise=noise.cpu(), t=t.cpu(), r=r.cpu(),
+                      cond_drop_prob=0.0, cond=cond.cpu(), uncond=kw["uncond"].cpu(),
+                      cfg_omega=1.5, cfg_kappa=0.3)
+    torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-6)

@@ -164,6 +164,22 @@ def test_seeded_noise_is_add_noise_philox(dtype):
     assert not torch.equal(a, meanflow_loss(m, x0, t=t, r=r, seed=1235))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_half_precision_close_to_float64(dtype):
+    """Half-precision model and data: the loss (accumulated in fp32) is a float32 scalar close
+    to the float64 one; gradients reach every parameter."""
+    x0, noise, t, r = mlp_case(B=3)
+    want = meanflow_loss(MLP((2, 3)), x0, noise=noise, t=t, r=r, p=0.0)
+    m = MLP((2, 3), dtype=dtype)
+    loss = meanflow_loss(m, x0.to(dtype), noise=noise.to(dtype), t=t.float(), r=r.float(), p=0.0)
+    assert loss.dtype == torch.float32
+    rel = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+    torch.testing.assert_close(loss.double(), want, rtol=rel, atol=0)
+    loss.backward()
+    assert all(q.grad is not None and q.grad.dtype == dtype and bool(q.grad.abs().sum() > 0)
+               for q in m.parameters())
+
+
 # ---------------------------------------------------------------------------------------------
 # (g) p = 0 and the detached adaptive weight
 # ---------------------------------------------------------------------------------------------
@@ -542,7 +558,7 @@ def test_cuda_matches_cpu_and_sampling_path_has_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
     loss.backward()
     assert all(torch.isfinite(q.grad).all() for q in m.parameters())
-    # the same step on the CPU with the CUDA step's times, noise (seed 1) and no drops
+    # CUDA vs CPU on the same times (the sampled ones), explicit noise and no drops
     noise = torch.randn_like(x0)
     t, r = st["t"], st["r"]
     a = meanflow_loss(model, x0, noise=noise, t=t, r=r, cond_drop_prob=0.0, **kw)

@@ -234,3 +234,75 @@ def test_attention_bad_input():
         attention(q, k, v.double())
     with pytest.raises(TypeError, match="q must be a floating"):
         attention(q.long(), k, v)
+
+
+# --- WanSelfAttention against diffusers' WanAttention (same weights) -------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_wan_self_attention_matches_diffusers(backend, monkeypatch):
+    from fmrt.models.attention import WanSelfAttention
+
+    H, D, grid, B = 2, 16, (2, 2, 3), 2
+    torch.manual_seed(1)
+    d = W.WanAttention(H * D, heads=H, dim_head=D, eps=1e-6, processor=W.WanAttnProcessor())
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    m = WanSelfAttention(H * D, H, backend="sdpa")
+    with torch.no_grad():
+        m.qkv.weight.copy_(torch.cat([d.to_q.weight, d.to_k.weight, d.to_v.weight]))
+        m.qkv.bias.copy_(torch.cat([d.to_q.bias, d.to_k.bias, d.to_v.bias]))
+        m.o.weight.copy_(d.to_out[0].weight)
+        m.o.bias.copy_(d.to_out[0].bias)
+        m.norm_q.copy_(d.norm_q.weight)
+        m.norm_k.copy_(d.norm_k.weight)
+    rotary = W.WanRotaryPosEmbed(D, (1, 1, 1), max_seq_len=16)(torch.zeros(1, 1, *grid))
+    x = torch.randn(B, rotary[0].shape[1], H * D)
+    with torch.no_grad():
+        want = d(x, rotary_emb=rotary)
+
+    seen = []
+    real = ops.qk_norm_rope
+
+    def spy(q, k, *a, **kw):
+        seen.append((q.stride(), k.stride(), q.data_ptr() - k.data_ptr()))
+        return real(q, k, *a, **kw)
+
+    monkeypatch.setattr(ops, "qk_norm_rope", spy)
+    cos, sin = rope_3d_tables(D, grid)
+    with use_backend(backend), torch.no_grad():
+        got = m(x, cos, sin)
+    assert_close(got, want, scale=2)
+    S = x.shape[1]  # q, k reached the op as views of the fused [B, S, 3, H, D] output
+    assert seen == [((S * 3 * H * D, 3 * H * D, D, 1),) * 2 + (-H * D * 4,)]
+
+
+def test_wan_self_attention_bad_config():
+    from fmrt.models.attention import WanSelfAttention
+
+    with pytest.raises(ValueError, match="qk_norm"):
+        WanSelfAttention(32, 2, qk_norm="layer")
+    with pytest.raises(ValueError, match="backend"):
+        WanSelfAttention(32, 2, backend="flash")
+    with pytest.raises(ValueError, match="divisible"):
+        WanSelfAttention(32, 3)
+
+
+@pytest.mark.parametrize("qk_norm", ["per_head", None])
+def test_wan_self_attention_norms_triton_vs_torch(qk_norm):
+    from fmrt.models.attention import WanSelfAttention
+
+    torch.manual_seed(2)
+    m = WanSelfAttention(32, 2, qk_norm=qk_norm, backend="math")
+    cos, sin = rope_3d_tables(16, (1, 2, 3))
+    x = torch.randn(1, 6, 32)
+    outs, grads = [], []
+    for backend in ("torch", "triton"):
+        m.zero_grad()
+        with use_backend(backend):
+            out = m(x, cos, sin)
+            out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert_close(outs[1], outs[0])
+    assert_close(grads[1], grads[0], scale=4)

@@ -363,7 +363,7 @@ def meanflow_loss(model: Callable, x0: Tensor, *, noise: Optional[Tensor] = None
         eps = noise if noise is not None else ref.philox_normal(x0.shape, seed_t, dev)
         z, v = ref.add_noise(x0, t, eps)
     elif noise is None:
-        z, v, _ = ops.add_noise(x0, t, seed=seed_t, return_noise=True)
+        z, v = ops.add_noise(x0, t, seed=seed_t)
     else:
         z, v = ops.add_noise(x0, t, noise)
     bshape = (B,) + (1,) * (x0.ndim - 1)

@@ -164,3 +164,264 @@ def _sft_loss_diffsynth(model, x0: Tensor, cond, scheduler, first_frame, min_bou
 # ---------------------------------------------------------------------------------------------
 # MeanFlow loss
 # ---------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+from typing import Callable  # noqa: E402
+
+MEANFLOW_TIME_SAMPLERS = ("logit_normal", "uniform")
+
+
+def _real(name: str, value, *, lo: Optional[float] = None, hi: Optional[float] = None,
+          lo_open: bool = False) -> float:
+    """A finite Python / numpy real within [lo, hi] (or (lo, hi] with lo_open), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {value}")
+    return v
+
+
+def _mf_time(name: str, s, x0: Tensor, dtype: torch.dtype) -> Tensor:
+    """t or r: a float in [0, 1], a 0-d or `[B]` float tensor on x0's device -> `[B]` `dtype`.
+    Values of CPU tensors are checked on the host; CUDA tensors are not read back."""
+    B = x0.shape[0]
+    if isinstance(s, bool) or not isinstance(s, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a [B] float tensor, got {type(s).__name__}")
+    if not isinstance(s, Tensor):
+        if not 0.0 <= _real(name, s) <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {s}")
+        return torch.full((B,), float(s), dtype=dtype, device=x0.device)
+    if not s.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {s.dtype}")
+    if s.device != x0.device:
+        raise ValueError(f"{name} is on {s.device} but x0 is on {x0.device}")
+    if s.ndim == 0:
+        s = s.expand(B)
+    if tuple(s.shape) != (B,):
+        raise ValueError(f"{name} must be a float, 0-d or [B={B}] tensor, got shape "
+                         f"{tuple(s.shape)}")
+    if s.device.type == "cpu":
+        ok = torch.isfinite(s) & (s >= 0) & (s <= 1)
+        if not bool(ok.all()):
+            raise ValueError(f"{name} must lie in [0, 1], got {s.tolist()}")
+    return s.to(dtype)
+
+
+def _mf_check(model, x0, noise, cond, uncond, time_sampler, time_mu, time_sigma, ratio_r_neq_t,
+              p, c, cfg_omega, cfg_kappa, cond_drop_prob, generator, seed, stats) -> None:
+    from fmrt import ops
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    ops.check_float_tensor("x0", x0, dtypes=ops.FLOAT_DTYPES + (torch.float64,))
+    if x0.ndim == 0 or x0.shape[0] == 0:
+        raise ValueError(f"x0 must be [B, ...] with B >= 1, got shape {tuple(x0.shape)}")
+    if noise is not None:
+        ops.check_float_tensor("noise", noise, dtypes=ops.FLOAT_DTYPES + (
+            (torch.float64,) if x0.dtype == torch.float64 else ()))
+        ops.check_same("noise", noise, "x0", x0, dtype=False)
+        if seed is not None:
+            raise ValueError("pass either noise or seed, not both (seed draws the noise)")
+    ops.check_seed("seed", seed)
+    if isinstance(seed, Tensor) and seed.device != x0.device:
+        raise ValueError(f"seed is on {seed.device} but x0 is on {x0.device}")
+    if time_sampler not in MEANFLOW_TIME_SAMPLERS:
+        raise ValueError(f"time_sampler must be one of {MEANFLOW_TIME_SAMPLERS}, got "
+                         f"{time_sampler!r}")
+    _real("time_mu", time_mu)
+    _real("time_sigma", time_sigma, lo=0.0, lo_open=True)
+    _real("ratio_r_neq_t", ratio_r_neq_t, lo=0.0, hi=1.0)
+    _real("p", p, lo=0.0)
+    _real("c", c, lo=0.0, lo_open=True)
+    _real("cfg_omega", cfg_omega)
+    _real("cfg_kappa", cfg_kappa)
+    _real("cond_drop_prob", cond_drop_prob, lo=0.0, hi=1.0)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be a dict or None, got {type(stats).__name__}")
+    B = x0.shape[0]
+    for name, v in (("cond", cond), ("uncond", uncond)):
+        if v is None:
+            continue
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name} must be a tensor (class labels [B] or embeddings [B, ...]) "
+                            f"or None, got {type(v).__name__}")
+        if v.ndim == 0 or v.shape[0] != B:
+            raise ValueError(f"{name} must be [B={B}, ...], got shape {tuple(v.shape)}")
+        if v.device != x0.device:
+            raise ValueError(f"{name} is on {v.device} but x0 is on {x0.device}")
+    if uncond is not None:
+        if cond is None:
+            raise ValueError("uncond needs cond (it replaces cond for dropped samples and is "
+                             "the unconditional branch of the CFG target)")
+        if uncond.shape != cond.shape:
+            raise ValueError(f"uncond must have cond's shape {tuple(cond.shape)}, got "
+                             f"{tuple(uncond.shape)}")
+        if uncond.dtype != cond.dtype:
+            raise TypeError(f"uncond must have cond's dtype ({cond.dtype}), got {uncond.dtype}")
+    elif cond is not None and (cfg_omega != 1.0 or cfg_kappa != 0.0):
+        raise ValueError("CFG in training (cfg_omega != 1 or cfg_kappa != 0) needs uncond")
+
+
+def _mf_sample_times(B: int, sampler: str, mu: float, sigma: float, ratio_r_neq_t: float,
+                     generator: Optional[torch.Generator], device) -> tuple[Tensor, Tensor]:
+    """(t, r) float32 `[B]` with t >= r: two draws per sample (sigmoid(N(mu, sigma)) or U(0, 1)),
+    sorted; then exactly floor((1 - ratio_r_neq_t) * B) samples, chosen by a random permutation,
+    get r = t (the official PyTorch MeanFlow scheme). Drawn on the generator's device."""
+    gdev = generator.device if generator is not None else device
+    if sampler == "logit_normal":
+        s = torch.sigmoid(torch.randn(B, 2, generator=generator, device=gdev) * sigma + mu)
+    else:
+        s = torch.rand(B, 2, generator=generator, device=gdev)
+    t, r = s.max(dim=1).values, s.min(dim=1).values
+    n_eq = min(B, int(math.floor((1.0 - ratio_r_neq_t) * B + 1e-9)))
+    eq = torch.zeros(B, dtype=torch.bool, device=gdev)
+    eq[torch.randperm(B, generator=generator, device=gdev)[:n_eq]] = True
+    r = torch.where(eq, t, r)
+    return t.to(device, non_blocking=True), r.to(device, non_blocking=True)
+
+
+def _jvp_attention():
+    """`fmrt.attention.backend_override("triton")`: attention(backend="auto") inside the JVP
+    runs fmrt's forward-AD-capable Triton flash attention (math when that is unavailable)."""
+    from fmrt.attention import backend_override
+    return backend_override("triton")
+
+
+def _call(model, z: Tensor, r: Tensor, t: Tensor, cond) -> Tensor:
+    return model(z, r, t) if cond is None else model(z, r, t, cond)
+
+
+def meanflow_loss(model: Callable, x0: Tensor, *, noise: Optional[Tensor] = None, t=None,
+                  r=None, cond: Optional[Tensor] = None, uncond: Optional[Tensor] = None,
+                  time_sampler: str = "logit_normal", time_mu: float = -0.4,
+                  time_sigma: float = 1.0, ratio_r_neq_t: float = 0.25, p: float = 1.0,
+                  c: float = 1e-3, cfg_omega: float = 1.0, cfg_kappa: float = 0.0,
+                  cond_drop_prob: float = 0.1, generator: Optional[torch.Generator] = None,
+                  seed=None, stats: Optional[dict] = None) -> Tensor:
+    """The MeanFlow training loss (SPEC 6, arXiv 2505.13447): a 0-d tensor (float32, float64
+    for float64 x0).
+
+    model: `model(z, r, t) -> u` (`model(z, r, t, cond)` when cond is given), u of z's shape;
+    z `[B, ...]` in x0's dtype, r <= t `[B]` in [0, 1] (1 = noise); the model must form
+    h = t - r itself (a DiT: `lambda z, r, t, c: dit(z, t, c, r=r)`).
+    Times: `t`, `r` (floats, 0-d or `[B]` tensors, both or neither) or sampled by
+    `time_sampler` ("logit_normal": sigmoid(N(time_mu, time_sigma)), "uniform") twice per
+    sample, sorted so t >= r, then floor((1 - ratio_r_neq_t) B) random samples get r = t; from
+    `generator` (else torch's default one). Times are float32 (float64 for float64 x0).
+    Noise: `noise` (x0's shape), else Philox noise from `seed` through `ops.add_noise` (seed
+    None: drawn from `generator`, else from torch's default generator).
+    `z = (1 - t) x0 + t noise`, `v = noise - x0`; `u, du/dt = torch.func.jvp(model, (z, r, t),
+    (v~, 0, 1))` inside `fmrt.attention.backend_override("triton")` (attention backend "auto"
+    then supports forward AD; explicit backends must do so themselves); `u_tgt = sg(v~ - (t - r)
+    du/dt)`; per sample `L = sum((u - u_tgt)^2)` over the non-batch dims (in fp32);
+    loss `mean(L / sg((L + c)^p))` (p = 0: mean L). Gradients reach the model only through u.
+    CFG in training (cond and uncond given): each sample's cond is replaced by uncond with
+    probability `cond_drop_prob` (drawn from `generator`); when cfg_omega != 1 or
+    cfg_kappa != 0, the kept samples use `v~ = omega v + kappa u(z, t, t | cond) +
+    (1 - omega - kappa) u(z, t, t | uncond)` (under no_grad), the dropped ones `v~ = v`.
+    stats (a dict) receives detached per-sample `[B]` tensors: "L", "weight" (1/(L+c)^p),
+    "u_norm", "u_tgt_norm", "t", "r", "dropped" (bool).
+    Bad input raises ValueError / TypeError naming the argument; t, r values (in [0, 1],
+    r <= t) are checked only for Python floats and CPU tensors (CUDA tensors are not read
+    back). Do not torch.compile this function (compiled jvp can give wrong tangents: PEERS.md).
+    """
+    _mf_check(model, x0, noise, cond, uncond, time_sampler, time_mu, time_sigma, ratio_r_neq_t,
+              p, c, cfg_omega, cfg_kappa, cond_drop_prob, generator, seed, stats)
+    if (t is None) != (r is None):
+        raise ValueError("pass both t and r, or neither (then they are sampled)")
+    if torch.compiler.is_compiling():
+        raise RuntimeError("meanflow_loss must run eagerly: torch.compile around torch.func.jvp "
+                           "can return wrong tangents (compile the model's blocks instead)")
+    from fmrt import ops
+    B, dev = x0.shape[0], x0.device
+    tdt = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    if t is None:
+        t, r = _mf_sample_times(B, time_sampler, float(time_mu), float(time_sigma),
+                                float(ratio_r_neq_t), generator, dev)
+        t, r = t.to(tdt), r.to(tdt)
+    else:
+        t, r = _mf_time("t", t, x0, tdt), _mf_time("r", r, x0, tdt)
+        if t.device.type == "cpu" and not bool((r <= t).all()):
+            raise ValueError(f"r must be <= t for every sample, got t={t.tolist()}, "
+                             f"r={r.tolist()}")
+
+    # noised sample and the conditional velocity (float64 x0: the reference, ops take no fp64)
+    seed_t = None
+    if noise is None:
+        if seed is None and generator is not None:
+            seed = torch.randint(0, ops.SEED_LIMIT - 1, (), dtype=torch.int64,
+                                 generator=generator, device=generator.device)
+        seed_t = ops.seed_tensor(seed, dev)
+    if x0.dtype == torch.float64:
+        from fmrt import reference as ref
+        eps = noise if noise is not None else ref.philox_normal(x0.shape, seed_t, dev)
+        z, v = ref.add_noise(x0, t, eps)
+    elif noise is None:
+        z, v = ops.add_noise(x0, t, seed=seed_t)
+    else:
+        z, v = ops.add_noise(x0, t, noise)
+    bshape = (B,) + (1,) * (x0.ndim - 1)
+
+    # conditions: dropped samples get uncond
+    dropped = torch.zeros(B, dtype=torch.bool, device=dev)
+    cond_in = cond
+    if uncond is not None and cond_drop_prob > 0.0:
+        gdev = generator.device if generator is not None else dev
+        dropped = (torch.rand(B, generator=generator, device=gdev) < cond_drop_prob).to(dev)
+        cond_in = torch.where(dropped.view((B,) + (1,) * (cond.ndim - 1)), uncond, cond)
+
+    # CFG in training: the guided instantaneous velocity (no gradient)
+    tangent = v
+    omega, kappa = float(cfg_omega), float(cfg_kappa)
+    if uncond is not None and (omega != 1.0 or kappa != 0.0):
+        with torch.no_grad():
+            v_g = omega * v
+            if kappa != 0.0:
+                u_c = _call(model, z, t, t, cond)
+                _check_pred(u_c, z)
+                v_g = v_g + kappa * u_c.to(v.dtype)
+            if 1.0 - omega - kappa != 0.0:
+                u_u = _call(model, z, t, t, uncond)
+                _check_pred(u_u, z)
+                v_g = v_g + (1.0 - omega - kappa) * u_u.to(v.dtype)
+            tangent = torch.where(dropped.view(bshape), v, v_g.to(v.dtype))
+
+    # u and du/dt along (v~, 0, 1) over (z, r, t); h = t - r is formed inside the model
+    def fn(z_, r_, t_):
+        return _call(model, z_, r_, t_, cond_in)
+
+    try:
+        with _jvp_attention():
+            u, dudt = torch.func.jvp(fn, (z, r, t),
+                                     (tangent, torch.zeros_like(r), torch.ones_like(t)))
+    except NotImplementedError as e:
+        if "forward AD" not in str(e):
+            raise
+        raise NotImplementedError(
+            "meanflow_loss: the model uses an op without forward-mode AD (torch.func.jvp); "
+            "for attention use a JVP-capable backend (attn_backend='auto', 'triton' or 'math'). "
+            f"Original error: {e}") from e
+    _check_pred(u, z)
+
+    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    h = (t - r).to(cdt).view(bshape)
+    u_tgt = (tangent.to(cdt) - h * dudt.detach().to(cdt)).detach()
+    uf = u.to(cdt)
+    dims = tuple(range(1, x0.ndim))
+    L = (uf - u_tgt).square().sum(dim=dims) if dims else (uf - u_tgt).square()
+    pw = float(p)
+    w = torch.ones_like(L) if pw == 0.0 else 1.0 / (L.detach() + float(c)).pow(pw)
+    loss = (L * w).mean()
+    if stats is not None:
+        with torch.no_grad():
+            norm = (lambda a: a.square().sum(dim=dims).sqrt()) if dims else (lambda a: a.abs())
+            stats.update({"L": L.detach(), "weight": w.detach(), "u_norm": norm(uf.detach()),
+                          "u_tgt_norm": norm(u_tgt), "t": t.detach(), "r": r.detach(),
+                          "dropped": dropped})
+    return loss

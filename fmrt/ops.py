@@ -712,3 +712,210 @@ class _QKNormRope(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # flash attention (Triton, with forward-mode JVP): see kernels/attention.py
 # ---------------------------------------------------------------------------------------------
+#
+# `flash_attention` runs through an autograd.Function whose forward, backward and jvp each call
+# a torch.library custom op (`fmrt::flash_attention_fwd`, `fmrt::flash_attention_jvp`,
+# `fmrt::flash_attention_bwd`) around the Triton launch: a Triton launch directly inside the
+# Function fails under torch.func.jvp. So torch.func.jvp works, and so does MeanFlow's pattern
+# (jvp, then a backward through the primal output). The jvp rule runs the one-pass kernel that
+# computes the output and its tangent together (the forward's output is recomputed there). The
+# tangent output has no reverse-mode derivative (MeanFlow stops its gradient). torch.compile
+# around torch.func.jvp over this Function gave silently wrong tangents (PEERS.md, torch 2.13),
+# so the jvp rule refuses to run while compiling; compiling plain forward / backward is fine.
+
+FLASH_MAX_HEAD_DIM = 256
+
+
+def _check_flash_args(q, k, v, scale, key_padding_mask, mask) -> Optional[float]:
+    """All flash_attention argument checks; returns the scale as a float (None: 1/sqrt(D))."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, t)
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be [B, S, H, D], got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    check_same("v", v, "k", k)
+    B, S_q, H, D = q.shape
+    if k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
+        raise ValueError(f"k must be [B={B}, S_k, H={H}, D={D}] to match q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    if not 1 <= D <= FLASH_MAX_HEAD_DIM:
+        raise ValueError(f"head dim D must lie in [1, {FLASH_MAX_HEAD_DIM}], got {D}")
+    S_k = k.shape[1]
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be None or a float, got {type(scale).__name__}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scale must be finite, got {scale}")
+        scale = float(scale)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor):
+            raise TypeError(f"key_padding_mask must be a bool tensor, got "
+                            f"{type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = keep), got "
+                            f"{key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, S_k):
+            raise ValueError(f"key_padding_mask must be [B={B}, S_k={S_k}], got "
+                             f"{tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on "
+                             f"{q.device}")
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a tensor, got {type(mask).__name__}")
+        if not (mask.is_floating_point() or mask.dtype == torch.bool):
+            raise TypeError(f"mask must be a float (additive) or bool (True = keep) tensor, "
+                            f"got {mask.dtype}")
+        if mask.device != q.device:
+            raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
+        ok = mask.ndim <= 4
+        if ok:
+            try:
+                ok = torch.broadcast_shapes(mask.shape, (B, H, S_q, S_k)) == (B, H, S_q, S_k)
+            except RuntimeError:
+                ok = False
+        if not ok:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
+                             f"[B, H, S_q, S_k] = {(B, H, S_q, S_k)}")
+    return scale
+
+
+@torch.library.custom_op("fmrt::flash_attention_fwd", mutates_args=())
+def _flash_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                  mask: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    from fmrt.kernels import attention as K
+    o, _, lse = K.attention_fwd(q, k, v, scale, key_padding_mask, mask)
+    return o, lse
+
+
+@_flash_fwd_op.register_fake
+def _flash_fwd_fake(q, k, v, key_padding_mask, mask, scale):
+    B, S_q, H, D = q.shape
+    return (q.new_empty((B, S_q, H, D)),
+            q.new_empty((B, H, S_q), dtype=torch.float32))
+
+
+@torch.library.custom_op("fmrt::flash_attention_jvp", mutates_args=())
+def _flash_jvp_op(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
+                  key_padding_mask: Optional[Tensor], mask: Optional[Tensor],
+                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from fmrt.kernels import attention as K
+    return K.attention_fwd(q, k, v, scale, key_padding_mask, mask, tangents=(tq, tk, tv))
+
+
+@_flash_jvp_op.register_fake
+def _flash_jvp_fake(q, k, v, tq, tk, tv, key_padding_mask, mask, scale):
+    B, S_q, H, D = q.shape
+    return (q.new_empty((B, S_q, H, D)), q.new_empty((B, S_q, H, D)),
+            q.new_empty((B, H, S_q), dtype=torch.float32))
+
+
+@torch.library.custom_op("fmrt::flash_attention_bwd", mutates_args=())
+def _flash_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                  key_padding_mask: Optional[Tensor], mask: Optional[Tensor],
+                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from fmrt.kernels import attention as K
+    return K.attention_bwd(do, q, k, v, o, lse, scale, key_padding_mask, mask)
+
+
+@_flash_bwd_op.register_fake
+def _flash_bwd_fake(do, q, k, v, o, lse, key_padding_mask, mask, scale):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _zero_tangent(t: Optional[Tensor], like: Tensor) -> Tensor:
+    # a missing tangent is zero: a stride-0 view, no memory (the kernel honours strides)
+    return like.new_zeros(()).expand(like.shape) if t is None else t
+
+
+class _FlashAttention(torch.autograd.Function):
+    """(q, k, v, key_padding_mask, mask, scale) -> (O, LSE); LSE is not differentiable."""
+
+    @staticmethod
+    def forward(q, k, v, key_padding_mask, mask, scale):
+        return _flash_fwd_op(q, k, v, key_padding_mask, mask, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, key_padding_mask, mask, scale = inputs
+        o, lse = output
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, mask)
+        ctx.save_for_forward(q, k, v, key_padding_mask, mask)
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, key_padding_mask, mask = ctx.saved_tensors
+        dq, dk, dv = _flash_bwd_op(do, q, k, v, o, lse, key_padding_mask, mask, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, t_kpm, t_mask, t_scale):
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "fmrt.ops.flash_attention: forward-mode AD (torch.func.jvp) inside "
+                "torch.compile is not supported (torch.compile gave silently wrong tangents "
+                "for this pattern, pytorch issue #192985); run the JVP eagerly, e.g. compile "
+                "only the model's forward / backward or wrap the jvp in "
+                "torch.compiler.disable")
+        q, k, v, key_padding_mask, mask = ctx.saved_tensors
+        _, t_out, _ = _flash_jvp_op(q, k, v, _zero_tangent(tq, q), _zero_tangent(tk, k),
+                                    _zero_tangent(tv, v), key_padding_mask, mask, ctx.scale)
+        return t_out, None
+
+
+def _flash_ready(q, k, v, scale, key_padding_mask, mask):
+    """Checks + the Triton/torch decision: (scale as float, use the Triton path)."""
+    scale = _check_flash_args(q, k, v, scale, key_padding_mask, mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    tensors = [t for t in (q, k, v, key_padding_mask, mask) if t is not None]
+    triton = use_triton(*tensors) and q.numel() > 0 and k.numel() > 0
+    if triton and mask is not None and mask.requires_grad:
+        raise ValueError("mask requires grad, but the Triton flash attention gives no gradient "
+                         "to the mask; detach it or use FMRT_BACKEND=torch")
+    return scale, triton
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
+                    key_padding_mask: Optional[Tensor] = None,
+                    mask: Optional[Tensor] = None) -> Tensor:
+    """Non-causal softmax attention `softmax(scale q k^T + mask) v`, layout `[B, S, H, D]`.
+
+    q `[B, S_q, H, D]`, k and v `[B, S_k, H, D]` (any strides, e.g. views of a fused qkv), one
+    float dtype, D <= 256; scale defaults to 1/sqrt(D). key_padding_mask: bool `[B, S_k]`, True =
+    keep. mask: additive float or bool (True = keep), broadcastable to `[B, H, S_q, S_k]`; it
+    gets no gradient. Returns a contiguous `[B, S_q, H, D]` tensor of q's dtype (fp32 math).
+    Differentiable in reverse mode and in forward mode (torch.func.jvp, also followed by a
+    backward through the output: MeanFlow); not the JVP inside torch.compile (raises).
+    Rows whose keys are all masked give 0 on the Triton path (NaN on the torch path).
+    """
+    scale, triton = _flash_ready(q, k, v, scale, key_padding_mask, mask)
+    if not triton:
+        return ref.flash_attention(q, k, v, scale, key_padding_mask, mask)
+    out, _ = _FlashAttention.apply(q, k, v, key_padding_mask, mask, scale)
+    return out
+
+
+def flash_attention_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor, *,
+                        scale: Optional[float] = None, key_padding_mask: Optional[Tensor] = None,
+                        mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """`(flash_attention(q, k, v), its directional derivative along (tq, tk, tv))` in one pass
+    of one kernel (no autograd: for explicit JVPs and benchmarks). tq, tk, tv: shaped like q, k,
+    v, same dtype. Returns two contiguous `[B, S_q, H, D]` tensors of q's dtype."""
+    scale, triton = _flash_ready(q, k, v, scale, key_padding_mask, mask)
+    for name, t, like, like_name in (("tq", tq, q, "q"), ("tk", tk, k, "k"), ("tv", tv, v, "v")):
+        check_float_tensor(name, t)
+        check_same(name, t, like_name, like)
+    if not triton:
+        return torch.func.jvp(
+            lambda a, b, c: ref.flash_attention(a, b, c, scale, key_padding_mask, mask),
+            (q, k, v), (tq, tk, tv))
+    o, t, _ = _flash_jvp_op(q, k, v, tq, tk, tv, key_padding_mask, mask, scale)
+    return o, t

@@ -431,3 +431,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
 # ---------------------------------------------------------------------------------------------
 # flash attention (Triton, with forward-mode JVP): see kernels/attention.py
 # ---------------------------------------------------------------------------------------------
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
+                    key_padding_mask: Optional[Tensor] = None,
+                    mask: Optional[Tensor] = None) -> Tensor:
+    """`attention` with an optional boolean key padding mask `[B, S_k]` (True = keep) on top of
+    the optional mask (additive float or boolean keep, broadcastable to `[B, H, S_q, S_k]`).
+    Differentiable in reverse and forward mode (torch.func.jvp) by plain autograd."""
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, None, :]
+        if mask is None:
+            mask = keep
+        elif mask.dtype == torch.bool:
+            mask = mask & keep
+        else:
+            mask = mask.to(compute_dtype(q.dtype)).masked_fill(~keep, float("-inf"))
+    return attention(q, k, v, scale, mask)

@@ -602,8 +602,10 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
 # (jvp, then a backward through the primal output). The jvp rule runs the one-pass kernel that
 # computes the output and its tangent together (the forward's output is recomputed there). The
 # tangent output has no reverse-mode derivative (MeanFlow stops its gradient). torch.compile
-# around torch.func.jvp over this Function gave silently wrong tangents (PEERS.md, torch 2.13),
-# so the jvp rule refuses to run while compiling; compiling plain forward / backward is fine.
+# around torch.func.jvp over this Function gave silently wrong tangents (PEERS.md, torch 2.13;
+# dynamo never calls the jvp rule), so the Function is applied behind torch.compiler.disable (a
+# graph break: a compiled JVP runs eagerly and is right) and the jvp rule also refuses to run
+# while compiling, should a later torch trace it.
 
 FLASH_MAX_HEAD_DIM = 256
 
@@ -775,12 +777,22 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     keep. mask: additive float or bool (True = keep), broadcastable to `[B, H, S_q, S_k]`; it
     gets no gradient. Returns a contiguous `[B, S_q, H, D]` tensor of q's dtype (fp32 math).
     Differentiable in reverse mode and in forward mode (torch.func.jvp, also followed by a
-    backward through the output: MeanFlow); not the JVP inside torch.compile (raises).
+    backward through the output: MeanFlow). Under torch.compile the Triton path is a graph break
+    (so a compiled torch.func.jvp runs it eagerly, correctly; fullgraph=True raises).
     Rows whose keys are all masked give 0 on the Triton path (NaN on the torch path).
     """
     scale, triton = _flash_ready(q, k, v, scale, key_padding_mask, mask)
     if not triton:
         return ref.flash_attention(q, k, v, scale, key_padding_mask, mask)
+    return _flash_apply(q, k, v, key_padding_mask, mask, scale)
+
+
+@torch.compiler.disable
+def _flash_apply(q, k, v, key_padding_mask, mask, scale) -> Tensor:
+    # Kept out of torch.compile graphs (a graph break): dynamo ignores the Function's jvp rule
+    # and torch.compile(torch.func.jvp(...)) then returns wrong tangents silently (checked with
+    # torch 2.13). With the break, a compiled JVP falls back to eager and is right, compiled
+    # forward / backward still work, and fullgraph=True raises instead of being wrong.
     out, _ = _FlashAttention.apply(q, k, v, key_padding_mask, mask, scale)
     return out
 

@@ -35,21 +35,25 @@ MASK_NONE, MASK_ADD, MASK_BOOL = 0, 1, 2
 @triton.jit
 def _masked_logits(s, b, h, offs_m, offs_n, S_q, S_k,
                    kpm_ptr, kpm_sb, kpm_sn, mask_ptr, m_sb, m_sh, m_sm, m_sn,
-                   HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr):
-    """s (log2 units) [BM, BN] with the masks applied: -inf where a key is dropped."""
+                   HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
+    """s (log2 units) [BM, BN] with the masks applied: -inf where a key is dropped. MASKED is
+    False when S_k is a multiple of BN and there is no mask (nothing to do: the hot path)."""
     LOG2E_: tl.constexpr = 1.4426950408889634
-    keep = (offs_n < S_k)[None, :]
-    if HAS_KPM:
-        kp = tl.load(kpm_ptr + b * kpm_sb + offs_n * kpm_sn, mask=offs_n < S_k, other=0)
-        keep = keep & (kp != 0)[None, :]
-    if MASK_MODE != 0:
-        mptr = mask_ptr + b * m_sb + h * m_sh + offs_m[:, None] * m_sm + offs_n[None, :] * m_sn
-        inb = (offs_m < S_q)[:, None] & (offs_n < S_k)[None, :]
-        if MASK_MODE == 1:
-            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32) * LOG2E_
-        else:
-            keep = keep & (tl.load(mptr, mask=inb, other=0) != 0)
-    return tl.where(keep, s, float("-inf"))
+    if MASKED:
+        keep = (offs_n < S_k)[None, :]
+        if HAS_KPM:
+            kp = tl.load(kpm_ptr + b * kpm_sb + offs_n * kpm_sn, mask=offs_n < S_k, other=0)
+            keep = keep & (kp != 0)[None, :]
+        if MASK_MODE != 0:
+            mptr = (mask_ptr + b * m_sb + h * m_sh + offs_m[:, None] * m_sm
+                    + offs_n[None, :] * m_sn)
+            inb = (offs_m < S_q)[:, None] & (offs_n < S_k)[None, :]
+            if MASK_MODE == 1:
+                s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32) * LOG2E_
+            else:
+                keep = keep & (tl.load(mptr, mask=inb, other=0) != 0)
+        s = tl.where(keep, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -62,7 +66,7 @@ def _attn_fwd_kernel(
         kpm_sb, kpm_sn, m_sb, m_sh, m_sm, m_sn,
         H, S_q, S_k, D, scale,
         HAS_TANGENT: tl.constexpr, HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr,
-        F32_DOT: tl.constexpr, PREC: tl.constexpr,
+        MASKED: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (i, b*H + h): query rows [i BM, (i+1) BM) of head h of batch b.
     O (and with HAS_TANGENT the tangent dO, see the module docstring) in o's dtype, LSE (log2
@@ -110,7 +114,7 @@ def _attn_fwd_kernel(
             v = v.to(tl.float32)
         s = tl.dot(q, kT, input_precision=PREC) * qk_scale
         s = _masked_logits(s, b, h, offs_m, offs_n, S_q, S_k, kpm_ptr, kpm_sb, kpm_sn,
-                           mask_ptr, m_sb, m_sh, m_sm, m_sn, HAS_KPM, MASK_MODE)
+                           mask_ptr, m_sb, m_sh, m_sm, m_sn, HAS_KPM, MASK_MODE, MASKED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
@@ -172,7 +176,8 @@ def _attn_bwd_dkdv_kernel(
         do_sb, do_ss, do_sh, do_sd, g_sb, g_ss, g_sh,
         kpm_sb, kpm_sn, m_sb, m_sh, m_sm, m_sn,
         H, S_q, S_k, D, scale,
-        HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr, F32_DOT: tl.constexpr,
+        HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr,
+        F32_DOT: tl.constexpr,
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr):
     """Program (j, b*H + h): key rows [j BN, (j+1) BN): dV = P^T dO, dK = scale dS^T Q with
@@ -217,7 +222,7 @@ def _attn_bwd_dkdv_kernel(
         delta = tl.load(delta_ptr + pid_bh * S_q + offs_m, mask=m_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = _masked_logits(s, b, h, offs_m, offs_n, S_q, S_k, kpm_ptr, kpm_sb, kpm_sn,
-                           mask_ptr, m_sb, m_sh, m_sm, m_sn, HAS_KPM, MASK_MODE)
+                           mask_ptr, m_sb, m_sh, m_sm, m_sn, HAS_KPM, MASK_MODE, MASKED)
         p = tl.exp2(s - lse[:, None])
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -235,7 +240,8 @@ def _attn_bwd_dq_kernel(
         do_sb, do_ss, do_sh, do_sd, g_sb, g_ss, g_sh,
         kpm_sb, kpm_sn, m_sb, m_sh, m_sm, m_sn,
         H, S_q, S_k, D, scale,
-        HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr, F32_DOT: tl.constexpr,
+        HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr,
+        F32_DOT: tl.constexpr,
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr):
     """Program (i, b*H + h): query rows [i BM, (i+1) BM): dQ = scale dS K, looping over all key
@@ -278,7 +284,7 @@ def _attn_bwd_dq_kernel(
             vT = vT.to(tl.float32)
         s = tl.dot(q, kT, input_precision=PREC) * qk_scale
         s = _masked_logits(s, b, h, offs_m, offs_n, S_q, S_k, kpm_ptr, kpm_sb, kpm_sn,
-                           mask_ptr, m_sb, m_sh, m_sm, m_sn, HAS_KPM, MASK_MODE)
+                           mask_ptr, m_sb, m_sh, m_sm, m_sn, HAS_KPM, MASK_MODE, MASKED)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -329,6 +335,10 @@ def _config(q: torch.Tensor, tangent: bool, kind: str = "fwd"):
     return bm, bn, BD, w, st, f32, prec
 
 
+def _masked(S_k: int, block_n: int, has_kpm: bool, mode: int) -> bool:
+    return S_k % block_n != 0 or has_kpm or mode != MASK_NONE
+
+
 def _mask_args(q, k, key_padding_mask, mask):
     """(kpm tensor, mask tensor, HAS_KPM, MASK_MODE, kpm strides, mask strides)."""
     B, S_q, H, _ = q.shape
@@ -372,7 +382,8 @@ def attention_fwd(q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor
         *q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(), *tv.stride(),
         o.stride(0), o.stride(1), o.stride(2), *kpm_st, *mask_st,
         H, S_q, S_k, D, float(scale),
-        HAS_TANGENT=has_t, HAS_KPM=has_kpm, MASK_MODE=mode, F32_DOT=f32, PREC=prec,
+        HAS_TANGENT=has_t, HAS_KPM=has_kpm, MASK_MODE=mode,
+        MASKED=_masked(S_k, BN, has_kpm, mode), F32_DOT=f32, PREC=prec,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages)
     return o, (to if has_t else None), lse
 
@@ -393,8 +404,9 @@ def attention_bwd(do, q, k, v, o, lse, scale: float,
     dk = torch.empty((B, S_k, H, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, S_k, H, D), dtype=v.dtype, device=q.device)
     kpm_t, mask_t, has_kpm, mode, kpm_st, mask_st = _mask_args(q, k, key_padding_mask, mask)
-    common = dict(HAS_KPM=has_kpm, MASK_MODE=mode, F32_DOT=f32, PREC=prec, BLOCK_M=BM,
-                  BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages)
+    common = dict(HAS_KPM=has_kpm, MASK_MODE=mode, MASKED=_masked(S_k, BN, has_kpm, mode),
+                  F32_DOT=f32, PREC=prec, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps,
+                  num_stages=stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     _attn_bwd_dkdv_kernel[(triton.cdiv(S_k, BN), B * H)](
         q, k, v, do, lse, delta, dk, dv, kpm_t, mask_t, *strides,

@@ -65,6 +65,7 @@ CASES = [  # B, S_q, S_k, H, D, dtype
     (2, 40, 40, 1, 64, torch.float32),
     (1, 17, 40, 2, 16, torch.float32),   # cross-attention, S_q != S_k
     (2, 40, 17, 1, 24, torch.float32),   # head dim padded to 32
+    (1, 17, 32, 2, 16, torch.float32),   # S_k a multiple of the block: the unmasked hot path
     (1, 17, 17, 2, 64, torch.float16),
     (2, 17, 40, 1, 16, torch.bfloat16),
 ]

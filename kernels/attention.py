@@ -17,7 +17,8 @@ broadcastable to `[B, H, S_q, S_k]`, additive (float) or boolean (True = keep), 
 (the reference gives NaN there). Internally logits are in log2 units (exp2); the saved LSE is
 `log2(sum exp2(s log2(e)))`, i.e. the natural LSE times log2(e), fp32 `[B, H, S_q]`.
 fp32 accumulation; fp16 / bf16 inputs go to tensor cores as they are (fp32 in the interpreter,
-which has no bf16 arithmetic); fp32 inputs use exact fp32 dots (no TF32).
+which has no bf16 arithmetic); fp32 inputs use 3xTF32 dots on GPU (about fp32 accuracy; exact
+fp32 dots in the interpreter).
 """
 from __future__ import annotations
 
@@ -301,37 +302,28 @@ def _interpreted(t: torch.Tensor) -> bool:
     return not t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _config(q: torch.Tensor, tangent: bool, kind: str = "fwd"):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, F32_DOT, PREC)."""
+def _config(q: torch.Tensor, kind: str):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, F32_DOT, PREC) for kind "fwd" (primal),
+    "jvp" (output + tangent), "dkdv" or "dq". GPU tiles were chosen so that the sm_90 builds of
+    the bf16 kernels do not spill registers (checked by compiling for sm_90 ahead of time); they
+    are not tuned on a device yet."""
     D = q.shape[-1]
     BD = max(16, triton.next_power_of_2(D))
     f32 = q.dtype == torch.float32
     if _interpreted(q):
         return 16, 16, BD, 4, 1, True, "ieee"
-    prec = "ieee" if f32 else "tf32"
-    if kind == "fwd" and not tangent:
-        if BD <= 64:
-            bm, bn, w, st = 128, 64, 4, 3
-        elif BD <= 128:
-            bm, bn, w, st = 128, 64, 8, 3
-        else:
-            bm, bn, w, st = 64, 32, 8, 2
-    elif kind == "fwd":  # three accumulators and two query tiles in registers
-        if BD <= 64:
-            bm, bn, w, st = 128, 64, 8, 3
-        elif BD <= 128:
-            bm, bn, w, st = 64, 64, 4, 2
-        else:
-            bm, bn, w, st = 64, 32, 8, 1
-    else:  # backward
-        if BD <= 64:
-            bm, bn, w, st = 64, 64, 4, 2
-        elif BD <= 128:
-            bm, bn, w, st = 64, 64, 8, 2
-        else:
-            bm, bn, w, st = 32, 32, 8, 1
-    if f32:  # fp32 tiles take twice the shared memory
-        bm, bn = min(bm, 64), min(bn, 32)
+    # fp32: 3xTF32 dots (about fp32 accuracy); "ieee" fp32 dots crash LLVM's SLP vectorizer in
+    # triton 3.9 for the jvp kernel on sm_90 (assertion in scheduleBlock) or spill heavily
+    prec = "tf32x3" if f32 else "tf32"
+    i = 0 if BD <= 64 else (1 if BD <= 128 else 2)
+    bm, bn, w, st = {
+        "fwd": ((128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
+        "jvp": ((128, 64, 8, 3), (128, 32, 8, 2), (64, 16, 8, 2)),
+        "dkdv": ((64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 8, 1)),
+        "dq": ((64, 64, 4, 2), (64, 64, 8, 2), (32, 32, 8, 1)),
+    }[kind][i]
+    if f32:  # fp32 tiles take twice the registers and shared memory
+        bm, bn, w = min(bm, 64), min(bn, 32), 8
     return bm, bn, BD, w, st, f32, prec
 
 
@@ -370,7 +362,7 @@ def attention_fwd(q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor
     B, S_q, H, D = q.shape
     S_k = k.shape[1]
     has_t = tangents is not None
-    BM, BN, BD, warps, stages, f32, prec = _config(q, has_t)
+    BM, BN, BD, warps, stages, f32, prec = _config(q, "jvp" if has_t else "fwd")
     o = torch.empty((B, S_q, H, D), dtype=q.dtype, device=q.device)
     to = torch.empty_like(o) if has_t else o
     lse = torch.empty((B, H, S_q), dtype=torch.float32, device=q.device)
@@ -395,25 +387,30 @@ def attention_bwd(do, q, k, v, o, lse, scale: float,
     o: the forward's contiguous output; lse: its LSE; do: any strides."""
     B, S_q, H, D = q.shape
     S_k = k.shape[1]
-    BM, BN, BD, warps, stages, f32, prec = _config(q, False, "bwd")
     delta = torch.empty((B, H, S_q), dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(S_q, BM), B * H)](
+    BD = max(16, triton.next_power_of_2(D))
+    BMD = 16 if _interpreted(q) else 64
+    _attn_bwd_delta_kernel[(triton.cdiv(S_q, BMD), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), *do.stride(), H, S_q, D,
-        BLOCK_M=BM, BLOCK_D=BD)
+        BLOCK_M=BMD, BLOCK_D=BD)
     dq = torch.empty((B, S_q, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, S_k, H, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, S_k, H, D), dtype=v.dtype, device=q.device)
     kpm_t, mask_t, has_kpm, mode, kpm_st, mask_st = _mask_args(q, k, key_padding_mask, mask)
-    common = dict(HAS_KPM=has_kpm, MASK_MODE=mode, MASKED=_masked(S_k, BN, has_kpm, mode),
-                  F32_DOT=f32, PREC=prec, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps,
-                  num_stages=stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _attn_bwd_dkdv_kernel[(triton.cdiv(S_k, BN), B * H)](
-        q, k, v, do, lse, delta, dk, dv, kpm_t, mask_t, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), *kpm_st, *mask_st,
-        H, S_q, S_k, D, float(scale), **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(S_q, BM), B * H)](
-        q, k, v, do, lse, delta, dq, kpm_t, mask_t, *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2), *kpm_st, *mask_st,
-        H, S_q, S_k, D, float(scale), **common)
+    for kind in ("dkdv", "dq"):
+        BM, BN, BD, warps, stages, f32, prec = _config(q, kind)
+        common = dict(HAS_KPM=has_kpm, MASK_MODE=mode, MASKED=_masked(S_k, BN, has_kpm, mode),
+                      F32_DOT=f32, PREC=prec, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+                      num_warps=warps, num_stages=stages)
+        if kind == "dkdv":
+            _attn_bwd_dkdv_kernel[(triton.cdiv(S_k, BN), B * H)](
+                q, k, v, do, lse, delta, dk, dv, kpm_t, mask_t, *strides,
+                dk.stride(0), dk.stride(1), dk.stride(2), *kpm_st, *mask_st,
+                H, S_q, S_k, D, float(scale), **common)
+        else:
+            _attn_bwd_dq_kernel[(triton.cdiv(S_q, BM), B * H)](
+                q, k, v, do, lse, delta, dq, kpm_t, mask_t, *strides,
+                dq.stride(0), dq.stride(1), dq.stride(2), *kpm_st, *mask_st,
+                H, S_q, S_k, D, float(scale), **common)
     return dq, dk, dv

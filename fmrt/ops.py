@@ -599,8 +599,9 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
 # a torch.library custom op (`fmrt::flash_attention_fwd`, `fmrt::flash_attention_jvp`,
 # `fmrt::flash_attention_bwd`) around the Triton launch: a Triton launch directly inside the
 # Function fails under torch.func.jvp. So torch.func.jvp works, and so does MeanFlow's pattern
-# (jvp, then a backward through the primal output). The jvp rule runs the one-pass kernel that
-# computes the output and its tangent together (the forward's output is recomputed there). The
+# (jvp, then a backward through the primal output). The jvp rule runs the tangent kernel from
+# the forward's O and LSE (`fmrt::flash_attention_tangent`: p already normalised, five matmuls
+# per key block); `flash_attention_jvp` runs the one-pass output-and-tangent kernel. The
 # tangent output has no reverse-mode derivative (MeanFlow stops its gradient). torch.compile
 # around torch.func.jvp over this Function gave silently wrong tangents (PEERS.md, torch 2.13;
 # dynamo never calls the jvp rule), so the Function is applied behind torch.compiler.disable (a
@@ -698,6 +699,19 @@ def _flash_jvp_fake(q, k, v, tq, tk, tv, key_padding_mask, mask, scale):
             q.new_empty((B, H, S_q), dtype=torch.float32))
 
 
+@torch.library.custom_op("fmrt::flash_attention_tangent", mutates_args=())
+def _flash_tangent_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, tq: Tensor,
+                      tk: Tensor, tv: Tensor, key_padding_mask: Optional[Tensor],
+                      mask: Optional[Tensor], scale: float) -> Tensor:
+    from fmrt.kernels import attention as K
+    return K.attention_tangent(q, k, v, o, lse, (tq, tk, tv), scale, key_padding_mask, mask)
+
+
+@_flash_tangent_op.register_fake
+def _flash_tangent_fake(q, k, v, o, lse, tq, tk, tv, key_padding_mask, mask, scale):
+    return q.new_empty(q.shape)
+
+
 @torch.library.custom_op("fmrt::flash_attention_bwd", mutates_args=())
 def _flash_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                   key_padding_mask: Optional[Tensor], mask: Optional[Tensor],
@@ -732,7 +746,7 @@ class _FlashAttention(torch.autograd.Function):
         ctx.scale = scale
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, mask)
-        ctx.save_for_forward(q, k, v, key_padding_mask, mask)
+        ctx.save_for_forward(q, k, v, o, lse, key_padding_mask, mask)
 
     @staticmethod
     def backward(ctx, do, dlse):
@@ -749,9 +763,9 @@ class _FlashAttention(torch.autograd.Function):
                 "for this pattern, pytorch issue #192985); run the JVP eagerly, e.g. compile "
                 "only the model's forward / backward or wrap the jvp in "
                 "torch.compiler.disable")
-        q, k, v, key_padding_mask, mask = ctx.saved_tensors
-        _, t_out, _ = _flash_jvp_op(q, k, v, _zero_tangent(tq, q), _zero_tangent(tk, k),
-                                    _zero_tangent(tv, v), key_padding_mask, mask, ctx.scale)
+        q, k, v, o, lse, key_padding_mask, mask = ctx.saved_tensors
+        t_out = _flash_tangent_op(q, k, v, o, lse, _zero_tangent(tq, q), _zero_tangent(tk, k),
+                                  _zero_tangent(tv, v), key_padding_mask, mask, ctx.scale)
         return t_out, None
 
 

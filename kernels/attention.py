@@ -6,7 +6,9 @@ Forward-mode tangent (HAS_TANGENT), with ds = scale (dq k^T + q dk^T):
     dO = P dV + (P o (ds - rowsum(P o ds))) V
        = (sum_j p_j (dv_j + ds_j v_j)) / l - O (sum_j p_j ds_j) / l,
 accumulated in the same pass as O (acc_o = sum p v, acc_t = sum p (dv + ds v), acc_s = sum p ds)
-with the same running-max rescaling; nothing of size S_q x S_k is stored.
+with the same running-max rescaling; nothing of size S_q x S_k is stored. Given the forward's O
+and LSE (USE_LSE: what the autograd jvp rule has), p = exp(s - LSE) is already normalised and
+the kernel computes only dO = sum p (dv + ds v) - O sum p ds.
 Backward (FlashAttention-2): delta = rowsum(dO o O); a kernel over key blocks computes
 dV = P^T dO, dK = scale dS^T Q, and a kernel over query blocks computes dQ = scale dS K, with
 dS = P o (dO V^T - delta) and P recomputed from the saved log-sum-exp (no atomics).

@@ -318,3 +318,41 @@ def test_bad_tangent_for_one_pass_api():
     (q, k, v), (tq, tk, tv) = _qkv(1, 5, 7, 2, 8, torch.float32)
     with pytest.raises(ValueError, match="tk must have the shape of k"):
         ops.flash_attention_jvp(q, k, v, tq, tk[:, :3], tv)
+
+
+def _rel_err(a: torch.Tensor, e: torch.Tensor) -> float:
+    return ((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("S_q,S_k,padded", [(300, 300, False), (257, 131, True), (512, 512, False)])
+def test_gpu_jvp_and_grads(dtype, D, S_q, S_k, padded):
+    """Compiled CUDA kernels (real tiles, tensor cores) against the fp32 reference: relative
+    L2 errors at the level of the dtype's rounding."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device="cuda").to(dtype)
+
+    B, H = 2, 3
+    q, tq, cot = rnd(B, S_q, H, D), rnd(B, S_q, H, D), rnd(B, S_q, H, D)
+    k, v, tk, tv = (rnd(B, S_k, H, D) for _ in range(4))
+    kpm = None
+    if padded:
+        kpm = torch.ones(B, S_k, dtype=torch.bool, device="cuda")
+        kpm[1, S_k // 2:] = False
+    with use_backend("triton"):
+        o, t, grads = _jvp_and_grads(
+            lambda a, b, c: ops.flash_attention(a, b, c, key_padding_mask=kpm), (q, k, v),
+            (tq, tk, tv), cot)
+        o1, t1 = ops.flash_attention_jvp(q, k, v, tq, tk, tv, key_padding_mask=kpm)
+    f32 = [x.float() for x in (q, k, v, tq, tk, tv, cot)]
+    o_r, t_r, grads_r = _jvp_and_grads(
+        lambda a, b, c: ref.flash_attention(a, b, c, None, kpm), f32[:3], f32[3:6], f32[6])
+    bound = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    assert _rel_err(o, o_r) < bound and _rel_err(o1, o_r) < bound
+    assert _rel_err(t, t_r) < 2 * bound and _rel_err(t1, t_r) < 2 * bound
+    for a, e in zip(grads, grads_r):
+        assert _rel_err(a, e) < 2 * bound

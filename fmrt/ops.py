@@ -791,7 +791,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     keep. mask: additive float or bool (True = keep), broadcastable to `[B, H, S_q, S_k]`; it
     gets no gradient. Returns a contiguous `[B, S_q, H, D]` tensor of q's dtype (fp32 math).
     Differentiable in reverse mode and in forward mode (torch.func.jvp, also followed by a
-    backward through the output: MeanFlow). Under torch.compile the Triton path is a graph break
+    backward through the output: MeanFlow; the tangent itself has no reverse-mode derivative:
+    a backward through it raises). Under torch.compile the Triton path is a graph break
     (so a compiled torch.func.jvp runs it eagerly, correctly; fullgraph=True raises).
     Rows whose keys are all masked give 0 on the Triton path (NaN on the torch path).
     """

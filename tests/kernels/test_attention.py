@@ -66,6 +66,7 @@ CASES = [  # B, S_q, S_k, H, D, dtype
     (1, 17, 40, 2, 16, torch.float32),   # cross-attention, S_q != S_k
     (2, 40, 17, 1, 24, torch.float32),   # head dim padded to 32
     (1, 17, 32, 2, 16, torch.float32),   # S_k a multiple of the block: the unmasked hot path
+    (1, 5, 7, 2, 8, torch.float32),      # tiny: D < 16 padded, one block
     (1, 17, 17, 2, 64, torch.float16),
     (2, 17, 40, 1, 16, torch.bfloat16),
 ]
@@ -187,6 +188,15 @@ def test_meanflow_pattern_with_upstream_parameters():
     assert_close(u_t, u_r, scale=F32_SCALE)
     assert_close(du_t, du_r, scale=2 * F32_SCALE)
     assert_close(gw_t, gw_r, scale=4 * F32_SCALE)
+
+
+def test_backward_through_the_tangent_is_refused_not_wrong():
+    (q, k, v), (tq, tk, tv) = _qkv(1, 17, 17, 1, 16, torch.float32, seed=47)
+    with use_backend("triton"):
+        _, t = torch.func.jvp(lambda a, b, c: ops.flash_attention(a, b, c),
+                              (q.requires_grad_(), k, v), (tq, tk, tv))
+    with pytest.raises(RuntimeError, match="flash_attention_tangent"):
+        t.sum().backward()
 
 
 def test_forward_ad_with_missing_tangents():

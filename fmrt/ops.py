@@ -717,11 +717,14 @@ class _QKNormRope(torch.autograd.Function):
 # a torch.library custom op (`fmrt::flash_attention_fwd`, `fmrt::flash_attention_jvp`,
 # `fmrt::flash_attention_bwd`) around the Triton launch: a Triton launch directly inside the
 # Function fails under torch.func.jvp. So torch.func.jvp works, and so does MeanFlow's pattern
-# (jvp, then a backward through the primal output). The jvp rule runs the one-pass kernel that
-# computes the output and its tangent together (the forward's output is recomputed there). The
+# (jvp, then a backward through the primal output). The jvp rule runs the tangent kernel from
+# the forward's O and LSE (`fmrt::flash_attention_tangent`: p already normalised, five matmuls
+# per key block); `flash_attention_jvp` runs the one-pass output-and-tangent kernel. The
 # tangent output has no reverse-mode derivative (MeanFlow stops its gradient). torch.compile
-# around torch.func.jvp over this Function gave silently wrong tangents (PEERS.md, torch 2.13),
-# so the jvp rule refuses to run while compiling; compiling plain forward / backward is fine.
+# around torch.func.jvp over this Function gave silently wrong tangents (PEERS.md, torch 2.13;
+# dynamo never calls the jvp rule), so the Function is applied behind torch.compiler.disable (a
+# graph break: a compiled JVP runs eagerly and is right) and the jvp rule also refuses to run
+# while compiling, should a later torch trace it.
 
 FLASH_MAX_HEAD_DIM = 256
 
@@ -814,6 +817,19 @@ def _flash_jvp_fake(q, k, v, tq, tk, tv, key_padding_mask, mask, scale):
             q.new_empty((B, H, S_q), dtype=torch.float32))
 
 
+@torch.library.custom_op("fmrt::flash_attention_tangent", mutates_args=())
+def _flash_tangent_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, tq: Tensor,
+                      tk: Tensor, tv: Tensor, key_padding_mask: Optional[Tensor],
+                      mask: Optional[Tensor], scale: float) -> Tensor:
+    from fmrt.kernels import attention as K
+    return K.attention_tangent(q, k, v, o, lse, (tq, tk, tv), scale, key_padding_mask, mask)
+
+
+@_flash_tangent_op.register_fake
+def _flash_tangent_fake(q, k, v, o, lse, tq, tk, tv, key_padding_mask, mask, scale):
+    return q.new_empty(q.shape)
+
+
 @torch.library.custom_op("fmrt::flash_attention_bwd", mutates_args=())
 def _flash_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                   key_padding_mask: Optional[Tensor], mask: Optional[Tensor],
@@ -848,7 +864,7 @@ class _FlashAttention(torch.autograd.Function):
         ctx.scale = scale
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, mask)
-        ctx.save_for_forward(q, k, v, key_padding_mask, mask)
+        ctx.save_for_forward(q, k, v, o, lse, key_padding_mask, mask)
 
     @staticmethod
     def backward(ctx, do, dlse):
@@ -865,9 +881,9 @@ class _FlashAttention(torch.autograd.Function):
                 "for this pattern, pytorch issue #192985); run the JVP eagerly, e.g. compile "
                 "only the model's forward / backward or wrap the jvp in "
                 "torch.compiler.disable")
-        q, k, v, key_padding_mask, mask = ctx.saved_tensors
-        _, t_out, _ = _flash_jvp_op(q, k, v, _zero_tangent(tq, q), _zero_tangent(tk, k),
-                                    _zero_tangent(tv, v), key_padding_mask, mask, ctx.scale)
+        q, k, v, o, lse, key_padding_mask, mask = ctx.saved_tensors
+        t_out = _flash_tangent_op(q, k, v, o, lse, _zero_tangent(tq, q), _zero_tangent(tk, k),
+                                  _zero_tangent(tv, v), key_padding_mask, mask, ctx.scale)
         return t_out, None
 
 
@@ -893,12 +909,23 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     keep. mask: additive float or bool (True = keep), broadcastable to `[B, H, S_q, S_k]`; it
     gets no gradient. Returns a contiguous `[B, S_q, H, D]` tensor of q's dtype (fp32 math).
     Differentiable in reverse mode and in forward mode (torch.func.jvp, also followed by a
-    backward through the output: MeanFlow); not the JVP inside torch.compile (raises).
+    backward through the output: MeanFlow; the tangent itself has no reverse-mode derivative:
+    a backward through it raises). Under torch.compile the Triton path is a graph break
+    (so a compiled torch.func.jvp runs it eagerly, correctly; fullgraph=True raises).
     Rows whose keys are all masked give 0 on the Triton path (NaN on the torch path).
     """
     scale, triton = _flash_ready(q, k, v, scale, key_padding_mask, mask)
     if not triton:
         return ref.flash_attention(q, k, v, scale, key_padding_mask, mask)
+    return _flash_apply(q, k, v, key_padding_mask, mask, scale)
+
+
+@torch.compiler.disable
+def _flash_apply(q, k, v, key_padding_mask, mask, scale) -> Tensor:
+    # Kept out of torch.compile graphs (a graph break): dynamo ignores the Function's jvp rule
+    # and torch.compile(torch.func.jvp(...)) then returns wrong tangents silently (checked with
+    # torch 2.13). With the break, a compiled JVP falls back to eager and is right, compiled
+    # forward / backward still work, and fullgraph=True raises instead of being wrong.
     out, _ = _FlashAttention.apply(q, k, v, key_padding_mask, mask, scale)
     return out
 

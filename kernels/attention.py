@@ -6,7 +6,9 @@ Forward-mode tangent (HAS_TANGENT), with ds = scale (dq k^T + q dk^T):
     dO = P dV + (P o (ds - rowsum(P o ds))) V
        = (sum_j p_j (dv_j + ds_j v_j)) / l - O (sum_j p_j ds_j) / l,
 accumulated in the same pass as O (acc_o = sum p v, acc_t = sum p (dv + ds v), acc_s = sum p ds)
-with the same running-max rescaling; nothing of size S_q x S_k is stored.
+with the same running-max rescaling; nothing of size S_q x S_k is stored. Given the forward's O
+and LSE (USE_LSE: what the autograd jvp rule has), p = exp(s - LSE) is already normalised and
+the kernel computes only dO = sum p (dv + ds v) - O sum p ds.
 Backward (FlashAttention-2): delta = rowsum(dO o O); a kernel over key blocks computes
 dV = P^T dO, dK = scale dS^T Q, and a kernel over query blocks computes dQ = scale dS K, with
 dS = P o (dO V^T - delta) and P recomputed from the saved log-sum-exp (no atomics).
@@ -17,7 +19,8 @@ broadcastable to `[B, H, S_q, S_k]`, additive (float) or boolean (True = keep), 
 (the reference gives NaN there). Internally logits are in log2 units (exp2); the saved LSE is
 `log2(sum exp2(s log2(e)))`, i.e. the natural LSE times log2(e), fp32 `[B, H, S_q]`.
 fp32 accumulation; fp16 / bf16 inputs go to tensor cores as they are (fp32 in the interpreter,
-which has no bf16 arithmetic); fp32 inputs use exact fp32 dots (no TF32).
+which has no bf16 arithmetic); fp32 inputs use 3xTF32 dots on GPU (about fp32 accuracy; exact
+fp32 dots in the interpreter).
 """
 from __future__ import annotations
 
@@ -35,21 +38,25 @@ MASK_NONE, MASK_ADD, MASK_BOOL = 0, 1, 2
 @triton.jit
 def _masked_logits(s, b, h, offs_m, offs_n, S_q, S_k,
                    kpm_ptr, kpm_sb, kpm_sn, mask_ptr, m_sb, m_sh, m_sm, m_sn,
-                   HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr):
-    """s (log2 units) [BM, BN] with the masks applied: -inf where a key is dropped."""
+                   HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
+    """s (log2 units) [BM, BN] with the masks applied: -inf where a key is dropped. MASKED is
+    False when S_k is a multiple of BN and there is no mask (nothing to do: the hot path)."""
     LOG2E_: tl.constexpr = 1.4426950408889634
-    keep = (offs_n < S_k)[None, :]
-    if HAS_KPM:
-        kp = tl.load(kpm_ptr + b * kpm_sb + offs_n * kpm_sn, mask=offs_n < S_k, other=0)
-        keep = keep & (kp != 0)[None, :]
-    if MASK_MODE != 0:
-        mptr = mask_ptr + b * m_sb + h * m_sh + offs_m[:, None] * m_sm + offs_n[None, :] * m_sn
-        inb = (offs_m < S_q)[:, None] & (offs_n < S_k)[None, :]
-        if MASK_MODE == 1:
-            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32) * LOG2E_
-        else:
-            keep = keep & (tl.load(mptr, mask=inb, other=0) != 0)
-    return tl.where(keep, s, float("-inf"))
+    if MASKED:
+        keep = (offs_n < S_k)[None, :]
+        if HAS_KPM:
+            kp = tl.load(kpm_ptr + b * kpm_sb + offs_n * kpm_sn, mask=offs_n < S_k, other=0)
+            keep = keep & (kp != 0)[None, :]
+        if MASK_MODE != 0:
+            mptr = (mask_ptr + b * m_sb + h * m_sh + offs_m[:, None] * m_sm
+                    + offs_n[None, :] * m_sn)
+            inb = (offs_m < S_q)[:, None] & (offs_n < S_k)[None, :]
+            if MASK_MODE == 1:
+                s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32) * LOG2E_
+            else:
+                keep = keep & (tl.load(mptr, mask=inb, other=0) != 0)
+        s = tl.where(keep, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -61,12 +68,15 @@ def _attn_fwd_kernel(
         o_sb, o_ss, o_sh,
         kpm_sb, kpm_sn, m_sb, m_sh, m_sm, m_sn,
         H, S_q, S_k, D, scale,
-        HAS_TANGENT: tl.constexpr, HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr,
-        F32_DOT: tl.constexpr, PREC: tl.constexpr,
+        HAS_TANGENT: tl.constexpr, USE_LSE: tl.constexpr, HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr,
+        MASKED: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (i, b*H + h): query rows [i BM, (i+1) BM) of head h of batch b.
     O (and with HAS_TANGENT the tangent dO, see the module docstring) in o's dtype, LSE (log2
-    units) fp32. o / to: contiguous `[B, S_q, H, D]` (shared strides)."""
+    units) fp32. o / to: contiguous `[B, S_q, H, D]` (shared strides). USE_LSE (with
+    HAS_TANGENT): O and LSE are the forward's, read, not written; p = exp2(s - LSE) is already
+    normalised, so only the tangent is computed: dO = sum p (dv + ds v) - O sum p ds (five
+    matmuls per key block instead of six, no rescaling)."""
     LOG2E_: tl.constexpr = 1.4426950408889634
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -88,9 +98,12 @@ def _attn_fwd_kernel(
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         tq = tq.to(tl.float32) if F32_DOT else tq.to(q.dtype)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if USE_LSE:  # the forward's LSE: p comes out normalised, no running max
+        m_i = tl.load(lse_ptr + pid_bh * S_q + offs_m, mask=m_ok, other=float("inf"))
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc_o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if HAS_TANGENT:
         acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         acc_s = tl.zeros([BLOCK_M], tl.float32)
@@ -110,13 +123,17 @@ def _attn_fwd_kernel(
             v = v.to(tl.float32)
         s = tl.dot(q, kT, input_precision=PREC) * qk_scale
         s = _masked_logits(s, b, h, offs_m, offs_n, S_q, S_k, kpm_ptr, kpm_sb, kpm_sn,
-                           mask_ptr, m_sb, m_sh, m_sm, m_sn, HAS_KPM, MASK_MODE)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc_o = acc_o * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+                           mask_ptr, m_sb, m_sh, m_sm, m_sn, HAS_KPM, MASK_MODE, MASKED)
+        if USE_LSE:
+            p = tl.exp2(s - m_i[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc_o = acc_o * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
         if HAS_TANGENT:
             tkT = tl.load(tk_ptr + b * tk_sb + h * tk_sh + nrow * tk_ss + offs_d[:, None] * tk_sd,
                           mask=kd_mask, other=0.0)
@@ -127,23 +144,31 @@ def _attn_fwd_kernel(
             ds = tl.dot(tq, kT, input_precision=PREC)
             ds = tl.dot(q, tkT, ds, input_precision=PREC) * scale
             pds = p * ds
-            acc_s = acc_s * alpha + tl.sum(pds, 1)
-            acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v.dtype), tv, input_precision=PREC)
+            if USE_LSE:
+                acc_s += tl.sum(pds, 1)
+                acc_t = tl.dot(p.to(v.dtype), tv, acc_t, input_precision=PREC)
+            else:
+                acc_s = acc_s * alpha + tl.sum(pds, 1)
+                acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v.dtype), tv, input_precision=PREC)
             acc_t = tl.dot(pds.to(v.dtype), v, acc_t, input_precision=PREC)
-        m_i = m_new
 
-    empty = l_i == 0.0
-    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
-    o = acc_o * inv_l[:, None]
     optr = b * o_sb + h * o_sh + qrow * o_ss + offs_d[None, :]
     od_mask = m_ok[:, None] & d_ok[None, :]
-    tl.store(o_ptr + optr, o.to(o_ptr.dtype.element_ty), mask=od_mask)
-    if HAS_TANGENT:
-        t = acc_t * inv_l[:, None] - o * (acc_s * inv_l)[:, None]
+    if USE_LSE:  # dO = acc_t - O acc_s with the forward's O
+        o = tl.load(o_ptr + optr, mask=od_mask, other=0.0).to(tl.float32)
+        t = acc_t - o * acc_s[:, None]
         tl.store(to_ptr + optr, t.to(to_ptr.dtype.element_ty), mask=od_mask)
-    # fully masked rows: LSE = +inf, so the backward's exp2(s - lse) is 0 there
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(lse_ptr + pid_bh * S_q + offs_m, lse, mask=m_ok)
+    else:
+        empty = l_i == 0.0
+        inv_l = 1.0 / tl.where(empty, 1.0, l_i)
+        o = acc_o * inv_l[:, None]
+        tl.store(o_ptr + optr, o.to(o_ptr.dtype.element_ty), mask=od_mask)
+        if HAS_TANGENT:
+            t = acc_t * inv_l[:, None] - o * (acc_s * inv_l)[:, None]
+            tl.store(to_ptr + optr, t.to(to_ptr.dtype.element_ty), mask=od_mask)
+        # fully masked rows: LSE = +inf, so the backward's exp2(s - lse) is 0 there
+        lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(lse_ptr + pid_bh * S_q + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -172,7 +197,8 @@ def _attn_bwd_dkdv_kernel(
         do_sb, do_ss, do_sh, do_sd, g_sb, g_ss, g_sh,
         kpm_sb, kpm_sn, m_sb, m_sh, m_sm, m_sn,
         H, S_q, S_k, D, scale,
-        HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr, F32_DOT: tl.constexpr,
+        HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr,
+        F32_DOT: tl.constexpr,
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr):
     """Program (j, b*H + h): key rows [j BN, (j+1) BN): dV = P^T dO, dK = scale dS^T Q with
@@ -217,7 +243,7 @@ def _attn_bwd_dkdv_kernel(
         delta = tl.load(delta_ptr + pid_bh * S_q + offs_m, mask=m_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = _masked_logits(s, b, h, offs_m, offs_n, S_q, S_k, kpm_ptr, kpm_sb, kpm_sn,
-                           mask_ptr, m_sb, m_sh, m_sm, m_sn, HAS_KPM, MASK_MODE)
+                           mask_ptr, m_sb, m_sh, m_sm, m_sn, HAS_KPM, MASK_MODE, MASKED)
         p = tl.exp2(s - lse[:, None])
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -235,7 +261,8 @@ def _attn_bwd_dq_kernel(
         do_sb, do_ss, do_sh, do_sd, g_sb, g_ss, g_sh,
         kpm_sb, kpm_sn, m_sb, m_sh, m_sm, m_sn,
         H, S_q, S_k, D, scale,
-        HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr, F32_DOT: tl.constexpr,
+        HAS_KPM: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr,
+        F32_DOT: tl.constexpr,
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr):
     """Program (i, b*H + h): query rows [i BM, (i+1) BM): dQ = scale dS K, looping over all key
@@ -278,7 +305,7 @@ def _attn_bwd_dq_kernel(
             vT = vT.to(tl.float32)
         s = tl.dot(q, kT, input_precision=PREC) * qk_scale
         s = _masked_logits(s, b, h, offs_m, offs_n, S_q, S_k, kpm_ptr, kpm_sb, kpm_sn,
-                           mask_ptr, m_sb, m_sh, m_sm, m_sn, HAS_KPM, MASK_MODE)
+                           mask_ptr, m_sb, m_sh, m_sm, m_sn, HAS_KPM, MASK_MODE, MASKED)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -295,38 +322,34 @@ def _interpreted(t: torch.Tensor) -> bool:
     return not t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _config(q: torch.Tensor, tangent: bool, kind: str = "fwd"):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, F32_DOT, PREC)."""
+def _config(q: torch.Tensor, kind: str):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, F32_DOT, PREC) for kind "fwd" (primal),
+    "jvp" (output + tangent), "tangent" (tangent from the forward's LSE), "dkdv" or "dq". GPU tiles were chosen so that the sm_90 builds of
+    the bf16 kernels do not spill registers (checked by compiling for sm_90 ahead of time); they
+    are not tuned on a device yet."""
     D = q.shape[-1]
     BD = max(16, triton.next_power_of_2(D))
     f32 = q.dtype == torch.float32
     if _interpreted(q):
         return 16, 16, BD, 4, 1, True, "ieee"
-    prec = "ieee" if f32 else "tf32"
-    if kind == "fwd" and not tangent:
-        if BD <= 64:
-            bm, bn, w, st = 128, 64, 4, 3
-        elif BD <= 128:
-            bm, bn, w, st = 128, 64, 8, 3
-        else:
-            bm, bn, w, st = 64, 32, 8, 2
-    elif kind == "fwd":  # three accumulators and two query tiles in registers
-        if BD <= 64:
-            bm, bn, w, st = 128, 64, 8, 3
-        elif BD <= 128:
-            bm, bn, w, st = 64, 64, 4, 2
-        else:
-            bm, bn, w, st = 64, 32, 8, 1
-    else:  # backward
-        if BD <= 64:
-            bm, bn, w, st = 64, 64, 4, 2
-        elif BD <= 128:
-            bm, bn, w, st = 64, 64, 8, 2
-        else:
-            bm, bn, w, st = 32, 32, 8, 1
-    if f32:  # fp32 tiles take twice the shared memory
-        bm, bn = min(bm, 64), min(bn, 32)
+    # fp32: 3xTF32 dots (about fp32 accuracy); "ieee" fp32 dots crash LLVM's SLP vectorizer in
+    # triton 3.9 for the jvp kernel on sm_90 (assertion in scheduleBlock) or spill heavily
+    prec = "tf32x3" if f32 else "tf32"
+    i = 0 if BD <= 64 else (1 if BD <= 128 else 2)
+    bm, bn, w, st = {
+        "fwd": ((128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
+        "jvp": ((128, 64, 8, 3), (128, 32, 8, 2), (64, 16, 8, 2)),
+        "tangent": ((128, 64, 8, 3), (128, 64, 8, 2), (64, 16, 8, 2)),
+        "dkdv": ((64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 8, 1)),
+        "dq": ((64, 64, 4, 2), (64, 64, 8, 2), (32, 32, 8, 1)),
+    }[kind][i]
+    if f32:  # fp32 tiles take twice the registers and shared memory
+        bm, bn, w = min(bm, 64), min(bn, 32), 8
     return bm, bn, BD, w, st, f32, prec
+
+
+def _masked(S_k: int, block_n: int, has_kpm: bool, mode: int) -> bool:
+    return S_k % block_n != 0 or has_kpm or mode != MASK_NONE
 
 
 def _mask_args(q, k, key_padding_mask, mask):
@@ -355,26 +378,43 @@ def _mask_args(q, k, key_padding_mask, mask):
 def attention_fwd(q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor] = None,
                   mask: Optional[torch.Tensor] = None,
                   tangents: Optional[tuple] = None):
-    """Returns (O, tangent or None, LSE): O and the tangent contiguous `[B, S_q, H, D]` in q's
+    """One pass: (O, tangent or None, LSE); O and the tangent contiguous `[B, S_q, H, D]` in q's
     dtype, LSE fp32 `[B, H, S_q]` (log2 units). tangents: (tq, tk, tv) shaped like q, k, v."""
+    B, S_q, H, D = q.shape
+    o = torch.empty((B, S_q, H, D), dtype=q.dtype, device=q.device)
+    to = torch.empty_like(o) if tangents is not None else None
+    lse = torch.empty((B, H, S_q), dtype=torch.float32, device=q.device)
+    _launch_fwd(q, k, v, tangents, o, to, lse, False, scale, key_padding_mask, mask)
+    return o, to, lse
+
+
+def attention_tangent(q, k, v, o, lse, tangents: tuple, scale: float,
+                      key_padding_mask: Optional[torch.Tensor] = None,
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The output tangent alone, from the forward's O (contiguous) and LSE: contiguous
+    `[B, S_q, H, D]` in q's dtype."""
+    to = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _launch_fwd(q, k, v, tangents, o, to, lse, True, scale, key_padding_mask, mask)
+    return to
+
+
+def _launch_fwd(q, k, v, tangents, o, to, lse, use_lse: bool, scale, key_padding_mask, mask):
     B, S_q, H, D = q.shape
     S_k = k.shape[1]
     has_t = tangents is not None
-    BM, BN, BD, warps, stages, f32, prec = _config(q, has_t)
-    o = torch.empty((B, S_q, H, D), dtype=q.dtype, device=q.device)
-    to = torch.empty_like(o) if has_t else o
-    lse = torch.empty((B, H, S_q), dtype=torch.float32, device=q.device)
+    kind = "tangent" if use_lse else ("jvp" if has_t else "fwd")
+    BM, BN, BD, warps, stages, f32, prec = _config(q, kind)
     tq, tk, tv = tangents if has_t else (q, k, v)
     kpm_t, mask_t, has_kpm, mode, kpm_st, mask_st = _mask_args(q, k, key_padding_mask, mask)
     grid = (triton.cdiv(S_q, BM), B * H)
     _attn_fwd_kernel[grid](
-        q, k, v, tq, tk, tv, o, to, lse, kpm_t, mask_t,
+        q, k, v, tq, tk, tv, o, to if has_t else o, lse, kpm_t, mask_t,
         *q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(), *tv.stride(),
         o.stride(0), o.stride(1), o.stride(2), *kpm_st, *mask_st,
         H, S_q, S_k, D, float(scale),
-        HAS_TANGENT=has_t, HAS_KPM=has_kpm, MASK_MODE=mode, F32_DOT=f32, PREC=prec,
+        HAS_TANGENT=has_t, USE_LSE=use_lse, HAS_KPM=has_kpm, MASK_MODE=mode,
+        MASKED=_masked(S_k, BN, has_kpm, mode), F32_DOT=f32, PREC=prec,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages)
-    return o, (to if has_t else None), lse
 
 
 def attention_bwd(do, q, k, v, o, lse, scale: float,
@@ -384,24 +424,30 @@ def attention_bwd(do, q, k, v, o, lse, scale: float,
     o: the forward's contiguous output; lse: its LSE; do: any strides."""
     B, S_q, H, D = q.shape
     S_k = k.shape[1]
-    BM, BN, BD, warps, stages, f32, prec = _config(q, False, "bwd")
     delta = torch.empty((B, H, S_q), dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(S_q, BM), B * H)](
+    BD = max(16, triton.next_power_of_2(D))
+    BMD = 16 if _interpreted(q) else 64
+    _attn_bwd_delta_kernel[(triton.cdiv(S_q, BMD), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), *do.stride(), H, S_q, D,
-        BLOCK_M=BM, BLOCK_D=BD)
+        BLOCK_M=BMD, BLOCK_D=BD)
     dq = torch.empty((B, S_q, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, S_k, H, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, S_k, H, D), dtype=v.dtype, device=q.device)
     kpm_t, mask_t, has_kpm, mode, kpm_st, mask_st = _mask_args(q, k, key_padding_mask, mask)
-    common = dict(HAS_KPM=has_kpm, MASK_MODE=mode, F32_DOT=f32, PREC=prec, BLOCK_M=BM,
-                  BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _attn_bwd_dkdv_kernel[(triton.cdiv(S_k, BN), B * H)](
-        q, k, v, do, lse, delta, dk, dv, kpm_t, mask_t, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), *kpm_st, *mask_st,
-        H, S_q, S_k, D, float(scale), **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(S_q, BM), B * H)](
-        q, k, v, do, lse, delta, dq, kpm_t, mask_t, *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2), *kpm_st, *mask_st,
-        H, S_q, S_k, D, float(scale), **common)
+    for kind in ("dkdv", "dq"):
+        BM, BN, BD, warps, stages, f32, prec = _config(q, kind)
+        common = dict(HAS_KPM=has_kpm, MASK_MODE=mode, MASKED=_masked(S_k, BN, has_kpm, mode),
+                      F32_DOT=f32, PREC=prec, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+                      num_warps=warps, num_stages=stages)
+        if kind == "dkdv":
+            _attn_bwd_dkdv_kernel[(triton.cdiv(S_k, BN), B * H)](
+                q, k, v, do, lse, delta, dk, dv, kpm_t, mask_t, *strides,
+                dk.stride(0), dk.stride(1), dk.stride(2), *kpm_st, *mask_st,
+                H, S_q, S_k, D, float(scale), **common)
+        else:
+            _attn_bwd_dq_kernel[(triton.cdiv(S_q, BM), B * H)](
+                q, k, v, do, lse, delta, dq, kpm_t, mask_t, *strides,
+                dq.stride(0), dq.stride(1), dq.stride(2), *kpm_st, *mask_st,
+                H, S_q, S_k, D, float(scale), **common)
     return dq, dk, dv

@@ -437,9 +437,6 @@ def test_dit_default_attention_under_jvp():
         loss_of(tiny_dit(attn_backend="sdpa"))
 
 
-@pytest.mark.xfail(strict=True, reason="ops.qk_norm_rope's Triton path (fmrt::qk_norm_rope "
-                   "custom op, branch rope2) has no forward-AD rule: torch.func.jvp gets zero "
-                   "tangents from it silently, so du/dt is wrong; remove this marker once fixed")
 def test_dit_triton_ops_under_jvp_match_reference():
     """The DiT on fmrt's Triton kernels (interpreter; attention 'auto' = Triton flash attention
     under the loss's override) gives the reference path's MeanFlow target."""

@@ -36,18 +36,7 @@ def _sft_check(x0, first_frame, compat, sampler, weighting, reduction, sigma) ->
             raise ValueError(f"sigma must be a [B={x0.shape[0]}] tensor")
         ops.check_sigma("sigma", sigma, x0, per_sample_only=True)
     if first_frame is not None:
-        ops.check_float_tensor("first_frame", first_frame)
-        if x0.ndim != 5:
-            raise ValueError(f"first_frame needs video latents x0 [B, C, T, H, W], got "
-                             f"{tuple(x0.shape)}")
-        B, C, T, H, W = x0.shape
-        if tuple(first_frame.shape) != (B, C, 1, H, W):
-            raise ValueError(f"first_frame must be [B, C, 1, H, W] = {(B, C, 1, H, W)}, got "
-                             f"{tuple(first_frame.shape)}")
-        if first_frame.device != x0.device:
-            raise ValueError(f"first_frame is on {first_frame.device} but x0 is on {x0.device}")
-        if T < 2:
-            raise ValueError("first_frame needs at least 2 latent frames (frame 0 is not trained)")
+        ops.check_first_frame(first_frame, x0, "x0")
 
 
 def _frame_sigma(sigma: Tensor, frames: int) -> Tensor:

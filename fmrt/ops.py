@@ -40,6 +40,23 @@ def check_same(name: str, t: Tensor, like_name: str, like: Tensor, *, dtype: boo
         raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
 
 
+def check_first_frame(first_frame, x: Tensor, x_name: str) -> None:
+    """TI2V first-frame latents: a float `[B, C, 1, H, W]` tensor matching video x `[B, C, T, H, W]`
+    (T >= 2) on x's device."""
+    check_float_tensor("first_frame", first_frame)
+    if x.ndim != 5:
+        raise ValueError(f"first_frame needs video {x_name} [B, C, T, H, W], got "
+                         f"{tuple(x.shape)}")
+    B, C, T, H, W = x.shape
+    if tuple(first_frame.shape) != (B, C, 1, H, W):
+        raise ValueError(f"first_frame must be [B, C, 1, H, W] = {(B, C, 1, H, W)}, got "
+                         f"{tuple(first_frame.shape)}")
+    if first_frame.device != x.device:
+        raise ValueError(f"first_frame is on {first_frame.device} but {x_name} is on {x.device}")
+    if T < 2:
+        raise ValueError("first_frame needs at least 2 latent frames (frame 0 is pinned)")
+
+
 def check_sigma(name: str, sigma, x: Tensor, *, per_sample_only: bool = False) -> None:
     """A float in [0, 1], a 0-d tensor, a `[B]` tensor, or (unless per_sample_only) a tensor
     broadcastable to x. Tensor values are not read back to the host."""

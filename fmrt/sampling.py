@@ -216,17 +216,7 @@ def _check_args(model, noise, steps, solver, guidance_scale, eta, recorder, deno
         ops.check_float_tensor("x_init", x_init)
         ops.check_same("x_init", x_init, "noise", noise, dtype=False)
     if first_frame is not None:
-        ops.check_float_tensor("first_frame", first_frame)
-        if noise.ndim != 5:
-            raise ValueError(f"first_frame needs video noise [B, C, T, H, W], got "
-                             f"{tuple(noise.shape)}")
-        B, C, _, H, W = noise.shape
-        if tuple(first_frame.shape) != (B, C, 1, H, W):
-            raise ValueError(f"first_frame must be [B, C, 1, H, W] = {(B, C, 1, H, W)}, got "
-                             f"{tuple(first_frame.shape)}")
-        if first_frame.device != noise.device:
-            raise ValueError(f"first_frame is on {first_frame.device} but noise is on "
-                             f"{noise.device}")
+        ops.check_first_frame(first_frame, noise, "noise")
         if solver == "meanflow":
             raise ValueError("first_frame (TI2V) is not supported with solver='meanflow'")
     if rescale not in ref.RESCALES:

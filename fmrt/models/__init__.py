@@ -1,1 +1,5 @@
 """Models used by fmrt's runtime, tests, demos and benchmarks."""
+from fmrt.models.attention import WanSelfAttention
+from fmrt.models.dit import PRESETS, DiT, DiTConfig
+
+__all__ = ["DiT", "DiTConfig", "PRESETS", "WanSelfAttention"]

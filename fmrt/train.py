@@ -624,6 +624,7 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
             if not os.path.isfile(resume_path):
                 raise FileNotFoundError(f"no such checkpoint to resume from: {resume_path}")
 
+    torch.manual_seed(_mix(config.seed, 0x1417))     # the initial weights depend on the seed only
     model, mcfg = build_model(config, sample_shape, cond_kind, cond_dim)
     if config.init:
         base, meta = load_model(config.init)

@@ -74,6 +74,219 @@ def check_sigma(name: str, sigma, x: Tensor, *, per_sample_only: bool = False) -
 # ---------------------------------------------------------------------------------------------
 # training ops: add_noise, flow_matching_loss
 # ---------------------------------------------------------------------------------------------
+#
+# Seeds: an int in [0, 2^63), a 0-d integer tensor (device-side seeds: no host sync), or None
+# (add_noise: drawn on the data's device from torch's default generator, so torch.manual_seed
+# governs it). Noise of element (b, j) = Philox(seed; counter = (j-group, b)): the scheme is in
+# fmrt/reference.py ("training ops"); the Triton kernels and the reference give the same noise.
+# The Triton path runs through torch.library custom ops (`fmrt::add_noise`,
+# `fmrt::flow_matching_loss_fwd`), so both ops trace into torch.compile graphs without a break.
+
+REDUCTIONS = ("mean", "sum", "none")
+SEED_LIMIT = 2 ** 63
+
+
+def check_seed(name: str, seed) -> None:
+    """None, an int in [0, 2^63) or a 0-d integer tensor."""
+    if seed is None:
+        return
+    if isinstance(seed, bool):
+        raise TypeError(f"{name} must be an int or a 0-d integer tensor, got bool")
+    if isinstance(seed, Tensor):
+        if seed.ndim != 0 or seed.is_floating_point() or seed.is_complex() or \
+                seed.dtype == torch.bool:
+            raise TypeError(f"{name} tensor must be a 0-d integer tensor, got {seed.dtype} of "
+                            f"shape {tuple(seed.shape)}")
+        return
+    if not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int or a 0-d integer tensor, got "
+                        f"{type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must lie in [0, 2^63), got {seed}")
+
+
+def seed_tensor(seed, device) -> Tensor:
+    """The seed as a 0-d int64 tensor on `device`, made there (no host-to-device copy);
+    None draws one from torch's default generator for that device."""
+    if seed is None:
+        return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64, device=device)
+    if isinstance(seed, Tensor):
+        return seed.to(device=device, dtype=torch.int64)
+    return torch.full((), seed, dtype=torch.int64, device=device)
+
+
+def _check_noise(noise, x0: Tensor, seed) -> None:
+    if noise is None:
+        return
+    check_float_tensor("noise", noise)
+    check_same("noise", noise, "x0", x0, dtype=False)
+    if seed is not None:
+        raise ValueError("pass either noise or seed, not both (seed draws the noise)")
+
+
+@torch.library.custom_op("fmrt::add_noise", mutates_args=())
+def _add_noise_op(x0: Tensor, sigma: Optional[Tensor], sigma_value: float,
+                  noise: Optional[Tensor], seed: Optional[Tensor], return_noise: bool,
+                  return_target: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from fmrt.kernels import noise as K
+    return K.add_noise(x0.contiguous(), sigma, sigma_value,
+                       None if noise is None else noise.contiguous(), seed, return_noise,
+                       return_target)
+
+
+@_add_noise_op.register_fake
+def _add_noise_fake(x0, sigma, sigma_value, noise, seed, return_noise, return_target):
+    def new(keep):
+        if not keep:
+            return x0.new_empty(0)
+        return torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    return new(True), new(return_target), new(return_noise and noise is None)
+
+
+def add_noise(x0: Tensor, sigma: Sigma, noise: Optional[Tensor] = None, *, seed=None,
+              return_noise: bool = False):
+    """Noise x0 `[B, ...]` to level sigma: returns `(x_t, target)`, or `(x_t, target, noise)`
+    with return_noise; `x_t = (1 - sigma) x0 + sigma noise`, `target = noise - x0`, both in
+    x0's dtype (fp32 math, one rounding), contiguous.
+
+    sigma: a float in [0, 1], a 0-d or `[B]` tensor, or a tensor with x0's ndim broadcastable to
+    it (per frame: `[B, 1, T, 1, 1]`). noise: a float tensor of x0's shape, or None to draw
+    N(0, 1) Philox noise from `seed` in the kernel (never written unless return_noise; the
+    returned noise is then rounded to x0's dtype). Not differentiable.
+    """
+    check_float_tensor("x0", x0)
+    if x0.ndim == 0:
+        raise ValueError("x0 must have a batch dimension [B, ...], got a 0-d tensor")
+    check_sigma("sigma", sigma, x0)
+    check_seed("seed", seed)
+    _check_noise(noise, x0, seed)
+    if isinstance(seed, Tensor) and seed.device != x0.device:
+        raise ValueError(f"seed is on {seed.device} but x0 is on {x0.device}")
+    seed_t = None if noise is not None else seed_tensor(seed, x0.device)
+    x_t, target, eps = noised_sample(x0, sigma, noise, seed_t, return_noise=return_noise)
+    return (x_t, target, eps) if return_noise else (x_t, target)
+
+
+def noised_sample(x0: Tensor, sigma: Sigma, noise: Optional[Tensor], seed: Optional[Tensor], *,
+                  return_noise: bool = False, return_target: bool = True):
+    """add_noise after the checks (seed: a 0-d int64 tensor on x0's device, or None with
+    noise): `(x_t, target or None, noise or None)`; the kernel skips what is not asked for."""
+    if use_triton(x0, *(t for t in (noise, sigma) if isinstance(t, Tensor))):
+        s_t, s_v = (sigma, 0.0) if isinstance(sigma, Tensor) else (None, float(sigma))
+        x_t, target, gen = _add_noise_op(x0, s_t, s_v, noise, seed, return_noise, return_target)
+        eps = (gen if noise is None else noise) if return_noise else None
+        return x_t, (target if return_target else None), eps
+    eps = noise if noise is not None else ref.philox_normal(x0.shape, seed, x0.device)
+    x_t, target = ref.add_noise(x0, sigma, eps)
+    if return_noise and noise is None:
+        eps = eps.to(x0.dtype)
+    return x_t, (target if return_target else None), (eps if return_noise else None)
+
+
+@torch.library.custom_op("fmrt::flow_matching_loss_fwd", mutates_args=())
+def _fm_loss_op(pred: Tensor, x0: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
+                mask: Optional[Tensor], need_grad: bool) -> tuple[Tensor, Tensor]:
+    from fmrt.kernels import loss as K
+    return K.fm_loss_fwd(pred.contiguous(), x0.contiguous(),
+                         None if noise is None else noise.contiguous(), seed, mask, need_grad)
+
+
+@_fm_loss_op.register_fake
+def _fm_loss_fake(pred, x0, noise, seed, mask, need_grad):
+    num = pred.new_empty(pred.shape[0], dtype=torch.float32)
+    grad = (torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if need_grad
+            else pred.new_empty(0))
+    return num, grad
+
+
+def _fm_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _fm_loss_backward(ctx, grad_num, grad_grad):
+    # d num_b / d pred = the stored 2 mask (pred - target): scale it per sample in place (its
+    # only use; a second backward trips autograd's saved-tensor version check).
+    (g,) = ctx.saved_tensors
+    if g.numel() == 0:
+        return None, None, None, None, None, None
+    return g.mul_(grad_num.view(-1, *([1] * (g.ndim - 1)))), None, None, None, None, None
+
+
+_fm_loss_op.register_autograd(_fm_loss_backward, setup_context=_fm_loss_setup)
+
+
+def _check_weight(weight, batch: int, device) -> None:
+    if weight is None:
+        return
+    if isinstance(weight, bool) or not isinstance(weight, (int, float, Tensor)):
+        raise TypeError(f"weight must be a float or a tensor, got {type(weight).__name__}")
+    if not isinstance(weight, Tensor):
+        return
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but pred is on {device}")
+    if weight.ndim > 1 or (weight.ndim == 1 and weight.shape[0] not in (1, batch)):
+        raise ValueError(f"weight must be a float, 0-d or [B={batch}] tensor, got shape "
+                         f"{tuple(weight.shape)}")
+
+
+def _check_mask(mask, pred: Tensor) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a tensor, got {type(mask).__name__}")
+    if not (mask.is_floating_point() or mask.dtype == torch.bool):
+        raise TypeError(f"mask must be a float or bool tensor, got {mask.dtype}")
+    if mask.device != pred.device:
+        raise ValueError(f"mask is on {mask.device} but pred is on {pred.device}")
+    try:
+        ok = mask.ndim <= pred.ndim and \
+            tuple(torch.broadcast_shapes(mask.shape, pred.shape)) == tuple(pred.shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to pred "
+                         f"{tuple(pred.shape)}")
+
+
+def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None, *, seed=None,
+                       weight=None, mask: Optional[Tensor] = None, reduction: str = "mean"
+                       ) -> Tensor:
+    """Weighted flow-matching MSE: per sample `L_b = sum(mask (pred - (noise - x0))^2) /
+    sum(mask)` over sample b (0 if the mask is all zero), times weight (float, 0-d or `[B]`);
+    reduction "mean" (float32 scalar), "sum" or "none" (`[B]` float32).
+
+    pred, x0: `[B, ...]`, same shape (float dtypes may differ); noise: x0's shape, or None to
+    regenerate in the kernel the Philox noise `add_noise(x0, ..., seed=seed)` used (seed is then
+    required). mask: float or bool, broadcastable to pred (TI2V frame mask `[B, 1, T, 1, 1]`).
+    With mask=None and a scalar weight, "mean" is `mse_loss(pred.float(), target.float()) * w`.
+    The Triton path computes d loss / d pred in the forward pass (stored in pred's dtype: the
+    only tensor of x0's size kept); the backward scales it. Gradients flow to pred only.
+    """
+    check_float_tensor("pred", pred)
+    check_float_tensor("x0", x0)
+    if pred.ndim == 0:
+        raise ValueError("pred must have a batch dimension [B, ...], got a 0-d tensor")
+    check_same("x0", x0, "pred", pred, dtype=False)
+    check_seed("seed", seed)
+    _check_noise(noise, x0, seed)
+    if noise is None and seed is None:
+        raise ValueError("flow_matching_loss needs noise or the seed add_noise drew it from")
+    if isinstance(seed, Tensor) and seed.device != pred.device:
+        raise ValueError(f"seed is on {seed.device} but pred is on {pred.device}")
+    _check_weight(weight, pred.shape[0], pred.device)
+    _check_mask(mask, pred)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    seed_t = None if noise is not None else seed_tensor(seed, pred.device)
+    if use_triton(pred, x0, *(t for t in (noise, mask, weight) if isinstance(t, Tensor))):
+        need_grad = torch.is_grad_enabled() and pred.requires_grad
+        num, _ = _fm_loss_op(pred, x0, noise, seed_t, mask, need_grad)
+        den = ref.mask_denominator(mask, pred.shape, device=pred.device)
+        return ref.finish_loss(num, den, weight, reduction)
+    eps = noise if noise is not None else ref.philox_normal(x0.shape, seed_t, x0.device)
+    return ref.flow_matching_loss(pred, x0, eps, weight, mask, reduction)
 
 
 # ---------------------------------------------------------------------------------------------

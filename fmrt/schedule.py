@@ -136,6 +136,17 @@ def flux2_empirical_mu(seq_len: float, num_steps: int) -> float:
     return float(a * num_steps + (m_200 - 200.0 * a))
 
 
+def mode_map(u: Tensor, scale: float = 1.29) -> Tensor:
+    """SD3's mode sampling map of U ~ U[0, 1): `1 - U - scale (cos^2(pi U / 2) - 1 + U)`."""
+    return 1 - u - scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+
+
+def cosmap_map(u: Tensor) -> Tensor:
+    """SD3's CosMap map of U ~ U[0, 1): `1 - 1 / (tan(pi U / 2) + 1)`; the result has density
+    `2 / (pi (1 - 2t + 2t^2))`."""
+    return 1 - 1 / (torch.tan(math.pi * u / 2) + 1)
+
+
 @dataclass(frozen=True)
 class Shift:
     """The map from an unshifted sigma u to the schedule's sigma."""
@@ -175,7 +186,15 @@ class FlowMatchScheduler:
     `sigmas` `[N]` float32 and `timesteps` `[N]` float32 (1000 * sigma; Wan-official: integers)
     live on the CPU; `sigma_grid(device)` and every lookup use per-device copies made once per
     `set_timesteps`. The constructor sets the 1000-step training grid (and its weight table) so
-    a fresh scheduler can sample training sigmas at once; call `set_timesteps` to change it.
+    a fresh scheduler can sample training sigmas at once; call `set_timesteps` to change it
+    (an inference `set_timesteps(N)` drops the weight table: keep one scheduler for training
+    and another for sampling).
+
+    Stepping: `step(v, timestep, x)` (DiffSynth: nearest grid timestep), `step(v, None, x,
+    index=i)` (int, 0-d or `[B]` int64 tensor), or by sigmas with
+    `fmrt.ops.euler_step(x, v, grid[i], grid[i + 1])` on `grid = sigma_grid(device)`.
+    Wan-official: Wan feeds its model the integer `timesteps[i]` (model sigma
+    `timesteps[i] / 1000`) while its solver steps with `sigmas[i]`.
     """
 
     num_train_timesteps = NUM_TRAIN_TIMESTEPS
@@ -264,7 +283,8 @@ class FlowMatchScheduler:
             return Shift("exponential", _real("exponential_shift_mu", mu))
         if seq_len is not None:
             seq_len = _real("dynamic_shift_len", seq_len, positive=True)
-            mu = qwen_image_mu(seq_len) if p.mu_rule == "qwen_image" else flux2_empirical_mu(seq_len, n)
+            mu = (qwen_image_mu(seq_len) if p.mu_rule == "qwen_image"
+                  else flux2_empirical_mu(seq_len, n))
             return Shift("exponential", mu)
         return Shift("exponential", p.default_shift)
 
@@ -284,6 +304,8 @@ class FlowMatchScheduler:
 
     def _on(self, device: Device) -> _DeviceGrid:
         dev = torch.device("cpu") if device is None else torch.device(device)
+        if dev.type == "cuda" and dev.index is None:   # one cache entry per physical device
+            dev = torch.device("cuda", torch.cuda.current_device())
         g = self._cache.get(dev)
         if g is None:
             s = self.sigmas.to(dev)
@@ -326,7 +348,9 @@ class FlowMatchScheduler:
         return (grid - t.to(dt).unsqueeze(-1)).abs().argmin(dim=-1)
 
     def _index(self, timestep, index, device: torch.device) -> Tensor:
-        """The grid index for a step/add_noise call: `index` if given, else the lookup."""
+        """The grid index for a step/add_noise call: `index` if given, else the lookup.
+        Callers gather with `Tensor.take`: indexing with a 0-d integer tensor (`t[idx]`) would
+        read idx back to the host."""
         if index is None:
             if timestep is None:
                 raise ValueError("pass a timestep or an index")
@@ -369,7 +393,7 @@ class FlowMatchScheduler:
         self._check_per_sample("timestep", timestep, original_samples)
         self._check_per_sample("index", index, original_samples)
         idx = self._index(timestep, index, original_samples.device)
-        sigma = self._on(original_samples.device).sigmas[idx]
+        sigma = self._on(original_samples.device).sigmas.take(idx)
         return ref.add_noise(original_samples, sigma, noise)[0]
 
     def training_target(self, sample: Tensor, noise: Tensor, timestep: Optional[Timestep] = None
@@ -388,7 +412,7 @@ class FlowMatchScheduler:
         dev = timestep.device if isinstance(timestep, Tensor) else (
             index.device if isinstance(index, Tensor) else w.device)
         idx = self._index(timestep, index, dev)
-        return self._on(dev).weights[idx]
+        return self._on(dev).weights.take(idx)
 
     def step(self, model_output: Tensor, timestep: Optional[Timestep], sample: Tensor,
              to_final: bool = False, *, index: Union[int, Tensor, None] = None) -> Tensor:
@@ -401,8 +425,8 @@ class FlowMatchScheduler:
         self._check_per_sample("index", index, sample)
         idx = self._index(timestep, index, sample.device)
         g = self._on(sample.device)
-        sigma = g.sigmas[idx]
-        sigma_next = torch.zeros_like(sigma) if to_final else g.grid[idx + 1]
+        sigma = g.sigmas.take(idx)
+        sigma_next = torch.zeros_like(sigma) if to_final else g.grid.take(idx + 1)
         return ops.euler_step(sample, model_output, sigma, sigma_next)
 
     def return_to_timestep(self, timestep: Optional[Timestep], sample: Tensor,
@@ -416,7 +440,7 @@ class FlowMatchScheduler:
         self._check_per_sample("timestep", timestep, sample)
         self._check_per_sample("index", index, sample)
         idx = self._index(timestep, index, sample.device)
-        sigma = ref.broadcast_sigma(self._on(sample.device).sigmas[idx], sample)
+        sigma = ref.broadcast_sigma(self._on(sample.device).sigmas.take(idx), sample)
         dt = ref.compute_dtype(sample.dtype)
         return ((sample.to(dt) - sample_stablized.to(dt)) / sigma).to(sample.dtype)
 
@@ -467,8 +491,8 @@ class FlowMatchScheduler:
             idx = torch.randint(i0, i1, (b,), generator=generator, device=dev)
             g = self._on(dev)
             if self.bf16_timestep_lookup:   # the index DiffSynth's add_noise really uses
-                idx = self.timestep_index(g.timesteps[idx])
-            return g.sigmas[idx]
+                idx = self.timestep_index(g.timesteps.take(idx))
+            return g.sigmas.take(idx)
 
         if sampler == "logit_normal":
             std = _real("logit_std", logit_std, positive=True)
@@ -476,16 +500,17 @@ class FlowMatchScheduler:
                              device=dev, generator=generator)
             u = torch.sigmoid(u)
         else:
-            u = torch.rand((b,), device=dev, generator=generator)
             if sampler == "mode":
                 s = _real("mode_scale", mode_scale)
                 if not MODE_SCALE_RANGE[0] <= s <= MODE_SCALE_RANGE[1]:
                     raise ValueError(f"mode_scale must lie in [{MODE_SCALE_RANGE[0]}, "
                                      f"{MODE_SCALE_RANGE[1]:.4f}] (a monotone map onto [0, 1]), "
                                      f"got {mode_scale}")
-                u = 1 - u - s * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+            u = torch.rand((b,), device=dev, generator=generator)
+            if sampler == "mode":
+                u = mode_map(u, s)
             elif sampler == "cosmap":
-                u = 1 - 1 / (torch.tan(math.pi * u / 2) + 1)
+                u = cosmap_map(u)
         u = (1.0 - hi) + (hi - lo) * u
         return self.apply_shift(u.to(torch.float32))
 
@@ -505,7 +530,7 @@ class FlowMatchScheduler:
         if weighting == "table":
             self._require_table()
             g = self._on(s.device)
-            return g.weights[(g.sigmas - s.unsqueeze(-1)).abs().argmin(dim=-1)]
+            return g.weights.take((g.sigmas - s.unsqueeze(-1)).abs().argmin(dim=-1))
         if weighting == "sigma_sqrt":
             return s ** -2.0
         if weighting == "cosmap":

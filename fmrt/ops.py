@@ -293,6 +293,8 @@ def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None,
 # sampling ops: euler_step, cfg_combine, guided_euler_step, sde_step
 # ---------------------------------------------------------------------------------------------
 
+import math  # noqa: E402  (kept inside this section for clean merges)
+
 def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma) -> Tensor:
     """One Euler step of the flow ODE: `x + (sigma_next - sigma) * v`.
 
@@ -308,6 +310,196 @@ def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma) -> Tensor:
         return ref.euler_step(x, v, sigma, sigma_next)
     from fmrt.kernels import step as K
     return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next)
+
+
+def check_scale(name: str, scale, x: Tensor) -> None:
+    """A guidance scale: a float, or a floating 0-d / `[B]` tensor on x's device."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(scale).__name__}")
+    if not isinstance(scale, Tensor):
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"{name} must be finite, got {scale}")
+        return
+    if not scale.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {scale.dtype}")
+    if scale.device != x.device:
+        raise ValueError(f"{name} is on {scale.device} but the data is on {x.device}")
+    batch = x.shape[0] if x.ndim else 1
+    if not (scale.ndim == 0 or (scale.ndim == 1 and scale.shape[0] in (1, batch))):
+        raise ValueError(f"{name} must be a float, 0-d or [B={batch}] tensor, "
+                         f"got shape {tuple(scale.shape)}")
+
+
+def _check_guidance(v_cond: Tensor, v_uncond: Tensor, scale, rescale, norm_dim, stats) -> int:
+    """Checks shared by cfg_combine / guided_euler_step; returns the per-token row length
+    (0 unless rescale="norm" with norm_dim=-1)."""
+    check_float_tensor("v_cond", v_cond)
+    check_float_tensor("v_uncond", v_uncond)
+    check_same("v_uncond", v_uncond, "v_cond", v_cond)
+    if v_cond.ndim < 1:
+        raise ValueError("v_cond must be [B, ...], got a 0-d tensor")
+    check_scale("scale", scale, v_cond)
+    if rescale not in ref.RESCALES:
+        raise ValueError(f"rescale must be one of {ref.RESCALES}, got {rescale!r}")
+    if norm_dim is not None:
+        if isinstance(norm_dim, bool) or not isinstance(norm_dim, int):
+            raise TypeError(f"norm_dim must be None or an int, got {type(norm_dim).__name__}")
+        if v_cond.ndim < 2 or norm_dim not in (-1, v_cond.ndim - 1):
+            raise ValueError(f"norm_dim must be None (per sample) or -1 (per token over the last "
+                             f"dim of [B, ..., C]), got {norm_dim} for shape "
+                             f"{tuple(v_cond.shape)}")
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be a dict (filled with [B] tensors) or None, "
+                        f"got {type(stats).__name__}")
+    return v_cond.shape[-1] if (rescale == "norm" and norm_dim is not None) else 0
+
+
+def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale, *, rescale: str = "none",
+                norm_dim: Optional[int] = None, stats: Optional[dict] = None,
+                sigma: Optional[Sigma] = None) -> Tensor:
+    """Classifier-free guidance `v = v_uncond + scale * (v_cond - v_uncond)`.
+
+    v_cond, v_uncond: same shape `[B, ...]` and dtype; scale: float or `[B]` tensor.
+    rescale="norm" ("true CFG"): `v *= ||v_cond|| / ||v||` per sample (norm_dim=None) or per
+    token over the last dim (norm_dim=-1, diffusers' Qwen-Image on packed `[B, L, C]`); the
+    factor is 1 where ||v|| = 0. stats: optional dict, filled with the per-sample diagnostics
+    (see guided_euler_step; the sigma-dependent entries only when `sigma` is given).
+    Returns a new tensor of v_cond's dtype.
+    """
+    row = _check_guidance(v_cond, v_uncond, scale, rescale, norm_dim, stats)
+    if sigma is not None:
+        check_sigma("sigma", sigma, v_cond, per_sample_only=True)
+    if not use_triton(v_cond, v_uncond):
+        out = ref.cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim)
+        if stats is not None:
+            st = ref.guidance_stats(v_cond, v_uncond, scale, 1.0 if sigma is None else sigma)
+            _fill_stats(stats, st, sigma is not None)
+        return out
+    from fmrt.kernels import step as K
+    out, part = K.guided_step(None, v_cond.contiguous(), v_uncond.contiguous(), scale, None, None,
+                              rescale=rescale, row=row, stats=stats is not None)
+    if stats is not None:
+        st = K.finish_stats(part, v_cond[0].numel(), 1.0 if sigma is None else sigma)
+        _fill_stats(stats, st, sigma is not None)
+    return out
+
+
+def _fill_stats(stats: dict, st: dict, with_sigma: bool) -> None:
+    if not with_sigma:
+        for key in ("sigma", "vel_diff_norm", "x0_diff_norm"):
+            st.pop(key)
+    stats.update(st)
+
+
+def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma: Sigma,
+                      sigma_next: Sigma, *, rescale: str = "none", norm_dim: Optional[int] = None,
+                      stats: Optional[dict] = None) -> Tensor:
+    """CFG combine (+ "true CFG" norm rescale) + Euler step in one pass:
+    `x + (sigma_next - sigma) * cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim)`.
+
+    x, v_cond, v_uncond: same shape `[B, ...]` and dtype; scale: float or `[B]`; sigmas: floats,
+    0-d or `[B]` tensors. Per-sample rescale needs the norms before the step: a split reduction
+    (pass 1 reads v_cond, v_uncond for partial norms; pass 2 combines and steps: 6 N bytes-per-
+    element instead of 4 N). stats: a dict that receives float32 `[B]` device tensors (no host
+    sync) computed in the same pass: sigma, cond_mean, cond_std, uncond_mean, uncond_std,
+    cfg_diff_mean, cfg_diff_std, cfg_diff_norm, vel_diff_norm (||sigma * cfg_diff||),
+    x0_diff_norm (||x0_cond - x0_uncond||), rescale_ratio (||v_cond|| / ||v||, v unrescaled).
+    """
+    check_float_tensor("x", x)
+    row = _check_guidance(v_cond, v_uncond, scale, rescale, norm_dim, stats)
+    check_same("v_cond", v_cond, "x", x)
+    check_sigma("sigma", sigma, x, per_sample_only=True)
+    check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
+    if not use_triton(x, v_cond, v_uncond):
+        out = ref.guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale,
+                                    norm_dim)
+        if stats is not None:
+            stats.update(ref.guidance_stats(v_cond, v_uncond, scale, sigma))
+        return out
+    from fmrt.kernels import step as K
+    out, part = K.guided_step(x.contiguous(), v_cond.contiguous(), v_uncond.contiguous(), scale,
+                              sigma, sigma_next, rescale=rescale, row=row,
+                              stats=stats is not None)
+    if stats is not None:
+        stats.update(K.finish_stats(part, x[0].numel(), sigma))
+    return out
+
+
+def cfg_zero_star_scale(v_cond: Tensor, v_uncond: Tensor) -> Tensor:
+    """CFG-Zero*'s optimised scale `<c, u> / (||u||^2 + 1e-8)` per sample: float32 `[B]`.
+    Guide with `cfg_combine(v_cond, alpha * v_uncond, scale)`."""
+    check_float_tensor("v_cond", v_cond)
+    check_float_tensor("v_uncond", v_uncond)
+    check_same("v_uncond", v_uncond, "v_cond", v_cond)
+    return ref.cfg_zero_star_scale(v_cond, v_uncond)
+
+
+def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: float,
+             noise: Optional[Tensor] = None, seed: Optional[int] = None,
+             return_log_prob: bool = False):
+    """Euler-Maruyama step of the flow SDE, score from the velocity (Flow-GRPO discretisation,
+    see `fmrt.reference.sde_step`); eta = 0 is exactly `euler_step`.
+
+    x, v: same shape `[B, ...]` and dtype; sigmas floats, 0-d or `[B]` tensors (sigma_next <=
+    sigma); noise: explicit `N(0, I)` of x's shape, or None to draw Philox noise in-kernel from
+    `seed` (`tl.randn(seed, i)` at flat element index i; None draws a seed from torch's default
+    CPU generator). Returns x' of x's dtype, or `(x', log_prob [B] float32)` with
+    return_log_prob (the per-element mean Gaussian log-density of the step, as Flow-GRPO).
+    """
+    check_float_tensor("x", x)
+    check_float_tensor("v", v)
+    check_same("v", v, "x", x)
+    if x.ndim < 1:
+        raise ValueError("x must be [B, ...], got a 0-d tensor")
+    check_sigma("sigma", sigma, x, per_sample_only=True)
+    check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
+    if not isinstance(sigma, Tensor) and not isinstance(sigma_next, Tensor):
+        if float(sigma_next) > float(sigma):
+            raise ValueError(f"sigma_next ({sigma_next}) must not exceed sigma ({sigma})")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise TypeError(f"eta must be a float, got {type(eta).__name__}")
+    if not (eta >= 0.0 and math.isfinite(eta)):
+        raise ValueError(f"eta must be a finite float >= 0, got {eta}")
+    if return_log_prob and eta == 0:
+        raise ValueError("return_log_prob needs eta > 0 (eta = 0 is deterministic)")
+    if noise is not None:
+        check_float_tensor("noise", noise)
+        check_same("noise", noise, "x", x, dtype=False)
+        if seed is not None:
+            raise ValueError("give noise or seed, not both")
+    elif seed is None:
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    if not use_triton(x, v):
+        if noise is not None:
+            z = noise
+        elif eta == 0:  # the noise is multiplied by 0: no need to draw it
+            z = torch.zeros_like(x)
+        else:
+            z = _seeded_normal(seed, x)
+        return ref.sde_step(x, v, sigma, sigma_next, float(eta), z, return_log_prob)
+    from fmrt.kernels import step as K
+    out, zz = K.sde_step(x.contiguous(), v.contiguous(), sigma, sigma_next, float(eta),
+                         None if noise is None else noise.contiguous(), seed or 0,
+                         return_log_prob)
+    if not return_log_prob:
+        return out
+    B, n = x.shape[0], x[0].numel()
+    _, std_dt = ref.sde_coefficients(sigma, sigma_next, float(eta),
+                                     torch.empty(B, device=x.device))
+    lp = -0.5 * zz / n - torch.log(std_dt.double()).expand(B) - 0.5 * math.log(2 * math.pi)
+    return out, lp.float()
+
+
+def _seeded_normal(seed: int, x: Tensor) -> Tensor:
+    """The Philox normals `tl.randn(seed, i)` over x's flat indices, in torch (the reference of
+    the training section reproduces Triton's Philox)."""
+    philox = getattr(ref, "philox_randn", None)
+    if philox is None:
+        raise NotImplementedError("seeded noise on the torch path needs fmrt.reference's Philox "
+                                  "(branch train); pass noise= explicitly")
+    return philox(seed, x.shape, device=x.device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -356,10 +356,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
                            "--guidance-scale other than 1")
         from fmrt.sampling import DiagnosticsRecorder
         recorder = DiagnosticsRecorder()
-    torch.set_grad_enabled(False)
-    clips = generate_clips(model, meta, labels, steps=steps, solver=args.solver,
-                           guidance_scale=scale, seed=args.seed, shift=args.shift, device=device,
-                           dtype=_dtype(args.dtype), recorder=recorder)
+    with torch.no_grad():
+        clips = generate_clips(model, meta, labels, steps=steps, solver=args.solver,
+                               guidance_scale=scale, seed=args.seed, shift=args.shift,
+                               device=device, dtype=_dtype(args.dtype), recorder=recorder)
     save_grid_png(clips.cpu(), labels, args.out)
     msg = [f"wrote {args.out}"]
     if gif:
@@ -415,7 +415,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     clf, _ = load_classifier(args.classifier or CLASSIFIER_PATH)
     K = model.config.num_classes
     labels = torch.arange(K).repeat_interleave(args.num_per_class)
-    torch.set_grad_enabled(False)
     rows = []
     print(f"{'solver':<8} {'steps':>5} {'cfg':>5} {'accuracy':>9} {'FD':>9} {'seconds':>8}")
     for scale in args.guidance_scale:

@@ -204,21 +204,14 @@ def generate_clips(model, meta: dict, labels: Tensor, *, steps: int = 20, solver
     sched, sigmas = _grid_sigmas(meta, steps, shift, device)
     uncond = torch.full_like(labels, int(model.config.num_classes))
     dt = dtype or next(model.parameters()).dtype
-    try:
-        from fmrt import sampling
-    except ImportError:  # until the sampling branch is merged: plain Euler with CFG
-        from fmrt import ops
-        x = noise.to(dt)
-        for i in range(steps):
-            s, s2 = sigmas[i], sigmas[i + 1]
-            sb = s.expand(n)
-            v = model(torch.cat([x, x]), torch.cat([sb, sb]), torch.cat([labels, uncond]))
-            vc, vu = v.chunk(2)
-            x = ops.euler_step(x, vu + guidance_scale * (vc - vu), s, s2)
-        return x.float().clamp(-1, 1)
-    x = sampling.sample(model, noise.to(dt), sigmas=sigmas, solver=solver,
-                        guidance_scale=guidance_scale, cond=labels, uncond=uncond,
-                        seed=seed, recorder=recorder, progress=progress)
+    from fmrt import sampling
+    net = model
+    if solver == "meanflow":
+        def net(z, r, t, c):   # the sampler's u(z, r, t) convention -> the DiT's
+            return model(z, t, c, r=r)
+    x = sampling.sample(net, noise.to(dt), sigmas=sigmas, solver=solver,
+                        guidance_scale=guidance_scale, cond=labels,
+                        uncond=uncond if guidance_scale != 1.0 else None, seed=seed, recorder=recorder, progress=progress)
     return x.float().clamp(-1, 1)
 
 

@@ -537,22 +537,27 @@ def _drop_cond(cond, p: float, null_class: Optional[int], gen: torch.Generator):
 
 def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, config: TrainConfig,
                  gen: torch.Generator) -> Tensor:
-    """The scalar training loss of one batch (SFT flow matching or MeanFlow)."""
+    """The scalar training loss of one batch: `fmrt.losses.sft_loss` (noise drawn in the
+    kernel from a seed taken from `gen`), or with reflow couplings (`noise` given) the same
+    weighted flow-matching MSE on the given noise (`ops.add_noise` + `ops.flow_matching_loss`),
+    or `fmrt.losses.meanflow_loss`."""
     B = x0.shape[0]
     if config.objective == "meanflow":
         from fmrt.losses import meanflow_loss
         return meanflow_loss(model, x0, cond=cond, generator=gen)
-    sigma = sched.sample_sigmas(B, sampler=config.timestep_sampler, generator=gen,
-                                device=x0.device, logit_mean=config.logit_mean,
-                                logit_std=config.logit_std)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
-    weight = sched.loss_weight(sigma, config.weighting)
-    from fmrt import reference as ref
-    x_t, target = ref.add_noise(x0, sigma, noise)
+        from fmrt.losses import sft_loss
+        return sft_loss(model, x0, cond, scheduler=sched, sampler=config.timestep_sampler,
+                        weighting=config.weighting, generator=gen,
+                        logit_mean=config.logit_mean, logit_std=config.logit_std)
+    from fmrt import ops
+    sigma = sched.sample_sigmas(B, sampler=config.timestep_sampler, generator=gen,
+                                device=gen.device, logit_mean=config.logit_mean,
+                                logit_std=config.logit_std).to(x0.device)
+    x_t, _ = ops.add_noise(x0, sigma, noise.to(x0.dtype))
     pred = model(x_t, sigma, cond)
-    per = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    return (per * weight).mean()
+    return ops.flow_matching_loss(pred, x0, noise.to(x0.dtype),
+                                  weight=sched.loss_weight(sigma, config.weighting))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,7 +595,8 @@ def train(config: TrainConfig, *, dataset=None) -> dict:
     config.validate()
     dist_info, device = _dist_setup(config.device)
     try:
-        return _train(config, dataset, dist_info, device)
+        with torch.enable_grad():
+            return _train(config, dataset, dist_info, device)
     finally:
         if dist_info.created:
             import torch.distributed as dist
@@ -672,6 +678,9 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
                                  guidance_scale=config.sample_guidance))
 
     step = 0
+    if resume_path and fsdp:
+        raise ValueError("resuming an FSDP run is not supported yet (the optimizer state is "
+                         "not gathered): resume without --fsdp, or start again")
     if resume_path:
         meta = read_meta(resume_path)
         if meta.get("format") != CHECKPOINT_FORMAT:
@@ -703,12 +712,12 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
 
     def save_checkpoint(at: int) -> str:
         path = os.path.join(out_dir, "checkpoints", f"step-{at:07d}.safetensors")
-        state = _full_state(model, fsdp)
+        state = _full_state(model, fsdp)                       # collectives: every rank
+        ema_full = {k: _local(v) for k, v in ema.state().items()} if ema is not None else {}
         if not di.main:
             return path
         tensors = {f"model.{k}": v for k, v in state.items()}
-        if ema is not None:
-            tensors.update({f"ema.{k}": _local(v) for k, v in ema.state().items()})
+        tensors.update({f"ema.{k}": v for k, v in ema_full.items()})
         groups = []
         if not fsdp:
             ot, groups = _optim_tensors(opt)
@@ -786,13 +795,13 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
     last_ckpt = save_checkpoint(step)
 
     # export the model for sampling: EMA weights, LoRA merged
-    full = _full_state(model, fsdp)
+    full = _full_state(model, fsdp)                            # collectives: every rank
+    ema_full = {k: _local(v) for k, v in ema.state().items()} if ema is not None else {}
     model_path = os.path.join(out_dir, "model.safetensors")
     if di.main:
-        if ema is not None:
-            full = dict(full)
-            for k, v in ema.state().items():
-                full[k] = _local(v).to(full[k].dtype)
+        full = dict(full)
+        for k, v in ema_full.items():
+            full[k] = v.to(full[k].dtype)
         if config.lora_rank:
             # merge on a copy of the (unsharded) module holding these weights
             from fmrt.models import DiT

@@ -88,7 +88,7 @@ def render_clip(label: int, frames: int, size: int, generator: torch.Generator) 
 
     S = float(size)
     t = torch.linspace(0.0, 1.0, frames) if frames > 1 else torch.zeros(1)
-    r = u(0.16, 0.22) * S                           # shape size
+    r = u(0.2, 0.26) * S                            # shape size
     colour = torch.rand(3, generator=g) * 0.7 + 0.3  # [0.3, 1] per channel
     colour[torch.randint(0, 3, (), generator=g)] = 1.0  # one saturated channel: never dark
     ones = torch.ones_like(t)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.utils.checkpoint import checkpoint
 
 from fmrt import reference as ref
@@ -157,6 +158,15 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     args = t.to(torch.float64)[..., None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _forward_ad_active(*tensors: Optional[Tensor]) -> bool:
+    """True inside a torch.func transform (jvp, vmap, grad) or when a tensor carries a
+    forward-mode tangent: activation checkpointing cannot recompute such a forward."""
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    if peek is not None and peek() is not None:
+        return True
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _time_mlp(freq_dim: int, dim: int) -> nn.Sequential:
@@ -316,7 +326,8 @@ class DiT(nn.Module):
                 block.norm3.reset_parameters()
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> "DiT":
-        """Recompute each block in the backward pass (torch.utils.checkpoint, non-reentrant)."""
+        """Recompute each block in the backward pass (torch.utils.checkpoint, non-reentrant).
+        Not applied inside torch.func transforms / forward-mode AD (see forward)."""
         self.gradient_checkpointing = bool(enabled)
         return self
 
@@ -434,7 +445,10 @@ class DiT(nn.Module):
         e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim))                  # [B, F, 6, dim]
         cos, sin = rope_3d_tables(cfg.head_dim, (f, h, w), cfg.rope_theta, device=x.device)
 
-        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        # Checkpointing is skipped under forward-mode AD (MeanFlow's JVP): the backward pass
+        # would recompute the blocks without the tangents and fail.
+        use_ckpt = (self.gradient_checkpointing and torch.is_grad_enabled()
+                    and not _forward_ad_active(tokens, e0, context))
         for block in self.blocks:
             if use_ckpt:
                 tokens = checkpoint(block, tokens, context, e0, cos, sin, use_reentrant=False)

@@ -80,7 +80,7 @@ def check_sigma(name: str, sigma, x: Tensor, *, per_sample_only: bool = False) -
 # governs it). Noise of element (b, j) = Philox(seed; counter = (j-group, b)): the scheme is in
 # fmrt/reference.py ("training ops"); the Triton kernels and the reference give the same noise.
 # The Triton path runs through torch.library custom ops (`fmrt::add_noise`,
-# `fmrt::flow_matching_loss_fwd`), so both ops trace into torch.compile graphs without a break.
+# `fmrt::flow_matching_loss`), so both ops trace into torch.compile graphs without a break.
 
 REDUCTIONS = ("mean", "sum", "none")
 SEED_LIMIT = 2 ** 63
@@ -143,6 +143,29 @@ def _add_noise_fake(x0, sigma, sigma_value, noise, seed, return_noise, return_ta
     return new(True), new(return_target), new(return_noise and noise is None)
 
 
+def _add_noise_setup(ctx, inputs, output):
+    x0, sigma, sigma_value, noise, _, _, _ = inputs
+    ctx.sigma_value = sigma_value
+    ctx.dtypes = (x0.dtype, None if noise is None else noise.dtype)
+    ctx.save_for_backward(sigma)
+
+
+def _add_noise_backward(ctx, g_xt, g_target, g_noise):
+    # x_t = (1 - s) x0 + s eps, target = eps - x0: linear in x0 and eps (sigma gets no grad)
+    (sigma,) = ctx.saved_tensors
+    s = ref.broadcast_sigma(sigma if sigma is not None else ctx.sigma_value, g_xt)
+    g = g_xt.to(s.dtype)
+    gt = g_target.to(s.dtype) if g_target.numel() else torch.zeros((), dtype=s.dtype,
+                                                                   device=g.device)
+    x_dtype, n_dtype = ctx.dtypes
+    g_x0 = ((1.0 - s) * g - gt).to(x_dtype)
+    g_n = None if n_dtype is None else (s * g + gt).to(n_dtype)
+    return g_x0, None, None, g_n, None, None, None
+
+
+_add_noise_op.register_autograd(_add_noise_backward, setup_context=_add_noise_setup)
+
+
 def add_noise(x0: Tensor, sigma: Sigma, noise: Optional[Tensor] = None, *, seed=None,
               return_noise: bool = False):
     """Noise x0 `[B, ...]` to level sigma: returns `(x_t, target)`, or `(x_t, target, noise)`
@@ -152,7 +175,7 @@ def add_noise(x0: Tensor, sigma: Sigma, noise: Optional[Tensor] = None, *, seed=
     sigma: a float in [0, 1], a 0-d or `[B]` tensor, or a tensor with x0's ndim broadcastable to
     it (per frame: `[B, 1, T, 1, 1]`). noise: a float tensor of x0's shape, or None to draw
     N(0, 1) Philox noise from `seed` in the kernel (never written unless return_noise; the
-    returned noise is then rounded to x0's dtype). Not differentiable.
+    returned noise is then rounded to x0's dtype). Differentiable in x0 and noise (not sigma).
     """
     check_float_tensor("x0", x0)
     if x0.ndim == 0:
@@ -183,33 +206,42 @@ def noised_sample(x0: Tensor, sigma: Sigma, noise: Optional[Tensor], seed: Optio
     return x_t, (target if return_target else None), (eps if return_noise else None)
 
 
-@torch.library.custom_op("fmrt::flow_matching_loss_fwd", mutates_args=())
+@torch.library.custom_op("fmrt::flow_matching_loss", mutates_args=())
 def _fm_loss_op(pred: Tensor, x0: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
-                mask: Optional[Tensor], need_grad: bool) -> tuple[Tensor, Tensor]:
+                mask: Optional[Tensor], weight: Optional[Tensor], weight_value: float,
+                reduction: str, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     from fmrt.kernels import loss as K
-    return K.fm_loss_fwd(pred.contiguous(), x0.contiguous(),
-                         None if noise is None else noise.contiguous(), seed, mask, need_grad)
+    return K.flow_matching_loss(pred.contiguous(), x0.contiguous(),
+                                None if noise is None else noise.contiguous(), seed, mask,
+                                weight, weight_value, reduction, need_grad)
 
 
 @_fm_loss_op.register_fake
-def _fm_loss_fake(pred, x0, noise, seed, mask, need_grad):
-    num = pred.new_empty(pred.shape[0], dtype=torch.float32)
+def _fm_loss_fake(pred, x0, noise, seed, mask, weight, weight_value, reduction, need_grad):
+    B = pred.shape[0]
+    loss = pred.new_empty((B,) if reduction == "none" else (), dtype=torch.float32)
     grad = (torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if need_grad
             else pred.new_empty(0))
-    return num, grad
+    return loss, grad, pred.new_empty(B, dtype=torch.float32)
 
 
 def _fm_loss_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], output[2])
 
 
-def _fm_loss_backward(ctx, grad_num, grad_grad):
-    # d num_b / d pred = the stored 2 mask (pred - target): scale it per sample in place (its
-    # only use; a second backward trips autograd's saved-tensor version check).
-    (g,) = ctx.saved_tensors
+def _fm_loss_backward(ctx, grad_loss, grad_grad, grad_coef):
+    # d loss / d pred = coef_b * (the stored 2 mask (pred - target)): scale it per sample, in
+    # place in eager mode (its only use, so no second buffer; a second backward trips
+    # autograd's saved-tensor version check); out of place under torch.compile, where a
+    # mutation of a saved activation would be functionalised into an extra copy.
+    g, coef = ctx.saved_tensors
+    none = (None,) * 8
     if g.numel() == 0:
-        return None, None, None, None, None, None
-    return g.mul_(grad_num.view(-1, *([1] * (g.ndim - 1)))), None, None, None, None, None
+        return (None,) + none
+    scale = (coef * grad_loss).view(-1, *([1] * (g.ndim - 1)))
+    if torch.compiler.is_compiling():
+        return ((g * scale).to(g.dtype),) + none
+    return (g.mul_(scale),) + none
 
 
 _fm_loss_op.register_autograd(_fm_loss_backward, setup_context=_fm_loss_setup)
@@ -282,9 +314,10 @@ def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None,
     seed_t = None if noise is not None else seed_tensor(seed, pred.device)
     if use_triton(pred, x0, *(t for t in (noise, mask, weight) if isinstance(t, Tensor))):
         need_grad = torch.is_grad_enabled() and pred.requires_grad
-        num, _ = _fm_loss_op(pred, x0, noise, seed_t, mask, need_grad)
-        den = ref.mask_denominator(mask, pred.shape, device=pred.device)
-        return ref.finish_loss(num, den, weight, reduction)
+        w_t, w_v = (weight, 1.0) if isinstance(weight, Tensor) else (
+            None, 1.0 if weight is None else float(weight))
+        loss, _, _ = _fm_loss_op(pred, x0, noise, seed_t, mask, w_t, w_v, reduction, need_grad)
+        return loss
     eps = noise if noise is not None else ref.philox_normal(x0.shape, seed_t, x0.device)
     return ref.flow_matching_loss(pred, x0, eps, weight, mask, reduction)
 

@@ -80,7 +80,7 @@ def eps_from_velocity(x_t: Tensor, v: Tensor, sigma: Sigma) -> Tensor:
 # writes contiguous memory, the 64-bit counter covers 2^64 elements per sample, and the batch
 # index (up to 2^32 samples) has its own counter word: different per sample and per seed.
 
-NOISE_Q = 1024
+NOISE_Q = 1024          # a power of two (the kernels rely on it)
 _M32 = 0xFFFFFFFF
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57

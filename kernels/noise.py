@@ -20,24 +20,42 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
+from fmrt._dispatch import interpreter_enabled
 from fmrt.reference import NOISE_Q
 
 
 @triton.jit
-def philox_normal4(seed, b, g, Q: tl.constexpr):
+def box_muller(u1, u2, FAST: tl.constexpr):
+    """triton's `pair_uniform_to_normal`; FAST (compiled for CUDA) uses the hardware
+    approximations of log / cos / sin (angle reduced to [-pi, pi), where they are accurate to
+    ~2^-21 absolute): the same numbers to float tolerance, at a fraction of the instructions of
+    libdevice's IEEE-accurate versions, which would make the noise kernels compute-bound."""
+    if FAST:
+        u1 = tl.maximum(1.0e-7, u1)
+        th = 6.283185307179586 * u2
+        th = tl.where(u2 >= 0.5, th - 6.283185307179586, th)
+        r = tl.sqrt(-2.0 * libdevice.fast_logf(u1))
+        return r * libdevice.fast_cosf(th), r * libdevice.fast_sinf(th)
+    else:
+        return tl.pair_uniform_to_normal(u1, u2)
+
+
+@triton.jit
+def philox_normal4(seed, b, g, Q: tl.constexpr, FAST: tl.constexpr = False):
     """The four normal lanes (each `[Q]` float32) of group g of sample b:
     Philox(key=seed, counter=(lo(gQ+q), hi(gQ+q), b, 0)) -> 4 uniforms -> 2 Box-Muller pairs."""
-    cnt = g * Q + tl.arange(0, Q).to(tl.int64)
-    c0 = (cnt & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (cnt >> 32).to(tl.uint32)
-    c2 = (cnt * 0 + b).to(tl.uint32)
-    c3 = c0 * 0
+    # gQ is a multiple of Q (a power of two), so lo(gQ) + q never carries into the high word
+    base = g.to(tl.int64) * Q
+    zero = tl.zeros((Q,), dtype=tl.uint32)
+    c0 = (base & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, Q).to(tl.uint32)
+    c1 = zero + (base >> 32).to(tl.uint32)
+    c2 = zero + b.to(tl.uint32)
+    c3 = zero
     i1, i2, i3, i4 = tl.philox(seed, c0, c1, c2, c3)
-    n1, n2 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i1),
-                                       tl.uint_to_uniform_float(i2))
-    n3, n4 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i3),
-                                       tl.uint_to_uniform_float(i4))
+    n1, n2 = box_muller(tl.uint_to_uniform_float(i1), tl.uint_to_uniform_float(i2), FAST)
+    n3, n4 = box_muller(tl.uint_to_uniform_float(i3), tl.uint_to_uniform_float(i4), FAST)
     return n1, n2, n3, n4
 
 
@@ -80,7 +98,7 @@ def _add_noise_kernel(x_ptr, n_ptr, seed_ptr, xt_ptr, tgt_ptr, nout_ptr,
                       s_ptr, s_val, s_bstride, s_T, s_R, inner, n_groups,
                       SIGMA_MODE: tl.constexpr, HAS_NOISE: tl.constexpr,
                       STORE_NOISE: tl.constexpr, STORE_TARGET: tl.constexpr,
-                      IDX64: tl.constexpr, Q: tl.constexpr):
+                      IDX64: tl.constexpr, Q: tl.constexpr, FAST: tl.constexpr):
     """x_t = (1 - sigma) x0 + sigma eps, target = eps - x0 (fp32 math, one rounding each;
     target skipped unless STORE_TARGET);
     eps loaded (HAS_NOISE) or Philox noise, stored to nout when STORE_NOISE.
@@ -94,7 +112,7 @@ def _add_noise_kernel(x_ptr, n_ptr, seed_ptr, xt_ptr, tgt_ptr, nout_ptr,
         n1 = tl.zeros((Q,), tl.float32)
         n2, n3, n4 = n1, n1, n1
     else:
-        n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q)
+        n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q, FAST)
     _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
                     n1, b, j0, inner, SIGMA_MODE, HAS_NOISE, STORE_NOISE, STORE_TARGET,
                     IDX64)
@@ -148,6 +166,15 @@ def bcast_args(t: Optional[torch.Tensor], value: float, shape, device, *,
     return flat, 0.0, inner if batched else 0, inner, 1, 2
 
 
+# within-sample indices at or above this use 64-bit index math in the broadcast loads
+IDX64_FROM = 2 ** 31
+
+
+def fast_math(t: torch.Tensor) -> bool:
+    """Hardware log/sin/cos approximations for compiled CUDA kernels (not the interpreter)."""
+    return t.is_cuda and not interpreter_enabled()
+
+
 def _layout(x: torch.Tensor):
     batch = x.shape[0] if x.ndim else 1
     inner = x.numel() // batch if batch else 0
@@ -177,7 +204,7 @@ def add_noise(x0: torch.Tensor, sigma: Optional[torch.Tensor], sigma_value: floa
         s_ptr, s_val, s_bs, s_T, s_R, inner, n_groups,
         SIGMA_MODE=mode, HAS_NOISE=noise is not None, STORE_NOISE=store,
         STORE_TARGET=store_target,
-        IDX64=inner >= 2 ** 31, Q=NOISE_Q, num_warps=4)
+        IDX64=inner >= IDX64_FROM, Q=NOISE_Q, FAST=fast_math(x0), num_warps=4)
     return x_t, target, nout
 
 

@@ -138,12 +138,12 @@ def test_loss_gradient_is_exact_and_only_for_pred():
 def test_loss_without_grad_skips_gradient(monkeypatch):
     from fmrt.kernels import loss as K
     seen = []
-    real = K.fm_loss_fwd
+    real = K.flow_matching_loss
 
     def spy(*a):
         seen.append(a[-1])
         return real(*a)
-    monkeypatch.setattr(K, "fm_loss_fwd", spy)
+    monkeypatch.setattr(K, "flow_matching_loss", spy)
     pred, x0 = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     with use_backend("triton"):
         ops.flow_matching_loss(pred, x0, seed=1)
@@ -184,7 +184,7 @@ def test_loss_bad_input(backend, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a kernel ran before the arguments were checked")
     from fmrt.kernels import loss as K
-    monkeypatch.setattr(K, "fm_loss_fwd", boom)
+    monkeypatch.setattr(K, "flow_matching_loss", boom)
     with use_backend(backend):
         with pytest.raises(TypeError, match="pred"):
             ops.flow_matching_loss(p.long(), x, seed=1)
@@ -227,3 +227,58 @@ def test_training_step_compiles_without_graph_break():
         gc = torch.autograd.grad(got, lin.weight)[0]
     assert_close(got, want)
     assert_close(gc, gw)
+
+
+def test_loss_64bit_index_path(monkeypatch):
+    from fmrt.kernels import noise as K
+    monkeypatch.setattr(K, "IDX64_FROM", 0)
+    check_against_reference(ops.flow_matching_loss, ref.flow_matching_loss,
+                            _make((3, 5, 7, 11), torch.float32, mask="frame"))
+
+
+def test_loss_backward_reuses_the_forward_gradient_buffer(monkeypatch):
+    # the only x0-sized tensor the loss makes is the gradient buffer; the backward scales it in
+    # place and autograd hands that very buffer to pred.grad
+    from fmrt.kernels import loss as K
+    bufs = []
+    real = K.flow_matching_loss
+
+    def spy(*a):
+        out = real(*a)
+        bufs.append(out[1])
+        return out
+    monkeypatch.setattr(K, "flow_matching_loss", spy)
+    pred = torch.randn(2, 3, 4, requires_grad=True)
+    with use_backend("triton"):
+        ops.flow_matching_loss(pred, torch.randn(2, 3, 4), seed=1, weight=0.5).backward()
+    assert pred.grad.data_ptr() == bufs[0].data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_loss_extra_memory_cuda(dtype):
+    x0 = torch.randn(2, 16, 9, 64, 64, device="cuda").to(dtype)
+    pred = torch.randn_like(x0).requires_grad_(True)
+    w = torch.rand(2, device="cuda")
+    size = x0.numel() * x0.element_size()
+    ops.flow_matching_loss(pred, x0, seed=3, weight=w).backward()    # warm up
+    pred.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ops.flow_matching_loss(pred, x0, seed=3, weight=w).backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= size + (1 << 20)
+    ref_loss = ref.flow_matching_loss(pred, x0, ref.philox_normal(x0.shape, 3, "cuda"), weight=w)
+    assert_close(ops.flow_matching_loss(pred, x0, seed=3, weight=w), ref_loss.detach(),
+                 scale=10.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_loss_finish_loops_over_partials(monkeypatch, reduction):
+    # several tiles of per-program partial sums in the finishing kernel (tile forced small)
+    from fmrt.kernels import loss as K
+    monkeypatch.setattr(K, "FINISH_TILE", 8)
+    check_against_reference(ops.flow_matching_loss, ref.flow_matching_loss,
+                            _make((3, 9000), torch.float32, weight="tensor",
+                                  reduction=reduction))

@@ -2,8 +2,11 @@
 noise (reproducibility, independence, moments), invariants and bad input."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fmrt import ops, reference as ref, use_backend
+from fmrt.kernels.noise import philox_normal4
 from tests.helpers import DTYPES, assert_close, check_against_reference
 
 SHAPES = [(3, 5, 7, 11), (1, 16, 3, 9, 13), (1, 1), (3, 2049)]
@@ -234,3 +237,76 @@ def test_add_noise_compiles_without_graph_break():
         want = f(x0, s)
         got = torch.compile(f, fullgraph=True, backend="aot_eager")(x0, s)
     assert_close(got, want)
+
+
+def test_add_noise_sigma_with_separate_varying_dims():
+    # sigma varying along dims 1 and 3 (not one run): the per-element fallback
+    def make():
+        g = torch.Generator().manual_seed(8)
+        x0, eps = torch.randn(3, 5, 7, 11, generator=g), torch.randn(3, 5, 7, 11, generator=g)
+        return (x0, torch.rand(3, 5, 1, 11, generator=g), eps), {}
+    check_against_reference(ops.add_noise, ref.add_noise, make, grad=False)
+
+
+def test_add_noise_64bit_index_path(monkeypatch):
+    # the int64 index math used when a sample has >= 2^31 elements, forced on a small tensor
+    from fmrt.kernels import noise as K
+    monkeypatch.setattr(K, "IDX64_FROM", 0)
+    check_against_reference(ops.add_noise, ref.add_noise,
+                            _make((3, 5, 7, 11), torch.float32, "frame"), grad=False)
+
+
+@triton.jit
+def _normals_kernel(out_ptr, seed_ptr, b, g, Q: tl.constexpr):
+    n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q)
+    q = tl.arange(0, Q)
+    tl.store(out_ptr + q, n1)
+    tl.store(out_ptr + Q + q, n2)
+    tl.store(out_ptr + 2 * Q + q, n3)
+    tl.store(out_ptr + 3 * Q + q, n4)
+
+
+def test_philox_counter_above_2_32():
+    # groups far out (counter g Q + q > 2^32 uses the second counter word) and a large batch
+    # index: the kernel's normals equal the reference's Philox + Box-Muller
+    Q = ref.NOISE_Q
+    seed, b, g = 2 ** 62 + 12345, 70000, 3 * 2 ** 22 + 5
+    out = torch.empty(4 * Q)
+    _normals_kernel[(1,)](out, torch.tensor(seed), b, g, Q=Q)
+    cnt = g * Q + torch.arange(Q, dtype=torch.int64)
+    assert int(cnt[0]) >> 32 > 0
+    i = ref.philox4x32(seed, cnt & 0xFFFFFFFF, cnt >> 32, torch.full_like(cnt, b),
+                       torch.zeros_like(cnt))
+    u = [ref.uint_to_uniform(w) for w in i]
+    n1, n2 = ref.box_muller(u[0], u[1])
+    n3, n4 = ref.box_muller(u[2], u[3])
+    assert_close(out, torch.cat([n1, n2, n3, n4]), scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_noise_gradients(dtype):
+    def make():
+        (x0, s, eps), kw = _make((3, 5, 7, 11), dtype, "frame")()
+        return (x0.requires_grad_(True), s, eps.requires_grad_(True)), kw
+    check_against_reference(ops.add_noise, ref.add_noise, make)
+
+    def make_seeded():
+        (x0, s), kw = _make((3, 5, 7, 11), dtype, "tensor", noise=False)()
+        return (x0.requires_grad_(True), s), kw
+    check_against_reference(ops.add_noise, _ref_seeded, make_seeded)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_noise_cuda_matches_cpu_reference(dtype):
+    # the compiled kernel (GPU transcendental approximations) against the CPU reference noise
+    x0 = torch.randn(3, 16, 5, 30, 52).to(dtype)
+    s = torch.rand(3)
+    want = _ref_seeded(x0, s, seed=2024)
+    got = ops.add_noise(x0.cuda(), s.cuda(), seed=2024)
+    assert_close(tuple(t.cpu() for t in got), want, scale=4.0)
+    _, _, eps = ops.add_noise(x0.cuda(), s.cuda(), seed=2024, return_noise=True)
+    n = eps.float().flatten()
+    assert abs(n.mean().item()) < 5 / n.numel() ** 0.5
+    slack = 0.0 if dtype == torch.float32 else 0.01      # rounding of the stored noise
+    assert abs(n.var().item() - 1) < 5 * (2 / n.numel()) ** 0.5 + slack

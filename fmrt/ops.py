@@ -345,6 +345,14 @@ def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma) -> Tensor:
     return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next)
 
 
+def _euler_step(x: Tensor, v: Tensor, sigma, sigma_next, triton: bool) -> Tensor:
+    """euler_step after its checks (the samplers call this once per step)."""
+    if not triton:
+        return ref.euler_step(x, v, sigma, sigma_next)
+    from fmrt.kernels import step as K
+    return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next)
+
+
 def check_scale(name: str, scale, x: Tensor) -> None:
     """A guidance scale: a float, or a floating 0-d / `[B]` tensor on x's device."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float, Tensor)):
@@ -402,7 +410,14 @@ def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale, *, rescale: str = "none
     row = _check_guidance(v_cond, v_uncond, scale, rescale, norm_dim, stats)
     if sigma is not None:
         check_sigma("sigma", sigma, v_cond, per_sample_only=True)
-    if not use_triton(v_cond, v_uncond):
+    return _cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim, stats, sigma, row,
+                        use_triton(v_cond, v_uncond))
+
+
+def _cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim, stats, sigma, row: int,
+                 triton: bool) -> Tensor:
+    """cfg_combine after its checks (the samplers call this once per step)."""
+    if not triton:
         out = ref.cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim)
         if stats is not None:
             st = ref.guidance_stats(v_cond, v_uncond, scale, 1.0 if sigma is None else sigma)
@@ -431,9 +446,10 @@ def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma:
     `x + (sigma_next - sigma) * cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim)`.
 
     x, v_cond, v_uncond: same shape `[B, ...]` and dtype; scale: float or `[B]`; sigmas: floats,
-    0-d or `[B]` tensors. Per-sample rescale needs the norms before the step: a split reduction
-    (pass 1 reads v_cond, v_uncond for partial norms; pass 2 combines and steps: 6 N bytes-per-
-    element instead of 4 N). stats: a dict that receives float32 `[B]` device tensors (no host
+    0-d or `[B]` tensors. One pass (reads x, v_cond, v_uncond, writes x': 4 N e bytes for N
+    elements of e bytes), also with the per-token rescale (the token's row in registers). The
+    per-sample rescale needs the norms before the step: a split reduction (pass 1 reads v_cond,
+    v_uncond into per-program partial norms; pass 2 combines and steps): 6 N e bytes. stats: a dict that receives float32 `[B]` device tensors (no host
     sync) computed in the same pass: sigma, cond_mean, cond_std, uncond_mean, uncond_std,
     cfg_diff_mean, cfg_diff_std, cfg_diff_norm, vel_diff_norm (||sigma * cfg_diff||),
     x0_diff_norm (||x0_cond - x0_uncond||), rescale_ratio (||v_cond|| / ||v||, v unrescaled).
@@ -443,7 +459,14 @@ def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma:
     check_same("v_cond", v_cond, "x", x)
     check_sigma("sigma", sigma, x, per_sample_only=True)
     check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
-    if not use_triton(x, v_cond, v_uncond):
+    return _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, norm_dim,
+                              stats, row, use_triton(x, v_cond, v_uncond))
+
+
+def _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, norm_dim, stats,
+                       row: int, triton: bool) -> Tensor:
+    """guided_euler_step after its checks (the samplers call this once per step)."""
+    if not triton:
         out = ref.guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale,
                                     norm_dim)
         if stats is not None:
@@ -475,8 +498,8 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: floa
 
     x, v: same shape `[B, ...]` and dtype; sigmas floats, 0-d or `[B]` tensors (sigma_next <=
     sigma); noise: explicit `N(0, I)` of x's shape, or None to draw Philox noise in-kernel from
-    `seed` (`tl.randn(seed, i)` at flat element index i; None draws a seed from torch's default
-    CPU generator). Returns x' of x's dtype, or `(x', log_prob [B] float32)` with
+    `seed` (an int, a 0-d integer device tensor, or None: drawn on x's device; the same seed
+    gives the same noise as `add_noise`, on the Triton and the torch path). Returns x' of x's dtype, or `(x', log_prob [B] float32)` with
     return_log_prob (the per-element mean Gaussian log-density of the step, as Flow-GRPO).
     """
     check_float_tensor("x", x)
@@ -500,39 +523,34 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: floa
         check_same("noise", noise, "x", x, dtype=False)
         if seed is not None:
             raise ValueError("give noise or seed, not both")
-    elif seed is None:
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
-    if not use_triton(x, v):
+    check_seed("seed", seed)
+    if noise is None:
+        seed = seed_tensor(seed, x.device)
+    return _sde_step(x, v, sigma, sigma_next, float(eta), noise, seed, return_log_prob,
+                     use_triton(x, v))
+
+
+def _sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, return_log_prob: bool,
+              triton: bool):
+    """sde_step after its checks (the samplers call this once per step)."""
+    if not triton:
         if noise is not None:
             z = noise
         elif eta == 0:  # the noise is multiplied by 0: no need to draw it
             z = torch.zeros_like(x)
         else:
-            z = _seeded_normal(seed, x)
-        return ref.sde_step(x, v, sigma, sigma_next, float(eta), z, return_log_prob)
+            z = ref.philox_normal(x.shape, seed, device=x.device)
+        return ref.sde_step(x, v, sigma, sigma_next, eta, z, return_log_prob)
     from fmrt.kernels import step as K
-    out, zz = K.sde_step(x.contiguous(), v.contiguous(), sigma, sigma_next, float(eta),
-                         None if noise is None else noise.contiguous(), seed or 0,
+    out, zz = K.sde_step(x.contiguous(), v.contiguous(), sigma, sigma_next, eta,
+                         None if noise is None else noise.contiguous(), seed,
                          return_log_prob)
     if not return_log_prob:
         return out
     B, n = x.shape[0], x[0].numel()
-    _, std_dt = ref.sde_coefficients(sigma, sigma_next, float(eta),
-                                     torch.empty(B, device=x.device))
+    _, std_dt = ref.sde_coefficients(sigma, sigma_next, eta, torch.empty(B, device=x.device))
     lp = -0.5 * zz / n - torch.log(std_dt.double()).expand(B) - 0.5 * math.log(2 * math.pi)
     return out, lp.float()
-
-
-def _seeded_normal(seed: int, x: Tensor) -> Tensor:
-    """The Philox normals `tl.randn(seed, i)` over x's flat indices, in torch (the reference of
-    the training section reproduces Triton's Philox)."""
-    philox = getattr(ref, "philox_randn", None)
-    if philox is None:
-        raise NotImplementedError("seeded noise on the torch path needs fmrt.reference's Philox "
-                                  "(branch train); pass noise= explicitly")
-    return philox(seed, x.shape, device=x.device)
 
 
 # ---------------------------------------------------------------------------------------------

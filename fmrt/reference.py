@@ -248,7 +248,8 @@ def guided_velocity(v_cond: Tensor, v_uncond: Tensor, scale, rescale: str = "non
     (norm_dim None) or per token over `norm_dim`. scale: float or `[B]`."""
     dt = compute_dtype(v_cond.dtype)
     c, u = v_cond.to(dt), v_uncond.to(dt)
-    v = u + broadcast_sigma(scale, c) * (c - u)
+    g = broadcast_sigma(scale, c) if isinstance(scale, Tensor) else float(scale)
+    v = torch.lerp(u, c, g)  # u + g (c - u), one fp32 op
     if rescale == "norm":
         v = v * norm_ratio(c, v, norm_dim)
     return v
@@ -267,7 +268,7 @@ def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma:
     dt = compute_dtype(x.dtype)
     v = guided_velocity(v_cond, v_uncond, scale, rescale, norm_dim)
     h = broadcast_sigma(sigma_next, x) - broadcast_sigma(sigma, x)
-    return (x.to(dt) + h * v).to(x.dtype)
+    return torch.addcmul(x.to(dt), h, v).to(x.dtype)  # x + h v
 
 
 def guidance_stats(v_cond: Tensor, v_uncond: Tensor, scale, sigma: Sigma) -> dict:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from fmrt import ops
 from fmrt import reference as ref
+from fmrt._dispatch import use_triton
 
 SOLVERS = ("euler", "heun", "unipc", "euler_maruyama", "meanflow")
 _SEED_MIX = 0x9E3779B1
@@ -52,13 +53,22 @@ class DiagnosticsRecorder:
     def __len__(self) -> int:
         return len(self.records)
 
-    def to_host(self) -> list[dict[str, Any]]:
-        """The records with every tensor as a list of floats (one entry per sample)."""
-        out = []
-        for rec in self.records:
-            out.append({k: (v.detach().float().cpu().tolist() if isinstance(v, Tensor) else v)
-                        for k, v in rec.items()})
+    def as_tensors(self) -> dict[str, Tensor]:
+        """Each statistic stacked over the steps: `{key: [steps, B]}` on the device (no sync);
+        "step" is a CPU LongTensor `[steps]`."""
+        if not self.records:
+            return {}
+        out: dict[str, Tensor] = {"step": torch.tensor([r["step"] for r in self.records])}
+        for key in self.records[0]:
+            if key != "step":
+                out[key] = torch.stack([r[key].detach().float() for r in self.records])
         return out
+
+    def to_host(self) -> list[dict[str, Any]]:
+        """The records with every tensor as a list of floats (one entry per sample); one
+        device-to-host copy per statistic."""
+        stacked = {k: v.cpu().tolist() for k, v in self.as_tensors().items()}
+        return [{k: stacked[k][i] for k in stacked} for i in range(len(self.records))]
 
 
 def _host_records(records) -> list[dict[str, Any]]:
@@ -107,7 +117,8 @@ def plot_diagnostics(records, path) -> None:
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
     panels = ((axes[0, 1], "vel_diff_norm", "CFG difference (velocity space): ||sigma * cfg_diff||"),
-              (axes[1, 0], "x0_diff_norm", "x0-prediction difference: ||x0_cond - x0_uncond||"),
+              (axes[1, 0], "x0_diff_norm", "x0-prediction difference: ||x0_cond - x0_uncond||\n"
+               "(x0 = x - sigma v: equals the velocity-space norm for a flow model)"),
               (axes[1, 1], "sigma", "Noise schedule (sigma_t)"))
     for ax, key, title in panels:
         if key in recs[0]:
@@ -234,6 +245,17 @@ def _check_args(model, noise, steps, solver, guidance_scale, eta, recorder, deno
         raise ValueError(f"cfg_zero_init_steps must be >= 0, got {cfg_zero_init_steps}")
 
 
+def _model_grid(scheduler, grid: Tensor) -> Tensor:
+    """The sigmas the model sees: the grid itself, except for schedulers with integer
+    timesteps (the "Wan-official" template: Wan feeds its model the integer timestep t, i.e.
+    sigma t / 1000, while its solver steps with the exact sigmas)."""
+    preset = getattr(scheduler, "preset", None)
+    if scheduler is None or not getattr(preset, "integer_timesteps", False):
+        return grid
+    t = scheduler.timesteps.to(device=grid.device, dtype=torch.float32) / 1000.0
+    return torch.cat([t, grid[-1:]])
+
+
 def _grid(noise: Tensor, scheduler, sigmas, steps: int, shift: float,
           denoising_strength: float) -> Tensor:
     if sigmas is not None:
@@ -258,7 +280,16 @@ def _grid(noise: Tensor, scheduler, sigmas, steps: int, shift: float,
                               device=noise.device)
 
 
-def _step_seed(seed: int, i: int) -> int:
+def _checked(out, x: Tensor) -> Tensor:
+    """A model output, checked against x's shape and cast to x's dtype."""
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        raise ValueError(f"model must return a tensor of x's shape {tuple(x.shape)}, got "
+                         f"{getattr(out, 'shape', type(out).__name__)}")
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _step_seed(seed: Tensor, i: int) -> Tensor:
+    """Step i's Philox seed, derived on the device from the loop's seed."""
     return (seed * 1_000_003 + (i + 1) * _SEED_MIX) % (2 ** 62)
 
 
@@ -280,7 +311,8 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
     `model(z, r[B], t[B], cond) -> u`). noise: `[B, ...]`, also the output's dtype/device.
     Grid: `sigmas` (`[N + 1]`, ends with the final sigma) if given, else
     `scheduler.sigma_grid(device)` (call its `set_timesteps` first; the "Wan-official" template
-    gives Wan's own grid), else `linspace(denoising_strength, 0, steps + 1)` with `shift`.
+    gives Wan's own grid, and its model then sees the integer timesteps / 1000, as in Wan),
+    else `linspace(denoising_strength, 0, steps + 1)` with `shift`.
     Guidance (when `uncond` is given or guidance_scale is not 1): `v = u + s (c - u)` with
     `rescale` / `norm_dim` as `ops.cfg_combine`; one batched forward over `cat([cond, uncond])`
     when both are tensors of the same shape and `batch_cfg`, two forwards otherwise.
@@ -298,14 +330,20 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
                 cfg_zero_init_steps, callback)
     if scheduler is not None and sigmas is not None:
         raise ValueError("give scheduler or sigmas, not both")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise TypeError(f"seed must be a non-negative int or None, got {seed!r}")
+    if (scheduler is not None or sigmas is not None) and denoising_strength != 1.0:
+        raise ValueError("denoising_strength shapes the default grid only: with a scheduler pass "
+                         "it to scheduler.set_timesteps(steps, denoising_strength=...); with "
+                         "sigmas, start the grid at the strength")
+    ops.check_seed("seed", seed)
     guided = (uncond is not None or isinstance(guidance_scale, Tensor)
               or float(guidance_scale) != 1.0)
     if recorder is not None and not guided:
         raise ValueError("recorder needs guidance (an uncond or a guidance_scale != 1)")
     grid = _grid(noise, scheduler, sigmas, steps, shift, denoising_strength)
+    model_grid = _model_grid(scheduler, grid) if sigmas is None else grid
     n = grid.numel() - 1
+    tri = use_triton(noise)  # dispatch once; the steps below skip the per-op checks
+    row = noise.shape[-1] if (rescale == "norm" and norm_dim is not None) else 0
     B = noise.shape[0]
     dev, dtype = noise.device, noise.dtype
 
@@ -328,24 +366,28 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
         T = noise.shape[2]
         keep = torch.ones(T, device=dev, dtype=torch.float32)
         keep[0] = 0.0
-        frame_sigmas = grid[:, None] * keep[None, :]  # [N + 1, T]
+        frame_sigmas = model_grid[:, None] * keep[None, :]  # [N + 1, T]
         times = [frame_sigmas[i].expand(B * reps, T) for i in range(n + 1)]
     else:
-        times = [grid[i].expand(B * reps) for i in range(n + 1)]
+        times = [model_grid[i].expand(B * reps) for i in range(n + 1)]
 
     def evaluate(x: Tensor, i: int, r: Optional[int] = None):
         """(c, u) or (v, None) at grid index i (meanflow: (r, t) = (grid[r], grid[i]))."""
         args = (times[r], times[i]) if r is not None else (times[i],)
         if not guided:
-            v = model(x, *[t[:B] for t in args], cond)
-            return v.to(dtype), None
+            v = _checked(model(x, *[t[:B] for t in args], cond), x)
+            return v, None
         if batched:
-            out = model(torch.cat([x, x]), *args, cond2).to(dtype)
+            out = model(torch.cat([x, x]), *args, cond2)
+            if not isinstance(out, Tensor) or out.shape[0] != 2 * B:
+                raise ValueError(f"model must return [2B={2 * B}, ...] for the batched CFG "
+                                 f"input, got {getattr(out, 'shape', type(out).__name__)}")
             c, u = out.chunk(2)
+            c, u = _checked(c, x), _checked(u, x)
         else:
             a = [t[:B] for t in args]
-            c = model(x, *a, cond).to(dtype)
-            u = model(x, *a, uncond).to(dtype)
+            c = _checked(model(x, *a, cond), x)
+            u = _checked(model(x, *a, uncond), x)
         if cfg_zero_star:
             alpha = ops.cfg_zero_star_scale(c, u).to(dtype)
             u = u * alpha.view(-1, *([1] * (u.ndim - 1)))
@@ -354,8 +396,8 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
     def combine(c, u, i, stats=None):
         if u is None:
             return c
-        return ops.cfg_combine(c, u, scales[i], rescale=rescale, norm_dim=norm_dim, stats=stats,
-                               sigma=grid[i] if stats is not None else None)
+        return ops._cfg_combine(c, u, scales[i], rescale, norm_dim, stats,
+                                grid[i] if stats is not None else None, row, tri)
 
     def pin(x: Tensor) -> Tensor:
         if first_frame is None:
@@ -370,8 +412,8 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
     else:
         x = noise
     x = pin(x)
-    if solver == "euler_maruyama" and seed is None:
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+    if solver == "euler_maruyama":
+        seed_t = ops.seed_tensor(seed, dev)  # device seed: no host round trip per step
     if solver == "unipc":
         co = unipc_coefficients(grid)
         orders = unipc_orders(n)
@@ -387,31 +429,36 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
         zeroed = cfg_zero_star and i < cfg_zero_init_steps
         if solver in ("euler", "meanflow"):
             c, u = evaluate(x, i, i + 1) if solver == "meanflow" else evaluate(x, i)
-            if zeroed:
+            if zeroed:  # CFG-Zero*'s zero-init step: x stays (the statistics still recorded)
+                if stats is not None:
+                    combine(c, u, i, stats)
                 c, u = torch.zeros_like(c), None
             if u is not None:
-                x = ops.guided_euler_step(x, c, u, scales[i], s, sn, rescale=rescale,
-                                          norm_dim=norm_dim, stats=stats)
+                x = ops._guided_euler_step(x, c, u, scales[i], s, sn, rescale, norm_dim, stats,
+                                           row, tri)
             else:
-                x = ops.euler_step(x, c, s, sn)
+                x = ops._euler_step(x, c, s, sn, tri)
         elif solver == "heun":
             c, u = evaluate(x, i)
-            v1 = torch.zeros_like(c) if zeroed else combine(c, u, i, stats)
-            x_e = pin(ops.euler_step(x, v1, s, sn))
+            v1 = combine(c, u, i, stats)
+            v1 = torch.zeros_like(v1) if zeroed else v1
+            x_e = pin(ops._euler_step(x, v1, s, sn, tri))
             if i < n - 1:
                 c2, u2 = evaluate(x_e, i + 1)
                 v2 = torch.zeros_like(c2) if zeroed else combine(c2, u2, i + 1)
                 v_avg = (0.5 * (v1.float() + v2.float())).to(dtype)
-                x = ops.euler_step(x, v_avg, s, sn)
+                x = ops._euler_step(x, v_avg, s, sn, tri)
             else:
                 x = x_e
         elif solver == "euler_maruyama":
             c, u = evaluate(x, i)
-            v = torch.zeros_like(c) if zeroed else combine(c, u, i, stats)
-            x = ops.sde_step(x, v, s, sn, eta=float(eta), seed=_step_seed(seed, i))
+            v = combine(c, u, i, stats)
+            v = torch.zeros_like(v) if zeroed else v
+            x = ops._sde_step(x, v, s, sn, float(eta), None, _step_seed(seed_t, i), False, tri)
         else:  # unipc
             c, u = evaluate(x, i)
-            v = torch.zeros_like(c) if zeroed else combine(c, u, i, stats)
+            v = combine(c, u, i, stats)
+            v = torch.zeros_like(v) if zeroed else v
             m = x.float() - s * v.float()  # flow prediction -> x0
             if i > 0:  # corrector of x_i with the new model output
                 j = i - 1
@@ -434,3 +481,47 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
         if callback is not None:
             callback(i, x)
     return x
+
+
+class CapturedSampler:
+    """A whole `sample` call captured once in a CUDA graph, then replayed: one graph launch per
+    call, no per-step host cost. The model must be capturable (static shapes, no host syncs).
+
+        sampler = CapturedSampler(model, noise_like, sigmas=grid_on_cuda, solver=..., ...)
+        x = sampler(noise)          # copies noise into the static input, replays, clones out
+
+    `sigmas` must be a CUDA tensor (use `scheduler.sigma_grid(device)`); cond, uncond,
+    guidance_scale, first_frame, x_init and a 0-d device `seed` tensor are captured by reference:
+    update them in place between calls (an int seed replays the same noise every call).
+    """
+
+    def __init__(self, model: Callable, noise: Tensor, *, warmup: int = 1, **kwargs) -> None:
+        ops.check_float_tensor("noise", noise)
+        if not noise.is_cuda:
+            raise ValueError("CapturedSampler needs CUDA tensors (noise is on "
+                             f"{noise.device})")
+        sig = kwargs.get("sigmas")
+        if kwargs.get("scheduler") is not None or not isinstance(sig, Tensor) or not sig.is_cuda:
+            raise ValueError("CapturedSampler needs sigmas= as a CUDA tensor "
+                             "(scheduler.sigma_grid(device)), not a scheduler or a list")
+        for key in ("progress", "recorder", "callback"):
+            if kwargs.get(key):
+                raise ValueError(f"{key} cannot be used inside a captured sampling loop")
+        self.noise = noise.clone()
+        stream = torch.cuda.Stream(device=noise.device)
+        stream.wait_stream(torch.cuda.current_stream(noise.device))
+        with torch.cuda.stream(stream):  # compile the kernels, warm the allocator
+            for _ in range(max(int(warmup), 1)):
+                sample(model, self.noise, **kwargs)
+        torch.cuda.current_stream(noise.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = sample(model, self.noise, **kwargs)
+
+    def __call__(self, noise: Optional[Tensor] = None) -> Tensor:
+        if noise is not None:
+            ops.check_float_tensor("noise", noise)
+            ops.check_same("noise", noise, "the captured noise", self.noise)
+            self.noise.copy_(noise)
+        self.graph.replay()
+        return self.out.clone()

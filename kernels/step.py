@@ -11,6 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fmrt.kernels.noise import fast_math, philox_normal4
+from fmrt.reference import NOISE_Q
+
 
 @triton.jit
 def _load_sigma(ptr, scalar, stride, b, IS_TENSOR: tl.constexpr):
@@ -27,7 +30,7 @@ def _euler_kernel(x_ptr, v_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_
     """out = x + (sigma_next - sigma) * v, fp32 math, one rounding to x's dtype."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    b = offs // inner
+    b = tl.where(m, offs // inner, 0)  # masked tail lanes must not read sigma out of bounds
     s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
     sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -43,7 +46,7 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
                    sn_ptr, sn_val, sn_st, ratio_ptr, part_ptr, inner, C, n_chunks,
                    STEP: tl.constexpr, WRITE: tl.constexpr, G_TENSOR: tl.constexpr,
                    S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, RESCALE: tl.constexpr,
-                   STATS: tl.constexpr,
+                   STATS: tl.constexpr, TOKEN: tl.constexpr,
                    ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Guided velocity and step for one tile of one sample (grid = (chunks, B)).
 
@@ -60,8 +63,12 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
     b = tl.program_id(1)
     rows = chunk.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
-    local = rows[:, None] * C + cols[None, :]
-    m = (cols[None, :] < C) & (local < inner)
+    if TOKEN:  # rows of C elements (C <= BLOCK_C)
+        local = rows[:, None] * C + cols[None, :]
+        m = (cols[None, :] < C) & (local < inner)
+    else:  # flat: ROWS = 1, a contiguous block of BLOCK_C elements (compile-time stride)
+        local = rows[:, None] * BLOCK_C + cols[None, :]
+        m = local < inner
     offs = b.to(tl.int64) * inner + local
     g = _load_sigma(g_ptr, g_val, g_st, b, G_TENSOR)
     c = tl.load(c_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -95,39 +102,77 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
 
 
 @triton.jit
-def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, eta,
-                seed, part_ptr, inner, n_chunks, HAS_NOISE: tl.constexpr, S_TENSOR: tl.constexpr,
-                SN_TENSOR: tl.constexpr,
-                LOGP: tl.constexpr, BLOCK: tl.constexpr):
-    """Euler-Maruyama step of the flow SDE (Flow-GRPO discretisation), grid = (chunks, B).
-
-    dt = sn - s (< 0), s' = sn if s >= 1 else s, k = eta^2 / (2 (1 - s'))  (= std^2 / (2 s)),
-    mean = x (1 + k dt) + v (1 + k (1 - s)) dt,  out = mean + sqrt(2 k s (s - sn)) * z,
-    z = noise, or tl.randn(seed, i) at the flat element index i. eta = 0 is exactly Euler.
-    LOGP: partial sums of z^2 per program to part[b, chunk].
+def _ratio_kernel(part_ptr, ratio_ptr, n_chunks, BLOCK: tl.constexpr):
+    """Per-sample rescale factor from pass 1's partial sums (grid = (B,)):
+    ratio[b] = sqrt(sum_k part[b, k, 1] / sum_k part[b, k, 6]) = ||c|| / ||v||, 1 where ||v|| = 0.
     """
-    chunk = tl.program_id(0)
-    b = tl.program_id(1)
-    local = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = local < inner
-    offs = b.to(tl.int64) * inner + local
-    s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
-    sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
-    dt = sn - s
-    s_den = tl.where(s >= 1.0, sn, s)
-    k = eta * eta / (2.0 * (1.0 - s_den))
-    std_dt = tl.sqrt(tl.maximum(2.0 * k * s * (s - sn), 0.0))
+    b = tl.program_id(0).to(tl.int64)
+    acc_c = tl.zeros((BLOCK,), tl.float32)
+    acc_v = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, n_chunks, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        m = k < n_chunks
+        row = part_ptr + (b * n_chunks + k) * 8
+        acc_c += tl.load(row + 1, mask=m, other=0.0)
+        acc_v += tl.load(row + 6, mask=m, other=0.0)
+    cc = tl.sum(acc_c, axis=0)
+    vv = tl.sum(acc_v, axis=0)
+    ok = vv > 0.0
+    tl.store(ratio_ptr + b, tl.where(ok, tl.sqrt(cc) / tl.sqrt(tl.where(ok, vv, 1.0)), 1.0))
+
+
+@triton.jit
+def _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, z, b, j, inner, s, sn, k, std_dt,
+              HAS_NOISE: tl.constexpr):
+    """One lane of Q elements; returns its sum of z^2 (masked)."""
+    m = j < inner
+    offs = b * inner + j
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_NOISE:
         z = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    else:
-        z = tl.randn(seed, offs)
+    dt = sn - s
     out = x * (1.0 + k * dt) + v * (1.0 + k * (1.0 - s)) * dt + std_dt * z
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
+    return tl.sum(tl.where(m, z * z, 0.0), axis=0)
+
+
+@triton.jit
+def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, eta,
+                seed_ptr, part_ptr, inner, n_groups, HAS_NOISE: tl.constexpr,
+                S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, LOGP: tl.constexpr,
+                Q: tl.constexpr, FAST: tl.constexpr):
+    """Euler-Maruyama step of the flow SDE (Flow-GRPO discretisation), grid = (groups, B).
+
+    dt = sn - s (< 0), s' = sn if s >= 1 else s, k = eta^2 / (2 (1 - s'))  (= std^2 / (2 s)),
+    mean = x (1 + k dt) + v (1 + k (1 - s)) dt,  out = mean + sqrt(2 k s (s - sn)) * z,
+    z = noise, or fmrt's seeded Philox noise (kernels/noise.py's offset scheme: program (g, b)
+    owns elements [4Qg, 4Q(g+1)) of sample b in four lanes of Q, one Philox call per 4
+    elements; FAST: the hardware log/sin/cos of compiled CUDA kernels), so the same seed gives
+    the same noise as `ops.add_noise`. eta = 0 is exactly Euler. LOGP: the program's sum of z^2 to part[b, g].
+    """
+    g = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
+    sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
+    s_den = tl.where(s >= 1.0, sn, s)
+    k = eta * eta / (2.0 * (1.0 - s_den))
+    std_dt = tl.sqrt(tl.maximum(2.0 * k * s * (s - sn), 0.0))
+    j0 = g * (4 * Q) + tl.arange(0, Q).to(tl.int64)
+    if HAS_NOISE:
+        n1 = tl.zeros((Q,), tl.float32)
+        n2, n3, n4 = n1, n1, n1
+    else:
+        n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q, FAST)
+    zz = _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n1, b, j0, inner, s, sn, k, std_dt, HAS_NOISE)
+    zz += _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n2, b, j0 + Q, inner, s, sn, k, std_dt,
+                    HAS_NOISE)
+    zz += _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n3, b, j0 + 2 * Q, inner, s, sn, k, std_dt,
+                    HAS_NOISE)
+    zz += _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n4, b, j0 + 3 * Q, inner, s, sn, k, std_dt,
+                    HAS_NOISE)
     if LOGP:
-        zz = tl.where(m, z * z, 0.0)
-        tl.store(part_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(zz, axis=0))
+        tl.store(part_ptr + b * n_groups + g, zz)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,12 +289,12 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
     mode = 0
     if rescale == "norm" and not token:
         _guided_kernel[grid](xx, c, u, out, *sig, ratio, part, inner, C, chunks, STEP=False,
-                             WRITE=False, RESCALE=0, STATS=True, ROWS=rows, BLOCK_C=bc,
+                             WRITE=False, RESCALE=0, STATS=True, TOKEN=token, ROWS=rows,
+                             BLOCK_C=bc,
                              num_warps=warps, **flags)
-        t = part.sum(1)
-        cc, vv = t[:, 1], t[:, 6]
-        ratio = torch.where(vv > 0, cc.sqrt() / vv.clamp_min(1e-30).sqrt(),
-                            torch.ones_like(vv)).contiguous()
+        ratio = torch.empty(B, dtype=torch.float32, device=c.device)
+        _ratio_kernel[(B,)](part, ratio, chunks, BLOCK=min(1024, max(32, _pow2(chunks))),
+                            num_warps=1)
         mode = 1
         stats_here = False
     else:
@@ -257,26 +302,27 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
         stats_here = stats
     _guided_kernel[grid](xx, c, u, out, *sig, ratio, part if part is not None else c, inner, C,
                          chunks, STEP=step, WRITE=True, RESCALE=mode, STATS=stats_here,
-                         ROWS=rows, BLOCK_C=bc, num_warps=warps, **flags)
+                         TOKEN=token, ROWS=rows, BLOCK_C=bc, num_warps=warps, **flags)
     return out, (part if stats else None)
 
 
-def sde_step(x, v, sigma, sigma_next, eta: float, noise, seed: int, logp: bool):
-    """x, v (and noise) contiguous, same shape `[B, ...]`. Returns (out, per-sample sums of
-    z^2 `[B]` or None). Bytes: reads x, v (and noise), writes out: 3 N e (4 N e with noise)."""
+def sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, logp: bool):
+    """x, v (and noise) contiguous, same shape `[B, ...]`; seed a 0-d int64 device tensor when
+    noise is None. Returns (out, per-sample sums of z^2 `[B]` float64, or None).
+    Bytes: reads x, v (and noise), writes out: 3 N e (4 N e with noise)."""
     out = torch.empty_like(x)
     B = x.shape[0]
     n = x.numel()
     inner = n // B if B else 0
     if n == 0:
-        return out, (torch.zeros(B, device=x.device) if logp else None)
-    block = min(4096, max(128, _pow2(inner)))
-    chunks = triton.cdiv(inner, block)
+        return out, (torch.zeros(B, device=x.device, dtype=torch.float64) if logp else None)
+    groups = triton.cdiv(inner, 4 * NOISE_Q)
     s_ptr, s_val, s_st, s_t = sigma_args(sigma, x, B)
     sn_ptr, sn_val, sn_st, sn_t = sigma_args(sigma_next, x, B)
-    part = torch.empty(B, chunks, dtype=torch.float32, device=x.device) if logp else x
-    _sde_kernel[(chunks, B)](x, v, noise if noise is not None else x, out, s_ptr, s_val, s_st,
-                             sn_ptr, sn_val, sn_st, float(eta), int(seed), part, inner, chunks,
+    part = torch.empty(B, groups, dtype=torch.float32, device=x.device) if logp else x
+    _sde_kernel[(groups, B)](x, v, noise if noise is not None else x, out, s_ptr, s_val, s_st,
+                             sn_ptr, sn_val, sn_st, float(eta),
+                             seed if seed is not None else x, part, inner, groups,
                              HAS_NOISE=noise is not None, S_TENSOR=s_t, SN_TENSOR=sn_t,
-                             LOGP=logp, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+                             LOGP=logp, Q=NOISE_Q, FAST=fast_math(x), num_warps=4)
     return out, (part.double().sum(1) if logp else None)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fmrt import ops, reference as ref, use_backend
-from fmrt.sampling import (DiagnosticsRecorder, default_sigma_grid, plot_diagnostics, sample,
-                           unipc_orders)
+from fmrt.sampling import (CapturedSampler, DiagnosticsRecorder, default_sigma_grid,
+                           plot_diagnostics, sample, unipc_orders)
 from tests.helpers import assert_close
 
 BACKENDS = ["torch", "triton"]
@@ -71,6 +71,22 @@ def test_unipc_loop_matches_diffusers_step_by_step(steps, shift):
     assert len(got) == steps
     for i, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_heun_loop_matches_diffusers_flow_match_heun(backend):
+    from diffusers import FlowMatchHeunDiscreteScheduler
+    vel = _linear_velocity(seed=5)
+    x0 = torch.randn(2, 6, generator=torch.Generator().manual_seed(6))
+    sch = FlowMatchHeunDiscreteScheduler(shift=3.0)
+    sch.set_timesteps(6)
+    x = x0.clone()
+    for i, t in enumerate(sch.timesteps):  # [t0, t1, t1, t2, t2, ...]: predictor, corrector
+        x = sch.step(vel(x, sch.sigmas[i].expand(2)), t, x).prev_sample
+    grid = torch.cat([sch.sigmas[::2], torch.zeros(1)])  # its 6 distinct sigmas, then 0
+    with use_backend(backend):
+        out = sample(lambda x, s, c: vel(x, s), x0.clone(), sigmas=grid, solver="heun")
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
 
 
 def test_unipc_triton_backend_and_orders():
@@ -224,6 +240,12 @@ def test_cfg_zero_star(backend):
     want = _manual_guided_euler(CountingModel(), noise, grid, 5.0, cond, uncond,
                                 zero_star=True, zero_steps=1)
     assert_close(out, want, scale=4)
+    rec = DiagnosticsRecorder()
+    with use_backend(backend):
+        sample(CountingModel(), noise, sigmas=grid, guidance_scale=5.0, cond=cond,
+               uncond=uncond, cfg_zero_star=True, cfg_zero_init_steps=2, recorder=rec,
+               solver="heun")
+    assert len(rec) == 5 and all("cfg_diff_norm" in r for r in rec.records)
 
 
 def test_unbatchable_cond_uses_two_forwards():
@@ -289,6 +311,22 @@ def test_ti2v_pins_frame_zero_and_passes_per_frame_sigma(solver):
     assert not torch.equal(out[:, :, 1:], noise[:, :, 1:])
 
 
+def test_img2img_with_scheduler_strength():
+    from fmrt import FlowMatchScheduler
+    sched = FlowMatchScheduler("Wan")
+    sched.set_timesteps(4, denoising_strength=0.6)
+    g = torch.Generator().manual_seed(16)
+    x_init, noise = torch.randn(1, 2, 3, generator=g), torch.randn(1, 2, 3, generator=g)
+    first = []
+    sample(lambda x, s, c: first.append((x.clone(), s.clone())) or torch.zeros_like(x), noise,
+           scheduler=sched, x_init=x_init)
+    s0 = sched.sigmas[0]
+    assert_close(first[0][1], s0.expand(1))
+    assert_close(first[0][0], (1 - s0) * x_init + s0 * noise)
+    with pytest.raises(ValueError, match="denoising_strength"):
+        sample(lambda x, s, c: x, noise, scheduler=sched, x_init=x_init, denoising_strength=0.5)
+
+
 def test_euler_maruyama_sampler():
     noise = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(14))
     model = CountingModel()
@@ -301,6 +339,8 @@ def test_euler_maruyama_sampler():
     # eta = 0 is the Euler sampler, on both backends
     assert torch.equal(d, sample(model, noise, steps=4, solver="euler"))
     assert_close(sample(model, noise, steps=4, solver="euler_maruyama", eta=0.0, seed=4), d)
+    # the torch path draws the same Philox noise: same trajectory
+    assert_close(sample(model, noise, steps=4, solver="euler_maruyama", eta=0.8, seed=3), a)
 
 
 @pytest.mark.parametrize("solver", ["euler", "unipc"])
@@ -315,6 +355,8 @@ def test_recorder_and_plot(tmp_path, solver):
     assert len(rec) == 4
     assert all(isinstance(v, torch.Tensor) for v in rec.records[0].values()
                if not isinstance(v, int))
+    stacked = rec.as_tensors()
+    assert stacked["cfg_diff_norm"].shape == (4, 2)
     host = rec.to_host()
     assert [r["step"] for r in host] == [0, 1, 2, 3]
     assert_close(torch.tensor([r["sigma"][0] for r in host]), grid[:4])
@@ -406,3 +448,70 @@ def test_sampling_loop_captures_in_a_cuda_graph(solver):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, first)
+    # the helper: same answer, new noise goes through the static input
+    kw.pop("recorder")
+    sampler = CapturedSampler(model, noise, **kw)
+    torch.testing.assert_close(sampler(noise), sample(model, noise, **kw))
+    other = torch.randn_like(noise)
+    torch.testing.assert_close(sampler(other), sample(model, other, **kw))
+
+
+def test_captured_sampler_refuses_cpu_and_host_grids():
+    with pytest.raises(ValueError, match="CUDA"):
+        CapturedSampler(lambda x, s, c: x, torch.randn(1, 4), sigmas=torch.tensor([1.0, 0.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the scheduler (branch sched): its grids drive the loop; Wan-official + UniPC = Wan's default
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("template", ["Wan", "FLUX.1"])
+def test_scheduler_grid_drives_the_loop(template):
+    from fmrt import FlowMatchScheduler
+    sched = FlowMatchScheduler(template)
+    sched.set_timesteps(6, shift=3.0)
+    vel = _linear_velocity(seed=9)
+    x0 = torch.randn(2, 6, generator=torch.Generator().manual_seed(10))
+    seen = []
+
+    def model(x, s, c):
+        seen.append(s.clone())
+        return vel(x, s)
+
+    a = sample(model, x0, scheduler=sched)
+    assert torch.equal(torch.stack([t[0] for t in seen]), sched.sigmas)
+    x = x0
+    for i in range(6):  # DiffSynth's loop: scheduler.step with the grid's timesteps
+        x = sched.step(vel(x, sched.sigmas[i].expand(2)), sched.timesteps[i], x)
+    assert_close(a, x)
+
+
+def test_wan_official_unipc_matches_diffusers_unipc():
+    """Wan's default sampler: FlowUniPC (bh2, order 2) on Wan's grid (sigma_max 0.999, integer
+    timesteps fed to the model), against diffusers' UniPC on the same unshifted sigmas."""
+    import numpy as np
+    from diffusers import UniPCMultistepScheduler
+    from fmrt import FlowMatchScheduler
+    N, k = 10, 5.0
+    sched = FlowMatchScheduler("Wan-official")
+    sched.set_timesteps(N, shift=k)
+    vel = _linear_velocity(seed=11)
+    x0 = torch.randn(2, 6, generator=torch.Generator().manual_seed(12))
+    ref_s = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                    flow_shift=k)
+    ref_s.set_timesteps(sigmas=np.linspace(0.999, 0.0, N + 1)[:-1])
+    assert torch.equal(ref_s.timesteps.float(), sched.timesteps)
+    x, want = x0.clone(), []
+    for t in ref_s.timesteps:
+        x = ref_s.step(vel(x, (t / 1000.0).float().expand(2)), t, x).prev_sample
+        want.append(x)
+    seen = []
+
+    def model(x, s, c):
+        seen.append(s[0].item())
+        return vel(x, s)
+
+    out, got = _trajectory(model=model, noise=x0.clone(), scheduler=sched, solver="unipc")
+    assert seen == pytest.approx([t / 1000 for t in ref_s.timesteps.tolist()], abs=1e-7)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")

@@ -355,6 +355,22 @@ def test_sde_step_seeded_noise_statistics():
     torch.testing.assert_close(lp, lp_r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("seed_kind", ["int", "tensor"])
+def test_sde_step_seeded_noise_is_fmrt_philox_on_both_paths(seed_kind):
+    # x = v = 0: x' = std_dt * z with z the Philox noise of ops.add_noise for the same seed
+    shape = (2, 3, 1500)  # two Philox groups per sample, a ragged tail
+    x = torch.zeros(shape)
+    seed = 77 if seed_kind == "int" else torch.tensor(77)
+    _, std_dt = ref.sde_coefficients(0.5, 0.3, 0.9, x)
+    want = std_dt * ref.philox_normal(shape, 77)
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            got = ops.sde_step(x, x, 0.5, 0.3, eta=0.9, seed=seed)
+            noise = ops.add_noise(x, 1.0, seed=seed)[0]
+        assert_close(got, want)
+        assert_close(got, std_dt * noise)
+
+
 def test_sampling_ops_bad_input():
     x = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="v_uncond"):
@@ -383,5 +399,111 @@ def test_sampling_ops_bad_input():
         ops.sde_step(x, x, 0.5, 0.4, eta=1.0, noise=torch.randn(2, 3))
     with pytest.raises(ValueError, match="log_prob"):
         ops.sde_step(x, x, 0.5, 0.4, eta=0.0, return_log_prob=True)
+    with pytest.raises(TypeError, match="seed"):
+        ops.sde_step(x, x, 0.5, 0.4, eta=1.0, seed=1.5)
+    with pytest.raises(ValueError, match="seed"):
+        ops.sde_step(x, x, 0.5, 0.4, eta=1.0, seed=-1)
     with pytest.raises(ValueError, match="sigma"):
         ops.guided_euler_step(x, x, x, 2.0, torch.rand(3), 0.4)
+
+
+def test_sde_step_strided_tensor_sigmas_inputs_untouched():
+    x, v, z, s, sn = _make_sde((3, 6, 10), torch.float32, "tensor", seed=9)
+    xt, vt, zt = x.transpose(1, 2), v.transpose(1, 2), z.transpose(1, 2)
+    before = [t.clone() for t in (xt, vt, zt, s, sn)]
+    with use_backend("triton"):
+        out = ops.sde_step(xt, vt, s, sn, eta=0.5, noise=zt)
+        out1 = ops.sde_step(xt, vt, s[:1], sn[:1], eta=0.5, noise=zt)  # [1] broadcasts
+    assert_close(out, ref.sde_step(*before[:2], s, sn, 0.5, before[2]))
+    assert_close(out1, ref.sde_step(*before[:2], s[0], sn[0], 0.5, before[2]))
+    for t, b in zip((xt, vt, zt, s, sn), before):
+        assert torch.equal(t, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", RESCALE_MODES)
+def test_guided_and_sde_on_cuda_at_wan_size(dtype, mode):
+    rescale, norm_dim = mode
+    dev = torch.device("cuda")
+    shape = (2, 16, 21, 60, 104)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x, c, u = (torch.randn(shape, generator=g, device=dev).to(dtype) for _ in range(3))
+    s = torch.tensor([0.9, 0.4], device=dev)
+    sn = s - 0.05
+    scale = torch.tensor([5.0, 3.0], device=dev)
+    stats = {}
+    out = ops.guided_euler_step(x, c, u, scale, s, sn, rescale=rescale, norm_dim=norm_dim,
+                                stats=stats)
+    assert_close(out, ref.guided_euler_step(x, c, u, scale, s, sn, rescale, norm_dim))
+    want = ref.guidance_stats(c, u, scale, s)
+    for key, val in want.items():
+        torch.testing.assert_close(stats[key], val, rtol=1e-3, atol=1e-4)
+    got = ops.sde_step(x, c, s, sn, eta=0.7, seed=5)
+    z = ref.philox_normal(shape, 5, device=dev)
+    assert_close(got, ref.sde_step(x, c, s, sn, 0.7, z), scale=2)
+
+
+_AOT_SCRIPT = r'''
+import json, re
+from collections import Counter
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fmrt.kernels import step as K
+
+def comp(fn, sig, const, warps):
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]]
+             for n in names if sig[n].startswith("*") or n in ("inner", "C")}
+    sig = {**sig, **{k: "constexpr" for k in const}}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = k.asm["ptx"]
+    return [Counter(re.findall(r"ld\.global[\.\w]*", ptx)),
+            Counter(re.findall(r"st\.global[\.\w]*", ptx))]
+
+g = {n: "*bf16" for n in ("x_ptr", "c_ptr", "u_ptr", "out_ptr")}
+for n in ("g", "s", "sn"):
+    g.update({n + "_ptr": "*fp32", n + "_val": "fp32", n + "_st": "i32"})
+g.update(ratio_ptr="*fp32", part_ptr="*fp32", inner="i32", C="i32", n_chunks="i32")
+base = dict(STEP=True, WRITE=True, G_TENSOR=True, S_TENSOR=True, SN_TENSOR=True, RESCALE=0,
+            STATS=True, TOKEN=False, ROWS=1, BLOCK_C=4096)
+out = {
+    "flat": comp(K._guided_kernel, g, base, 8),
+    "token": comp(K._guided_kernel, g, dict(base, RESCALE=2, TOKEN=True, ROWS=64, BLOCK_C=64), 8),
+    "norm_pass1": comp(K._guided_kernel, g, dict(base, STEP=False, WRITE=False), 8),
+}
+s = {n: "*bf16" for n in ("x_ptr", "v_ptr", "z_ptr", "out_ptr")}
+for n in ("s", "sn"):
+    s.update({n + "_ptr": "*fp32", n + "_val": "fp32", n + "_st": "i32"})
+s.update(eta="fp32", seed_ptr="*i64", part_ptr="*fp32", inner="i32", n_groups="i32")
+out["sde"] = comp(K._sde_kernel, s, dict(HAS_NOISE=False, S_TENSOR=True, SN_TENSOR=True,
+                                         LOGP=True, Q=1024, FAST=True), 4)
+ratio = triton.compile(ASTSource(fn=K._ratio_kernel, signature={"part_ptr": "*fp32",
+                       "ratio_ptr": "*fp32", "n_chunks": "i32", "BLOCK": "constexpr"},
+                       constexprs={"BLOCK": 32}), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 1})
+assert "ld.global" in ratio.asm["ptx"]
+print(json.dumps(out))
+'''
+
+
+def test_kernels_compile_for_h100_with_vector_memory_ops():
+    """Compile the step kernels for sm_90 ahead of time (no GPU needed; the interpreter never
+    lowers them) and check that the bf16 loads and stores are 128-bit vectors."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for name, (loads, stores) in out.items():
+        assert loads.get("ld.global.v4.b32", 0) > 0, (name, loads)
+        if name != "norm_pass1":
+            assert stores.get("st.global.v4.b32", 0) > 0, (name, stores)
+            assert not any(k.endswith(".b16") for k in list(loads) + list(stores)), name

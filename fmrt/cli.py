@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--guidance-scale", type=_float(0.0), default=None)
     r.add_argument("--num", type=_int_at_least(1), default=1024)
     r.add_argument("--batch-size", type=_int_at_least(1), default=64)
+    r.add_argument("--class", dest="label", type=_class_label, default=None,
+                   help="only this class (default: cycle through the classes)")
     r.add_argument("--out", default="couplings.safetensors")
     r.set_defaults(func=cmd_reflow)
     return p
@@ -417,6 +419,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     labels = torch.arange(K).repeat_interleave(args.num_per_class)
     rows = []
     print(f"{'solver':<8} {'steps':>5} {'cfg':>5} {'accuracy':>9} {'FD':>9} {'seconds':>8}")
+    # the floor: real clips (another data seed) scored the same way
+    from fmrt.data import ShapesVideo
+    shape = (meta.get("sample") or {}).get("sample_shape") or [3, 4, 16, 16]
+    ds = ShapesVideo(10 ** 6, frames=shape[1], size=shape[2], seed=4242)
+    real = torch.cat([ds.clips_of_class(c, args.num_per_class) for c in range(K)])
+    q = evaluate_clips(real, labels, classifier=clf)
+    rows.append(dict(solver="real data", steps=0, guidance_scale=0.0, seconds=0.0, **q))
+    print(f"{'real':<8} {'-':>5} {'-':>5} {q['accuracy']:>9.3f} {q['fd']:>9.3f} {'-':>8}")
     for scale in args.guidance_scale:
         for steps in args.steps:
             t0 = time.time()
@@ -439,11 +449,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_reflow(args: argparse.Namespace) -> int:
-    try:
-        from fmrt import reflow  # noqa: F401
-    except ImportError:
-        raise CLIError("fmrt reflow needs fmrt.reflow, which this installation lacks") from None
-    raise CLIError("fmrt reflow is not wired up yet")
+    """Reflow couplings (SPEC 5): noise z ~ N(0, I) from --seed, the model's sample x(z) with
+    the given solver, steps and guidance, saved as `noise`, `samples`, `labels` (`fmrt train
+    --couplings` reads them)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fmrt.eval import generate_clips
+    _check_writable_file(args.out)
+    model, meta, device = _load(args)
+    rec = meta.get("sample", {}) or {}
+    scale = args.guidance_scale if args.guidance_scale is not None else \
+        float(rec.get("guidance_scale") or 1.0)
+    shape = tuple(rec.get("sample_shape") or ())
+    K = model.config.num_classes
+    labels = _labels(args, K, args.num)
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn((args.num, *shape), generator=g)
+    t0 = time.time()
+    out = []
+    for i in range(0, args.num, args.batch_size):
+        out.append(generate_clips(model, meta, labels[i:i + args.batch_size], steps=args.steps,
+                                  solver=args.solver, guidance_scale=scale, shift=args.shift,
+                                  device=device, dtype=_dtype(args.dtype),
+                                  noise=noise[i:i + args.batch_size], clamp=False).cpu())
+    samples = torch.cat(out)
+    info = dict(checkpoint=os.path.abspath(args.checkpoint), steps=args.steps,
+                solver=args.solver, guidance_scale=scale, seed=args.seed)
+    tmp = f"{args.out}.tmp{os.getpid()}"
+    save_file({"noise": noise.contiguous(), "samples": samples.contiguous(),
+               "labels": labels.contiguous()}, tmp, metadata={"fmrt": json.dumps(info)})
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}: {args.num} couplings {tuple(shape)} ({args.solver} {args.steps} "
+          f"steps, guidance {scale:g}, {time.time() - t0:.1f}s)")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

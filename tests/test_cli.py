@@ -78,7 +78,8 @@ def test_eval_cli(tiny_model, tmp_path, capsys):
     assert main(["eval", "--checkpoint", tiny_model, "--steps", "1", "2",
                  "--guidance-scale", "1", "--num-per-class", "2", "--json", str(js)]) == 0
     res = json.load(open(js))["results"]
-    assert [(r["steps"], r["guidance_scale"]) for r in res] == [(1, 1.0), (2, 1.0)]
+    assert [(r["steps"], r["guidance_scale"]) for r in res] == [(0, 0.0), (1, 1.0), (2, 1.0)]
+    assert res[0]["solver"] == "real data"   # (8x8 clips: not what the classifier knows)
     assert all(0 <= r["accuracy"] <= 1 and r["fd"] >= 0 for r in res)
     assert "accuracy" in capsys.readouterr().out
 
@@ -171,3 +172,25 @@ def test_embedded_model_sample_default(tmp_path):
     img = Image.open(tmp_path / "fmrt_samples.png")
     assert img.size[0] > 200 and img.size[1] > 200
     assert took < 60    # 30 s is the goal on an idle 2-core CPU; this CPU is shared
+
+
+def test_reflow_then_train_on_couplings(tiny_model, tmp_path, capsys):
+    from safetensors.torch import load_file
+    c = tmp_path / "c.safetensors"
+    assert main(["reflow", "--checkpoint", tiny_model, "--num", "8", "--batch-size", "3",
+                 "--steps", "2", "--guidance-scale", "1", "--out", str(c)]) == 0
+    t = load_file(str(c))
+    assert t["noise"].shape == t["samples"].shape == (8, 3, 2, 8, 8)
+    assert t["labels"].tolist() == [i % 6 for i in range(8)]
+    # the samples are the sampler's output from exactly that noise
+    from fmrt.eval import generate_clips
+    from fmrt.train import load_model
+    model, meta = load_model(tiny_model)
+    again = generate_clips(model, meta, t["labels"][:2], steps=2, noise=t["noise"][:2],
+                           clamp=False)
+    torch.testing.assert_close(again, t["samples"][:2])
+    out = tmp_path / "rf"
+    flags = [f for f in TINY_FLAGS]
+    assert main(["train", "--couplings", str(c), "--out-dir", str(out), "--steps", "2",
+                 "--init", tiny_model, *flags]) == 0
+    assert (out / "model.safetensors").exists()

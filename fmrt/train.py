@@ -137,6 +137,11 @@ class TrainConfig:
                              f"got {self.timestep_sampler!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.objective == "meanflow":
+            import fmrt.losses
+            if not hasattr(fmrt.losses, "meanflow_loss"):
+                raise ValueError("objective 'meanflow' needs fmrt.losses.meanflow_loss, which "
+                                 "this installation lacks")
         if self.shift is not None and not self.shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
 
@@ -544,7 +549,10 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
     B = x0.shape[0]
     if config.objective == "meanflow":
         from fmrt.losses import meanflow_loss
-        return meanflow_loss(model, x0, cond=cond, generator=gen)
+
+        def u(z, r, t, c):     # MeanFlow's u(z, r, t) convention -> the DiT's dit(z, t, c, r=r)
+            return model(z, t, c, r=r)
+        return meanflow_loss(u, x0, cond=cond, generator=gen)
     if noise is None:
         from fmrt.losses import sft_loss
         return sft_loss(model, x0, cond, scheduler=sched, sampler=config.timestep_sampler,
@@ -589,9 +597,10 @@ def _local(t: Tensor) -> Tensor:
 
 
 def train(config: TrainConfig, *, dataset=None) -> dict:
-    """Train (or resume) as `config` says. Returns {"step", "loss", "model_path",
-    "checkpoint", "seconds"}; raises ValueError for bad configs and NonFiniteLossError when the
-    loss diverges. `dataset` overrides the one `config` names (tests)."""
+    """Train (or resume) as `config` says. Returns {"step", "loss" (the last step's),
+    "model_path", "checkpoint", "seconds", "model" (the trained module, adapters unmerged)};
+    raises ValueError / FileNotFoundError for bad configs or files and NonFiniteLossError when
+    the loss diverges. `dataset` overrides the one `config` names (tests)."""
     config.validate()
     dist_info, device = _dist_setup(config.device)
     try:

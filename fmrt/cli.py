@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "real clips in its feature space.")
     _add_sampling_args(e, steps_default=None)
     e.add_argument("--steps", type=_int_at_least(1), nargs="+", default=[1, 2, 4, 8, 50])
-    e.add_argument("--guidance-scale", type=_float(0.0), nargs="+", default=[1.0, 3.0])
+    e.add_argument("--guidance-scale", type=_float(0.0), nargs="+", default=None,
+                   help="guidance scales to try (default: 1 and the checkpoint's recommended)")
     e.add_argument("--num-per-class", type=_int_at_least(2), default=32)
     e.add_argument("--classifier", default=None, help="classifier weights (default: shipped)")
     e.add_argument("--json", default=None, help="also write the results as JSON")
@@ -417,6 +418,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     clf, _ = load_classifier(args.classifier or CLASSIFIER_PATH)
     K = model.config.num_classes
     labels = torch.arange(K).repeat_interleave(args.num_per_class)
+    scales = args.guidance_scale
+    if scales is None:
+        rec = float((meta.get("sample") or {}).get("guidance_scale") or 1.0)
+        scales = [1.0] if rec == 1.0 else [1.0, rec]
     rows = []
     print(f"{'solver':<8} {'steps':>5} {'cfg':>5} {'accuracy':>9} {'FD':>9} {'seconds':>8}")
     # the floor: real clips (another data seed) scored the same way
@@ -427,7 +432,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     q = evaluate_clips(real, labels, classifier=clf)
     rows.append(dict(solver="real data", steps=0, guidance_scale=0.0, seconds=0.0, **q))
     print(f"{'real':<8} {'-':>5} {'-':>5} {q['accuracy']:>9.3f} {q['fd']:>9.3f} {'-':>8}")
-    for scale in args.guidance_scale:
+    for scale in scales:
         for steps in args.steps:
             t0 = time.time()
             clips = generate_clips(model, meta, labels, steps=steps, solver=args.solver,

@@ -26,7 +26,8 @@ FINISH_TILE = 4096   # elements of the finishing kernel's [BLOCK_B, BLOCK_G] til
 
 
 @triton.jit
-def _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, eps, b, j, inner,
+def _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, m_mT, m_lT, m_mR, m_lR,
+               eps, b, j, inner,
                HAS_NOISE: tl.constexpr, MASK_MODE: tl.constexpr, NEED_GRAD: tl.constexpr,
                IDX64: tl.constexpr):
     m = j < inner
@@ -36,14 +37,16 @@ def _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, eps, b, j
     if HAS_NOISE:
         eps = tl.load(n_ptr + offs, mask=m, other=0.0).to(tl.float32)
     d = p - (eps - x)
-    mk = load_bcast(m_ptr, 1.0, b, j, m, m_bstride, m_T, m_R, MASK_MODE, IDX64)
+    mk = load_bcast(m_ptr, 1.0, b, j, m, m_bstride, m_T, m_R, m_mT, m_lT, m_mR, m_lR,
+                    MASK_MODE, IDX64)
     if NEED_GRAD:
         tl.store(g_ptr + offs, (2.0 * mk * d).to(g_ptr.dtype.element_ty), mask=m)
     return tl.where(m, d * d * mk, 0.0), tl.where(m, mk, 0.0)
 
 
 @triton.jit
-def _fm_loss_kernel(p_ptr, x_ptr, n_ptr, seed_ptr, m_ptr, m_bstride, m_T, m_R, g_ptr, part_ptr,
+def _fm_loss_kernel(p_ptr, x_ptr, n_ptr, seed_ptr, m_ptr, m_bstride, m_T, m_R, m_mT, m_lT, m_mR,
+                    m_lR, g_ptr, part_ptr,
                     inner, n_groups, n_progs, HAS_NOISE: tl.constexpr, MASK_MODE: tl.constexpr,
                     NEED_GRAD: tl.constexpr, IDX64: tl.constexpr, Q: tl.constexpr,
                     FAST: tl.constexpr):
@@ -59,16 +62,16 @@ def _fm_loss_kernel(p_ptr, x_ptr, n_ptr, seed_ptr, m_ptr, m_bstride, m_T, m_R, g
         n2, n3, n4 = n1, n1, n1
     else:
         n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q, FAST)
-    acc, accm = _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, n1, b, j0,
-                           inner, HAS_NOISE, MASK_MODE, NEED_GRAD, IDX64)
-    a, am = _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, n2, b, j0 + Q,
-                       inner, HAS_NOISE, MASK_MODE, NEED_GRAD, IDX64)
+    acc, accm = _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, m_mT, m_lT,
+                           m_mR, m_lR, n1, b, j0, inner, HAS_NOISE, MASK_MODE, NEED_GRAD, IDX64)
+    a, am = _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, m_mT, m_lT, m_mR,
+                       m_lR, n2, b, j0 + Q, inner, HAS_NOISE, MASK_MODE, NEED_GRAD, IDX64)
     acc, accm = acc + a, accm + am
-    a, am = _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, n3, b,
-                       j0 + 2 * Q, inner, HAS_NOISE, MASK_MODE, NEED_GRAD, IDX64)
+    a, am = _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, m_mT, m_lT, m_mR,
+                       m_lR, n3, b, j0 + 2 * Q, inner, HAS_NOISE, MASK_MODE, NEED_GRAD, IDX64)
     acc, accm = acc + a, accm + am
-    a, am = _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, n4, b,
-                       j0 + 3 * Q, inner, HAS_NOISE, MASK_MODE, NEED_GRAD, IDX64)
+    a, am = _loss_lane(p_ptr, x_ptr, n_ptr, g_ptr, m_ptr, m_bstride, m_T, m_R, m_mT, m_lT, m_mR,
+                       m_lR, n4, b, j0 + 3 * Q, inner, HAS_NOISE, MASK_MODE, NEED_GRAD, IDX64)
     acc, accm = acc + a, accm + am
     tl.store(part_ptr + pid, tl.sum(acc, axis=0))
     tl.store(part_ptr + n_progs + pid, tl.sum(accm, axis=0))
@@ -131,11 +134,10 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: Optional[tor
     n_progs = batch * n_groups
     part = torch.empty(2 * max(n_progs, 1), dtype=torch.float32, device=dev)
     if n_progs:
-        m_ptr, _, m_bs, m_T, m_R, mode = bcast_args(mask, 1.0, pred.shape, dev,
-                                                    per_sample_1d=False)
+        m_ptr, _, *m_args, mode = bcast_args(mask, 1.0, pred.shape, dev, per_sample_1d=False)
         _fm_loss_kernel[(n_progs,)](
             pred, x0, noise if noise is not None else x0, seed if seed is not None else x0,
-            m_ptr, m_bs, m_T, m_R, grad if need_grad else part, part, inner, n_groups, n_progs,
+            m_ptr, *m_args, grad if need_grad else part, part, inner, n_groups, n_progs,
             HAS_NOISE=noise is not None, MASK_MODE=mode, NEED_GRAD=need_grad,
             IDX64=inner >= N.IDX64_FROM, Q=NOISE_Q, FAST=N.fast_math(pred), num_warps=4)
     w = None

@@ -6,12 +6,17 @@ Offset scheme (see `fmrt.reference`, "training ops"): x0 is `[B, inner]`; one pr
 group of 4 Q consecutive elements of one sample (Q = NOISE_Q); one Philox-4x32-10 call on the
 counter (g Q + q as two 32-bit words, b, 0) with key (seed lo, seed hi) yields the normals of
 the elements g 4Q + k Q + q, k = 0..3. Each of the four lanes is a contiguous run of Q
-elements, so loads and stores stay coalesced and vectorised.
+elements, so loads and stores stay coalesced and vectorised. Programs never straddle samples,
+so a sample much smaller than 4 Q = 4096 elements leaves lanes idle (fine for latents, which
+have 10^5 - 10^7 elements per sample). Compiled for CUDA, Box-Muller uses the hardware
+log / sin / cos approximations (`box_muller`, FAST): the IEEE-accurate libdevice versions
+would make the kernels compute-bound in bf16.
 
 Broadcast operands (sigma here, the loss mask in `loss.py`) arrive in one of three modes:
 0 = a Python float; 1 = one value per sample (`ptr[b * bstride]`, bstride 0 for one value);
 2 = a pattern `ptr[b * bstride + (j // R) % T]` over the within-sample index j (per frame
-`[B, 1, T, 1, 1]`: T frames, R = H W; per token; per element: T = inner, R = 1).
+`[B, 1, T, 1, 1]`: T frames, R = H W; per token; per element: T = inner, R = 1); the
+division and modulo use precomputed magic numbers (`magic31`) below 2^31.
 """
 from __future__ import annotations
 
@@ -60,7 +65,15 @@ def philox_normal4(seed, b, g, Q: tl.constexpr, FAST: tl.constexpr = False):
 
 
 @triton.jit
-def load_bcast(ptr, val, b, j, m, bstride, T, R, MODE: tl.constexpr, IDX64: tl.constexpr):
+def udiv31(n, m, l):
+    """floor(n / d) for uint32 n < 2^31 by the magic pair (m, l) = `magic31(d)`: a multiply-high
+    and a shift instead of a ~20-instruction integer division."""
+    return tl.umulhi(n * 2, m.to(tl.uint32)) >> l.to(tl.uint32)
+
+
+@triton.jit
+def load_bcast(ptr, val, b, j, m, bstride, T, R, mT, lT, mR, lR, MODE: tl.constexpr,
+               IDX64: tl.constexpr):
     """A broadcast operand for within-sample indices j of sample b (modes: module docstring)."""
     if MODE == 0:
         return val
@@ -69,14 +82,15 @@ def load_bcast(ptr, val, b, j, m, bstride, T, R, MODE: tl.constexpr, IDX64: tl.c
     else:
         if IDX64:
             idx = (j // R) % T
-        else:   # 32-bit division is much cheaper than 64-bit (R, T < 2^31 here)
-            idx = ((j.to(tl.int32) // R) % T).to(tl.int64)
+        else:   # j < 2^31: (j // R) % T by magic-number division
+            q = udiv31(j.to(tl.uint32), mR, lR)
+            idx = (q - udiv31(q, mT, lT) * T.to(tl.uint32)).to(tl.int64)
         return tl.load(ptr + b * bstride + idx, mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
-                    eps, b, j, inner,
+                    s_mT, s_lT, s_mR, s_lR, eps, b, j, inner,
                     SIGMA_MODE: tl.constexpr, HAS_NOISE: tl.constexpr,
                     STORE_NOISE: tl.constexpr, STORE_TARGET: tl.constexpr, IDX64: tl.constexpr):
     m = j < inner
@@ -84,7 +98,8 @@ def _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bst
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_NOISE:
         eps = tl.load(n_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    s = load_bcast(s_ptr, s_val, b, j, m, s_bstride, s_T, s_R, SIGMA_MODE, IDX64)
+    s = load_bcast(s_ptr, s_val, b, j, m, s_bstride, s_T, s_R, s_mT, s_lT, s_mR, s_lR,
+                   SIGMA_MODE, IDX64)
     ty = xt_ptr.dtype.element_ty
     tl.store(xt_ptr + offs, ((1.0 - s) * x + s * eps).to(ty), mask=m)
     if STORE_TARGET:
@@ -95,7 +110,7 @@ def _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bst
 
 @triton.jit
 def _add_noise_kernel(x_ptr, n_ptr, seed_ptr, xt_ptr, tgt_ptr, nout_ptr,
-                      s_ptr, s_val, s_bstride, s_T, s_R, inner, n_groups,
+                      s_ptr, s_val, s_bstride, s_T, s_R, s_mT, s_lT, s_mR, s_lR, inner, n_groups,
                       SIGMA_MODE: tl.constexpr, HAS_NOISE: tl.constexpr,
                       STORE_NOISE: tl.constexpr, STORE_TARGET: tl.constexpr,
                       IDX64: tl.constexpr, Q: tl.constexpr, FAST: tl.constexpr):
@@ -114,31 +129,42 @@ def _add_noise_kernel(x_ptr, n_ptr, seed_ptr, xt_ptr, tgt_ptr, nout_ptr,
     else:
         n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q, FAST)
     _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
-                    n1, b, j0, inner, SIGMA_MODE, HAS_NOISE, STORE_NOISE, STORE_TARGET,
-                    IDX64)
+                    s_mT, s_lT, s_mR, s_lR, n1, b, j0, inner, SIGMA_MODE, HAS_NOISE,
+                    STORE_NOISE, STORE_TARGET, IDX64)
     _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
-                    n2, b, j0 + Q, inner, SIGMA_MODE, HAS_NOISE, STORE_NOISE, STORE_TARGET,
-                    IDX64)
+                    s_mT, s_lT, s_mR, s_lR, n2, b, j0 + Q, inner, SIGMA_MODE, HAS_NOISE,
+                    STORE_NOISE, STORE_TARGET, IDX64)
     _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
-                    n3, b, j0 + 2 * Q, inner, SIGMA_MODE, HAS_NOISE, STORE_NOISE, STORE_TARGET,
-                    IDX64)
+                    s_mT, s_lT, s_mR, s_lR, n3, b, j0 + 2 * Q, inner, SIGMA_MODE, HAS_NOISE,
+                    STORE_NOISE, STORE_TARGET, IDX64)
     _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
-                    n4, b, j0 + 3 * Q, inner, SIGMA_MODE, HAS_NOISE, STORE_NOISE, STORE_TARGET,
-                    IDX64)
+                    s_mT, s_lT, s_mR, s_lR, n4, b, j0 + 3 * Q, inner, SIGMA_MODE, HAS_NOISE,
+                    STORE_NOISE, STORE_TARGET, IDX64)
 
 
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
 
+def magic31(d: int) -> tuple[int, int]:
+    """(m, l) with floor(n / d) = (umulhi(2 n, m) >> l) for all 0 <= n < 2^31, 1 <= d < 2^31
+    (Granlund-Montgomery: l = ceil(log2 d), m = ceil(2^(31 + l) / d) < 2^32)."""
+    if d >= 2 ** 31:
+        return 0, 0            # only used with 64-bit index math, which divides exactly
+    l = (d - 1).bit_length()
+    return -(-(1 << (31 + l)) // d), l
+
+
 def bcast_args(t: Optional[torch.Tensor], value: float, shape, device, *,
                per_sample_1d: bool = True):
-    """Kernel arguments (ptr, value, bstride, T, R, MODE) of a broadcast operand: None with a
+    """Kernel arguments (ptr, value, bstride, T, R, mT, lT, mR, lR, MODE) of a broadcast operand
+    (`magic31` pairs for T and R): None with a
     float `value` (mode 0), or a tensor broadcastable to `shape` = `[B, ...]` (modes 1, 2).
     With per_sample_1d a 1-D `[B]` tensor is per sample (sigma); else torch's right-aligned
     broadcasting applies (mask)."""
     if t is None:
-        return torch.empty(1, device=device), float(value), 0, 1, 1, 0
+        return (torch.empty(1, device=device), float(value), 0, 1, 1) + magic31(1) + \
+            magic31(1) + (0,)
     nd = len(shape)
     if per_sample_1d and t.ndim == 1 and nd >= 2 and t.shape[0] == shape[0] and shape[0] != 1:
         t = t.view(-1, *([1] * (nd - 1)))                     # [B] sigma: per sample
@@ -147,7 +173,7 @@ def bcast_args(t: Optional[torch.Tensor], value: float, shape, device, *,
     full = [d for d in range(1, nd) if tv.shape[d] != 1 and shape[d] != 1]
     if not full:
         flat = tv.reshape(-1).contiguous()
-        return flat, 0.0, int(batched), 1, 1, 1
+        return (flat, 0.0, int(batched), 1, 1) + magic31(1) + magic31(1) + (1,)
     d0, d1 = full[0], full[-1]
     if all(tv.shape[d] == shape[d] or shape[d] == 1 for d in range(d0, d1 + 1)):
         T = 1
@@ -157,13 +183,13 @@ def bcast_args(t: Optional[torch.Tensor], value: float, shape, device, *,
         for d in range(d1 + 1, nd):
             R *= shape[d]
         flat = tv.reshape(tv.shape[0], T).contiguous()   # the varying run, contiguous
-        return flat, 0.0, T if batched else 0, T, R, 2
+        return (flat, 0.0, T if batched else 0, T, R) + magic31(T) + magic31(R) + (2,)
     # several separate varying runs: materialise per element (rare: correct, not fast)
     inner = 1
     for d in shape[1:]:
         inner *= d
     flat = tv.expand((tv.shape[0],) + tuple(shape[1:])).reshape(tv.shape[0], inner).contiguous()
-    return flat, 0.0, inner if batched else 0, inner, 1, 2
+    return (flat, 0.0, inner if batched else 0, inner, 1) + magic31(inner) + magic31(1) + (2,)
 
 
 # within-sample indices at or above this use 64-bit index math in the broadcast loads
@@ -196,12 +222,12 @@ def add_noise(x0: torch.Tensor, sigma: Optional[torch.Tensor], sigma_value: floa
     batch, inner, n_groups = _layout(x0)
     if batch * n_groups == 0:
         return x_t, target, nout
-    s_ptr, s_val, s_bs, s_T, s_R, mode = bcast_args(sigma, sigma_value, x0.shape, x0.device)
+    *s_args, mode = bcast_args(sigma, sigma_value, x0.shape, x0.device)
     grid = (batch * n_groups,)
     _add_noise_kernel[grid](
         x0, noise if noise is not None else x0, seed if seed is not None else x0,
         x_t, target if store_target else x_t, nout if store else x_t,
-        s_ptr, s_val, s_bs, s_T, s_R, inner, n_groups,
+        *s_args, inner, n_groups,
         SIGMA_MODE=mode, HAS_NOISE=noise is not None, STORE_NOISE=store,
         STORE_TARGET=store_target,
         IDX64=inner >= IDX64_FROM, Q=NOISE_Q, FAST=fast_math(x0), num_warps=4)

@@ -282,3 +282,13 @@ def test_loss_finish_loops_over_partials(monkeypatch, reduction):
     check_against_reference(ops.flow_matching_loss, ref.flow_matching_loss,
                             _make((3, 9000), torch.float32, weight="tensor",
                                   reduction=reduction))
+
+
+@pytest.mark.parametrize("idx64", [False, True])
+def test_loss_frame_mask_large_rows(monkeypatch, idx64):
+    from fmrt.kernels import noise as K
+    if idx64:
+        monkeypatch.setattr(K, "IDX64_FROM", 0)
+    check_against_reference(ops.flow_matching_loss, _ref_seeded,
+                            _make((2, 3, 5, 40, 40), torch.float32, weight="tensor",
+                                  mask="frame", seeded=True, reduction="none"))

@@ -310,3 +310,34 @@ def test_add_noise_cuda_matches_cpu_reference(dtype):
     assert abs(n.mean().item()) < 5 / n.numel() ** 0.5
     slack = 0.0 if dtype == torch.float32 else 0.01      # rounding of the stored noise
     assert abs(n.var().item() - 1) < 5 * (2 / n.numel()) ** 0.5 + slack
+
+
+def test_magic_division_exact():
+    # the magic-number division of the broadcast index math, on edge values and at random,
+    # in exact integer arithmetic (what the kernel's umulhi / shift compute)
+    import random
+    from fmrt.kernels.noise import magic31
+    rng = random.Random(0)
+    ds = [1, 2, 3, 5, 7, 12, 1000, 1024, 6240, 14400, 65536, 2 ** 30 - 1, 2 ** 30, 2 ** 31 - 1]
+    ds += [rng.randrange(1, 2 ** 31) for _ in range(40)]
+    for d in ds:
+        m, l = magic31(d)
+        assert 0 < m < 2 ** 32
+        ns = [0, 1, 2 ** 31 - 1, 2 ** 31 - 2, 2 ** 30] + [rng.randrange(2 ** 31) for _ in range(300)]
+        ns += [k * d + r for k in (1, 3, (2 ** 31 - 1) // d) for r in (-1, 0, 1)
+               if 0 <= k * d + r < 2 ** 31]
+        for n in ns:
+            assert ((2 * n * m) >> 32) >> l == n // d, (n, d)
+
+
+@pytest.mark.parametrize("idx64", [False, True])
+def test_add_noise_per_frame_sigma_large_rows(monkeypatch, idx64):
+    # H W = 1600 >= the 1024-element lanes: the two-row broadcast path (rows straddle lanes)
+    from fmrt.kernels import noise as K
+    if idx64:
+        monkeypatch.setattr(K, "IDX64_FROM", 0)
+    check_against_reference(ops.add_noise, ref.add_noise,
+                            _make((2, 3, 5, 40, 40), torch.float32, "frame"), grad=False)
+    check_against_reference(ops.add_noise, _ref_seeded,
+                            _make((2, 3, 5, 40, 40), torch.bfloat16, "frame", noise=False),
+                            grad=False)

@@ -218,8 +218,7 @@ class _FlashAttention(torch.autograd.Function):
                 "fmrt.ops.flash_attention: torch.func.jvp inside torch.compile is not supported "
                 "(torch 2.13 returns wrong tangents silently, pytorch #192985); keep the JVP "
                 "out of compiled regions")
-        if tbias is not None:
-            raise ValueError("mask must not carry a tangent (it is treated as a constant)")
+        # the mask is a constant: a tangent on it (if any) is ignored
         q, k, v, bias = ctx.saved_tensors
         _, fwd_jvp, _ = _flash_custom_ops()
         tq = torch.zeros_like(q) if tq is None else tq
@@ -274,7 +273,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     to a power of two >= 16 inside the kernel). mask: additive float `[B or 1, H or 1, S_q, S_k]`,
     a boolean mask of that shape (True = keep), or boolean key padding `[B, S_k]`; it is a
     constant (no gradient, no tangent). scale defaults to D ** -0.5. Returns `[B, S_q, H, D]`.
-    Do not wrap `torch.func.jvp` over this op in `torch.compile` (refused: wrong tangents).
+    Under `torch.compile` the op is a graph break (`torch.compiler.disable`): a compiled
+    `torch.func.jvp` over it silently returned zero tangents in torch 2.13.
     """
     check_float_tensor("q", q)
     check_float_tensor("k", k)
@@ -301,4 +301,13 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     bias, kind, ref_mask = _flash_mask(mask, q, k)
     if not use_triton(q, k, v):
         return ref.attention(q, k, v, scale=scale, mask=ref_mask)
+    return _flash_apply(q, k, v, bias, kind, scale)
+
+
+@torch.compiler.disable
+def _flash_apply(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], kind: int,
+                 scale: float) -> Tensor:
+    # Kept out of dynamo on purpose: a compiled torch.func.jvp over the Function returned zero
+    # tangents silently (torch 2.13, tested). Dynamo graph-breaks here; inside a functorch
+    # transform it then runs the whole transform eagerly, which is correct.
     return _FlashAttention.apply(q, k, v, bias, kind, scale)[0]

@@ -74,11 +74,259 @@ def check_sigma(name: str, sigma, x: Tensor, *, per_sample_only: bool = False) -
 # ---------------------------------------------------------------------------------------------
 # training ops: add_noise, flow_matching_loss
 # ---------------------------------------------------------------------------------------------
+#
+# Seeds: an int in [0, 2^63), a 0-d integer tensor (device-side seeds: no host sync), or None
+# (add_noise: drawn on the data's device from torch's default generator, so torch.manual_seed
+# governs it). Noise of element (b, j) = Philox(seed; counter = (j-group, b)): the scheme is in
+# fmrt/reference.py ("training ops"); the Triton kernels and the reference give the same noise.
+# The Triton path runs through torch.library custom ops (`fmrt::add_noise`,
+# `fmrt::flow_matching_loss`), so both ops trace into torch.compile graphs without a break.
+
+REDUCTIONS = ("mean", "sum", "none")
+SEED_LIMIT = 2 ** 63
+
+
+def check_seed(name: str, seed) -> None:
+    """None, an int in [0, 2^63) or a 0-d integer tensor."""
+    if seed is None:
+        return
+    if isinstance(seed, bool):
+        raise TypeError(f"{name} must be an int or a 0-d integer tensor, got bool")
+    if isinstance(seed, Tensor):
+        if seed.ndim != 0 or seed.is_floating_point() or seed.is_complex() or \
+                seed.dtype == torch.bool:
+            raise TypeError(f"{name} tensor must be a 0-d integer tensor, got {seed.dtype} of "
+                            f"shape {tuple(seed.shape)}")
+        return
+    if not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int or a 0-d integer tensor, got "
+                        f"{type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must lie in [0, 2^63), got {seed}")
+
+
+def seed_tensor(seed, device) -> Tensor:
+    """The seed as a 0-d int64 tensor on `device`, made there (no host-to-device copy);
+    None draws one from torch's default generator for that device."""
+    if seed is None:
+        return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64, device=device)
+    if isinstance(seed, Tensor):
+        return seed.to(device=device, dtype=torch.int64)
+    return torch.full((), seed, dtype=torch.int64, device=device)
+
+
+def _check_noise(noise, x0: Tensor, seed) -> None:
+    if noise is None:
+        return
+    check_float_tensor("noise", noise)
+    check_same("noise", noise, "x0", x0, dtype=False)
+    if seed is not None:
+        raise ValueError("pass either noise or seed, not both (seed draws the noise)")
+
+
+@torch.library.custom_op("fmrt::add_noise", mutates_args=())
+def _add_noise_op(x0: Tensor, sigma: Optional[Tensor], sigma_value: float,
+                  noise: Optional[Tensor], seed: Optional[Tensor], return_noise: bool,
+                  return_target: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from fmrt.kernels import noise as K
+    return K.add_noise(x0.contiguous(), sigma, sigma_value,
+                       None if noise is None else noise.contiguous(), seed, return_noise,
+                       return_target)
+
+
+@_add_noise_op.register_fake
+def _add_noise_fake(x0, sigma, sigma_value, noise, seed, return_noise, return_target):
+    def new(keep):
+        if not keep:
+            return x0.new_empty(0)
+        return torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    return new(True), new(return_target), new(return_noise and noise is None)
+
+
+def _add_noise_setup(ctx, inputs, output):
+    x0, sigma, sigma_value, noise, _, _, _ = inputs
+    ctx.sigma_value = sigma_value
+    ctx.dtypes = (x0.dtype, None if noise is None else noise.dtype)
+    ctx.save_for_backward(sigma)
+
+
+def _add_noise_backward(ctx, g_xt, g_target, g_noise):
+    # x_t = (1 - s) x0 + s eps, target = eps - x0: linear in x0 and eps (sigma gets no grad)
+    (sigma,) = ctx.saved_tensors
+    s = ref.broadcast_sigma(sigma if sigma is not None else ctx.sigma_value, g_xt)
+    g = g_xt.to(s.dtype)
+    gt = g_target.to(s.dtype) if g_target.numel() else torch.zeros((), dtype=s.dtype,
+                                                                   device=g.device)
+    x_dtype, n_dtype = ctx.dtypes
+    g_x0 = ((1.0 - s) * g - gt).to(x_dtype)
+    g_n = None if n_dtype is None else (s * g + gt).to(n_dtype)
+    return g_x0, None, None, g_n, None, None, None
+
+
+_add_noise_op.register_autograd(_add_noise_backward, setup_context=_add_noise_setup)
+
+
+def add_noise(x0: Tensor, sigma: Sigma, noise: Optional[Tensor] = None, *, seed=None,
+              return_noise: bool = False):
+    """Noise x0 `[B, ...]` to level sigma: returns `(x_t, target)`, or `(x_t, target, noise)`
+    with return_noise; `x_t = (1 - sigma) x0 + sigma noise`, `target = noise - x0`, both in
+    x0's dtype (fp32 math, one rounding), contiguous.
+
+    sigma: a float in [0, 1], a 0-d or `[B]` tensor, or a tensor with x0's ndim broadcastable to
+    it (per frame: `[B, 1, T, 1, 1]`). noise: a float tensor of x0's shape, or None to draw
+    N(0, 1) Philox noise from `seed` in the kernel (never written unless return_noise; the
+    returned noise is then rounded to x0's dtype). Differentiable in x0 and noise (not sigma).
+    """
+    check_float_tensor("x0", x0)
+    if x0.ndim == 0:
+        raise ValueError("x0 must have a batch dimension [B, ...], got a 0-d tensor")
+    check_sigma("sigma", sigma, x0)
+    check_seed("seed", seed)
+    _check_noise(noise, x0, seed)
+    if isinstance(seed, Tensor) and seed.device != x0.device:
+        raise ValueError(f"seed is on {seed.device} but x0 is on {x0.device}")
+    seed_t = None if noise is not None else seed_tensor(seed, x0.device)
+    x_t, target, eps = noised_sample(x0, sigma, noise, seed_t, return_noise=return_noise)
+    return (x_t, target, eps) if return_noise else (x_t, target)
+
+
+def noised_sample(x0: Tensor, sigma: Sigma, noise: Optional[Tensor], seed: Optional[Tensor], *,
+                  return_noise: bool = False, return_target: bool = True):
+    """add_noise after the checks (seed: a 0-d int64 tensor on x0's device, or None with
+    noise): `(x_t, target or None, noise or None)`; the kernel skips what is not asked for."""
+    if use_triton(x0, *(t for t in (noise, sigma) if isinstance(t, Tensor))):
+        s_t, s_v = (sigma, 0.0) if isinstance(sigma, Tensor) else (None, float(sigma))
+        x_t, target, gen = _add_noise_op(x0, s_t, s_v, noise, seed, return_noise, return_target)
+        eps = (gen if noise is None else noise) if return_noise else None
+        return x_t, (target if return_target else None), eps
+    eps = noise if noise is not None else ref.philox_normal(x0.shape, seed, x0.device)
+    x_t, target = ref.add_noise(x0, sigma, eps)
+    if return_noise and noise is None:
+        eps = eps.to(x0.dtype)
+    return x_t, (target if return_target else None), (eps if return_noise else None)
+
+
+@torch.library.custom_op("fmrt::flow_matching_loss", mutates_args=())
+def _fm_loss_op(pred: Tensor, x0: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
+                mask: Optional[Tensor], weight: Optional[Tensor], weight_value: float,
+                reduction: str, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from fmrt.kernels import loss as K
+    return K.flow_matching_loss(pred.contiguous(), x0.contiguous(),
+                                None if noise is None else noise.contiguous(), seed, mask,
+                                weight, weight_value, reduction, need_grad)
+
+
+@_fm_loss_op.register_fake
+def _fm_loss_fake(pred, x0, noise, seed, mask, weight, weight_value, reduction, need_grad):
+    B = pred.shape[0]
+    loss = pred.new_empty((B,) if reduction == "none" else (), dtype=torch.float32)
+    grad = (torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if need_grad
+            else pred.new_empty(0))
+    return loss, grad, pred.new_empty(B, dtype=torch.float32)
+
+
+def _fm_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _fm_loss_backward(ctx, grad_loss, grad_grad, grad_coef):
+    # d loss / d pred = coef_b * (the stored 2 mask (pred - target)): scale it per sample, in
+    # place in eager mode (its only use, so no second buffer; a second backward trips
+    # autograd's saved-tensor version check); out of place under torch.compile, where a
+    # mutation of a saved activation would be functionalised into an extra copy.
+    g, coef = ctx.saved_tensors
+    none = (None,) * 8
+    if g.numel() == 0:
+        return (None,) + none
+    scale = (coef * grad_loss).view(-1, *([1] * (g.ndim - 1)))
+    if torch.compiler.is_compiling():
+        return ((g * scale).to(g.dtype),) + none
+    return (g.mul_(scale),) + none
+
+
+_fm_loss_op.register_autograd(_fm_loss_backward, setup_context=_fm_loss_setup)
+
+
+def _check_weight(weight, batch: int, device) -> None:
+    if weight is None:
+        return
+    if isinstance(weight, bool) or not isinstance(weight, (int, float, Tensor)):
+        raise TypeError(f"weight must be a float or a tensor, got {type(weight).__name__}")
+    if not isinstance(weight, Tensor):
+        return
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but pred is on {device}")
+    if weight.ndim > 1 or (weight.ndim == 1 and weight.shape[0] not in (1, batch)):
+        raise ValueError(f"weight must be a float, 0-d or [B={batch}] tensor, got shape "
+                         f"{tuple(weight.shape)}")
+
+
+def _check_mask(mask, pred: Tensor) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a tensor, got {type(mask).__name__}")
+    if not (mask.is_floating_point() or mask.dtype == torch.bool):
+        raise TypeError(f"mask must be a float or bool tensor, got {mask.dtype}")
+    if mask.device != pred.device:
+        raise ValueError(f"mask is on {mask.device} but pred is on {pred.device}")
+    try:
+        ok = mask.ndim <= pred.ndim and \
+            tuple(torch.broadcast_shapes(mask.shape, pred.shape)) == tuple(pred.shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to pred "
+                         f"{tuple(pred.shape)}")
+
+
+def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None, *, seed=None,
+                       weight=None, mask: Optional[Tensor] = None, reduction: str = "mean"
+                       ) -> Tensor:
+    """Weighted flow-matching MSE: per sample `L_b = sum(mask (pred - (noise - x0))^2) /
+    sum(mask)` over sample b (0 if the mask is all zero), times weight (float, 0-d or `[B]`);
+    reduction "mean" (float32 scalar), "sum" or "none" (`[B]` float32).
+
+    pred, x0: `[B, ...]`, same shape (float dtypes may differ); noise: x0's shape, or None to
+    regenerate in the kernel the Philox noise `add_noise(x0, ..., seed=seed)` used (seed is then
+    required). mask: float or bool, broadcastable to pred (TI2V frame mask `[B, 1, T, 1, 1]`).
+    With mask=None and a scalar weight, "mean" is `mse_loss(pred.float(), target.float()) * w`.
+    The Triton path computes d loss / d pred in the forward pass (stored in pred's dtype: the
+    only tensor of x0's size kept); the backward scales it. Gradients flow to pred only.
+    """
+    check_float_tensor("pred", pred)
+    check_float_tensor("x0", x0)
+    if pred.ndim == 0:
+        raise ValueError("pred must have a batch dimension [B, ...], got a 0-d tensor")
+    check_same("x0", x0, "pred", pred, dtype=False)
+    check_seed("seed", seed)
+    _check_noise(noise, x0, seed)
+    if noise is None and seed is None:
+        raise ValueError("flow_matching_loss needs noise or the seed add_noise drew it from")
+    if isinstance(seed, Tensor) and seed.device != pred.device:
+        raise ValueError(f"seed is on {seed.device} but pred is on {pred.device}")
+    _check_weight(weight, pred.shape[0], pred.device)
+    _check_mask(mask, pred)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    seed_t = None if noise is not None else seed_tensor(seed, pred.device)
+    if use_triton(pred, x0, *(t for t in (noise, mask, weight) if isinstance(t, Tensor))):
+        need_grad = torch.is_grad_enabled() and pred.requires_grad
+        w_t, w_v = (weight, 1.0) if isinstance(weight, Tensor) else (
+            None, 1.0 if weight is None else float(weight))
+        loss, _, _ = _fm_loss_op(pred, x0, noise, seed_t, mask, w_t, w_v, reduction, need_grad)
+        return loss
+    eps = noise if noise is not None else ref.philox_normal(x0.shape, seed_t, x0.device)
+    return ref.flow_matching_loss(pred, x0, eps, weight, mask, reduction)
 
 
 # ---------------------------------------------------------------------------------------------
 # sampling ops: euler_step, cfg_combine, guided_euler_step, sde_step
 # ---------------------------------------------------------------------------------------------
+
+import math  # noqa: E402  (kept inside this section for clean merges)
 
 def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma) -> Tensor:
     """One Euler step of the flow ODE: `x + (sigma_next - sigma) * v`.
@@ -95,6 +343,214 @@ def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma) -> Tensor:
         return ref.euler_step(x, v, sigma, sigma_next)
     from fmrt.kernels import step as K
     return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next)
+
+
+def _euler_step(x: Tensor, v: Tensor, sigma, sigma_next, triton: bool) -> Tensor:
+    """euler_step after its checks (the samplers call this once per step)."""
+    if not triton:
+        return ref.euler_step(x, v, sigma, sigma_next)
+    from fmrt.kernels import step as K
+    return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next)
+
+
+def check_scale(name: str, scale, x: Tensor) -> None:
+    """A guidance scale: a float, or a floating 0-d / `[B]` tensor on x's device."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(scale).__name__}")
+    if not isinstance(scale, Tensor):
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"{name} must be finite, got {scale}")
+        return
+    if not scale.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {scale.dtype}")
+    if scale.device != x.device:
+        raise ValueError(f"{name} is on {scale.device} but the data is on {x.device}")
+    batch = x.shape[0] if x.ndim else 1
+    if not (scale.ndim == 0 or (scale.ndim == 1 and scale.shape[0] in (1, batch))):
+        raise ValueError(f"{name} must be a float, 0-d or [B={batch}] tensor, "
+                         f"got shape {tuple(scale.shape)}")
+
+
+def _check_guidance(v_cond: Tensor, v_uncond: Tensor, scale, rescale, norm_dim, stats) -> int:
+    """Checks shared by cfg_combine / guided_euler_step; returns the per-token row length
+    (0 unless rescale="norm" with norm_dim=-1)."""
+    check_float_tensor("v_cond", v_cond)
+    check_float_tensor("v_uncond", v_uncond)
+    check_same("v_uncond", v_uncond, "v_cond", v_cond)
+    if v_cond.ndim < 1:
+        raise ValueError("v_cond must be [B, ...], got a 0-d tensor")
+    check_scale("scale", scale, v_cond)
+    if rescale not in ref.RESCALES:
+        raise ValueError(f"rescale must be one of {ref.RESCALES}, got {rescale!r}")
+    if norm_dim is not None:
+        if isinstance(norm_dim, bool) or not isinstance(norm_dim, int):
+            raise TypeError(f"norm_dim must be None or an int, got {type(norm_dim).__name__}")
+        if v_cond.ndim < 2 or norm_dim not in (-1, v_cond.ndim - 1):
+            raise ValueError(f"norm_dim must be None (per sample) or -1 (per token over the last "
+                             f"dim of [B, ..., C]), got {norm_dim} for shape "
+                             f"{tuple(v_cond.shape)}")
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be a dict (filled with [B] tensors) or None, "
+                        f"got {type(stats).__name__}")
+    return v_cond.shape[-1] if (rescale == "norm" and norm_dim is not None) else 0
+
+
+def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale, *, rescale: str = "none",
+                norm_dim: Optional[int] = None, stats: Optional[dict] = None,
+                sigma: Optional[Sigma] = None) -> Tensor:
+    """Classifier-free guidance `v = v_uncond + scale * (v_cond - v_uncond)`.
+
+    v_cond, v_uncond: same shape `[B, ...]` and dtype; scale: float or `[B]` tensor.
+    rescale="norm" ("true CFG"): `v *= ||v_cond|| / ||v||` per sample (norm_dim=None) or per
+    token over the last dim (norm_dim=-1, diffusers' Qwen-Image on packed `[B, L, C]`); the
+    factor is 1 where ||v|| = 0. stats: optional dict, filled with the per-sample diagnostics
+    (see guided_euler_step; the sigma-dependent entries only when `sigma` is given).
+    Returns a new tensor of v_cond's dtype.
+    """
+    row = _check_guidance(v_cond, v_uncond, scale, rescale, norm_dim, stats)
+    if sigma is not None:
+        check_sigma("sigma", sigma, v_cond, per_sample_only=True)
+    return _cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim, stats, sigma, row,
+                        use_triton(v_cond, v_uncond))
+
+
+def _cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim, stats, sigma, row: int,
+                 triton: bool) -> Tensor:
+    """cfg_combine after its checks (the samplers call this once per step)."""
+    if not triton:
+        out = ref.cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim)
+        if stats is not None:
+            st = ref.guidance_stats(v_cond, v_uncond, scale, 1.0 if sigma is None else sigma)
+            _fill_stats(stats, st, sigma is not None)
+        return out
+    from fmrt.kernels import step as K
+    out, part = K.guided_step(None, v_cond.contiguous(), v_uncond.contiguous(), scale, None, None,
+                              rescale=rescale, row=row, stats=stats is not None)
+    if stats is not None:
+        st = K.finish_stats(part, v_cond[0].numel(), 1.0 if sigma is None else sigma)
+        _fill_stats(stats, st, sigma is not None)
+    return out
+
+
+def _fill_stats(stats: dict, st: dict, with_sigma: bool) -> None:
+    if not with_sigma:
+        for key in ("sigma", "vel_diff_norm", "x0_diff_norm"):
+            st.pop(key)
+    stats.update(st)
+
+
+def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma: Sigma,
+                      sigma_next: Sigma, *, rescale: str = "none", norm_dim: Optional[int] = None,
+                      stats: Optional[dict] = None) -> Tensor:
+    """CFG combine (+ "true CFG" norm rescale) + Euler step in one pass:
+    `x + (sigma_next - sigma) * cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim)`.
+
+    x, v_cond, v_uncond: same shape `[B, ...]` and dtype; scale: float or `[B]`; sigmas: floats,
+    0-d or `[B]` tensors. One pass (reads x, v_cond, v_uncond, writes x': 4 N e bytes for N
+    elements of e bytes), also with the per-token rescale (the token's row in registers). The
+    per-sample rescale needs the norms before the step: a split reduction (pass 1 reads v_cond,
+    v_uncond into per-program partial norms; pass 2 combines and steps): 6 N e bytes. stats: a dict that receives float32 `[B]` device tensors (no host
+    sync) computed in the same pass: sigma, cond_mean, cond_std, uncond_mean, uncond_std,
+    cfg_diff_mean, cfg_diff_std, cfg_diff_norm, vel_diff_norm (||sigma * cfg_diff||),
+    x0_diff_norm (||x0_cond - x0_uncond||), rescale_ratio (||v_cond|| / ||v||, v unrescaled).
+    """
+    check_float_tensor("x", x)
+    row = _check_guidance(v_cond, v_uncond, scale, rescale, norm_dim, stats)
+    check_same("v_cond", v_cond, "x", x)
+    check_sigma("sigma", sigma, x, per_sample_only=True)
+    check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
+    return _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, norm_dim,
+                              stats, row, use_triton(x, v_cond, v_uncond))
+
+
+def _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, norm_dim, stats,
+                       row: int, triton: bool) -> Tensor:
+    """guided_euler_step after its checks (the samplers call this once per step)."""
+    if not triton:
+        out = ref.guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale,
+                                    norm_dim)
+        if stats is not None:
+            stats.update(ref.guidance_stats(v_cond, v_uncond, scale, sigma))
+        return out
+    from fmrt.kernels import step as K
+    out, part = K.guided_step(x.contiguous(), v_cond.contiguous(), v_uncond.contiguous(), scale,
+                              sigma, sigma_next, rescale=rescale, row=row,
+                              stats=stats is not None)
+    if stats is not None:
+        stats.update(K.finish_stats(part, x[0].numel(), sigma))
+    return out
+
+
+def cfg_zero_star_scale(v_cond: Tensor, v_uncond: Tensor) -> Tensor:
+    """CFG-Zero*'s optimised scale `<c, u> / (||u||^2 + 1e-8)` per sample: float32 `[B]`.
+    Guide with `cfg_combine(v_cond, alpha * v_uncond, scale)`."""
+    check_float_tensor("v_cond", v_cond)
+    check_float_tensor("v_uncond", v_uncond)
+    check_same("v_uncond", v_uncond, "v_cond", v_cond)
+    return ref.cfg_zero_star_scale(v_cond, v_uncond)
+
+
+def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: float,
+             noise: Optional[Tensor] = None, seed: Optional[int] = None,
+             return_log_prob: bool = False):
+    """Euler-Maruyama step of the flow SDE, score from the velocity (Flow-GRPO discretisation,
+    see `fmrt.reference.sde_step`); eta = 0 is exactly `euler_step`.
+
+    x, v: same shape `[B, ...]` and dtype; sigmas floats, 0-d or `[B]` tensors (sigma_next <=
+    sigma); noise: explicit `N(0, I)` of x's shape, or None to draw Philox noise in-kernel from
+    `seed` (an int, a 0-d integer device tensor, or None: drawn on x's device; the same seed
+    gives the same noise as `add_noise`, on the Triton and the torch path). Returns x' of x's dtype, or `(x', log_prob [B] float32)` with
+    return_log_prob (the per-element mean Gaussian log-density of the step, as Flow-GRPO).
+    """
+    check_float_tensor("x", x)
+    check_float_tensor("v", v)
+    check_same("v", v, "x", x)
+    if x.ndim < 1:
+        raise ValueError("x must be [B, ...], got a 0-d tensor")
+    check_sigma("sigma", sigma, x, per_sample_only=True)
+    check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
+    if not isinstance(sigma, Tensor) and not isinstance(sigma_next, Tensor):
+        if float(sigma_next) > float(sigma):
+            raise ValueError(f"sigma_next ({sigma_next}) must not exceed sigma ({sigma})")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise TypeError(f"eta must be a float, got {type(eta).__name__}")
+    if not (eta >= 0.0 and math.isfinite(eta)):
+        raise ValueError(f"eta must be a finite float >= 0, got {eta}")
+    if return_log_prob and eta == 0:
+        raise ValueError("return_log_prob needs eta > 0 (eta = 0 is deterministic)")
+    if noise is not None:
+        check_float_tensor("noise", noise)
+        check_same("noise", noise, "x", x, dtype=False)
+        if seed is not None:
+            raise ValueError("give noise or seed, not both")
+    check_seed("seed", seed)
+    if noise is None:
+        seed = seed_tensor(seed, x.device)
+    return _sde_step(x, v, sigma, sigma_next, float(eta), noise, seed, return_log_prob,
+                     use_triton(x, v))
+
+
+def _sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, return_log_prob: bool,
+              triton: bool):
+    """sde_step after its checks (the samplers call this once per step)."""
+    if not triton:
+        if noise is not None:
+            z = noise
+        elif eta == 0:  # the noise is multiplied by 0: no need to draw it
+            z = torch.zeros_like(x)
+        else:
+            z = ref.philox_normal(x.shape, seed, device=x.device)
+        return ref.sde_step(x, v, sigma, sigma_next, eta, z, return_log_prob)
+    from fmrt.kernels import step as K
+    out, zz = K.sde_step(x.contiguous(), v.contiguous(), sigma, sigma_next, eta,
+                         None if noise is None else noise.contiguous(), seed,
+                         return_log_prob)
+    if not return_log_prob:
+        return out
+    B, n = x.shape[0], x[0].numel()
+    _, std_dt = ref.sde_coefficients(sigma, sigma_next, eta, torch.empty(B, device=x.device))
+    lp = -0.5 * zz / n - torch.log(std_dt.double()).expand(B) - 0.5 * math.log(2 * math.pi)
+    return out, lp.float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +588,77 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
         if want is not None and w.numel() != want:
             raise ValueError(f"{name} must have {want} elements for norm={norm!r}, "
                              f"got {tuple(w.shape)}")
+    if use_triton(q, k, cos, sin, *(w for w in (q_weight, k_weight) if w is not None)):
+        qw = None if q_weight is None or norm is None else q_weight.reshape(-1)
+        kw = None if k_weight is None or norm is None else k_weight.reshape(-1)
+        return _qk_norm_rope_op(q, k, qw, kw, cos, sin, float(eps),
+                                "none" if norm is None else norm)
     return ref.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, norm)
+
+
+# Triton path: `fmrt::qk_norm_rope` (forward) and `fmrt::qk_norm_rope_backward` custom ops, so
+# the op traces into torch.compile graphs without a break; q, k reach the kernels with their
+# strides (no copy of a fused qkv view). The backward recomputes the norm statistics from q, k
+# (nothing but the inputs is saved) and returns deterministic weight gradients.
+
+def _norm_arg(norm: str) -> Optional[str]:
+    return None if norm == "none" else norm
+
+
+@torch.library.custom_op("fmrt::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+                     cos: Tensor, sin: Tensor, eps: float, norm: str) -> tuple[Tensor, Tensor]:
+    from fmrt.kernels import rope as K
+    return K.qk_norm_rope_fwd(q, k, None if q_weight is None else q_weight.contiguous(),
+                              None if k_weight is None else k_weight.contiguous(), cos, sin, eps,
+                              _norm_arg(norm))
+
+
+@_qk_norm_rope_op.register_fake
+def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, eps, norm):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device))
+
+
+@torch.library.custom_op("fmrt::qk_norm_rope_backward", mutates_args=())
+def _qk_norm_rope_bwd_op(gq: Tensor, gk: Tensor, q: Tensor, k: Tensor, q_weight: Optional[Tensor],
+                         k_weight: Optional[Tensor], cos: Tensor, sin: Tensor, eps: float,
+                         norm: str, need_dw: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from fmrt.kernels import rope as K
+    return K.qk_norm_rope_bwd(gq, gk, q, k, None if q_weight is None else q_weight.contiguous(),
+                              None if k_weight is None else k_weight.contiguous(), cos, sin, eps,
+                              _norm_arg(norm), need_dw)
+
+
+@_qk_norm_rope_bwd_op.register_fake
+def _qk_norm_rope_bwd_fake(gq, gk, q, k, q_weight, k_weight, cos, sin, eps, norm, need_dw):
+    def dw(w):
+        if not need_dw or w is None or norm == "none":
+            return q.new_empty(0, dtype=torch.float32)
+        return q.new_empty(w.shape, dtype=torch.float32)
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device), dw(q_weight), dw(k_weight))
+
+
+def _qk_norm_rope_setup(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, eps, norm = inputs
+    ctx.eps, ctx.norm = eps, norm
+    ctx.w_dtypes = tuple(None if w is None else w.dtype for w in (q_weight, k_weight))
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
+
+
+def _qk_norm_rope_backward(ctx, gq, gk):
+    q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
+    need_dw = any(ctx.needs_input_grad[2:4])
+    dq, dk, dwq, dwk = _qk_norm_rope_bwd_op(gq, gk, q, k, q_weight, k_weight, cos, sin, ctx.eps,
+                                            ctx.norm, need_dw)
+    wq_dt, wk_dt = ctx.w_dtypes
+    dwq = dwq.to(wq_dt) if ctx.needs_input_grad[2] and dwq.numel() else None
+    dwk = dwk.to(wk_dt) if ctx.needs_input_grad[3] and dwk.numel() else None
+    return dq, dk, dwq, dwk, None, None, None, None
+
+
+_qk_norm_rope_op.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,6 +68,141 @@ def eps_from_velocity(x_t: Tensor, v: Tensor, sigma: Sigma) -> Tensor:
 
 
 # --- training ops (noise / loss): Philox noise, flow_matching_loss ----------------------------
+#
+# Seeded noise ("Philox offset scheme"). x0 is viewed as [B, inner] (B = x0.shape[0], inner =
+# elements per sample, row-major logical order, whatever the memory layout). Element j of sample
+# b lives in group g = j // (4 Q), lane k = (j % (4 Q)) // Q, slot q = j % Q (Q = NOISE_Q = 1024).
+# One Philox-4x32-10 call (triton's `tl.philox`, key = (seed low 32 bits, seed high 32 bits)) on
+# the counter (c0, c1, c2, c3) = (low and high 32 bits of the 64-bit counter g Q + q, b, 0) gives
+# four uint32; triton's `uint_to_uniform_float` maps them to four uniforms, Box-Muller
+# (`pair_uniform_to_normal`) on (u1, u2) and (u3, u4) to four normals n1..n4, and lane k takes
+# n_{k+1}. So a block of 4 Q consecutive elements costs Q Philox calls, every lane reads and
+# writes contiguous memory, the 64-bit counter covers 2^64 elements per sample, and the batch
+# index (up to 2^32 samples) has its own counter word: different per sample and per seed.
+
+NOISE_Q = 1024          # a power of two (the kernels rely on it)
+_M32 = 0xFFFFFFFF
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_ROUNDS = 10
+
+
+def _mul_hi_lo(a: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit words of the 64-bit product of the uint32 constant a and the uint32
+    values x (int64 tensor), without overflowing int64 (16-bit limbs)."""
+    xh, xl = x >> 16, x & 0xFFFF
+    th, tl_ = a * xh, a * xl
+    hi = (th + (tl_ >> 16)) >> 16
+    lo = (((th & 0xFFFF) << 16) + tl_) & _M32
+    return hi, lo
+
+
+def philox4x32(seed: Union[int, Tensor], c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton's `tl.philox(seed, c0, c1, c2, c3)` (10 rounds, 32-bit words) in int64 torch
+    arithmetic masked to 32 bits. Counter words: int64 tensors in [0, 2^32); seed: an int or
+    int64 tensor in [0, 2^63)."""
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(_PHILOX_ROUNDS):
+        hb, lb = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        ha, la = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hb ^ c1 ^ k0, lb, ha ^ c3 ^ k1, la
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def uint_to_uniform(x: Tensor) -> Tensor:
+    """Triton's `uint_to_uniform_float` for uint32 words (int64 tensor): float32 in [0, 1)."""
+    s = torch.where(x >= 2 ** 31, x - 2 ** 32, x)          # bitcast to int32
+    s = torch.where(s < 0, -s - 1, s)                       # ~s
+    return s.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton's `pair_uniform_to_normal` in float32."""
+    u1 = torch.clamp_min(u1, 1.0e-7)
+    th = torch.tensor(6.283185307179586, dtype=torch.float32) * u2
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(th), r * torch.sin(th)
+
+
+def philox_normal(shape, seed: Union[int, Tensor], device=None) -> Tensor:
+    """N(0, 1) float32 noise of `shape` (`[B, ...]`) from `seed` with the offset scheme above:
+    exactly the noise the Triton kernels generate in registers (to float tolerance)."""
+    shape = tuple(shape)
+    n = 1
+    for d in shape:
+        n *= d
+    batch = shape[0] if len(shape) else 1
+    if n == 0:
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    inner = n // batch
+    groups = -(-inner // (4 * NOISE_Q))
+    if isinstance(seed, Tensor):
+        seed = seed.to(device=device, dtype=torch.int64)
+    cnt = torch.arange(groups * NOISE_Q, dtype=torch.int64, device=device)
+    out = torch.empty((batch, groups * 4 * NOISE_Q), dtype=torch.float32, device=device)
+    for b in range(batch):
+        c2 = torch.full_like(cnt, b)
+        i1, i2, i3, i4 = philox4x32(seed, cnt & _M32, cnt >> 32, c2, torch.zeros_like(cnt))
+        n1, n2 = box_muller(uint_to_uniform(i1), uint_to_uniform(i2))
+        n3, n4 = box_muller(uint_to_uniform(i3), uint_to_uniform(i4))
+        out[b] = torch.stack([t.view(groups, NOISE_Q) for t in (n1, n2, n3, n4)], 1).reshape(-1)
+    return out[:, :inner].reshape(shape)
+
+
+def mask_denominator(mask: Optional[Tensor], shape, device=None) -> Tensor:
+    """Per-sample `sum(mask)` of the mask broadcast to `shape` (`[B, ...]`): float32 `[B]`
+    (`inner` for every sample without a mask). Computed on the small mask, not the broadcast."""
+    shape = tuple(shape)
+    batch = shape[0]
+    if mask is None:
+        inner = 1
+        for d in shape[1:]:
+            inner *= d
+        return torch.full((batch,), float(inner), dtype=torch.float32, device=device)
+    m = mask.reshape((1,) * (len(shape) - mask.ndim) + tuple(mask.shape)).to(torch.float32)
+    rep = 1
+    for d in range(1, len(shape)):
+        if m.shape[d] == 1:
+            rep *= shape[d]
+    per = m.reshape(m.shape[0], -1).sum(1) * rep
+    return per.expand(batch)
+
+
+def finish_loss(num: Tensor, den: Tensor, weight, reduction: str) -> Tensor:
+    """From per-sample sums of masked squared errors `num` `[B]` and `mask_denominator` `den`:
+    `L_b = num_b / den_b * weight_b` (0 for an all-masked sample), then the reduction."""
+    den = den.to(num.device)
+    per = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                      torch.zeros_like(num))
+    if weight is not None:
+        if isinstance(weight, Tensor):
+            per = per * weight.to(device=num.device, dtype=num.dtype).reshape(-1)
+        else:
+            per = per * float(weight)
+    if reduction == "mean":
+        return per.mean()
+    if reduction == "sum":
+        return per.sum()
+    return per
+
+
+def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Tensor, weight=None,
+                       mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """Per-sample `L_b = sum(mask (pred - (noise - x0))^2) / sum(mask)` over sample b (mask
+    broadcast to pred; no mask: the mean), times `weight` (float, 0-d or `[B]`), reduced by
+    "mean" | "sum" | "none" (`[B]`). float32 result (float64 for float64 pred). The target is
+    constant: gradients flow to pred only."""
+    dt = compute_dtype(pred.dtype)
+    target = (noise.detach().to(dt) - x0.detach().to(dt))
+    d = pred.to(dt) - target
+    sq = d * d
+    if mask is not None:
+        sq = sq * mask.to(dt)
+    num = sq.reshape(pred.shape[0], -1).sum(1)
+    den = mask_denominator(mask, pred.shape, device=pred.device).to(dt)
+    return finish_loss(num, den, weight, reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +217,131 @@ def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma) -> Tensor:
 
 
 # --- sampling ops (cfg_combine, guided_euler_step, sde_step) ---------------------------------
+
+import math  # noqa: E402  (kept inside this section for clean merges)
+
+RESCALES = ("none", "norm")
+
+
+def _per_sample(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def norm_ratio(v_cond: Tensor, v: Tensor, norm_dim: Optional[int] = None) -> Tensor:
+    """||v_cond|| / ||v|| per sample (norm_dim None, shape [B, 1, ..., 1]) or over one dim
+    (keepdim); 1 where ||v|| = 0 (diffusers would give nan there)."""
+    if norm_dim is None:
+        dims = tuple(range(1, v.ndim))
+        nc = v_cond.pow(2).sum(dims, keepdim=True).sqrt()
+        nv = v.pow(2).sum(dims, keepdim=True).sqrt()
+    else:
+        nc = v_cond.pow(2).sum(norm_dim, keepdim=True).sqrt()
+        nv = v.pow(2).sum(norm_dim, keepdim=True).sqrt()
+    return torch.where(nv > 0, nc / torch.where(nv > 0, nv, torch.ones_like(nv)),
+                       torch.ones_like(nv))
+
+
+def guided_velocity(v_cond: Tensor, v_uncond: Tensor, scale, rescale: str = "none",
+                    norm_dim: Optional[int] = None) -> Tensor:
+    """CFG `v = v_uncond + scale * (v_cond - v_uncond)` in the compute dtype (not rounded);
+    rescale "norm" ("true CFG", diffusers' Qwen-Image): `v *= ||v_cond|| / ||v||` per sample
+    (norm_dim None) or per token over `norm_dim`. scale: float or `[B]`."""
+    dt = compute_dtype(v_cond.dtype)
+    c, u = v_cond.to(dt), v_uncond.to(dt)
+    g = broadcast_sigma(scale, c) if isinstance(scale, Tensor) else float(scale)
+    v = torch.lerp(u, c, g)  # u + g (c - u), one fp32 op
+    if rescale == "norm":
+        v = v * norm_ratio(c, v, norm_dim)
+    return v
+
+
+def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale, rescale: str = "none",
+                norm_dim: Optional[int] = None) -> Tensor:
+    """The guided velocity (see guided_velocity), rounded once to v_cond's dtype."""
+    return guided_velocity(v_cond, v_uncond, scale, rescale, norm_dim).to(v_cond.dtype)
+
+
+def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma: Sigma,
+                      sigma_next: Sigma, rescale: str = "none",
+                      norm_dim: Optional[int] = None) -> Tensor:
+    """x' = x + (sigma_next - sigma) * guided_velocity(...), fp32 math, one rounding."""
+    dt = compute_dtype(x.dtype)
+    v = guided_velocity(v_cond, v_uncond, scale, rescale, norm_dim)
+    h = broadcast_sigma(sigma_next, x) - broadcast_sigma(sigma, x)
+    return torch.addcmul(x.to(dt), h, v).to(x.dtype)  # x + h v
+
+
+def guidance_stats(v_cond: Tensor, v_uncond: Tensor, scale, sigma: Sigma) -> dict:
+    """Seed 000's per-step guidance diagnostics, per sample, float32 `[B]` tensors:
+    sigma; cond/uncond mean and std (unbiased); cfg_diff = v_cond - v_uncond: mean, std, L2 norm;
+    vel_diff_norm = ||sigma * cfg_diff|| (the seed's "velocity space" difference);
+    x0_diff_norm = ||x0_cond - x0_uncond|| with x0 = x - sigma * v (= vel_diff_norm exactly in
+    exact arithmetic for flow prediction: the seed plots both); rescale_ratio = ||v_cond|| / ||v||
+    with v the (unrescaled) guided velocity, i.e. the factor true-CFG's per-sample rescale uses."""
+    c = _per_sample(v_cond).double()
+    u = _per_sample(v_uncond).double()
+    B = c.shape[0]
+    sig = broadcast_sigma(sigma, v_cond).double().expand(B, *([1] * (v_cond.ndim - 1)))
+    sig = sig.reshape(B, 1)
+    d = c - u
+    v = u + broadcast_sigma(scale, v_cond).double().reshape(-1, 1) * d
+    x0_c, x0_u = -sig * c, -sig * u  # x cancels in x0_cond - x0_uncond
+    out = {
+        "sigma": sig[:, 0],
+        "cond_mean": c.mean(1), "cond_std": c.std(1),
+        "uncond_mean": u.mean(1), "uncond_std": u.std(1),
+        "cfg_diff_mean": d.mean(1), "cfg_diff_std": d.std(1),
+        "cfg_diff_norm": d.norm(dim=1),
+        "vel_diff_norm": (sig * d).norm(dim=1),
+        "x0_diff_norm": (x0_c - x0_u).norm(dim=1),
+        "rescale_ratio": norm_ratio(c, v).reshape(B),
+    }
+    return {k: t.float() for k, t in out.items()}
+
+
+def cfg_zero_star_scale(v_cond: Tensor, v_uncond: Tensor) -> Tensor:
+    """CFG-Zero*'s optimised scale per sample: <c, u> / (||u||^2 + 1e-8) (as diffusers), float32
+    `[B]`."""
+    c = _per_sample(v_cond).float()
+    u = _per_sample(v_uncond).float()
+    return (c * u).sum(1) / (u.pow(2).sum(1) + 1e-8)
+
+
+def sde_coefficients(sigma: Sigma, sigma_next: Sigma, eta: float, like: Tensor):
+    """Flow-GRPO's Euler-Maruyama coefficients, broadcast against `like`:
+    (k, std_dt) with std_t = eta * sqrt(sigma / (1 - sigma')), sigma' = sigma_next where
+    sigma >= 1 (Flow-GRPO uses the grid's second sigma there), k = std_t^2 / (2 sigma) =
+    eta^2 / (2 (1 - sigma')), std_dt = std_t * sqrt(sigma - sigma_next)."""
+    s = broadcast_sigma(sigma, like)
+    sn = broadcast_sigma(sigma_next, like)
+    s_den = torch.where(s >= 1.0, sn, s)
+    k = eta * eta / (2.0 * (1.0 - s_den))
+    std_dt = (2.0 * k * s * (s - sn)).clamp_min(0.0).sqrt()
+    return k, std_dt
+
+
+def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, eta: float, noise: Tensor,
+             return_log_prob: bool = False):
+    """Euler-Maruyama step of the reverse-time flow SDE with the score from the velocity
+    (score = -eps_pred / sigma, eps_pred = x + (1 - sigma) v), Flow-GRPO's discretisation:
+        mean = x + [v + std_t^2 / (2 sigma) * (x + (1 - sigma) v)] * dt,   dt = sigma_next - sigma
+        x'   = mean + std_t * sqrt(-dt) * noise,    std_t = eta * sqrt(sigma / (1 - sigma))
+    eta = 0 is exactly Euler. With return_log_prob, also the Gaussian log-density of x' (fp32,
+    before rounding) under N(mean, (std_t sqrt(-dt))^2), averaged over the elements of each
+    sample (Flow-GRPO's convention): (x', log_prob [B] float32)."""
+    dt = compute_dtype(x.dtype)
+    xf, vf, z = x.to(dt), v.to(dt), noise.to(dt)
+    k, std_dt = sde_coefficients(sigma, sigma_next, eta, xf)
+    h = broadcast_sigma(sigma_next, xf) - broadcast_sigma(sigma, xf)
+    s = broadcast_sigma(sigma, xf)
+    mean = xf * (1.0 + k * h) + vf * (1.0 + k * (1.0 - s)) * h
+    out = mean + std_dt * z
+    if not return_log_prob:
+        return out.to(x.dtype)
+    std = std_dt.expand_as(out)
+    lp = (-(out - mean) ** 2 / (2 * std ** 2) - torch.log(std)
+          - 0.5 * math.log(2 * math.pi))
+    return out.to(x.dtype), _per_sample(lp).mean(1).float()
 
 
 # ---------------------------------------------------------------------------------------------

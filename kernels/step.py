@@ -1,5 +1,5 @@
-"""Sampling-step kernels: Euler (and, later in this file, CFG combine, guided Euler and
-Euler-Maruyama steps).
+"""Sampling-step kernels: Euler, CFG combine, guided Euler (CFG + optional norm rescale +
+diagnostics + step in one pass) and Euler-Maruyama (Flow-GRPO SDE) steps.
 
 Sigmas reach a kernel either as fp32 scalars (Python floats: no tensor, no sync) or as a pointer
 to a `[B]` fp32 tensor read on the device (per sample; `inner` = elements per sample), so no
@@ -11,27 +11,168 @@ import torch
 import triton
 import triton.language as tl
 
+from fmrt.kernels.noise import fast_math, philox_normal4
+from fmrt.reference import NOISE_Q
+
 
 @triton.jit
-def _load_sigma(ptr, scalar, b, IS_TENSOR: tl.constexpr):
-    """sigma for the batch indices `b`: from a [B] tensor, or the scalar argument."""
+def _load_sigma(ptr, scalar, stride, b, IS_TENSOR: tl.constexpr):
+    """sigma for the batch indices `b`: from a 0-d / [B] tensor (element b * stride; stride 0
+    broadcasts one value), or the scalar argument."""
     if IS_TENSOR:
-        return tl.load(ptr + b).to(tl.float32)
+        return tl.load(ptr + b * stride).to(tl.float32)
     return scalar
 
 
 @triton.jit
-def _euler_kernel(x_ptr, v_ptr, out_ptr, s_ptr, s_val, sn_ptr, sn_val, n, inner,
-                  SIGMA_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+def _euler_kernel(x_ptr, v_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, n, inner,
+                  S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
     """out = x + (sigma_next - sigma) * v, fp32 math, one rounding to x's dtype."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    b = offs // inner
-    s = _load_sigma(s_ptr, s_val, b, SIGMA_TENSOR)
-    sn = _load_sigma(sn_ptr, sn_val, b, SIGMA_TENSOR)
+    b = tl.where(m, offs // inner, 0)  # masked tail lanes must not read sigma out of bounds
+    s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
+    sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, (x + (sn - s) * v).to(out_ptr.dtype.element_ty), mask=m)
+
+
+NSTAT = 8  # partial sums per program: c, c^2, u, u^2, d, d^2, v^2 (v before rescale), pad
+
+
+@triton.jit
+def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_val, s_st,
+                   sn_ptr, sn_val, sn_st, ratio_ptr, part_ptr, inner, C, n_chunks,
+                   STEP: tl.constexpr, WRITE: tl.constexpr, G_TENSOR: tl.constexpr,
+                   S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, RESCALE: tl.constexpr,
+                   STATS: tl.constexpr, TOKEN: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Guided velocity and step for one tile of one sample (grid = (chunks, B)).
+
+    d = c - u;  v = u + g * d                        (g = guidance scale, per sample)
+    RESCALE 1:  v *= ratio[b]                        (per-sample ||c|| / ||v||, from pass 1)
+    RESCALE 2:  v *= ||c_row|| / ||v_row||           (per token: rows of C elements; 1 if 0)
+    out = x + (sigma_next - sigma) * v  if STEP else v      (fp32 math, one rounding)
+    STATS: this program's partial sums of c, c^2, u, u^2, d, d^2, v^2 (v before any rescale)
+    go to part[b, chunk, :]; the host finishes the per-sample statistics from them.
+    The tile is [ROWS, BLOCK_C] rows of length C; the flat (per-sample) layout is ROWS = 1,
+    C = BLOCK_C, so chunk k covers elements [k * C, (k + 1) * C) of the sample.
+    """
+    chunk = tl.program_id(0)
+    b = tl.program_id(1)
+    rows = chunk.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    if TOKEN:  # rows of C elements (C <= BLOCK_C)
+        local = rows[:, None] * C + cols[None, :]
+        m = (cols[None, :] < C) & (local < inner)
+    else:  # flat: ROWS = 1, a contiguous block of BLOCK_C elements (compile-time stride)
+        local = rows[:, None] * BLOCK_C + cols[None, :]
+        m = local < inner
+    offs = b.to(tl.int64) * inner + local
+    g = _load_sigma(g_ptr, g_val, g_st, b, G_TENSOR)
+    c = tl.load(c_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    d = c - u
+    v = u + g * d
+    if STATS:
+        p = part_ptr + (b.to(tl.int64) * n_chunks + chunk) * 8
+        tl.store(p + 0, tl.sum(tl.sum(c, axis=1), axis=0))
+        tl.store(p + 1, tl.sum(tl.sum(c * c, axis=1), axis=0))
+        tl.store(p + 2, tl.sum(tl.sum(u, axis=1), axis=0))
+        tl.store(p + 3, tl.sum(tl.sum(u * u, axis=1), axis=0))
+        tl.store(p + 4, tl.sum(tl.sum(d, axis=1), axis=0))
+        tl.store(p + 5, tl.sum(tl.sum(d * d, axis=1), axis=0))
+        tl.store(p + 6, tl.sum(tl.sum(v * v, axis=1), axis=0))
+    if WRITE:
+        if RESCALE == 1:
+            v = v * tl.load(ratio_ptr + b)
+        if RESCALE == 2:
+            nc = tl.sum(c * c, axis=1)
+            nv = tl.sum(v * v, axis=1)
+            ok = nv > 0.0
+            r = tl.where(ok, tl.sqrt(nc) / tl.sqrt(tl.where(ok, nv, 1.0)), 1.0)
+            v = v * r[:, None]
+        if STEP:
+            s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
+            sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
+            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            v = x + (sn - s) * v
+        tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _ratio_kernel(part_ptr, ratio_ptr, n_chunks, BLOCK: tl.constexpr):
+    """Per-sample rescale factor from pass 1's partial sums (grid = (B,)):
+    ratio[b] = sqrt(sum_k part[b, k, 1] / sum_k part[b, k, 6]) = ||c|| / ||v||, 1 where ||v|| = 0.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    acc_c = tl.zeros((BLOCK,), tl.float32)
+    acc_v = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, n_chunks, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        m = k < n_chunks
+        row = part_ptr + (b * n_chunks + k) * 8
+        acc_c += tl.load(row + 1, mask=m, other=0.0)
+        acc_v += tl.load(row + 6, mask=m, other=0.0)
+    cc = tl.sum(acc_c, axis=0)
+    vv = tl.sum(acc_v, axis=0)
+    ok = vv > 0.0
+    tl.store(ratio_ptr + b, tl.where(ok, tl.sqrt(cc) / tl.sqrt(tl.where(ok, vv, 1.0)), 1.0))
+
+
+@triton.jit
+def _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, z, b, j, inner, s, sn, k, std_dt,
+              HAS_NOISE: tl.constexpr):
+    """One lane of Q elements; returns its sum of z^2 (masked)."""
+    m = j < inner
+    offs = b * inner + j
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_NOISE:
+        z = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    dt = sn - s
+    out = x * (1.0 + k * dt) + v * (1.0 + k * (1.0 - s)) * dt + std_dt * z
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
+    return tl.sum(tl.where(m, z * z, 0.0), axis=0)
+
+
+@triton.jit
+def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, eta,
+                seed_ptr, part_ptr, inner, n_groups, HAS_NOISE: tl.constexpr,
+                S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, LOGP: tl.constexpr,
+                Q: tl.constexpr, FAST: tl.constexpr):
+    """Euler-Maruyama step of the flow SDE (Flow-GRPO discretisation), grid = (groups, B).
+
+    dt = sn - s (< 0), s' = sn if s >= 1 else s, k = eta^2 / (2 (1 - s'))  (= std^2 / (2 s)),
+    mean = x (1 + k dt) + v (1 + k (1 - s)) dt,  out = mean + sqrt(2 k s (s - sn)) * z,
+    z = noise, or fmrt's seeded Philox noise (kernels/noise.py's offset scheme: program (g, b)
+    owns elements [4Qg, 4Q(g+1)) of sample b in four lanes of Q, one Philox call per 4
+    elements; FAST: the hardware log/sin/cos of compiled CUDA kernels), so the same seed gives
+    the same noise as `ops.add_noise`. eta = 0 is exactly Euler. LOGP: the program's sum of z^2 to part[b, g].
+    """
+    g = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
+    sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
+    s_den = tl.where(s >= 1.0, sn, s)
+    k = eta * eta / (2.0 * (1.0 - s_den))
+    std_dt = tl.sqrt(tl.maximum(2.0 * k * s * (s - sn), 0.0))
+    j0 = g * (4 * Q) + tl.arange(0, Q).to(tl.int64)
+    if HAS_NOISE:
+        n1 = tl.zeros((Q,), tl.float32)
+        n2, n3, n4 = n1, n1, n1
+    else:
+        n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q, FAST)
+    zz = _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n1, b, j0, inner, s, sn, k, std_dt, HAS_NOISE)
+    zz += _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n2, b, j0 + Q, inner, s, sn, k, std_dt,
+                    HAS_NOISE)
+    zz += _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n3, b, j0 + 2 * Q, inner, s, sn, k, std_dt,
+                    HAS_NOISE)
+    zz += _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, n4, b, j0 + 3 * Q, inner, s, sn, k, std_dt,
+                    HAS_NOISE)
+    if LOGP:
+        tl.store(part_ptr + b * n_groups + g, zz)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,10 +180,16 @@ def _euler_kernel(x_ptr, v_ptr, out_ptr, s_ptr, s_val, sn_ptr, sn_val, n, inner,
 # ---------------------------------------------------------------------------------------------
 
 def sigma_args(sigma, like: torch.Tensor, batch: int):
-    """(pointer tensor, scalar) kernel arguments for a float or `[B]`/0-d tensor sigma."""
-    if isinstance(sigma, torch.Tensor):
-        return sigma.to(device=like.device, dtype=torch.float32).expand(batch).contiguous(), 0.0
-    return like, float(sigma)
+    """(pointer tensor, scalar, stride, is_tensor) kernel arguments for a per-sample value: a
+    float (passed by value), or a 0-d / [1] / [B] tensor read on the device without a copy
+    when it is already float32 (stride 0 broadcasts one value)."""
+    if not isinstance(sigma, torch.Tensor):
+        return like, float(sigma), 0, False
+    t = sigma if (sigma.dtype == torch.float32 and sigma.device == like.device) else \
+        sigma.to(device=like.device, dtype=torch.float32)
+    if t.ndim == 0 or t.numel() == 1:
+        return t, 0.0, 0, True
+    return t, 0.0, t.stride(0), True
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
@@ -52,15 +199,130 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Ten
     if n == 0:
         return out
     batch = x.shape[0] if x.ndim else 1
-    is_tensor = isinstance(sigma, torch.Tensor) or isinstance(sigma_next, torch.Tensor)
-    if is_tensor:
-        sigma = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma))
-        sigma_next = (sigma_next if isinstance(sigma_next, torch.Tensor)
-                      else torch.tensor(float(sigma_next)))
-    s_ptr, s_val = sigma_args(sigma, x, batch)
-    sn_ptr, sn_val = sigma_args(sigma_next, x, batch)
+    s_ptr, s_val, s_st, s_t = sigma_args(sigma, x, batch)
+    sn_ptr, sn_val, sn_st, sn_t = sigma_args(sigma_next, x, batch)
     BLOCK = 1024
     grid = (triton.cdiv(n, BLOCK),)
-    _euler_kernel[grid](x, v, out, s_ptr, s_val, sn_ptr, sn_val, n, max(n // batch, 1),
-                        SIGMA_TENSOR=is_tensor, BLOCK=BLOCK)
+    _euler_kernel[grid](x, v, out, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, n,
+                        max(n // batch, 1), S_TENSOR=s_t, SN_TENSOR=sn_t, BLOCK=BLOCK)
     return out
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _tile(inner: int, row: int):
+    """(ROWS, BLOCK_C, C, chunks, num_warps) for the guided kernel: per-token rows of `row`
+    elements, or the flat layout (row = 0) in blocks of up to 4096 elements."""
+    if row:
+        bc = _pow2(row)
+        n_rows = inner // row
+        rows = max(1, min(max(4096 // bc, 1), _pow2(n_rows)))
+        return rows, bc, row, triton.cdiv(n_rows, rows), 8 if rows * bc >= 4096 else 4
+    block = min(4096, max(128, _pow2(inner)))
+    return 1, block, block, triton.cdiv(inner, block), 8 if block >= 4096 else 4
+
+
+def finish_stats(part: torch.Tensor, n: int, sigma) -> dict:
+    """Per-sample statistics `[B]` (float32, on the device) from the guided kernel's partial
+    sums `part [B, chunks, NSTAT]` over n elements per sample: no host sync."""
+    t = part.double().sum(1)
+    B = t.shape[0]
+
+    def mean_std(i):
+        mean = t[:, i] / n
+        var = (t[:, i + 1] - t[:, i] * t[:, i] / n) / (n - 1) if n > 1 else t[:, i] * float("nan")
+        return mean.float(), var.clamp_min(0).sqrt().float()
+
+    out = {}
+    if isinstance(sigma, torch.Tensor):
+        sig = sigma.to(device=part.device, dtype=torch.float32).expand(B).clone()
+    else:
+        sig = torch.full((B,), float(sigma), dtype=torch.float32, device=part.device)
+    out["sigma"] = sig
+    out["cond_mean"], out["cond_std"] = mean_std(0)
+    out["uncond_mean"], out["uncond_std"] = mean_std(2)
+    out["cfg_diff_mean"], out["cfg_diff_std"] = mean_std(4)
+    dn = t[:, 5].sqrt()
+    out["cfg_diff_norm"] = dn.float()
+    out["vel_diff_norm"] = (sig.double().abs() * dn).float()
+    out["x0_diff_norm"] = (sig.double().abs() * dn).float()
+    vv = t[:, 6]
+    out["rescale_ratio"] = torch.where(vv > 0, t[:, 1].sqrt() / vv.clamp_min(1e-300).sqrt(),
+                                       torch.ones_like(vv)).float()
+    return out
+
+
+def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, stats: bool):
+    """CFG combine (+ norm rescale) (+ Euler step when x is not None) (+ statistics).
+
+    c, u (and x) contiguous with the same shape `[B, ...]`; row > 0: per-token rescale over
+    rows of `row` elements (the last dim). Returns (out, partial sums [B, chunks, NSTAT] or None).
+
+    Bytes moved (N elements of size e): rescale "none" or per token: one pass, reads x, c, u and
+    writes out: 4 N e (cfg_combine: 3 N e). Per-sample rescale: pass 1 reads c, u (2 N e) and
+    writes the partial norms; pass 2 reads x, c, u and writes out: 6 N e (cfg_combine 5 N e).
+    Statistics add only the partial sums (8 floats per program).
+    """
+    out = torch.empty_like(c)
+    B = c.shape[0]
+    n = c.numel()
+    inner = n // B if B else 0
+    if n == 0:
+        return out, (torch.zeros(B, 1, NSTAT, device=c.device) if stats else None)
+    step = x is not None
+    xx = x if step else c
+    token = rescale == "norm" and row > 0
+    rows, bc, C, chunks, warps = _tile(inner, row if token else 0)
+    g_args = sigma_args(scale, c, B)
+    s_args = sigma_args(sigma if step else 0.0, c, B)
+    sn_args = sigma_args(sigma_next if step else 0.0, c, B)
+    sig = (*g_args[:3], *s_args[:3], *sn_args[:3])
+    flags = dict(G_TENSOR=g_args[3], S_TENSOR=s_args[3], SN_TENSOR=sn_args[3])
+    grid = (chunks, B)
+    part = None
+    need_part = stats or (rescale == "norm" and not token)
+    if need_part:
+        part = torch.empty(B, chunks, NSTAT, dtype=torch.float32, device=c.device)
+    ratio = c
+    mode = 0
+    if rescale == "norm" and not token:
+        _guided_kernel[grid](xx, c, u, out, *sig, ratio, part, inner, C, chunks, STEP=False,
+                             WRITE=False, RESCALE=0, STATS=True, TOKEN=token, ROWS=rows,
+                             BLOCK_C=bc,
+                             num_warps=warps, **flags)
+        ratio = torch.empty(B, dtype=torch.float32, device=c.device)
+        _ratio_kernel[(B,)](part, ratio, chunks, BLOCK=min(1024, max(32, _pow2(chunks))),
+                            num_warps=1)
+        mode = 1
+        stats_here = False
+    else:
+        mode = 2 if token else 0
+        stats_here = stats
+    _guided_kernel[grid](xx, c, u, out, *sig, ratio, part if part is not None else c, inner, C,
+                         chunks, STEP=step, WRITE=True, RESCALE=mode, STATS=stats_here,
+                         TOKEN=token, ROWS=rows, BLOCK_C=bc, num_warps=warps, **flags)
+    return out, (part if stats else None)
+
+
+def sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, logp: bool):
+    """x, v (and noise) contiguous, same shape `[B, ...]`; seed a 0-d int64 device tensor when
+    noise is None. Returns (out, per-sample sums of z^2 `[B]` float64, or None).
+    Bytes: reads x, v (and noise), writes out: 3 N e (4 N e with noise)."""
+    out = torch.empty_like(x)
+    B = x.shape[0]
+    n = x.numel()
+    inner = n // B if B else 0
+    if n == 0:
+        return out, (torch.zeros(B, device=x.device, dtype=torch.float64) if logp else None)
+    groups = triton.cdiv(inner, 4 * NOISE_Q)
+    s_ptr, s_val, s_st, s_t = sigma_args(sigma, x, B)
+    sn_ptr, sn_val, sn_st, sn_t = sigma_args(sigma_next, x, B)
+    part = torch.empty(B, groups, dtype=torch.float32, device=x.device) if logp else x
+    _sde_kernel[(groups, B)](x, v, noise if noise is not None else x, out, s_ptr, s_val, s_st,
+                             sn_ptr, sn_val, sn_st, float(eta),
+                             seed if seed is not None else x, part, inner, groups,
+                             HAS_NOISE=noise is not None, S_TENSOR=s_t, SN_TENSOR=sn_t,
+                             LOGP=logp, Q=NOISE_Q, FAST=fast_math(x), num_warps=4)
+    return out, (part.double().sum(1) if logp else None)

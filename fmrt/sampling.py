@@ -1,0 +1,527 @@
+"""Samplers for flow-matching models: one loop, five solvers, classifier-free guidance,
+img2img / video2video, TI2V frame-0 pinning and in-pass guidance diagnostics.
+
+Convention (SPEC.md): sigma in [0, 1], 1 = noise; `model(x, sigma[B], cond) -> v` with
+v = noise - x0 (MeanFlow: `model(z, r, t, cond) -> u`, r <= t). The loop runs over a sigma grid
+`[N + 1]` (N sigmas then the final one, normally 0) that lives on the data's device, and
+nothing in it reads a tensor back to the host: a whole call of `sample` can be captured in a
+CUDA graph (with `sigmas` given as a device tensor).
+
+Solvers:
+- "euler":  x' = x + (s' - s) v; with guidance the fused `ops.guided_euler_step`.
+- "heun":   Heun's 2nd order (trapezoid on the velocity); the last step is plain Euler (chosen
+            by position, not by reading sigma, so no host sync).
+- "unipc":  UniPC bh2, order 2, flow prediction (x0 = x - s v), predictor + corrector,
+            lower-order warm-up and final step: diffusers' `UniPCMultistepScheduler(
+            use_flow_sigmas=True, prediction_type="flow_prediction")` / Wan's default solver.
+- "euler_maruyama": `ops.sde_step` (Flow-GRPO's discretisation, see fmrt.reference.sde_step)
+            with `eta`, Philox noise seeded per step from `seed`.
+- "meanflow": z_r = z_t - (t - r) u(z_t, r, t); one step is z0 = z1 - u(z1, 0, 1).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from fmrt import ops
+from fmrt import reference as ref
+from fmrt._dispatch import use_triton
+
+SOLVERS = ("euler", "heun", "unipc", "euler_maruyama", "meanflow")
+_SEED_MIX = 0x9E3779B1
+
+
+# ---------------------------------------------------------------------------------------------
+# diagnostics
+# ---------------------------------------------------------------------------------------------
+
+class DiagnosticsRecorder:
+    """Collects the per-step guidance statistics (float32 `[B]` device tensors, see
+    `ops.guided_euler_step`) without reading them back; `to_host()` converts after the loop."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def record(self, step: int, stats: dict) -> None:
+        if not isinstance(stats, dict):
+            raise TypeError(f"stats must be a dict, got {type(stats).__name__}")
+        self.records.append({"step": int(step), **stats})
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def as_tensors(self) -> dict[str, Tensor]:
+        """Each statistic stacked over the steps: `{key: [steps, B]}` on the device (no sync);
+        "step" is a CPU LongTensor `[steps]`."""
+        if not self.records:
+            return {}
+        out: dict[str, Tensor] = {"step": torch.tensor([r["step"] for r in self.records])}
+        for key in self.records[0]:
+            if key != "step":
+                out[key] = torch.stack([r[key].detach().float() for r in self.records])
+        return out
+
+    def to_host(self) -> list[dict[str, Any]]:
+        """The records with every tensor as a list of floats (one entry per sample); one
+        device-to-host copy per statistic."""
+        stacked = {k: v.cpu().tolist() for k, v in self.as_tensors().items()}
+        return [{k: stacked[k][i] for k in stacked} for i in range(len(self.records))]
+
+
+def _host_records(records) -> list[dict[str, Any]]:
+    if isinstance(records, DiagnosticsRecorder):
+        return records.to_host()
+    if not isinstance(records, (list, tuple)):
+        raise TypeError(f"records must be a DiagnosticsRecorder or a list of dicts, "
+                        f"got {type(records).__name__}")
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise TypeError(f"records[{i}] must be a dict, got {type(rec).__name__}")
+        out.append({k: (v.detach().float().cpu().tolist() if isinstance(v, Tensor) else v)
+                    for k, v in rec.items()})
+    return out
+
+
+def plot_diagnostics(records, path) -> None:
+    """Seed 000's 2x2 figure as a PNG: CFG difference (model-output space: norm, mean, std),
+    CFG difference in velocity space (||sigma * cfg_diff||), x0-prediction difference, and the
+    sigma schedule, against the step; one line per sample. Needs matplotlib (Agg backend)."""
+    recs = _host_records(records)
+    if not recs:
+        raise ValueError("records is empty: nothing to plot")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("plot_diagnostics needs matplotlib: pip install matplotlib") from e
+
+    def series(key):
+        vals = [r[key] for r in recs]
+        vals = [v if isinstance(v, list) else [v] for v in vals]
+        return list(zip(*vals))  # per sample
+
+    steps = [r.get("step", i) for i, r in enumerate(recs)]
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    ax = axes[0, 0]
+    for b, ys in enumerate(series("cfg_diff_norm")):
+        ax.plot(steps, ys, marker="o", ms=3, label=f"||cfg_diff|| sample {b}")
+    if "cfg_diff_std" in recs[0]:
+        for b, ys in enumerate(series("cfg_diff_std")):
+            ax.plot(steps, ys, ls="--", label=f"std(cfg_diff) sample {b}")
+    ax.set_title("CFG difference (model-output space): v_cond - v_uncond")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+    panels = ((axes[0, 1], "vel_diff_norm", "CFG difference (velocity space): ||sigma * cfg_diff||"),
+              (axes[1, 0], "x0_diff_norm", "x0-prediction difference: ||x0_cond - x0_uncond||\n"
+               "(x0 = x - sigma v: equals the velocity-space norm for a flow model)"),
+              (axes[1, 1], "sigma", "Noise schedule (sigma_t)"))
+    for ax, key, title in panels:
+        if key in recs[0]:
+            for b, ys in enumerate(series(key)):
+                ax.plot(steps, ys, marker="o", ms=3, label=f"sample {b}")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0, 0].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# grids and UniPC coefficients
+# ---------------------------------------------------------------------------------------------
+
+def default_sigma_grid(steps: int, *, shift: float = 1.0, denoising_strength: float = 1.0,
+                       device=None) -> Tensor:
+    """`[steps + 1]` float32: linspace(strength, 0, steps + 1) with the shift
+    `k s / (1 + (k - 1) s)` (the "Wan" grid with sigma_min 0)."""
+    s = torch.linspace(float(denoising_strength), 0.0, steps + 1, dtype=torch.float64,
+                       device=device)
+    s = shift * s / (1.0 + (shift - 1.0) * s)
+    return s.float()
+
+
+def unipc_orders(n: int) -> list[int]:
+    """Predictor order per step for order-2 UniPC with warm-up and lower_order_final."""
+    return [1 if (i == 0 or i == n - 1) else 2 for i in range(n)]
+
+
+def unipc_coefficients(grid: Tensor) -> dict[str, Tensor]:
+    """Per-step coefficients `[N]` (float64, grid's device) of UniPC-bh2 with flow prediction.
+
+    With alpha = 1 - s, lambda = log(alpha / s), h_i = lambda_{i+1} - lambda_i, B_i = expm1(-h_i):
+    predictor x_{i+1} = A_i x_i + K_i m_i + K_i rho_p (m_{i-1} - m_i) / r_i  (order 2, rho_p = 1/2)
+    with A_i = s_{i+1} / s_i, K_i = -alpha_{i+1} B_i, r_i = (lambda_{i-1} - lambda_i) / h_i;
+    corrector of x_{i+1} with the new m_{i+1}: A_i x_i + K_i m_i + K_i [c0_i (m_{i-1} - m_i) / r_i
+    + c1_i (m_{i+1} - m_i)], (c0, c1) solving [[1, 1], [r, 1]] c = (b1, b2) (order 2) or c1 = 1/2
+    (order 1); b1 = (B/hh - 1) / B, b2 = 2 ((B/hh - 1)/hh - 1/2) / B, hh = -h.
+    """
+    g = grid.to(torch.float64)
+    alpha = 1.0 - g
+    lam = torch.log(alpha) - torch.log(g)
+    h = lam[1:] - lam[:-1]
+    hh = -h
+    bh = torch.expm1(hh)
+    A = g[1:] / g[:-1]
+    K = -alpha[1:] * bh
+    r = torch.ones_like(h)
+    r[1:] = (lam[:-2] - lam[1:-1]) / h[1:]
+    phi = bh / hh - 1.0
+    b1 = phi / bh
+    b2 = 2.0 * (phi / hh - 0.5) / bh
+    c0 = (b1 - b2) / (1.0 - r)
+    c1 = b1 - c0
+    return {"A": A, "K": K, "r": r, "c0": c0, "c1": c1}
+
+
+# ---------------------------------------------------------------------------------------------
+# the sampling loop
+# ---------------------------------------------------------------------------------------------
+
+def _check_args(model, noise, steps, solver, guidance_scale, eta, recorder, denoising_strength,
+                x_init, first_frame, cond, uncond, rescale, norm_dim, guidance_interval,
+                cfg_zero_init_steps, callback=None) -> None:
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    ops.check_float_tensor("noise", noise)
+    if noise.ndim < 2:
+        raise ValueError(f"noise must be [B, ...] with at least 2 dims, got {tuple(noise.shape)}")
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    ops.check_scale("guidance_scale", guidance_scale, noise)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise TypeError(f"eta must be a float, got {type(eta).__name__}")
+    if not (eta >= 0 and math.isfinite(eta)):
+        raise ValueError(f"eta must be a finite float >= 0, got {eta}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    if recorder is not None and not isinstance(recorder, DiagnosticsRecorder):
+        raise TypeError(f"recorder must be a DiagnosticsRecorder, got {type(recorder).__name__}")
+    if not isinstance(denoising_strength, (int, float)) or isinstance(denoising_strength, bool):
+        raise TypeError("denoising_strength must be a float")
+    if not 0.0 < denoising_strength <= 1.0:
+        raise ValueError(f"denoising_strength must lie in (0, 1], got {denoising_strength}")
+    if x_init is not None:
+        ops.check_float_tensor("x_init", x_init)
+        ops.check_same("x_init", x_init, "noise", noise, dtype=False)
+    if first_frame is not None:
+        ops.check_float_tensor("first_frame", first_frame)
+        if noise.ndim != 5:
+            raise ValueError(f"first_frame needs video noise [B, C, T, H, W], got "
+                             f"{tuple(noise.shape)}")
+        B, C, _, H, W = noise.shape
+        if tuple(first_frame.shape) != (B, C, 1, H, W):
+            raise ValueError(f"first_frame must be [B, C, 1, H, W] = {(B, C, 1, H, W)}, got "
+                             f"{tuple(first_frame.shape)}")
+        if first_frame.device != noise.device:
+            raise ValueError(f"first_frame is on {first_frame.device} but noise is on "
+                             f"{noise.device}")
+        if solver == "meanflow":
+            raise ValueError("first_frame (TI2V) is not supported with solver='meanflow'")
+    if rescale not in ref.RESCALES:
+        raise ValueError(f"rescale must be one of {ref.RESCALES}, got {rescale!r}")
+    if norm_dim is not None and norm_dim not in (-1, noise.ndim - 1):
+        raise ValueError(f"norm_dim must be None or -1, got {norm_dim}")
+    if guidance_interval is not None:
+        if (not isinstance(guidance_interval, (tuple, list)) or len(guidance_interval) != 2
+                or not all(isinstance(v, (int, float)) for v in guidance_interval)):
+            raise TypeError("guidance_interval must be a (sigma_low, sigma_high) pair of floats")
+        if not guidance_interval[0] <= guidance_interval[1]:
+            raise ValueError(f"guidance_interval must have low <= high, got {guidance_interval}")
+    if isinstance(cfg_zero_init_steps, bool) or not isinstance(cfg_zero_init_steps, int):
+        raise TypeError("cfg_zero_init_steps must be an int")
+    if cfg_zero_init_steps < 0:
+        raise ValueError(f"cfg_zero_init_steps must be >= 0, got {cfg_zero_init_steps}")
+
+
+def _model_grid(scheduler, grid: Tensor) -> Tensor:
+    """The sigmas the model sees: the grid itself, except for schedulers with integer
+    timesteps (the "Wan-official" template: Wan feeds its model the integer timestep t, i.e.
+    sigma t / 1000, while its solver steps with the exact sigmas)."""
+    preset = getattr(scheduler, "preset", None)
+    if scheduler is None or not getattr(preset, "integer_timesteps", False):
+        return grid
+    t = scheduler.timesteps.to(device=grid.device, dtype=torch.float32) / 1000.0
+    return torch.cat([t, grid[-1:]])
+
+
+def _grid(noise: Tensor, scheduler, sigmas, steps: int, shift: float,
+          denoising_strength: float) -> Tensor:
+    if sigmas is not None:
+        if isinstance(sigmas, Tensor):
+            if not sigmas.is_floating_point():
+                raise TypeError(f"sigmas must be a floating-point tensor, got {sigmas.dtype}")
+            grid = sigmas.to(device=noise.device, dtype=torch.float32)
+        elif isinstance(sigmas, Sequence):
+            grid = torch.tensor([float(s) for s in sigmas], dtype=torch.float32,
+                                device=noise.device)
+        else:
+            raise TypeError(f"sigmas must be a tensor or a sequence of floats, "
+                            f"got {type(sigmas).__name__}")
+        if grid.ndim != 1 or grid.numel() < 2:
+            raise ValueError(f"sigmas must be a 1-D grid of N + 1 >= 2 values (ending with the "
+                             f"final sigma, normally 0), got shape {tuple(grid.shape)}")
+        return grid
+    if scheduler is not None:
+        grid = scheduler.sigma_grid(noise.device)
+        return grid.to(device=noise.device, dtype=torch.float32)
+    return default_sigma_grid(steps, shift=shift, denoising_strength=denoising_strength,
+                              device=noise.device)
+
+
+def _checked(out, x: Tensor) -> Tensor:
+    """A model output, checked against x's shape and cast to x's dtype."""
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        raise ValueError(f"model must return a tensor of x's shape {tuple(x.shape)}, got "
+                         f"{getattr(out, 'shape', type(out).__name__)}")
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _step_seed(seed: Tensor, i: int) -> Tensor:
+    """Step i's Philox seed, derived on the device from the loop's seed."""
+    return (seed * 1_000_003 + (i + 1) * _SEED_MIX) % (2 ** 62)
+
+
+def sample(model: Callable, noise: Tensor, *, scheduler=None,
+           sigmas: Optional[Union[Tensor, Sequence[float]]] = None, steps: int = 50,
+           solver: str = "euler", guidance_scale: Union[float, Tensor] = 1.0, cond=None,
+           uncond=None, batch_cfg: bool = True, rescale: str = "none",
+           norm_dim: Optional[int] = None, cfg_zero_star: bool = False,
+           cfg_zero_init_steps: int = 0,
+           guidance_interval: Optional[tuple[float, float]] = None, eta: float = 1.0,
+           shift: float = 1.0, first_frame: Optional[Tensor] = None,
+           x_init: Optional[Tensor] = None, denoising_strength: float = 1.0,
+           seed: Optional[int] = None, recorder: Optional[DiagnosticsRecorder] = None,
+           progress: bool = False,
+           callback: Optional[Callable[[int, Tensor], None]] = None) -> Tensor:
+    """Integrate a flow model from `noise` (sigma = grid[0]) to the grid's last sigma.
+
+    model: `model(x, sigma[B] (or [B, T] with first_frame), cond) -> v` (solver "meanflow":
+    `model(z, r[B], t[B], cond) -> u`). noise: `[B, ...]`, also the output's dtype/device.
+    Grid: `sigmas` (`[N + 1]`, ends with the final sigma) if given, else
+    `scheduler.sigma_grid(device)` (call its `set_timesteps` first; the "Wan-official" template
+    gives Wan's own grid, and its model then sees the integer timesteps / 1000, as in Wan),
+    else `linspace(denoising_strength, 0, steps + 1)` with `shift`.
+    Guidance (when `uncond` is given or guidance_scale is not 1): `v = u + s (c - u)` with
+    `rescale` / `norm_dim` as `ops.cfg_combine`; one batched forward over `cat([cond, uncond])`
+    when both are tensors of the same shape and `batch_cfg`, two forwards otherwise.
+    cfg_zero_star: CFG-Zero*'s optimised scale (uncond scaled by <c,u>/(||u||^2+1e-8)) and the
+    first `cfg_zero_init_steps` steps with zero velocity. guidance_interval=(lo, hi): guidance
+    only where lo <= sigma <= hi (scale 1 elsewhere; masked on the device, both branches still
+    run). x_init: img2img / video2video, the start is `(1 - s0) x_init + s0 noise`.
+    first_frame `[B, C, 1, H, W]`: TI2V, frame 0 pinned to it before the loop and after every
+    step, and the model gets per-frame sigmas `[B, T]` with frame 0 at 0. eta, seed: the SDE
+    ("euler_maruyama"). recorder: receives each step's guidance statistics. progress: tqdm.
+    callback(i, x): called after step i with the new x (a device tensor; not read back).
+    """
+    _check_args(model, noise, steps, solver, guidance_scale, eta, recorder, denoising_strength,
+                x_init, first_frame, cond, uncond, rescale, norm_dim, guidance_interval,
+                cfg_zero_init_steps, callback)
+    if scheduler is not None and sigmas is not None:
+        raise ValueError("give scheduler or sigmas, not both")
+    if (scheduler is not None or sigmas is not None) and denoising_strength != 1.0:
+        raise ValueError("denoising_strength shapes the default grid only: with a scheduler pass "
+                         "it to scheduler.set_timesteps(steps, denoising_strength=...); with "
+                         "sigmas, start the grid at the strength")
+    ops.check_seed("seed", seed)
+    guided = (uncond is not None or isinstance(guidance_scale, Tensor)
+              or float(guidance_scale) != 1.0)
+    if recorder is not None and not guided:
+        raise ValueError("recorder needs guidance (an uncond or a guidance_scale != 1)")
+    grid = _grid(noise, scheduler, sigmas, steps, shift, denoising_strength)
+    model_grid = _model_grid(scheduler, grid) if sigmas is None else grid
+    n = grid.numel() - 1
+    tri = use_triton(noise)  # dispatch once; the steps below skip the per-op checks
+    row = noise.shape[-1] if (rescale == "norm" and norm_dim is not None) else 0
+    B = noise.shape[0]
+    dev, dtype = noise.device, noise.dtype
+
+    # per-step guidance scales [N, B] (or one float for every step)
+    scales: list = [guidance_scale] * n
+    if guided and guidance_interval is not None:
+        g = (guidance_scale.to(device=dev, dtype=torch.float32).expand(B)
+             if isinstance(guidance_scale, Tensor)
+             else torch.full((B,), float(guidance_scale), device=dev))
+        inside = (grid[:n] >= guidance_interval[0]) & (grid[:n] <= guidance_interval[1])
+        table = torch.where(inside[:, None], g[None, :], torch.ones_like(g)[None, :])
+        scales = [table[i] for i in range(n)]
+
+    # model inputs: times per step as views of the grid (no sync, no host copy)
+    batched = (guided and batch_cfg and isinstance(cond, Tensor) and isinstance(uncond, Tensor)
+               and cond.shape == uncond.shape)
+    cond2 = torch.cat([cond, uncond]) if batched else None
+    reps = 2 if batched else 1
+    if first_frame is not None:
+        T = noise.shape[2]
+        keep = torch.ones(T, device=dev, dtype=torch.float32)
+        keep[0] = 0.0
+        frame_sigmas = model_grid[:, None] * keep[None, :]  # [N + 1, T]
+        times = [frame_sigmas[i].expand(B * reps, T) for i in range(n + 1)]
+    else:
+        times = [model_grid[i].expand(B * reps) for i in range(n + 1)]
+
+    def evaluate(x: Tensor, i: int, r: Optional[int] = None):
+        """(c, u) or (v, None) at grid index i (meanflow: (r, t) = (grid[r], grid[i]))."""
+        args = (times[r], times[i]) if r is not None else (times[i],)
+        if not guided:
+            v = _checked(model(x, *[t[:B] for t in args], cond), x)
+            return v, None
+        if batched:
+            out = model(torch.cat([x, x]), *args, cond2)
+            if not isinstance(out, Tensor) or out.shape[0] != 2 * B:
+                raise ValueError(f"model must return [2B={2 * B}, ...] for the batched CFG "
+                                 f"input, got {getattr(out, 'shape', type(out).__name__)}")
+            c, u = out.chunk(2)
+            c, u = _checked(c, x), _checked(u, x)
+        else:
+            a = [t[:B] for t in args]
+            c = _checked(model(x, *a, cond), x)
+            u = _checked(model(x, *a, uncond), x)
+        if cfg_zero_star:
+            alpha = ops.cfg_zero_star_scale(c, u).to(dtype)
+            u = u * alpha.view(-1, *([1] * (u.ndim - 1)))
+        return c, u
+
+    def combine(c, u, i, stats=None):
+        if u is None:
+            return c
+        return ops._cfg_combine(c, u, scales[i], rescale, norm_dim, stats,
+                                grid[i] if stats is not None else None, row, tri)
+
+    def pin(x: Tensor) -> Tensor:
+        if first_frame is None:
+            return x
+        x = x.clone() if x is noise or x is x_init else x
+        x[:, :, :1] = first_frame.to(dtype)
+        return x
+
+    # start
+    if x_init is not None:
+        x = ref.add_noise(x_init.to(dtype), grid[0], noise)[0]
+    else:
+        x = noise
+    x = pin(x)
+    if solver == "euler_maruyama":
+        seed_t = ops.seed_tensor(seed, dev)  # device seed: no host round trip per step
+    if solver == "unipc":
+        co = unipc_coefficients(grid)
+        orders = unipc_orders(n)
+        m_prev = m_prev2 = x_prev = None
+
+    it = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, total=n, desc=f"fmrt {solver}")
+    for i in it:
+        s, sn = grid[i], grid[i + 1]
+        stats = {} if recorder is not None else None
+        zeroed = cfg_zero_star and i < cfg_zero_init_steps
+        if solver in ("euler", "meanflow"):
+            c, u = evaluate(x, i, i + 1) if solver == "meanflow" else evaluate(x, i)
+            if zeroed:  # CFG-Zero*'s zero-init step: x stays (the statistics still recorded)
+                if stats is not None:
+                    combine(c, u, i, stats)
+                c, u = torch.zeros_like(c), None
+            if u is not None:
+                x = ops._guided_euler_step(x, c, u, scales[i], s, sn, rescale, norm_dim, stats,
+                                           row, tri)
+            else:
+                x = ops._euler_step(x, c, s, sn, tri)
+        elif solver == "heun":
+            c, u = evaluate(x, i)
+            v1 = combine(c, u, i, stats)
+            v1 = torch.zeros_like(v1) if zeroed else v1
+            x_e = pin(ops._euler_step(x, v1, s, sn, tri))
+            if i < n - 1:
+                c2, u2 = evaluate(x_e, i + 1)
+                v2 = torch.zeros_like(c2) if zeroed else combine(c2, u2, i + 1)
+                v_avg = (0.5 * (v1.float() + v2.float())).to(dtype)
+                x = ops._euler_step(x, v_avg, s, sn, tri)
+            else:
+                x = x_e
+        elif solver == "euler_maruyama":
+            c, u = evaluate(x, i)
+            v = combine(c, u, i, stats)
+            v = torch.zeros_like(v) if zeroed else v
+            x = ops._sde_step(x, v, s, sn, float(eta), None, _step_seed(seed_t, i), False, tri)
+        else:  # unipc
+            c, u = evaluate(x, i)
+            v = combine(c, u, i, stats)
+            v = torch.zeros_like(v) if zeroed else v
+            m = x.float() - s * v.float()  # flow prediction -> x0
+            if i > 0:  # corrector of x_i with the new model output
+                j = i - 1
+                xf = co["A"][j] * x_prev + co["K"][j] * m_prev
+                if orders[j] == 2:
+                    xf = xf + co["K"][j] * (co["c0"][j] * (m_prev2 - m_prev) / co["r"][j]
+                                            + co["c1"][j] * (m - m_prev))
+                else:
+                    xf = xf + co["K"][j] * 0.5 * (m - m_prev)
+                x = pin(xf.to(dtype))
+            m_prev2, m_prev = m_prev, m
+            x_prev = x.float()
+            xf = co["A"][i] * x_prev + co["K"][i] * m
+            if orders[i] == 2:
+                xf = xf + co["K"][i] * 0.5 * (m_prev2 - m) / co["r"][i]
+            x = xf.to(dtype)
+        x = pin(x)
+        if recorder is not None:
+            recorder.record(i, stats)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+class CapturedSampler:
+    """A whole `sample` call captured once in a CUDA graph, then replayed: one graph launch per
+    call, no per-step host cost. The model must be capturable (static shapes, no host syncs).
+
+        sampler = CapturedSampler(model, noise_like, sigmas=grid_on_cuda, solver=..., ...)
+        x = sampler(noise)          # copies noise into the static input, replays, clones out
+
+    `sigmas` must be a CUDA tensor (use `scheduler.sigma_grid(device)`); cond, uncond,
+    guidance_scale, first_frame, x_init and a 0-d device `seed` tensor are captured by reference:
+    update them in place between calls (an int seed replays the same noise every call).
+    """
+
+    def __init__(self, model: Callable, noise: Tensor, *, warmup: int = 1, **kwargs) -> None:
+        ops.check_float_tensor("noise", noise)
+        if not noise.is_cuda:
+            raise ValueError("CapturedSampler needs CUDA tensors (noise is on "
+                             f"{noise.device})")
+        sig = kwargs.get("sigmas")
+        if kwargs.get("scheduler") is not None or not isinstance(sig, Tensor) or not sig.is_cuda:
+            raise ValueError("CapturedSampler needs sigmas= as a CUDA tensor "
+                             "(scheduler.sigma_grid(device)), not a scheduler or a list")
+        for key in ("progress", "recorder", "callback"):
+            if kwargs.get(key):
+                raise ValueError(f"{key} cannot be used inside a captured sampling loop")
+        self.noise = noise.clone()
+        stream = torch.cuda.Stream(device=noise.device)
+        stream.wait_stream(torch.cuda.current_stream(noise.device))
+        with torch.cuda.stream(stream):  # compile the kernels, warm the allocator
+            for _ in range(max(int(warmup), 1)):
+                sample(model, self.noise, **kwargs)
+        torch.cuda.current_stream(noise.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = sample(model, self.noise, **kwargs)
+
+    def __call__(self, noise: Optional[Tensor] = None) -> Tensor:
+        if noise is not None:
+            ops.check_float_tensor("noise", noise)
+            ops.check_same("noise", noise, "the captured noise", self.noise)
+            self.noise.copy_(noise)
+        self.graph.replay()
+        return self.out.clone()

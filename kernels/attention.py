@@ -323,7 +323,7 @@ def fwd_config(D: int, tangent: bool) -> dict:
     if tangent:
         bm, bn = (64, 64) if block_d <= 64 else (64, 32)
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8,
-                    num_stages=2)
+                    num_stages=2 if block_d <= 128 else 1)
     bm, bn = (128, 64) if block_d <= 128 else (64, 32)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=8 if block_d >= 128 else 4,
                 num_stages=3 if block_d <= 64 else 2)

@@ -132,7 +132,8 @@ def test_jvp_providers_agree():
     (q, k, v), (tq, tk, tv) = _inputs(next(iter(CASES)), torch.float32 if not CUDA
                                       else torch.bfloat16)
     a = torch.func.jvp(JVP["fmrt"], (q, k, v), (tq, tk, tv))
-    b = torch.func.jvp(JVP["math_sdpa"], (q, k, v), (tq, tk, tv))
+    b = torch.func.jvp(JVP["math_sdpa"], (q.float(), k.float(), v.float()),
+                       (tq.float(), tk.float(), tv.float()))
     tol = dict(atol=1e-4, rtol=1e-4) if q.dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     for x, y in zip(a, b):
         torch.testing.assert_close(x.float(), y.float(), **tol)

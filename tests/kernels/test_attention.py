@@ -231,3 +231,27 @@ def test_bad_input():
         ops.flash_attention(q, q, q, mask=torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="mask"):
         ops.flash_attention(q, q, q, mask=torch.zeros(1, 1, 4, 4, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_real_blocks(D, dtype):
+    # The real tile sizes (64 / 128): S not a multiple, a key-padding mask, jvp then backward.
+    B, S, H = 2, 300, 3
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mk = lambda: torch.randn(B, S, H, D, generator=g, device="cuda").to(dtype)  # noqa: E731
+    p, t = [mk() for _ in range(3)], [mk() for _ in range(3)]
+    keep = torch.ones(B, S, dtype=torch.bool, device="cuda")
+    keep[1, -50:] = False
+    a = [x.clone().requires_grad_() for x in p]
+    out, tan = _jvp(lambda x, y, z: ops.flash_attention(x, y, z, mask=keep), a, t)
+    cot = torch.randn(out.shape, generator=g, device="cuda").to(dtype)
+    grads = torch.autograd.grad(out, a, cot)
+    b = [x.float().clone().requires_grad_() for x in p]
+    m4 = keep[:, None, None, :]
+    r_out, r_tan = _jvp(lambda x, y, z: ref.attention(x, y, z, mask=m4), b, [x.float() for x in t])
+    r_grads = torch.autograd.grad(r_out, b, cot.float())
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    for x, y in zip((out, tan, *grads), (r_out, r_tan, *r_grads)):
+        torch.testing.assert_close(x.float(), y.detach(), **tol)

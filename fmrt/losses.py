@@ -243,7 +243,9 @@ def meanflow_loss(model, x0: Tensor, *, noise: Optional[Tensor] = None,
     samples gets `uncond` as its condition and `v~ = v`. uncond broadcasts to cond's shape (a null
     class label, an empty-text embedding). Without uncond there is no dropping and `v~ = v`.
     noise, t, r default to draws from `generator` (t and r by `meanflow_time_sample`); given
-    explicitly (t and r together) the loss is deterministic (when no condition is dropped).
+    explicitly (t and r together) the loss is deterministic (when no condition is dropped);
+    explicit t / r are validated (in [0, 1], t >= r) with one host read. Sampled draws need no
+    host sync.
     `stats`, if a dict, receives detached per-sample tensors: L, weight, u_norm, u_tgt_norm, t,
     r, dropped.
     """

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import Iterator, Optional
 
@@ -19,13 +18,18 @@ BACKENDS = ("auto", "triton", "torch")
 _override: Optional[str] = None
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_OK: Optional[bool] = None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            _TRITON_OK = True
+        except Exception:
+            _TRITON_OK = False
+    return _TRITON_OK
 
 
 def interpreter_enabled() -> bool:

@@ -1,11 +1,25 @@
 """Global non-causal attention for video DiTs: Wan's 3D RoPE tables and backend choice.
 
-Layout everywhere: `[B, S, H, D]`.
+Layout everywhere: `[B, S, H, D]` (what FlashAttention takes: no transposes on its paths).
+
+Backends of `attention(..., backend=)`:
+- "flash_attn": FlashAttention 2 (`flash_attn.flash_attn_func`; `pip install "fmrt[flash]"`).
+- "fa3": FlashAttention 3 (`flash_attn_interface.flash_attn_func`, built from source).
+- "fa4": FlashAttention 4 (`flash_attn.cute.flash_attn_func`; `pip install flash-attn-4`).
+- "sdpa": torch's scaled_dot_product_attention (cuDNN / flash / efficient / math, torch picks).
+- "math": `fmrt.reference.attention` (fp32 softmax; supports torch.func.jvp).
+- "triton": fmrt's Triton flash attention `fmrt.ops.flash_attention` (reverse and forward mode).
+- "auto": on CUDA, FA3 (Hopper) or FA4 (Hopper / Blackwell) when installed, else FA2, else SDPA;
+  SDPA on CPU and for dtypes / head dims the flash kernels do not take (fp32, D > 256).
+  Inside `with backend_override(name):` "auto" resolves to `name` instead.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Optional, Sequence
+import importlib.util
+import sys
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -52,18 +66,154 @@ def rope_3d_tables(head_dim: int, grid: Sequence[int], theta: float = 10000.0, *
     return _rope_3d_tables(head_dim, grid, float(theta), torch.device(device or "cpu"))
 
 
-BACKENDS = ("auto", "sdpa", "math")
+BACKENDS = ("auto", "flash_attn", "fa3", "fa4", "sdpa", "math", "triton")
+FLASH_BACKENDS = ("fa3", "fa4", "flash_attn")
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256
+_MODULES = {"flash_attn": "flash_attn", "fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}
+_INSTALL = {
+    "flash_attn": 'pip install "fmrt[flash]" (FlashAttention 2; compiles from source)',
+    "fa3": "build FlashAttention 3 from source: the hopper/ directory of "
+           "github.com/Dao-AILab/flash-attention (python setup.py install)",
+    "fa4": "pip install flash-attn-4",
+}
+_installed_cache: dict[str, bool] = {}
+_override: Optional[str] = None
+
+
+def _module_present(module: str) -> bool:
+    if sys.modules.get(module) is not None:
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing or broken
+        return False
+
+
+def backend_available(name: str) -> bool:
+    """Whether an attention backend can run here (flash libraries looked up once, cached)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name in ("auto", "sdpa", "math"):
+        return True
+    if name not in _installed_cache:
+        if name == "triton":
+            from fmrt import _dispatch, ops
+            _installed_cache[name] = (hasattr(ops, "flash_attention")
+                                      and _dispatch.triton_available())
+        else:
+            _installed_cache[name] = _module_present(_MODULES[name])
+    return _installed_cache[name]
+
+
+def clear_backend_cache() -> None:
+    """Forget which backends are installed (after installing one, or in tests)."""
+    _installed_cache.clear()
+
+
+@contextlib.contextmanager
+def backend_override(name: str) -> Iterator[None]:
+    """Inside the block, `attention(..., backend="auto")` uses `name` (explicit backends are
+    untouched). `backend_override("triton")` (the MeanFlow loss: it needs forward-mode AD)
+    falls back to "math" when fmrt's Triton flash attention is not available."""
+    global _override
+    if name not in BACKENDS or name == "auto":
+        raise ValueError(f"backend_override name must be one of {BACKENDS[1:]}, got {name!r}")
+    prev, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = prev
+
+
+def resolve_backend(backend: str, q: Tensor) -> str:
+    """The concrete backend `attention` runs for `backend` and tensors like q."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if _override is not None:
+        if _override == "triton" and not backend_available("triton"):
+            return "math"
+        return _override
+    if not q.is_cuda or q.dtype not in FLASH_DTYPES or q.shape[-1] > FLASH_MAX_HEAD_DIM:
+        return "sdpa"
+    major = torch.cuda.get_device_capability(q.device)[0]
+    prefer = {9: ("fa3", "fa4", "flash_attn")}.get(major, ("fa4", "flash_attn") if major >= 10
+                                                    else ("flash_attn",))
+    for name in prefer:
+        if backend_available(name):
+            return name
+    return "sdpa"
+
+
+def _check_qkv(q, k, v, scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be [B, S, H, D], got shape {tuple(t.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in B, S, H")
+    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H, D")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+
+
+def _check_flash(name: str, q: Tensor, v: Tensor) -> None:
+    if not backend_available(name):
+        raise ValueError(f"attention backend {name!r} needs {_MODULES[name]}, which is not "
+                         f"installed: {_INSTALL[name]}")
+    if q.dtype not in FLASH_DTYPES:
+        raise TypeError(f"attention backend {name!r} takes float16 / bfloat16 q, k, v, got "
+                        f"{q.dtype} (use backend='sdpa' or 'math', or cast)")
+    if max(q.shape[-1], v.shape[-1]) > FLASH_MAX_HEAD_DIM:
+        raise ValueError(f"attention backend {name!r} takes head dims up to "
+                         f"{FLASH_MAX_HEAD_DIM}, got {q.shape[-1]}")
+
+
+def _first(out) -> Tensor:
+    """FA3 returns `out` (mid-2025 on) or `(out, lse)` (older); FA4 returns `(out, lse)`."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto",
               scale: Optional[float] = None) -> Tensor:
-    """Non-causal attention over `[B, S, H, D]` tensors; returns `[B, S, H, D]`."""
+    """Non-causal softmax attention. q `[B, S_q, H, D]`, k `[B, S_k, H, D]`, v `[B, S_k, H, D_v]`
+    (same dtype and device) -> `[B, S_q, H, D_v]` in q's dtype. scale: None = D^-0.5.
+    backend: one of BACKENDS (see the module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError("q, k, v must be [B, S, H, D]")
-    if backend == "math":
+    _check_qkv(q, k, v, scale)
+    name = resolve_backend(backend, q)
+    scale = None if scale is None else float(scale)
+    if name in FLASH_BACKENDS:
+        _check_flash(name, q, v)
+        if name == "flash_attn":
+            from flash_attn import flash_attn_func
+            return flash_attn_func(q, k, v, softmax_scale=scale)
+        if name == "fa3":
+            from flash_attn_interface import flash_attn_func as fa3_func
+            return _first(fa3_func(q, k, v, softmax_scale=scale))
+        from flash_attn.cute import flash_attn_func as fa4_func
+        return _first(fa4_func(q, k, v, softmax_scale=scale))
+    if name == "math":
         return ref.attention(q, k, v, scale=scale)
+    if name == "triton":
+        if not backend_available("triton"):
+            raise ValueError("attention backend 'triton' needs fmrt.ops.flash_attention (fmrt's "
+                             "Triton flash attention) and Triton; neither this build nor this "
+                             "install has both: use backend='math' or 'sdpa'")
+        from fmrt.ops import flash_attention
+        return flash_attention(q, k, v, scale=scale)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return out.transpose(1, 2)

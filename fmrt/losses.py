@@ -164,3 +164,181 @@ def _sft_loss_diffsynth(model, x0: Tensor, cond, scheduler, first_frame, min_bou
 # ---------------------------------------------------------------------------------------------
 # MeanFlow loss
 # ---------------------------------------------------------------------------------------------
+
+MEANFLOW_TIME_SAMPLERS = ("logit_normal", "uniform")
+
+
+def meanflow_time_sample(batch: int, *, sampler: str = "logit_normal", mu: float = -0.4,
+                         sigma: float = 1.0, ratio_r_neq_t: float = 0.25,
+                         generator: Optional[torch.Generator] = None,
+                         device=None) -> tuple[Tensor, Tensor]:
+    """(t, r), each `[B]` float32 in [0, 1] with t >= r: two draws (logit-normal(mu, sigma) or
+    uniform), sorted; then `round((1 - ratio_r_neq_t) * B)` samples (a random subset) get r = t
+    (plain flow matching), as in the official MeanFlow code."""
+    if sampler not in MEANFLOW_TIME_SAMPLERS:
+        raise ValueError(f"time_sampler must be one of {MEANFLOW_TIME_SAMPLERS}, got {sampler!r}")
+    if not 0.0 <= ratio_r_neq_t <= 1.0:
+        raise ValueError(f"ratio_r_neq_t must lie in [0, 1], got {ratio_r_neq_t}")
+    gdev = generator.device if generator is not None else device
+    if sampler == "logit_normal":
+        a = torch.sigmoid(torch.randn(2, batch, generator=generator, device=gdev) * sigma + mu)
+    else:
+        a = torch.rand(2, batch, generator=generator, device=gdev)
+    t, r = a.max(0).values, a.min(0).values
+    n_eq = int(round((1.0 - ratio_r_neq_t) * batch))
+    if n_eq:
+        idx = torch.randperm(batch, generator=generator, device=gdev)[:n_eq]
+        r = r.clone()
+        r[idx] = t[idx]
+    return t.to(device=device), r.to(device=device)
+
+
+def _meanflow_check_time(name: str, t, x0: Tensor) -> Tensor:
+    B = x0.shape[0]
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point [B={B}] tensor")
+    if t.shape != (B,):
+        raise ValueError(f"{name} must be [B={B}], got shape {tuple(t.shape)}")
+    if t.device != x0.device:
+        raise ValueError(f"{name} is on {t.device} but x0 is on {x0.device}")
+    if bool(((t < 0) | (t > 1) | t.isnan()).any()):  # user-given: one host read
+        raise ValueError(f"{name} must lie in [0, 1]")
+    return t.to(torch.float32)
+
+
+def _per_sample(x: Tensor, like: Tensor) -> Tensor:
+    """A `[B]` tensor viewed to broadcast against like `[B, ...]`."""
+    return x.view(-1, *([1] * (like.ndim - 1)))
+
+
+def _select_cond(drop: Tensor, uncond: Tensor, cond: Tensor) -> Tensor:
+    """Per sample: uncond where drop, else cond (uncond broadcast to cond's shape)."""
+    u = uncond.to(device=cond.device, dtype=cond.dtype).expand_as(cond)
+    return torch.where(_per_sample(drop, cond), u, cond)
+
+
+def _call_u(model, z, r, t, cond):
+    return model(z, r, t) if cond is None else model(z, r, t, cond)
+
+
+def meanflow_loss(model, x0: Tensor, *, noise: Optional[Tensor] = None,
+                  t: Optional[Tensor] = None, r: Optional[Tensor] = None, cond=None,
+                  uncond=None, time_sampler: str = "logit_normal", time_mu: float = -0.4,
+                  time_sigma: float = 1.0, ratio_r_neq_t: float = 0.25, p: float = 1.0,
+                  c: float = 1e-3, cfg_omega: float = 1.0, cfg_kappa: float = 0.0,
+                  cond_drop_prob: float = 0.1, generator: Optional[torch.Generator] = None,
+                  stats: Optional[dict] = None) -> Tensor:
+    """MeanFlow loss (SPEC 6, arXiv 2505.13447). Returns the 0-d float32 loss.
+
+    `model(z, r, t)` (or `model(z, r, t, cond)` when cond is given) -> u, same shape as z; z `[B,
+    ...]`, r <= t `[B]` float32. With `z = (1 - t) x0 + t noise`, `v = noise - x0`:
+    `(u, du/dt) = torch.func.jvp(u, (z, r, t), (v~, 0, 1))` (run inside
+    `fmrt.attention.backend_override("triton")`, so attention backend="auto" uses fmrt's
+    forward-mode flash attention); `u_tgt = sg(v~ - (t - r) du/dt)`; per sample
+    `L = sum((u - u_tgt)^2)` (sum over all non-batch elements, fp32);
+    `loss = mean(L / sg((L + c)^p))`. The model must compute h = t - r itself.
+
+    CFG in training (needs cond and uncond): `v~ = omega v + kappa u(z, t, t | cond) +
+    (1 - omega - kappa) u(z, t, t | uncond)` without gradient; a random `cond_drop_prob` share of
+    samples gets `uncond` as its condition and `v~ = v`. uncond broadcasts to cond's shape (a null
+    class label, an empty-text embedding). Without uncond there is no dropping and `v~ = v`.
+    noise, t, r default to draws from `generator` (t and r by `meanflow_time_sample`); given
+    explicitly (t and r together) the loss is deterministic (when no condition is dropped);
+    explicit t / r are validated (in [0, 1], t >= r) with one host read. Sampled draws need no
+    host sync.
+    `stats`, if a dict, receives detached per-sample tensors: L, weight, u_norm, u_tgt_norm, t,
+    r, dropped.
+    """
+    from fmrt import ops
+    ops.check_float_tensor("x0", x0)
+    if x0.ndim < 1 or x0.shape[0] == 0:
+        raise ValueError(f"x0 must be [B, ...] with B >= 1, got shape {tuple(x0.shape)}")
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    B = x0.shape[0]
+    if noise is None:
+        gdev = generator.device if generator is not None else x0.device
+        noise = torch.randn(x0.shape, generator=generator, device=gdev,
+                            dtype=torch.float32).to(device=x0.device, dtype=x0.dtype)
+    else:
+        ops.check_float_tensor("noise", noise)
+        ops.check_same("noise", noise, "x0", x0)
+    if (t is None) != (r is None):
+        raise ValueError("give both t and r, or neither (then they are sampled)")
+    if t is None:
+        t, r = meanflow_time_sample(B, sampler=time_sampler, mu=time_mu, sigma=time_sigma,
+                                    ratio_r_neq_t=ratio_r_neq_t, generator=generator,
+                                    device=x0.device)
+    else:
+        t = _meanflow_check_time("t", t, x0)
+        r = _meanflow_check_time("r", r, x0)
+        if bool((t < r).any()):
+            raise ValueError("t must be >= r for every sample (t < r given)")
+    if p < 0 or c <= 0:
+        raise ValueError(f"need p >= 0 and c > 0, got p={p}, c={c}")
+    if not 0.0 <= cond_drop_prob <= 1.0:
+        raise ValueError(f"cond_drop_prob must lie in [0, 1], got {cond_drop_prob}")
+    cfg = cfg_omega != 1.0 or cfg_kappa != 0.0
+    if uncond is not None and cond is None:
+        raise ValueError("uncond needs cond")
+    if cfg and uncond is None:
+        raise ValueError("cfg_omega != 1 or cfg_kappa != 0 needs cond and uncond")
+    if cond is not None and uncond is not None:
+        if not isinstance(cond, Tensor) or not isinstance(uncond, Tensor):
+            raise TypeError("cond and uncond must be tensors to drop / guide per sample")
+        if cond.ndim < 1 or cond.shape[0] != B:
+            raise ValueError(f"cond must be [B={B}, ...], got {tuple(cond.shape)}")
+        try:
+            uncond.expand_as(cond)
+        except RuntimeError:
+            raise ValueError(f"uncond {tuple(uncond.shape)} must broadcast to cond "
+                             f"{tuple(cond.shape)}") from None
+
+    dt = torch.float32
+    x0f, nf = x0.to(dt), noise.to(dt)
+    tb = _per_sample(t, x0f)
+    z = ((1.0 - tb) * x0f + tb * nf).to(x0.dtype)
+    v = (nf - x0f)
+    dropped = torch.zeros(B, dtype=torch.bool, device=x0.device)
+    cond_in = cond
+    if uncond is not None:
+        gdev = generator.device if generator is not None else x0.device
+        dropped = (torch.rand(B, generator=generator, device=gdev) < cond_drop_prob).to(x0.device)
+        cond_in = _select_cond(dropped, uncond, cond)
+    v_tilde = v
+    if cfg:
+        with torch.no_grad():
+            unc = uncond.to(device=cond.device, dtype=cond.dtype).expand_as(cond)
+            guided = cfg_omega * v
+            if cfg_kappa != 0.0:
+                guided = guided + cfg_kappa * _checked_u(_call_u(model, z, t, t, cond), z).to(dt)
+            if 1.0 - cfg_omega - cfg_kappa != 0.0:
+                guided = guided + (1.0 - cfg_omega - cfg_kappa) * _checked_u(
+                    _call_u(model, z, t, t, unc), z).to(dt)
+        v_tilde = torch.where(_per_sample(dropped, v), v, guided)
+
+    def u_fn(z_, r_, t_):
+        return _call_u(model, z_, r_, t_, cond_in)
+
+    from fmrt.attention import backend_override
+    with backend_override("triton"):
+        u, dudt = torch.func.jvp(u_fn, (z, r, t),
+                                 (v_tilde.to(z.dtype), torch.zeros_like(r), torch.ones_like(t)))
+    _checked_u(u, z)
+    u_tgt = (v_tilde - _per_sample(t - r, v) * dudt.detach().to(dt)).detach()
+    err = u.to(dt) - u_tgt
+    L = err.pow(2).reshape(B, -1).sum(1)
+    w = (L.detach() + c).pow(-p)
+    loss = (L * w).mean()
+    if stats is not None:
+        stats.update(L=L.detach(), weight=w, u_norm=u.detach().to(dt).reshape(B, -1).norm(dim=1),
+                     u_tgt_norm=u_tgt.reshape(B, -1).norm(dim=1), t=t, r=r, dropped=dropped)
+    return loss
+
+
+def _checked_u(u, z: Tensor) -> Tensor:
+    if not isinstance(u, Tensor) or u.shape != z.shape:
+        got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+        raise ValueError(f"model must return u with the shape of its input z {tuple(z.shape)}, "
+                         f"got {got}")
+    return u

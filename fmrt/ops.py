@@ -588,9 +588,252 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
         if want is not None and w.numel() != want:
             raise ValueError(f"{name} must have {want} elements for norm={norm!r}, "
                              f"got {tuple(w.shape)}")
+    if use_triton(q, k, cos, sin, *(w for w in (q_weight, k_weight) if w is not None)):
+        qw = None if q_weight is None or norm is None else q_weight.reshape(-1)
+        kw = None if k_weight is None or norm is None else k_weight.reshape(-1)
+        return _qk_norm_rope_op(q, k, qw, kw, cos, sin, float(eps),
+                                "none" if norm is None else norm)
     return ref.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, norm)
+
+
+# Triton path: `fmrt::qk_norm_rope` (forward) and `fmrt::qk_norm_rope_backward` custom ops, so
+# the op traces into torch.compile graphs without a break; q, k reach the kernels with their
+# strides (no copy of a fused qkv view). The backward recomputes the norm statistics from q, k
+# (nothing but the inputs is saved) and returns deterministic weight gradients.
+
+def _norm_arg(norm: str) -> Optional[str]:
+    return None if norm == "none" else norm
+
+
+@torch.library.custom_op("fmrt::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+                     cos: Tensor, sin: Tensor, eps: float, norm: str) -> tuple[Tensor, Tensor]:
+    from fmrt.kernels import rope as K
+    return K.qk_norm_rope_fwd(q, k, None if q_weight is None else q_weight.contiguous(),
+                              None if k_weight is None else k_weight.contiguous(), cos, sin, eps,
+                              _norm_arg(norm))
+
+
+@_qk_norm_rope_op.register_fake
+def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, eps, norm):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device))
+
+
+@torch.library.custom_op("fmrt::qk_norm_rope_backward", mutates_args=())
+def _qk_norm_rope_bwd_op(gq: Tensor, gk: Tensor, q: Tensor, k: Tensor, q_weight: Optional[Tensor],
+                         k_weight: Optional[Tensor], cos: Tensor, sin: Tensor, eps: float,
+                         norm: str, need_dw: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from fmrt.kernels import rope as K
+    return K.qk_norm_rope_bwd(gq, gk, q, k, None if q_weight is None else q_weight.contiguous(),
+                              None if k_weight is None else k_weight.contiguous(), cos, sin, eps,
+                              _norm_arg(norm), need_dw)
+
+
+@_qk_norm_rope_bwd_op.register_fake
+def _qk_norm_rope_bwd_fake(gq, gk, q, k, q_weight, k_weight, cos, sin, eps, norm, need_dw):
+    def dw(w):
+        if not need_dw or w is None or norm == "none":
+            return q.new_empty(0, dtype=torch.float32)
+        return q.new_empty(w.shape, dtype=torch.float32)
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device), dw(q_weight), dw(k_weight))
+
+
+def _qk_norm_rope_setup(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, eps, norm = inputs
+    ctx.eps, ctx.norm = eps, norm
+    ctx.w_dtypes = tuple(None if w is None else w.dtype for w in (q_weight, k_weight))
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
+
+
+def _qk_norm_rope_backward(ctx, gq, gk):
+    q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
+    need_dw = any(ctx.needs_input_grad[2:4])
+    dq, dk, dwq, dwk = _qk_norm_rope_bwd_op(gq, gk, q, k, q_weight, k_weight, cos, sin, ctx.eps,
+                                            ctx.norm, need_dw)
+    wq_dt, wk_dt = ctx.w_dtypes
+    dwq = dwq.to(wq_dt) if ctx.needs_input_grad[2] and dwq.numel() else None
+    dwk = dwk.to(wk_dt) if ctx.needs_input_grad[3] and dwk.numel() else None
+    return dq, dk, dwq, dwk, None, None, None, None
+
+
+_qk_norm_rope_op.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
 
 
 # ---------------------------------------------------------------------------------------------
 # flash attention (Triton, with forward-mode JVP): see kernels/attention.py
 # ---------------------------------------------------------------------------------------------
+
+def _flash_custom_ops():
+    """The torch.library custom ops wrapping each kernel launch (created on first use).
+
+    A Triton launch made directly inside an autograd.Function fails under torch.func.jvp
+    (functorch wrappers have no storage); an opaque custom op is unwrapped by the dispatcher."""
+    global _FLASH_OPS
+    if _FLASH_OPS is not None:
+        return _FLASH_OPS
+    from fmrt.kernels import attention as K
+
+    @torch.library.custom_op("fmrt::flash_attn_fwd", mutates_args=())
+    def fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], bias_kind: int,
+            scale: float) -> tuple[Tensor, Tensor]:
+        return K.attention_fwd(q, k, v, bias, bias_kind, scale)
+
+    @fwd.register_fake
+    def _(q, k, v, bias, bias_kind, scale):
+        B, S, H, D = q.shape
+        return q.new_empty((B, S, H, D)), q.new_empty((B, H, S), dtype=torch.float32)
+
+    @torch.library.custom_op("fmrt::flash_attn_fwd_jvp", mutates_args=())
+    def fwd_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
+                bias: Optional[Tensor], bias_kind: int, scale: float) -> Tensor:
+        return K.attention_fwd(q, k, v, bias, bias_kind, scale, tq, tk, tv)[2]
+
+    @fwd_jvp.register_fake
+    def _(q, k, v, tq, tk, tv, bias, bias_kind, scale):
+        return q.new_empty(q.shape)
+
+    @torch.library.custom_op("fmrt::flash_attn_bwd", mutates_args=())
+    def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+            bias_kind: int, out: Tensor, lse: Tensor, scale: float) -> tuple[Tensor, Tensor,
+                                                                             Tensor]:
+        return K.attention_bwd(dout, q, k, v, bias, bias_kind, out, lse, scale)
+
+    @bwd.register_fake
+    def _(dout, q, k, v, bias, bias_kind, out, lse, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    _FLASH_OPS = (fwd, fwd_jvp, bwd)
+    return _FLASH_OPS
+
+
+_FLASH_OPS = None
+
+
+class _FlashAttention(torch.autograd.Function):
+    """out = softmax(scale q k^T + bias) v with a reverse (FA2) and a forward-mode rule (the
+    fused one-pass tangent kernel). Under torch.func.jvp the primal runs in `forward` and the
+    fused kernel (primal + tangent) in `jvp`."""
+
+    @staticmethod
+    def forward(q, k, v, bias, bias_kind, scale):
+        fwd, _, _ = _flash_custom_ops()
+        return fwd(q, k, v, bias, bias_kind, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, bias, bias_kind, scale = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.save_for_forward(q, k, v, bias)
+        ctx.bias_kind, ctx.scale = bias_kind, scale
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        _, _, bwd = _flash_custom_ops()
+        dq, dk, dv = bwd(dout, q, k, v, bias, ctx.bias_kind, out, lse, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, tbias, tkind, tscale):
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "fmrt.ops.flash_attention: torch.func.jvp inside torch.compile is not supported "
+                "(torch 2.13 returns wrong tangents silently, pytorch #192985); keep the JVP "
+                "out of compiled regions")
+        # the mask is a constant: a tangent on it (if any) is ignored
+        q, k, v, bias = ctx.saved_tensors
+        _, fwd_jvp, _ = _flash_custom_ops()
+        tq = torch.zeros_like(q) if tq is None else tq
+        tk = torch.zeros_like(k) if tk is None else tk
+        tv = torch.zeros_like(v) if tv is None else tv
+        return fwd_jvp(q, k, v, tq, tk, tv, bias, ctx.bias_kind, ctx.scale), None
+
+
+def _flash_mask(mask, q: Tensor, k: Tensor) -> tuple[Optional[Tensor], int, Optional[Tensor]]:
+    """(kernel bias, kind, mask for the reference). Boolean `[B, S_k]` is key padding
+    (True = keep); boolean 4-d masks become additive 0 / -inf; float masks are additive and
+    broadcast to `[B, H, S_q, S_k]` (dims of size 1 are not copied)."""
+    if mask is None:
+        return None, 0, None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.device != q.device:
+        raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
+    B, S_q, H, _ = q.shape
+    S_k = k.shape[1]
+    if mask.dtype == torch.bool and mask.ndim == 2:
+        if tuple(mask.shape) != (B, S_k):
+            raise ValueError(f"a boolean 2-d mask is key padding [B={B}, S_k={S_k}], "
+                             f"got {tuple(mask.shape)}")
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        bias = bias.masked_fill(~mask, float("-inf"))
+        return bias, 2, mask[:, None, None, :]
+    if mask.dtype != torch.bool:
+        check_float_tensor("mask", mask)
+    if mask.ndim != 4:
+        raise ValueError(f"mask must be [B or 1, H or 1, S_q, S_k] (or boolean key padding "
+                         f"[B, S_k]), got shape {tuple(mask.shape)}")
+    for i, (got, want, nm) in enumerate(zip(mask.shape, (B, H, S_q, S_k),
+                                            ("B", "H", "S_q", "S_k"))):
+        if got != want and not (i < 2 and got == 1):
+            raise ValueError(f"mask dim {i} must be {nm}={want}"
+                             f"{' or 1' if i < 2 else ''}, got shape {tuple(mask.shape)}")
+    bias = mask
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        bias = bias.masked_fill(~mask, float("-inf"))
+    return bias.expand(B, H, S_q, S_k), 1, mask
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
+                    mask: Optional[Tensor] = None) -> Tensor:
+    """Non-causal attention `softmax(scale q k^T + mask) v`, layout `[B, S, H, D]` (any strides,
+    no transposed copies), differentiable in reverse mode AND forward mode (`torch.func.jvp`,
+    MeanFlow): the Triton kernel computes the output and its tangent in one pass.
+
+    q `[B, S_q, H, D]`, k / v `[B, S_k, H, D]`, one dtype of fp32 / fp16 / bf16, D <= 256 (padded
+    to a power of two >= 16 inside the kernel). mask: additive float `[B or 1, H or 1, S_q, S_k]`,
+    a boolean mask of that shape (True = keep), or boolean key padding `[B, S_k]`; it is a
+    constant (no gradient, no tangent). scale defaults to D ** -0.5. Returns `[B, S_q, H, D]`.
+    Under `torch.compile` the op is a graph break (`torch.compiler.disable`): a compiled
+    `torch.func.jvp` over it silently returned zero tangents in torch 2.13.
+    """
+    check_float_tensor("q", q)
+    check_float_tensor("k", k)
+    check_float_tensor("v", v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be [B, S, H, D], got shape {tuple(t.shape)}")
+    check_same("v", v, "k", k)
+    B, S_q, H, D = q.shape
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have the dtype of q ({q.dtype}), got {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"k is on {k.device} but q is on {q.device}")
+    if k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
+        raise ValueError(f"k must be [B={B}, S_k, H={H}, D={D}], got {tuple(k.shape)}")
+    if not 1 <= D <= 256:
+        raise ValueError(f"head dim D must be in [1, 256], got {D}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+    scale = float(D ** -0.5 if scale is None else scale)
+    bias, kind, ref_mask = _flash_mask(mask, q, k)
+    if not use_triton(q, k, v):
+        return ref.attention(q, k, v, scale=scale, mask=ref_mask)
+    return _flash_apply(q, k, v, bias, kind, scale)
+
+
+@torch.compiler.disable
+def _flash_apply(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], kind: int,
+                 scale: float) -> Tensor:
+    # Kept out of dynamo on purpose: a compiled torch.func.jvp over the Function returned zero
+    # tangents silently (torch 2.13, tested). Dynamo graph-breaks here; inside a functorch
+    # transform it then runs the whole transform eagerly, which is correct.
+    return _FlashAttention.apply(q, k, v, bias, kind, scale)[0]

@@ -406,3 +406,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
 # ---------------------------------------------------------------------------------------------
 # flash attention (Triton, with forward-mode JVP): see kernels/attention.py
 # ---------------------------------------------------------------------------------------------
+# `fmrt.ops.flash_attention`'s reference is `attention` above (same mask conventions; boolean
+# key padding `[B, S_k]` is passed to it as `[B, 1, 1, S_k]`); its tangent reference is
+# forward-mode AD through `attention` (torch.func.jvp), so no second formula lives here.

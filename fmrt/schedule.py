@@ -394,7 +394,7 @@ class FlowMatchScheduler:
         self._check_per_sample("index", index, original_samples)
         idx = self._index(timestep, index, original_samples.device)
         sigma = self._on(original_samples.device).sigmas.take(idx)
-        return ref.add_noise(original_samples, sigma, noise)[0]
+        return ops.noised_sample(original_samples, sigma, noise, None, return_target=False)[0]
 
     def training_target(self, sample: Tensor, noise: Tensor, timestep: Optional[Timestep] = None
                         ) -> Tensor:

@@ -8,22 +8,33 @@ import torch
 from torch import Tensor, nn
 
 from fmrt import ops
-from fmrt.attention import attention
+from fmrt.attention import BACKENDS, attention
+
+QK_NORMS = ("across_heads", "per_head", None)
 
 
 class WanSelfAttention(nn.Module):
-    """x `[B, S, dim]` + RoPE tables `[S, head_dim/2]` -> `[B, S, dim]`.
+    """x `[B, S, dim]` + RoPE tables `[S, head_dim/2]` (`rope_3d_tables`) -> `[B, S, dim]`.
 
-    `qkv` is one Linear(dim, 3*dim) (rows: q, then k, then v); q and k are views into its output,
-    normalised and rotated by `ops.qk_norm_rope` without a copy. `qk_norm`: "across_heads" (Wan,
-    weights [dim]), "per_head" (FLUX / SD3, weights [head_dim]) or None.
+    `qkv` is one Linear(dim, 3*dim) (rows: q, then k, then v); q and k are strided views into its
+    output `[B, S, 3, H, D]`, normalised and rotated by `ops.qk_norm_rope` without a copy (the
+    Triton kernel reads them with their strides), v goes to `attention` as a view too.
+    `qk_norm`: "across_heads" (Wan, weights `norm_q` / `norm_k` of [dim]), "per_head"
+    (FLUX / SD3, [head_dim]) or None (no norm, `norm_q` / `norm_k` are None).
+    `backend`: an `fmrt.attention` backend name ("auto" honours `backend_override`).
     """
 
     def __init__(self, dim: int, num_heads: int, *, qk_norm: Optional[str] = "across_heads",
                  eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
-        if dim % num_heads:
+        if num_heads < 1 or dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if (dim // num_heads) % 2:
+            raise ValueError(f"head dim {dim // num_heads} must be even for the rotary")
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.qk_norm, self.eps, self.backend = qk_norm, eps, backend
         self.qkv = nn.Linear(dim, 3 * dim)

@@ -1,0 +1,251 @@
+"""q/k RMSNorm + interleaved rotary (Wan's 3D RoPE), forward and backward.
+
+One program per token row: the whole row of H*D elements (up to 40 x 128 = 5120 for Wan 14B)
+sits in registers as an `[BLOCK_H, BLOCK_D]` tile, loaded with the caller's strides (q and k are
+usually views of a fused qkv projection: never copied), split into the even/odd halves of each
+rotary pair with `reshape + split`, normalised and rotated in fp32, re-joined and stored once,
+contiguous. Grid axis 1 picks q (0) or k (1), so both go in one launch.
+
+Norm codes: 0 none, 1 across heads (Wan: RMS over H*D, weight [H*D]), 2 per head (FLUX / SD3:
+RMS over D, weight [D]).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+NORM_CODES = {None: 0, "none": 0, "across_heads": 1, "per_head": 2}
+
+
+@triton.jit
+def _rotate(x, c, s, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Interleaved pairs (a, b) = (x[..., 2i], x[..., 2i+1]) -> (a c - b s, a s + b c).
+    x `[BLOCK_H, 2 * BLOCK_P]`, c / s `[1, BLOCK_P]` (pass -s for the transpose)."""
+    a, b = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_P, 2)))
+    y = tl.join(a * c - b * s, a * s + b * c)
+    return tl.reshape(y, (BLOCK_H, 2 * BLOCK_P))
+
+
+@triton.jit
+def _rstd(x, H, D, eps, NORM: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps): a scalar over the row (NORM 1) or `[BLOCK_H, 1]` per head
+    (NORM 2); padded lanes hold 0."""
+    if NORM == 1:
+        return tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / (H * D) + eps)
+    else:
+        return tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+
+
+@triton.jit
+def _load_weight(w_ptr, h, d, m, D, NORM: tl.constexpr):
+    if NORM == 1:
+        return tl.load(w_ptr + h[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+    else:
+        return tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _fwd_row(x_ptr, s_h, s_d, o_ptr, w_ptr, c, s, H, D, eps, NORM: tl.constexpr,
+             HAS_W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    m = (h[:, None] < H) & (d[None, :] < D)
+    x = tl.load(x_ptr + h[:, None] * s_h + d[None, :] * s_d, mask=m, other=0.0).to(tl.float32)
+    if NORM != 0:
+        x = x * _rstd(x, H, D, eps, NORM)
+        if HAS_W:
+            x = x * _load_weight(w_ptr, h, d, m, D, NORM)
+    y = _rotate(x, c, s, BLOCK_H, BLOCK_D // 2)
+    tl.store(o_ptr + h[:, None] * D + d[None, :], y.to(o_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr,
+                             S, H, D, q_sb, q_ss, q_sh, q_sd, k_sb, k_ss, k_sh, k_sd,
+                             c_ss, c_sp, s_ss, s_sp, eps, NORM: tl.constexpr,
+                             HAS_WQ: tl.constexpr, HAS_WK: tl.constexpr,
+                             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row (b, s) of x = q (axis 1 = 0) or k (1), all H*D elements:
+
+    NORM 1: n = x / sqrt(mean_{h,d}(x^2) + eps) * w[h*D + d]
+    NORM 2: n = x / sqrt(mean_d(x^2) + eps) * w[d]
+    NORM 0: n = x
+    out[2i] = n[2i] cos[s, i] - n[2i+1] sin[s, i];  out[2i+1] = n[2i] sin[s, i] + n[2i+1] cos[s, i]
+    fp32 math, one rounding; out contiguous `[B, S, H, D]`.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    b = row // S
+    t = row % S
+    p = tl.arange(0, BLOCK_D // 2)
+    pm = p < D // 2
+    c = tl.load(cos_ptr + t * c_ss + p * c_sp, mask=pm, other=1.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + t * s_ss + p * s_sp, mask=pm, other=0.0).to(tl.float32)[None, :]
+    out = row * H * D
+    if tl.program_id(1) == 0:
+        _fwd_row(q_ptr + b * q_sb + t * q_ss, q_sh, q_sd, qo_ptr + out, wq_ptr, c, s, H, D,
+                 eps, NORM, HAS_WQ, BLOCK_H, BLOCK_D)
+    else:
+        _fwd_row(k_ptr + b * k_sb + t * k_ss, k_sh, k_sd, ko_ptr + out, wk_ptr, c, s, H, D,
+                 eps, NORM, HAS_WK, BLOCK_H, BLOCK_D)
+
+
+@triton.jit
+def _bwd_rows(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh, g_sd, dx_ptr, w_ptr,
+              part_ptr, cos_ptr, sin_ptr, c_ss, c_sp, s_ss, s_sp, row0, row1, S, H, D, eps,
+              NORM: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr,
+              BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    m = (h[:, None] < H) & (d[None, :] < D)
+    p = tl.arange(0, BLOCK_D // 2)
+    pm = p < D // 2
+    w = 1.0
+    if NORM != 0:
+        if HAS_W:
+            w = _load_weight(w_ptr, h, d, m, D, NORM)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    for row in range(row0, row1):
+        b = row // S
+        t = row % S
+        c = tl.load(cos_ptr + t * c_ss + p * c_sp, mask=pm, other=1.0).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + t * s_ss + p * s_sp, mask=pm, other=0.0).to(tl.float32)[None, :]
+        go = tl.load(g_ptr + b * g_sb + t * g_ss + h[:, None] * g_sh + d[None, :] * g_sd,
+                     mask=m, other=0.0).to(tl.float32)
+        g = _rotate(go, c, -s, BLOCK_H, BLOCK_D // 2)  # rotary transpose: d out / d n
+        if NORM == 0:
+            dx = g
+        else:
+            x = tl.load(x_ptr + b * x_sb + t * x_ss + h[:, None] * x_sh + d[None, :] * x_sd,
+                        mask=m, other=0.0).to(tl.float32)
+            rstd = _rstd(x, H, D, eps, NORM)
+            xhat = x * rstd
+            if HAS_W:
+                if NEED_DW:
+                    acc += g * xhat
+                gw = g * w
+            else:
+                gw = g
+            if NORM == 1:
+                dot = tl.sum(tl.sum(gw * xhat, axis=1), axis=0) / (H * D)
+            else:
+                dot = (tl.sum(gw * xhat, axis=1) / D)[:, None]
+            dx = rstd * (gw - xhat * dot)
+        tl.store(dx_ptr + row * H * D + h[:, None] * D + d[None, :],
+                 dx.to(dx_ptr.dtype.element_ty), mask=m)
+    if NEED_DW:
+        if NORM == 1:
+            tl.store(part_ptr + h[:, None] * D + d[None, :], acc, mask=m)
+        else:
+            tl.store(part_ptr + d, tl.sum(acc, axis=0), mask=d < D)
+
+
+@triton.jit
+def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, wq_ptr, wk_ptr,
+                             part_ptr, cos_ptr, sin_ptr, n_rows, rows_per_prog, n_progs, S, H, D,
+                             q_sb, q_ss, q_sh, q_sd, k_sb, k_ss, k_sh, k_sd,
+                             gq_sb, gq_ss, gq_sh, gq_sd, gk_sb, gk_ss, gk_sh, gk_sd,
+                             c_ss, c_sp, s_ss, s_sp, part_n, eps, NORM: tl.constexpr,
+                             HAS_WQ: tl.constexpr, HAS_WK: tl.constexpr,
+                             NEED_DW: tl.constexpr, BLOCK_H: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+    """Rows [p * R, (p + 1) * R) of q (axis 1 = 0) or k (1); with g = rot^T(d out):
+
+    NORM 0: dx = g
+    else:   xhat = x * rstd;  gw = g * w;  dx = rstd * (gw - xhat * mean(gw * xhat))
+            (mean over the norm group: H*D or D);  dw partial = sum_rows g * xhat
+            (per head: also summed over heads), stored to part[which, p, :]
+    Partials are summed on the host in a fixed order (deterministic).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    which = tl.program_id(1)
+    row0 = pid * rows_per_prog
+    row1 = tl.minimum(row0 + rows_per_prog, n_rows)
+    if which == 0:
+        _bwd_rows(q_ptr, q_sb, q_ss, q_sh, q_sd, gq_ptr, gq_sb, gq_ss, gq_sh, gq_sd, dq_ptr, wq_ptr,
+                  part_ptr + pid * part_n, cos_ptr, sin_ptr, c_ss, c_sp, s_ss, s_sp, row0, row1,
+                  S, H, D, eps, NORM, HAS_WQ, NEED_DW, BLOCK_H, BLOCK_D)
+    else:
+        _bwd_rows(k_ptr, k_sb, k_ss, k_sh, k_sd, gk_ptr, gk_sb, gk_ss, gk_sh, gk_sd, dk_ptr, wk_ptr,
+                  part_ptr + (n_progs + pid) * part_n, cos_ptr, sin_ptr, c_ss, c_sp, s_ss, s_sp,
+                  row0, row1, S, H, D, eps, NORM, HAS_WK, NEED_DW, BLOCK_H, BLOCK_D)
+
+
+# ---------------------------------------------------------------------------------------------
+# host launchers
+# ---------------------------------------------------------------------------------------------
+
+def _blocks(H: int, D: int) -> tuple[int, int, int]:
+    BLOCK_H = triton.next_power_of_2(H)
+    BLOCK_D = max(triton.next_power_of_2(D), 2)
+    # ~16 fp32 elements of the row tile per thread: 4 warps for 1024, 16 for Wan 14B's 64 x 128
+    num_warps = min(max((BLOCK_H * BLOCK_D) // 512, 1), 16)
+    return BLOCK_H, BLOCK_D, num_warps
+
+
+def _backward_programs(n_rows: int, device: torch.device) -> int:
+    """Programs per tensor in the backward: a few per SM on CUDA (each loops over a chunk of
+    rows, keeping its weight-gradient partial in registers), fewer under the interpreter."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 8
+    return max(min(n_rows, target), 1)
+
+
+def qk_norm_rope_fwd(q: torch.Tensor, k: torch.Tensor, q_weight: Optional[torch.Tensor],
+                     k_weight: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                     eps: float, norm: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k `[B, S, H, D]` (any strides, same shape and dtype); weights `[H*D]` / `[D]`
+    (contiguous) or None; cos, sin `[S, D/2]`. Returns contiguous (q_out, k_out)."""
+    B, S, H, D = q.shape
+    qo = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    ko = torch.empty((B, S, H, D), dtype=k.dtype, device=k.device)
+    if q.numel() == 0:
+        return qo, ko
+    code = NORM_CODES[norm]
+    BLOCK_H, BLOCK_D, nw = _blocks(H, D)
+    _qk_norm_rope_fwd_kernel[(B * S, 2)](
+        q, k, qo, ko, q_weight if q_weight is not None else q,
+        k_weight if k_weight is not None else k, cos, sin, S, H, D, *q.stride(), *k.stride(),
+        *cos.stride(), *sin.stride(), float(eps), NORM=code,
+        HAS_WQ=q_weight is not None, HAS_WK=k_weight is not None, BLOCK_H=BLOCK_H,
+        BLOCK_D=BLOCK_D, num_warps=nw)
+    return qo, ko
+
+
+def qk_norm_rope_bwd(gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
+                     cos: torch.Tensor, sin: torch.Tensor, eps: float, norm: Optional[str],
+                     need_dw: bool):
+    """(dq, dk, dq_weight, dk_weight): dq, dk contiguous in q's / k's dtype; weight gradients
+    float32 of the weights' shapes (empty when not need_dw or the weight is None). The upstream
+    gradients gq, gk may have any strides (stride 0 included)."""
+    B, S, H, D = q.shape
+    dev = q.device
+    dq = torch.empty((B, S, H, D), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, S, H, D), dtype=k.dtype, device=dev)
+    code = NORM_CODES[norm]
+    wn = {1: H * D, 2: D}.get(code, 0)
+    need_dw = need_dw and code != 0 and (q_weight is not None or k_weight is not None)
+    n_rows = B * S
+    n_progs = _backward_programs(n_rows, dev)
+    rows_per_prog = triton.cdiv(max(n_rows, 1), n_progs)
+    n_progs = triton.cdiv(max(n_rows, 1), rows_per_prog)
+    part = torch.zeros((2, n_progs, wn) if need_dw else (1,), dtype=torch.float32, device=dev)
+    if n_rows and H * D:
+        BLOCK_H, BLOCK_D, nw = _blocks(H, D)
+        _qk_norm_rope_bwd_kernel[(n_progs, 2)](
+            q, k, gq, gk, dq, dk, q_weight if q_weight is not None else q,
+            k_weight if k_weight is not None else k, part, cos, sin, n_rows, rows_per_prog,
+            n_progs, S, H, D, *q.stride(), *k.stride(), *gq.stride(), *gk.stride(),
+            *cos.stride(), *sin.stride(), wn, float(eps), NORM=code,
+            HAS_WQ=q_weight is not None, HAS_WK=k_weight is not None, NEED_DW=need_dw,
+            BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, num_warps=nw)
+    def dw(i, w):  # separate tensors: custom-op outputs must not alias each other
+        if not need_dw or w is None:
+            return q.new_empty(0, dtype=torch.float32)
+        return part[i].sum(0)
+    return dq, dk, dw(0, q_weight), dw(1, k_weight)

@@ -454,37 +454,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_reflow(args: argparse.Namespace) -> int:
-    """Reflow couplings (SPEC 5): noise z ~ N(0, I) from --seed, the model's sample x(z) with
-    the given solver, steps and guidance, saved as `noise`, `samples`, `labels` (`fmrt train
-    --couplings` reads them)."""
+    """Reflow couplings (SPEC 5) with `fmrt.reflow.make_couplings`: noise from --seed, the
+    model's samples from exactly that noise (the checkpoint's grid, --solver, --steps,
+    --guidance-scale), the class labels as `cond`; `fmrt train --couplings` reads them."""
     import torch
-    from safetensors.torch import save_file
 
     from fmrt.eval import generate_clips
+    from fmrt.reflow import make_couplings, save_couplings
     _check_writable_file(args.out)
     model, meta, device = _load(args)
     rec = meta.get("sample", {}) or {}
     scale = args.guidance_scale if args.guidance_scale is not None else \
         float(rec.get("guidance_scale") or 1.0)
     shape = tuple(rec.get("sample_shape") or ())
-    K = model.config.num_classes
-    labels = _labels(args, K, args.num)
-    g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn((args.num, *shape), generator=g)
+    labels = _labels(args, model.config.num_classes, args.num)
+
+    def sample_fn(m, noise, cond=None):
+        return generate_clips(m, meta, cond, steps=args.steps, solver=args.solver,
+                              guidance_scale=scale, shift=args.shift, device=device,
+                              dtype=_dtype(args.dtype), noise=noise, clamp=False)
+
     t0 = time.time()
-    out = []
-    for i in range(0, args.num, args.batch_size):
-        out.append(generate_clips(model, meta, labels[i:i + args.batch_size], steps=args.steps,
-                                  solver=args.solver, guidance_scale=scale, shift=args.shift,
-                                  device=device, dtype=_dtype(args.dtype),
-                                  noise=noise[i:i + args.batch_size], clamp=False).cpu())
-    samples = torch.cat(out)
-    info = dict(checkpoint=os.path.abspath(args.checkpoint), steps=args.steps,
-                solver=args.solver, guidance_scale=scale, seed=args.seed)
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    save_file({"noise": noise.contiguous(), "samples": samples.contiguous(),
-               "labels": labels.contiguous()}, tmp, metadata={"fmrt": json.dumps(info)})
-    os.replace(tmp, args.out)
+    couplings = make_couplings(model, args.num, shape, sample_fn=sample_fn, cond=labels,
+                               seed=args.seed, batch_size=args.batch_size, device=device)
+    save_couplings(args.out, couplings)
     print(f"wrote {args.out}: {args.num} couplings {tuple(shape)} ({args.solver} {args.steps} "
           f"steps, guidance {scale:g}, {time.time() - t0:.1f}s)")
     return 0

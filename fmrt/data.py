@@ -8,8 +8,8 @@
   (seed, index).
 - `LatentFolderDataset`: a folder of `.safetensors` files holding pre-encoded latents (key
   `latents`) and their conditioning (key `cond`: e.g. text embeddings, or `label`: class ids).
-- `CouplingDataset`: (noise, sample) couplings written by `fmrt reflow` (keys `noise`,
-  `samples`, optional `labels`) for rectified-flow (reflow) training.
+- `CouplingDataset`: (noise, sample) couplings written by `fmrt reflow`
+  (`fmrt.reflow.save_couplings`: keys `noise`, `sample`, optional `cond`) for reflow training.
 - `collate`: stacks `(x, cond)` items into a batch.
 """
 from __future__ import annotations
@@ -273,28 +273,28 @@ class LatentFolderDataset(torch.utils.data.Dataset):
 
 
 class CouplingDataset(torch.utils.data.Dataset):
-    """(noise, sample) couplings for reflow training: one `.safetensors` file with `noise` and
-    `samples` (`[N, C, T, H, W]` each) and optionally `labels` (`[N]`) or `cond` (`[N, ...]`).
-    Item: `(sample, cond or label or None, noise)`."""
+    """(noise, sample) couplings for reflow training, as `fmrt.reflow.save_couplings` writes
+    them (`fmrt reflow`): `noise` and `sample` `[N, C, T, H, W]`, optional `cond` (`[N]` class
+    labels or `[N, ...]` embeddings). Item: `(sample, label or cond or None, noise)`."""
 
     def __init__(self, path: Union[str, os.PathLike]):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such couplings file: {path}")
-        from safetensors.torch import load_file
+        from fmrt.reflow import load_couplings
         try:
-            t = load_file(path)
+            t = load_couplings(path)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
         except Exception as e:
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-        for k in ("noise", "samples"):
-            if k not in t:
-                raise ValueError(f"{path}: missing key {k!r} (has {sorted(t)})")
-        if t["noise"].shape != t["samples"].shape or t["noise"].ndim < 2:
-            raise ValueError(f"{path}: 'noise' {list(t['noise'].shape)} and 'samples' "
-                             f"{list(t['samples'].shape)} must have the same [N, ...] shape")
-        self.noise, self.samples = t["noise"].float(), t["samples"].float()
-        self.cond_key = "labels" if "labels" in t else ("cond" if "cond" in t else None)
-        self.cond = t.get(self.cond_key) if self.cond_key else None
+        if t["noise"].ndim < 2:
+            raise ValueError(f"{path}: 'noise' and 'sample' must be [N, ...]")
+        self.noise, self.samples = t["noise"].float(), t["sample"].float()
+        self.cond = t.get("cond")
+        self.cond_key = None
+        if self.cond is not None:
+            self.cond_key = "cond" if self.cond.is_floating_point() else "labels"
         self.sample_shape = tuple(self.samples.shape[1:])
         self.path = path
 

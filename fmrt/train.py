@@ -541,18 +541,23 @@ def _drop_cond(cond, p: float, null_class: Optional[int], gen: torch.Generator):
 
 
 def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, config: TrainConfig,
-                 gen: torch.Generator) -> Tensor:
+                 gen: torch.Generator, null_class: Optional[int] = None) -> Tensor:
     """The scalar training loss of one batch: `fmrt.losses.sft_loss` (noise drawn in the
     kernel from a seed taken from `gen`), or with reflow couplings (`noise` given) the same
     weighted flow-matching MSE on the given noise (`ops.add_noise` + `ops.flow_matching_loss`),
-    or `fmrt.losses.meanflow_loss`."""
+    or `fmrt.losses.meanflow_loss` (which drops conditions itself, to `null_class`)."""
     B = x0.shape[0]
     if config.objective == "meanflow":
         from fmrt.losses import meanflow_loss
 
-        def u(z, r, t, c):     # MeanFlow's u(z, r, t) convention -> the DiT's dit(z, t, c, r=r)
+        def u(z, r, t, c=None):   # MeanFlow's u(z, r, t) convention -> dit(z, t, c, r=r)
             return model(z, t, c, r=r)
-        return meanflow_loss(u, x0, cond=cond, generator=gen)
+        uncond = None
+        if cond is not None and config.cond_drop > 0:
+            uncond = (torch.full_like(cond, null_class) if cond.dtype == torch.long
+                      else torch.zeros_like(cond))
+        return meanflow_loss(u, x0, cond=cond, uncond=uncond, cond_drop_prob=config.cond_drop,
+                             generator=gen)
     if noise is None:
         from fmrt.losses import sft_loss
         return sft_loss(model, x0, cond, scheduler=sched, sampler=config.timestep_sampler,
@@ -760,12 +765,14 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
         noise = batch[2].to(device) if len(batch) > 2 else None
         if cond is not None:
             cond = cond.to(device)
-        cond = _drop_cond(cond, config.cond_drop, null_class, gen)
+        if config.objective != "meanflow":
+            cond = _drop_cond(cond, config.cond_drop, null_class, gen)
         lr = _lr_at(config, step)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = compute_loss(wrapped, x0, cond, noise, sched=sched, config=config, gen=gen)
+            loss = compute_loss(wrapped, x0, cond, noise, sched=sched, config=config, gen=gen,
+                                null_class=null_class)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(

@@ -180,15 +180,15 @@ def test_reflow_then_train_on_couplings(tiny_model, tmp_path, capsys):
     assert main(["reflow", "--checkpoint", tiny_model, "--num", "8", "--batch-size", "3",
                  "--steps", "2", "--guidance-scale", "1", "--out", str(c)]) == 0
     t = load_file(str(c))
-    assert t["noise"].shape == t["samples"].shape == (8, 3, 2, 8, 8)
-    assert t["labels"].tolist() == [i % 6 for i in range(8)]
+    assert t["noise"].shape == t["sample"].shape == (8, 3, 2, 8, 8)
+    assert t["cond"].tolist() == [i % 6 for i in range(8)]
     # the samples are the sampler's output from exactly that noise
     from fmrt.eval import generate_clips
     from fmrt.train import load_model
     model, meta = load_model(tiny_model)
-    again = generate_clips(model, meta, t["labels"][:2], steps=2, noise=t["noise"][:2],
+    again = generate_clips(model, meta, t["cond"][:2], steps=2, noise=t["noise"][:2],
                            clamp=False)
-    torch.testing.assert_close(again, t["samples"][:2])
+    torch.testing.assert_close(again, t["sample"][:2])
     out = tmp_path / "rf"
     flags = [f for f in TINY_FLAGS]
     assert main(["train", "--couplings", str(c), "--out-dir", str(out), "--steps", "2",

@@ -112,13 +112,16 @@ def test_latent_folder_errors(tmp_path):
 
 
 def test_couplings(tmp_path):
+    from fmrt.reflow import save_couplings
     p = str(tmp_path / "c.safetensors")
-    save_file({"noise": torch.randn(3, 3, 2, 8, 8), "samples": torch.randn(3, 3, 2, 8, 8),
-               "labels": torch.tensor([0, 1, 2])}, p)
+    save_couplings(p, {"noise": torch.randn(3, 3, 2, 8, 8), "sample": torch.randn(3, 3, 2, 8, 8),
+                       "cond": torch.tensor([0, 1, 2])})
     ds = CouplingDataset(p)
     x, y, n = collate([ds[0], ds[2]])
     assert torch.equal(x, ds.samples[[0, 2]]) and torch.equal(n, ds.noise[[0, 2]])
     assert y.tolist() == [0, 2]
-    save_file({"noise": torch.randn(3, 4), "samples": torch.randn(2, 4)}, p)
-    with pytest.raises(ValueError, match="same"):
+    save_file({"noise": torch.randn(3, 4), "sample": torch.randn(2, 4)}, p)
+    with pytest.raises(ValueError, match="shape"):
         CouplingDataset(p)
+    with pytest.raises(FileNotFoundError):
+        CouplingDataset(str(tmp_path / "none.safetensors"))

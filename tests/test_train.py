@@ -166,3 +166,17 @@ def test_load_model_errors(tmp_path):
 def test_bf16_autocast_on_cuda(tmp_path):
     out = train(tiny_config(tmp_path, device="cuda", steps=2))
     assert torch.isfinite(torch.tensor(out["loss"]))
+
+
+def test_meanflow_objective_trains_and_samples_in_one_step(tmp_path):
+    from fmrt.eval import generate_clips
+    out = train(tiny_config(tmp_path, steps=2, objective="meanflow"))
+    model, meta = load_model(out["model_path"])
+    assert model.config.meanflow and meta["train"]["objective"] == "meanflow"
+    labels = torch.tensor([0, 3])
+    one = generate_clips(model, meta, labels, steps=1, solver="meanflow", seed=0, clamp=False)
+    # one MeanFlow step from sigma 1: z0 = z1 - u(z1, r=0, t=1)
+    z1 = torch.randn((2, 3, 2, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = z1 - model(z1, torch.ones(2), labels, r=torch.zeros(2))
+    torch.testing.assert_close(one, want, atol=1e-5, rtol=1e-5)

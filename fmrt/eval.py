@@ -1,0 +1,252 @@
+"""Quality of generated clips, measured independently of the generator.
+
+A small 3D-conv classifier (`ClipClassifier`) is trained on real clips of the built-in data
+(`fmrt.data.ShapesVideo`); on generated clips it reports
+- the accuracy: the fraction of clips generated for class c that it classifies as c;
+- the Frechet distance between real and generated clips in its feature space (the pooled
+  activations before the last layer), as FID does with Inception features.
+
+The classifier trains deterministically in seconds on a CPU (`train_classifier`); fmrt ships its
+weights (`fmrt/assets/classifier.safetensors`, written by `python -m fmrt.eval --write-asset`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fmrt.data import NUM_CLASSES, ShapesVideo
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+CLASSIFIER_PATH = os.path.join(ASSETS, "classifier.safetensors")
+
+
+class ClipClassifier(nn.Module):
+    """x `[B, 3, T, H, W]` in [-1, 1] -> logits `[B, num_classes]`; `features(x)` -> `[B, width*4]`."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 16, in_channels: int = 3):
+        super().__init__()
+        self.num_classes, self.width, self.in_channels = num_classes, width, in_channels
+        w = width
+        self.net = nn.Sequential(
+            nn.Conv3d(in_channels, w, 3, padding=1), nn.GELU(),
+            nn.Conv3d(w, 2 * w, 3, stride=(1, 2, 2), padding=1), nn.GELU(),
+            nn.Conv3d(2 * w, 4 * w, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv3d(4 * w, 4 * w, 3, padding=1), nn.GELU(),
+        )
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.net(x).mean(dim=(2, 3, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+    def config(self) -> dict:
+        return dict(num_classes=self.num_classes, width=self.width,
+                    in_channels=self.in_channels)
+
+
+@dataclass
+class ClassifierTraining:
+    """How the shipped classifier was trained (recorded beside its weights)."""
+    frames: int = 4
+    size: int = 16
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+    data_seed: int = 12345     # disjoint from the generator's training data (seed 0)
+
+
+def train_classifier(cfg: ClassifierTraining = ClassifierTraining(),
+                     log: Optional[callable] = None) -> ClipClassifier:
+    """Train the classifier on real clips; deterministic for a given config (CPU)."""
+    torch.manual_seed(cfg.seed)
+    model = ClipClassifier()
+    ds = ShapesVideo(cfg.steps * cfg.batch_size, frames=cfg.frames, size=cfg.size,
+                     seed=cfg.data_seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(len(ds), generator=g)
+    for step in range(cfg.steps):
+        idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].tolist()
+        x = torch.stack([ds[i][0] for i in idx])
+        y = torch.tensor([ds[i][1] for i in idx])
+        # a little noise so that the features are not brittle on imperfect generated clips
+        x = x + 0.1 * torch.randn(x.shape, generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log and (step % 50 == 0 or step == cfg.steps - 1):
+            log(f"classifier step {step} loss {loss.item():.4f}")
+    return model.eval()
+
+
+def save_classifier(model: ClipClassifier, path: str, training: ClassifierTraining) -> None:
+    from safetensors.torch import save_file
+    meta = {"config": json.dumps(model.config()), "training": json.dumps(asdict(training))}
+    tmp = path + ".tmp"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_classifier(path: str = CLASSIFIER_PATH) -> tuple[ClipClassifier, dict]:
+    """(classifier in eval mode, its training config as a dict)."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no classifier weights at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        model = ClipClassifier(**json.loads(meta["config"]))
+        model.load_state_dict(state)
+    except Exception as e:
+        raise ValueError(f"{path}: not a valid classifier checkpoint ({e})") from None
+    return model.eval(), json.loads(meta.get("training", "{}"))
+
+
+def _sqrtm_psd(a: Tensor) -> Tensor:
+    vals, vecs = torch.linalg.eigh(a)
+    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+
+
+def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets `[N, D]`:
+    `|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)` (float64)."""
+    if feats_a.ndim != 2 or feats_b.ndim != 2 or feats_a.shape[1] != feats_b.shape[1]:
+        raise ValueError(f"features must be [N, D] with the same D, got "
+                         f"{tuple(feats_a.shape)} and {tuple(feats_b.shape)}")
+    if feats_a.shape[0] < 2 or feats_b.shape[0] < 2:
+        raise ValueError("need at least 2 samples per set for a Frechet distance")
+    a, b = feats_a.double(), feats_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    ra = _sqrtm_psd(ca)
+    cross = _sqrtm_psd(ra @ cb @ ra)
+    return float((mu_a - mu_b).pow(2).sum() + torch.trace(ca) + torch.trace(cb)
+                 - 2 * torch.trace(cross))
+
+
+@torch.no_grad()
+def _features_logits(model: ClipClassifier, x: Tensor, batch: int = 64) -> tuple[Tensor, Tensor]:
+    fs, ls = [], []
+    for i in range(0, x.shape[0], batch):
+        f = model.features(x[i:i + batch].float())
+        fs.append(f)
+        ls.append(model.head(f))
+    return torch.cat(fs), torch.cat(ls)
+
+
+@torch.no_grad()
+def evaluate_clips(clips: Tensor, labels: Tensor, *, classifier: Optional[ClipClassifier] = None,
+                   real: Optional[Tensor] = None, data_seed: int = 999) -> dict:
+    """Quality of generated clips `[N, 3, T, H, W]` (in [-1, 1]) meant to be of classes
+    `labels` `[N]`. Returns {"accuracy", "per_class_accuracy": {name: acc}, "fd"} where fd is
+    the Frechet distance to `real` clips (default: as many real clips of the same classes from
+    the built-in data with `data_seed`)."""
+    from fmrt.data import CLASS_NAMES
+    if clips.ndim != 5:
+        raise ValueError(f"clips must be [N, C, T, H, W], got {tuple(clips.shape)}")
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if labels.shape[0] != clips.shape[0]:
+        raise ValueError(f"labels must have {clips.shape[0]} entries, got {labels.shape[0]}")
+    model = classifier if classifier is not None else load_classifier()[0]
+    if real is None:
+        ds = ShapesVideo(10 ** 6, frames=clips.shape[2], size=clips.shape[3], seed=data_seed)
+        counts = torch.bincount(labels, minlength=NUM_CLASSES)
+        real = torch.cat([ds.clips_of_class(c, int(n)) for c, n in enumerate(counts.tolist())
+                          if n > 0])
+    fg, lg = _features_logits(model, clips.clamp(-1, 1))
+    fr, _ = _features_logits(model, real)
+    pred = lg.argmax(-1)
+    per_class = {CLASS_NAMES[c]: float((pred[labels == c] == c).float().mean())
+                 for c in labels.unique().tolist()}
+    return dict(accuracy=float((pred == labels).float().mean()), per_class_accuracy=per_class,
+                fd=frechet_distance(fr, fg), num=int(clips.shape[0]))
+
+
+def _grid_sigmas(meta: dict, steps: int, shift: Optional[float], device) -> Tensor:
+    from fmrt.schedule import FlowMatchScheduler
+    s = meta.get("sample", {}) or {}
+    sched = FlowMatchScheduler(s.get("template") or "Wan")
+    k = shift if shift is not None else s.get("shift")
+    sched.set_timesteps(steps, **({} if k is None else {"shift": k}))
+    return sched, sched.sigma_grid(device)
+
+
+@torch.no_grad()
+def generate_clips(model, meta: dict, labels: Tensor, *, steps: int = 20, solver: str = "euler",
+                   guidance_scale: float = 1.0, seed: int = 0, shift: Optional[float] = None,
+                   device=None, dtype: Optional[torch.dtype] = None, recorder=None,
+                   progress: bool = False, noise: Optional[Tensor] = None,
+                   clamp: bool = True) -> Tensor:
+    """Sample clips of classes `labels` `[N]` from a class-conditional DiT loaded with
+    `fmrt.train.load_model`: noise from `seed` (sample i is the i-th draw of one generator),
+    the grid of the checkpoint's scheduler template and shift over `steps` steps, CFG against
+    the null class when guidance_scale != 1 (`noise` `[N, C, T, H, W]`: use this noise instead).
+    Returns float32 `[N, C, T, H, W]`, clamped to [-1, 1] unless clamp=False."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    shape = tuple((meta.get("sample") or {}).get("sample_shape") or ())
+    if len(shape) != 4:
+        raise ValueError("checkpoint has no sample_shape: cannot tell the clip size")
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
+    n = labels.shape[0]
+    if noise is None:
+        g = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn((n, *shape), generator=g)
+    elif tuple(noise.shape) != (n, *shape):
+        raise ValueError(f"noise must be {[n, *shape]}, got {list(noise.shape)}")
+    noise = noise.to(device)
+    sched, sigmas = _grid_sigmas(meta, steps, shift, device)
+    uncond = torch.full_like(labels, int(model.config.num_classes))
+    dt = dtype or next(model.parameters()).dtype
+    from fmrt import sampling
+    net = model
+    if solver == "meanflow":
+        def net(z, r, t, c):   # the sampler's u(z, r, t) convention -> the DiT's
+            return model(z, t, c, r=r)
+    x = sampling.sample(net, noise.to(dt), sigmas=sigmas, solver=solver,
+                        guidance_scale=guidance_scale, cond=labels,
+                        uncond=uncond if guidance_scale != 1.0 else None, seed=seed,
+                        recorder=recorder, progress=progress)
+    return x.float().clamp(-1, 1) if clamp else x.float()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m fmrt.eval --write-asset`: (re)train the shipped classifier."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m fmrt.eval")
+    p.add_argument("--write-asset", action="store_true",
+                   help=f"train the classifier and write {CLASSIFIER_PATH}")
+    p.add_argument("--out", default=CLASSIFIER_PATH)
+    args = p.parse_args(argv)
+    if not args.write_asset:
+        p.print_help()
+        return 0
+    cfg = ClassifierTraining()
+    t0 = time.time()
+    model = train_classifier(cfg, log=print)
+    ds = ShapesVideo(600, frames=cfg.frames, size=cfg.size, seed=777)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        acc = float((model(x).argmax(-1) == y).float().mean())
+    print(f"trained in {time.time() - t0:.1f}s; accuracy on 600 held-out real clips: {acc:.4f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_classifier(model, args.out, cfg)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

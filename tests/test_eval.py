@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from fmrt.data import NUM_CLASSES, ShapesVideo
+from fmrt.eval import (ClassifierTraining, evaluate_clips, frechet_distance, generate_clips,
+                       load_classifier, train_classifier)
+
+
+def test_frechet_distance_exact():
+    # sample covariances (N - 1 normalisation) are diagonal: diag(2/3, 8/3) and diag(6, 2/3)
+    a = torch.tensor([[1.0, 0], [-1, 0], [0, 2], [0, -2]])
+    b = torch.tensor([[3.0, 0], [-3, 0], [0, 1], [0, -1]]) + 1.0
+    want = 2.0 + (2 / 3 + 6 - 2 * 2.0) + (8 / 3 + 2 / 3 - 2 * math.sqrt(16 / 9))
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-9)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    rot = torch.linalg.qr(torch.randn(5, 5, generator=g))[0]
+    # invariant under a common rotation and translation
+    assert frechet_distance(x @ rot + 3, (x * 2) @ rot + 3) == pytest.approx(
+        frechet_distance(x, x * 2), rel=1e-6)
+    with pytest.raises(ValueError):
+        frechet_distance(torch.zeros(1, 3), torch.zeros(4, 3))
+
+
+def test_shipped_classifier_separates_real_from_wrong():
+    clf, training = load_classifier()
+    assert training["frames"] == 4 and training["size"] == 16
+    ds = ShapesVideo(10_000, frames=4, size=16, seed=4242)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(8)
+    real = torch.cat([ds.clips_of_class(c, 8) for c in range(NUM_CLASSES)])
+    q = evaluate_clips(real, labels, classifier=clf)
+    assert q["accuracy"] >= 0.95 and q["fd"] < 30.0   # 48 samples, 64-dim features: biased
+    wrong = evaluate_clips(real, (labels + 1) % NUM_CLASSES, classifier=clf)
+    assert wrong["accuracy"] <= 0.05
+    noise = evaluate_clips(torch.rand(real.shape) * 2 - 1, labels, classifier=clf)
+    assert noise["fd"] > 1000
+    blank = evaluate_clips(-torch.ones(real.shape), labels, classifier=clf)
+    assert blank["fd"] > 1000
+
+
+def test_classifier_training_is_deterministic():
+    cfg = ClassifierTraining(steps=2, batch_size=2)
+    a, b = train_classifier(cfg), train_classifier(cfg)
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_generate_clips_shape_and_seed():
+    from fmrt.models import DiT, DiTConfig
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.preset("tiny", dim=32, num_layers=1, num_heads=2, ffn_dim=64,
+                                 num_classes=6, freq_dim=32)).eval()
+    for p in model.parameters():   # a non-zero output (the DiT's head starts at zero)
+        p.data.add_(0.05 * torch.randn_like(p))
+    meta = {"sample": {"template": "Wan", "shift": 1.0, "sample_shape": [3, 2, 8, 8]}}
+    labels = torch.tensor([0, 5, 2])
+    a = generate_clips(model, meta, labels, steps=3, guidance_scale=2.0, seed=1)
+    b = generate_clips(model, meta, labels, steps=3, guidance_scale=2.0, seed=1)
+    c = generate_clips(model, meta, labels, steps=3, guidance_scale=2.0, seed=2)
+    assert a.shape == (3, 3, 2, 8, 8) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # one Euler step from sigma 1: x = noise - v(noise, 1)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn((3, 3, 2, 8, 8), generator=g)
+    with torch.no_grad():
+        want = (noise - model(noise, torch.ones(3), labels)).clamp(-1, 1)
+    one = generate_clips(model, meta, labels, steps=1, seed=1)
+    torch.testing.assert_close(one, want, atol=1e-5, rtol=1e-5)

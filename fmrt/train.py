@@ -356,6 +356,26 @@ def load_model(path: str, *, device: Optional[torch.device] = None,
     return model, meta
 
 
+def _meanflow_from_flow_model(base: nn.Module, path: str) -> nn.Module:
+    """A MeanFlow DiT that starts as the flow-matching DiT `base`: every weight copied, the new
+    h-embedding MLP (`time_embedding_h`) with its first Linear at the usual init and its last
+    Linear at zero, so it adds nothing at first (u(z, r, t) = v(z, t)) yet gets gradients."""
+    from fmrt.models import DiT
+    cfg = dataclasses.replace(base.config, meanflow=True)
+    torch.manual_seed(_mix(0x3EA9F10, 1))
+    model = DiT(cfg)
+    state = dict(base.state_dict())
+    for k, v in model.state_dict().items():
+        if k.startswith("time_embedding_h."):
+            state[k] = v
+    _load_state(model, state, path)
+    with torch.no_grad():
+        last = model.time_embedding_h[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+    return model.to(dtype=next(base.parameters()).dtype)
+
+
 def _load_state(model: nn.Module, state: dict, path: str) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -650,10 +670,11 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
         base, meta = load_model(config.init)
         if meta["model"] != mcfg.to_dict():
             from fmrt.models import DiTConfig
-            mcfg = DiTConfig.from_dict(meta["model"])
-            if config.objective == "meanflow" and not mcfg.meanflow:
-                raise ValueError(f"{config.init}: not a MeanFlow model; MeanFlow fine-tuning "
-                                 "needs one")
+            base_cfg = DiTConfig.from_dict(meta["model"])
+            if config.objective == "meanflow" and not base_cfg.meanflow:
+                base = _meanflow_from_flow_model(base, config.init)
+                base_cfg = base.config
+            mcfg = base_cfg
         model = base.train().requires_grad_(True)
     if config.lora_rank:
         model = apply_lora(model, config.lora_rank, config.lora_alpha)

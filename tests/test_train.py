@@ -180,3 +180,26 @@ def test_meanflow_objective_trains_and_samples_in_one_step(tmp_path):
     with torch.no_grad():
         want = z1 - model(z1, torch.ones(2), labels, r=torch.zeros(2))
     torch.testing.assert_close(one, want, atol=1e-5, rtol=1e-5)
+
+
+def test_meanflow_init_from_flow_model_starts_as_that_model(tmp_path):
+    # a flow-matching checkpoint fine-tuned with the MeanFlow objective: the new h-embedding's
+    # last Linear starts at zero, so at step 0 u(z, r, t) == v(z, t) for any r; it then trains
+    base = train(tiny_config(tmp_path / "fm", steps=1))
+    fm, _ = load_model(base["model_path"])
+    from fmrt.train import _meanflow_from_flow_model
+    mf = _meanflow_from_flow_model(fm, base["model_path"]).eval()
+    assert mf.config.meanflow and not fm.config.meanflow
+    x, t, r, y = torch.randn(2, 3, 2, 8, 8), torch.tensor([0.9, 0.6]), torch.tensor([0.1, 0.6]), \
+        torch.tensor([1, 6])
+    with torch.no_grad():
+        assert torch.equal(mf(x, t, y, r=r), fm(x, t, y))
+    out = train(tiny_config(tmp_path / "mf", steps=2, objective="meanflow", lr=1e-2,
+                            ema_decay=0.0, init=base["model_path"]))
+    tuned, meta = load_model(out["model_path"])
+    assert tuned.config.meanflow and meta["model"]["meanflow"]
+    h = tuned.time_embedding_h[-1].weight
+    assert h.abs().sum() > 0             # the new MLP received gradients
+    # ... and the other (non-meanflow) config fields are the base model's
+    assert {k: v for k, v in meta["model"].items() if k != "meanflow"} == \
+        {k: v for k, v in fm.config.to_dict().items() if k != "meanflow"}

@@ -457,8 +457,6 @@ def cmd_reflow(args: argparse.Namespace) -> int:
     """Reflow couplings (SPEC 5) with `fmrt.reflow.make_couplings`: noise from --seed, the
     model's samples from exactly that noise (the checkpoint's grid, --solver, --steps,
     --guidance-scale), the class labels as `cond`; `fmrt train --couplings` reads them."""
-    import torch
-
     from fmrt.eval import generate_clips
     from fmrt.reflow import make_couplings, save_couplings
     _check_writable_file(args.out)

@@ -211,10 +211,11 @@ def generate_clips(model, meta: dict, labels: Tensor, *, steps: int = 20, solver
     uncond = torch.full_like(labels, int(model.config.num_classes))
     dt = dtype or next(model.parameters()).dtype
     from fmrt import sampling
-    net = model
     if solver == "meanflow":
         def net(z, r, t, c):   # the sampler's u(z, r, t) convention -> the DiT's
             return model(z, t, c, r=r)
+    else:
+        net = model
     x = sampling.sample(net, noise.to(dt), sigmas=sigmas, solver=solver,
                         guidance_scale=guidance_scale, cond=labels,
                         uncond=uncond if guidance_scale != 1.0 else None, seed=seed,

@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fmrt import reference as ref
+from fmrt import ops, reference as ref
 
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -148,22 +148,7 @@ def resolve_backend(backend: str, q: Tensor) -> str:
 
 
 def _check_qkv(q, k, v, scale) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.ndim != 4:
-            raise ValueError(f"{name} must be [B, S, H, D], got shape {tuple(t.shape)}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in B, S, H")
-    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H, D")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    ops.check_qkv(q, k, v)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
 

@@ -57,6 +57,31 @@ def check_first_frame(first_frame, x: Tensor, x_name: str) -> None:
         raise ValueError("first_frame needs at least 2 latent frames (frame 0 is pinned)")
 
 
+def check_qkv(q, k, v, *, dtypes: Optional[Sequence[torch.dtype]] = None) -> None:
+    """Attention inputs `[B, S, H, D]`: floating tensors (of `dtypes` when given) of one dtype
+    and device; k and v agree in B, S_k, H; q and k in B, H, D (S_q may differ from S_k)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if dtypes is not None:
+            check_float_tensor(name, t, dtypes=dtypes)
+        elif not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        elif not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be [B, S, H, D], got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in B, S, H")
+    B, _, H, D = q.shape
+    if k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
+        raise ValueError(f"k must be [B={B}, S_k, H={H}, D={D}]: q {tuple(q.shape)} and k "
+                         f"must agree in B, H, D, got {tuple(k.shape)}")
+
+
 def check_sigma(name: str, sigma, x: Tensor, *, per_sample_only: bool = False) -> None:
     """A float in [0, 1], a 0-d tensor, a `[B]` tensor, or (unless per_sample_only) a tensor
     broadcastable to x. Tensor values are not read back to the host."""
@@ -748,20 +773,9 @@ FLASH_MAX_HEAD_DIM = 256
 
 def _check_flash_args(q, k, v, scale, key_padding_mask, mask) -> Optional[float]:
     """All flash_attention argument checks; returns the scale as a float (None: 1/sqrt(D))."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float_tensor(name, t)
-        if t.ndim != 4:
-            raise ValueError(f"{name} must be [B, S, H, D], got shape {tuple(t.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    check_qkv(q, k, v, dtypes=FLOAT_DTYPES)
     check_same("v", v, "k", k)
     B, S_q, H, D = q.shape
-    if k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
-        raise ValueError(f"k must be [B={B}, S_k, H={H}, D={D}] to match q {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)}")
     if not 1 <= D <= FLASH_MAX_HEAD_DIM:
         raise ValueError(f"head dim D must lie in [1, {FLASH_MAX_HEAD_DIM}], got {D}")
     S_k = k.shape[1]

@@ -230,7 +230,7 @@ def test_attention_bad_input():
         attention(q[..., :8], k, v)
     with pytest.raises(ValueError, match="B, S, H"):
         attention(q, k, v[:, :3])
-    with pytest.raises(TypeError, match="v must have q's dtype"):
+    with pytest.raises(TypeError, match="v must have the dtype of q"):
         attention(q, k, v.double())
     with pytest.raises(TypeError, match="q must be a floating"):
         attention(q.long(), k, v)

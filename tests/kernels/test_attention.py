@@ -291,7 +291,7 @@ BAD = [
     (dict(q=torch.ones(1, 5, 2, 8, dtype=torch.int32)), TypeError, "q must have dtype"),
     (dict(k=torch.randn(1, 7, 2, 8).half()), TypeError, "k must have the dtype of q"),
     (dict(q=torch.randn(5, 2, 8)), ValueError, r"q must be \[B, S, H, D\]"),
-    (dict(v=torch.randn(1, 6, 2, 8)), ValueError, "v must have the shape of k"),
+    (dict(v=torch.randn(1, 6, 2, 8)), ValueError, "and v .* must agree in B, S, H"),
     (dict(k=torch.randn(1, 7, 3, 8), v=torch.randn(1, 7, 3, 8)), ValueError, "k must be"),
     (dict(q=torch.randn(1, 5, 2, 300), k=torch.randn(1, 7, 2, 300), v=torch.randn(1, 7, 2, 300)),
      ValueError, "head dim"),

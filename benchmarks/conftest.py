@@ -54,6 +54,14 @@ def copy_bandwidth_gbps() -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
 def maybe_skip_provider(provider: str) -> None:
     if provider == "compile" and not CUDA:
         pytest.skip("torch.compile provider runs on CUDA only (CPU compile time is not useful)")
@@ -86,7 +94,8 @@ def run_bench(benchmark, fn: Callable, *, op: str, case: str, dtype: torch.dtype
     benchmark.pedantic(timed, rounds=20 if CUDA else 1, iterations=1, warmup_rounds=0)
     info = benchmark.extra_info
     info.update(op=op, case=case, dtype=dtype_name(dtype), provider=provider, bytes=int(nbytes),
-                device=device_name(), **extra)
+                device=device_name(), torch_version=torch.__version__,
+                triton_version=_triton_version(), **extra)
     stats = getattr(benchmark, "stats", None)
     mean = None
     if stats is not None:

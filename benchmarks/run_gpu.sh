@@ -22,3 +22,5 @@ sel=()
 python -m pytest -q -m gpu tests "${sel[@]}" 2>&1 | tee "$out/${gpu}_gpu_tests.txt"
 python -m pytest -q benchmarks --benchmark-enable --benchmark-json="$out/${gpu}.json" \
     "${sel[@]}" 2>&1 | tail -n 40 | tee "$out/${gpu}_bench_tail.txt"
+python benchmarks/report.py "$out/${gpu}.json" > "$out/${gpu}_report.md"
+python benchmarks/meanflow_cost.py --device cuda --json "$out/${gpu}_meanflow_cost.json" | tail -n 5

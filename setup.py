@@ -32,6 +32,7 @@ setup(
             "diffusers>=0.32",
             "matplotlib>=3.7",
             "peft>=0.12",
+            "transformers>=4.45",  # the tiny WanPipeline of the `fmrt sample --diffusers` tests
         ],
         "plot": ["matplotlib>=3.7"],
         "lora": ["peft>=0.12"],

@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance-scale", type=_float(0.0), default=None,
                    help="classifier-free guidance scale (1 = none; default: the "
                         "checkpoint's recommended)")
-    s.add_argument("--num", type=_int_at_least(1), default=12, help="number of clips")
+    s.add_argument("--num", type=_int_at_least(1), default=None,
+                   help="number of clips (default 12; with --diffusers: videos per prompt, 1)")
     s.add_argument("--class", dest="label", type=_class_label, default=None,
                    help="class index or name (default: cycle through the classes)")
     s.add_argument("--out", default="fmrt_samples.png", help="PNG grid to write")
@@ -156,6 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write an animated GIF of the clips (default: --out with .gif)")
     s.add_argument("--diagnostics", default=None, metavar="PATH",
                    help="write the CFG diagnostics plot of seed 000 (needs guidance != 1)")
+    d = s.add_argument_group(
+        "diffusers pipeline", "with --diffusers PATH, sample a local diffusers Wan pipeline "
+        "folder (WanPipeline.save_pretrained layout) with fmrt's attention processors "
+        "(accelerate_wan) and fmrt's fused Euler scheduler; --steps (default 50), "
+        "--guidance-scale (default 5), --seed, --shift, --device, --dtype and --num apply; "
+        "--out may end in .png (frame grid), .gif, .npy (float frames [N, F, H, W, 3]) or .mp4")
+    d.add_argument("--diffusers", default=None, metavar="PATH",
+                   help="a local diffusers Wan pipeline folder (has model_index.json)")
+    d.add_argument("--prompt", default=None, help="text prompt (required with --diffusers)")
+    d.add_argument("--negative-prompt", default=None)
+    d.add_argument("--height", type=_int_at_least(1), default=480)
+    d.add_argument("--width", type=_int_at_least(1), default=832)
+    d.add_argument("--frames", type=_int_at_least(1), default=81, help="video frames (4k + 1)")
+    d.add_argument("--scheduler", default="auto", choices=("auto", "fmrt", "pipeline"),
+                   help="auto: fmrt's FlowMatchEulerDiscreteScheduler in place of diffusers' "
+                        "one (other schedulers are kept); fmrt: always, built from the "
+                        "pipeline's scheduler config; pipeline: keep the pipeline's")
+    d.add_argument("--attention-backend", default="auto",
+                   help="fmrt.attention backend of the accelerated attention")
+    d.add_argument("--no-accelerate", action="store_true",
+                   help="run the pipeline untouched (stock diffusers, for comparison)")
     s.set_defaults(func=cmd_sample)
 
     # -- train --------------------------------------------------------------------------------
@@ -280,23 +302,26 @@ def _labels(args, num_classes: int, n: int):
     return torch.arange(n) % num_classes
 
 
-def save_grid_png(clips, labels, path: str, *, scale: int = 4) -> None:
-    """Clips `[N, 3, T, H, W]` in [-1, 1] -> a PNG: one row per clip (its class name on the
-    left), one column per frame."""
+def class_names(labels) -> list[str]:
+    from fmrt.data import CLASS_NAMES
+    return [CLASS_NAMES[int(v)] if 0 <= int(v) < len(CLASS_NAMES) else str(int(v)) for v in labels]
+
+
+def save_grid_png(clips, names: Sequence[str], path: str, *, scale: int = 4) -> None:
+    """Clips `[N, 3, T, H, W]` in [-1, 1] -> a PNG: one row per clip (`names[n]` on the left,
+    if any), one column per frame."""
     from PIL import Image, ImageDraw
 
-    from fmrt.data import CLASS_NAMES
     x = ((clips.float().clamp(-1, 1) + 1) * 127.5).round().byte()
     N, C, T, H, W = x.shape
-    gap, left = 2, 100
+    gap, left = 2, (100 if any(names) else 0)
     cw, ch = W * scale, H * scale
     img = Image.new("RGB", (left + T * (cw + gap), N * (ch + gap) + gap), (48, 48, 48))
     draw = ImageDraw.Draw(img)
     for n in range(N):
         y0 = gap + n * (ch + gap)
-        lab = int(labels[n])
-        name = CLASS_NAMES[lab] if 0 <= lab < len(CLASS_NAMES) else str(lab)
-        draw.text((4, y0 + ch // 2 - 5), name, fill=(220, 220, 220))
+        if left:
+            draw.text((4, y0 + ch // 2 - 5), names[n], fill=(220, 220, 220))
         for f in range(T):
             fr = Image.fromarray(x[n, :, f].permute(1, 2, 0).numpy(), "RGB")
             img.paste(fr.resize((cw, ch), Image.NEAREST), (left + f * (cw + gap), y0))
@@ -336,6 +361,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from fmrt.eval import generate_clips
+    if args.diffusers is not None:
+        return sample_diffusers(args)
+    for flag, given in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
+                        ("--no-accelerate", args.no_accelerate)):
+        if given:
+            raise CLIError(f"{flag} applies to --diffusers PATH only")
+    args.num = args.num or 12
     _check_writable_file(args.out)
     gif = None
     if args.gif is not None:
@@ -363,7 +395,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         clips = generate_clips(model, meta, labels, steps=steps, solver=args.solver,
                                guidance_scale=scale, seed=args.seed, shift=args.shift,
                                device=device, dtype=_dtype(args.dtype), recorder=recorder)
-    save_grid_png(clips.cpu(), labels, args.out)
+    save_grid_png(clips.cpu(), class_names(labels), args.out)
     msg = [f"wrote {args.out}"]
     if gif:
         save_gif(clips.cpu(), gif)
@@ -377,6 +409,98 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print(f"{', '.join(msg)}  ({args.num} clips {tuple(clips.shape[1:])}, {args.solver} "
           f"{steps} steps, guidance {scale:g}, seed {args.seed}, {time.time() - t0:.1f}s)")
     return 0
+
+
+VIDEO_SUFFIXES = (".png", ".gif", ".npy", ".mp4")
+
+
+def sample_diffusers(args: argparse.Namespace) -> int:
+    """`fmrt sample --diffusers PATH`: a local diffusers Wan pipeline, accelerated by fmrt."""
+    import torch
+    suffix = os.path.splitext(args.out)[1].lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise CLIError(f"--out must end in one of {', '.join(VIDEO_SUFFIXES)}, got {args.out}")
+    for flag, given in (("--checkpoint", args.checkpoint != DEFAULT_CHECKPOINT),
+                        ("--solver", args.solver != "euler"), ("--class", args.label is not None),
+                        ("--gif", args.gif is not None), ("--diagnostics", args.diagnostics)):
+        if given:
+            raise CLIError(f"{flag} does not apply to --diffusers (the pipeline's own model and "
+                           f"Euler / scheduler loop run)")
+    if not args.prompt:
+        raise CLIError("--diffusers needs --prompt")
+    if not os.path.isfile(os.path.join(args.diffusers, "model_index.json")):
+        raise CLIError(f"{args.diffusers}: not a diffusers pipeline folder (no model_index.json)")
+    _check_writable_file(args.out)
+    t0 = time.time()
+    device, dtype = _device(args.device), _dtype(args.dtype)
+    try:
+        from diffusers import DiffusionPipeline
+        from diffusers import FlowMatchEulerDiscreteScheduler as DiffusersEuler
+    except ImportError as e:
+        raise CLIError(f"--diffusers needs diffusers installed ({e})") from None
+    import warnings
+    with warnings.catch_warnings():  # newer diffusers prefer dtype=, older know only torch_dtype=
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(args.diffusers, torch_dtype=dtype).to(device)
+    what = ["stock diffusers"]
+    if not args.no_accelerate:
+        from fmrt.integrations.diffusers import FlowMatchEulerDiscreteScheduler, accelerate_wan
+        n = accelerate_wan(pipe, backend=args.attention_backend)
+        what = [f"fmrt attention on {n} modules"]
+        sched = pipe.scheduler
+        if args.scheduler == "fmrt" or (args.scheduler == "auto" and type(sched) is DiffusersEuler):
+            cfg = dict(sched.config)
+            if "shift" not in cfg and "flow_shift" in cfg:  # UniPC-style flow config
+                cfg["shift"] = cfg["flow_shift"]
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+            what.append("fmrt Euler scheduler")
+        else:
+            what.append(f"the pipeline's {type(sched).__name__}")
+    if args.shift is not None:
+        keys = [k for k in ("shift", "flow_shift") if k in pipe.scheduler.config]
+        if not keys:
+            raise CLIError(f"--shift: the pipeline's {type(pipe.scheduler).__name__} has no shift")
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config,
+                                                          **{k: args.shift for k in keys})
+    steps = args.steps or 50
+    scale = 5.0 if args.guidance_scale is None else args.guidance_scale
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    out = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
+               width=args.width, num_frames=args.frames, num_inference_steps=steps,
+               guidance_scale=scale, num_videos_per_prompt=args.num or 1, generator=gen,
+               output_type="np")
+    frames = out.frames  # [N, F, H, W, 3] in [0, 1]
+    save_video(frames, args.out)
+    print(f"wrote {args.out}  ({tuple(frames.shape)} frames, {', '.join(what)}, {steps} steps, "
+          f"guidance {scale:g}, seed {args.seed}, {time.time() - t0:.1f}s)")
+    return 0
+
+
+def save_video(frames, path: str, *, fps: int = 16) -> None:
+    """Videos `[N, F, H, W, 3]` (numpy, [0, 1]) -> `.npy` as they are, `.png` frame grid (a row
+    per video), `.gif` (videos tiled) or `.mp4` (the first video; needs imageio or OpenCV)."""
+    import numpy as np
+    import torch
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".npy":
+        tmp = f"{path}.tmp{os.getpid()}.npy"
+        np.save(tmp, np.asarray(frames, dtype=np.float32))
+        os.replace(tmp, path)
+        return
+    if suffix == ".mp4":
+        from diffusers.utils import export_to_video
+        try:
+            export_to_video(list(frames[0]), path, fps=fps)
+        except ImportError as e:
+            raise CLIError(f"writing .mp4 needs imageio[ffmpeg] or opencv-python ({e}); "
+                           f"use .gif, .png or .npy") from None
+        return
+    clips = torch.from_numpy(np.asarray(frames, dtype=np.float32)).permute(0, 4, 1, 2, 3) * 2 - 1
+    scale = max(1, 128 // max(clips.shape[-2:]))
+    if suffix == ".png":
+        save_grid_png(clips, [""] * clips.shape[0], path, scale=scale)
+    else:
+        save_gif(clips, path, scale=scale, ms=1000 // fps)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -151,3 +151,44 @@ def test_dit_step(benchmark, case, provider):
               gradient_checkpointing=bool(CUDA and case == "train_step"))
     if CUDA:
         torch.cuda.empty_cache()
+
+
+# MeanFlow against flow matching (issue 7's goal: a MeanFlow training step <= 2.5x a
+# flow-matching step on the same DiT). Fewer frames than above on CUDA (JVP keeps tangents of
+# every activation and runs without gradient checkpointing): 3 latent frames, 4680 tokens.
+MF_LATENT = (1, 16, 3, 60, 104) if CUDA else LATENT
+
+
+def _objective_fn(objective: str):
+    from fmrt import FlowMatchScheduler
+    from fmrt.losses import meanflow_loss, sft_loss
+    from fmrt.models import DiT, DiTConfig
+    torch.manual_seed(0)
+    cfg = DiTConfig.preset(PRESET, **OVERRIDES, meanflow=objective == "meanflow")
+    model = DiT(cfg).to(DEVICE, DTYPE).train()
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x0 = torch.randn(MF_LATENT, generator=g, device=DEVICE).to(DTYPE)
+    ctx = torch.randn((MF_LATENT[0], TEXT_LEN, cfg.text_dim), generator=g, device=DEVICE).to(DTYPE)
+    sched = FlowMatchScheduler("Wan")
+    sched.set_timesteps(1000, training=True)
+
+    def step():
+        if objective == "meanflow":
+            loss = meanflow_loss(lambda z, r, t, c=None: model(z, t, c, r=r), x0, cond=ctx,
+                                 uncond=torch.zeros_like(ctx), cond_drop_prob=0.1, generator=g)
+        else:
+            loss = sft_loss(model, x0, ctx, scheduler=sched, generator=g)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step, _weight_bytes(model)
+
+
+@pytest.mark.parametrize("objective", ["flow_matching", "meanflow"])
+def test_meanflow_step(benchmark, objective):
+    fn, nbytes = _objective_fn(objective)
+    run_bench(benchmark, fn, op="meanflow_step",
+              case=f"train_step:{PRESET}:{'x'.join(map(str, MF_LATENT))}", dtype=DTYPE,
+              provider=objective, nbytes=nbytes, warmup=2,
+              tokens=MF_LATENT[2] * (MF_LATENT[3] // 2) * (MF_LATENT[4] // 2))
+    if CUDA:
+        torch.cuda.empty_cache()

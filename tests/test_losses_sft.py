@@ -7,9 +7,8 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fmrt import ops, reference as ref, use_backend
+from fmrt import reference as ref, use_backend
 from fmrt.losses import sft_loss
 from fmrt.schedule import FlowMatchScheduler
 from tests.helpers import assert_close

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fmrt import ops, reference as ref, use_backend
+from fmrt import use_backend
 from fmrt.sampling import (CapturedSampler, DiagnosticsRecorder, default_sigma_grid,
                            plot_diagnostics, sample, unipc_orders)
 from tests.helpers import assert_close

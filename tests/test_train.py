@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fmrt.data import ShapesVideo
-from fmrt.train import (EMA, NonFiniteLossError, TrainConfig, apply_lora, list_checkpoints,
-                        load_model, lora_targets, merged_state_dict, train)
+from fmrt.train import (EMA, NonFiniteLossError, TrainConfig, list_checkpoints,
+                        load_model, lora_targets, train)
 
 TINY = dict(dim=32, num_layers=1, num_heads=2, ffn_dim=64, freq_dim=32, class_tokens=1)
 
@@ -145,7 +145,7 @@ def test_bad_config(tmp_path, bad):
 
 
 def test_load_model_errors(tmp_path):
-    out = train(tiny_config(tmp_path / "a", steps=1))
+    train(tiny_config(tmp_path / "a", steps=1))
     with pytest.raises(FileNotFoundError):
         load_model(str(tmp_path / "none.safetensors"))
     bad = tmp_path / "bad.safetensors"

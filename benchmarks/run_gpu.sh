@@ -7,8 +7,13 @@
 # (no network there), the script lays the package out in a scratch copy where `kernels/` sits
 # at `fmrt/kernels`, exactly as setup.py installs it, and runs pytest there.
 #   device run:  bash benchmarks/run_gpu.sh [pytest -k expression]
+#   with the wheels of benchmarks/gpu_wheels.sh: device run with carry [".whl"]
 set -uo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
+if ls "$src"/.whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$src"/.whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 out=${OUT:-$src/benchmarks/results}
 mkdir -p "$out"
 work=$(mktemp -d)

@@ -555,6 +555,31 @@ def _drop_cond(cond, p: float, null_class: Optional[int], gen: torch.Generator):
     return cond * (~drop).view(-1, *([1] * (cond.ndim - 1))).to(cond.dtype)
 
 
+def _broadcast_module(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers to every rank (what DDP does when it wraps a model)."""
+    import torch.distributed as dist
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def _average_grads(params: list, world: int) -> None:
+    """All-reduce the gradients (one flat buffer per dtype) and divide by the world size, as
+    DDP does; a parameter without a gradient on this rank takes part as zeros."""
+    import torch.distributed as dist
+    by_dtype: dict = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
 def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, config: TrainConfig,
                  gen: torch.Generator, null_class: Optional[int] = None) -> Tensor:
     """The scalar training loss of one batch: `fmrt.losses.sft_loss` (noise drawn in the
@@ -689,9 +714,15 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
         fully_shard(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
+    elif di.world > 1 and config.objective == "meanflow":
+        # torch.func.jvp cannot run through DDP's forward (its reducer touches the storage of
+        # functorch's dual tensors): data parallel by hand, rank 0's weights to every rank and
+        # gradients averaged after each backward (_average_grads)
+        _broadcast_module(model)
     elif di.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    manual_dp = di.world > 1 and not fsdp and config.objective == "meanflow"
 
     opt = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas),
                             weight_decay=config.weight_decay)
@@ -797,6 +828,8 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
                 f"try a lower --lr or --grad-clip")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if manual_dp:
+            _average_grads(params, di.world)
         gnorm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
         gnorm = float(_local(gnorm))
         if not math.isfinite(gnorm):

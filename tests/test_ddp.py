@@ -15,7 +15,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool, objective: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -23,7 +23,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool) -> None:
     from fmrt.train import _Batches, make_dataset, train
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        cfg = tiny_config(out_dir, steps=3, checkpoint_every=2, fsdp=fsdp)
+        cfg = tiny_config(out_dir, steps=3, checkpoint_every=2, fsdp=fsdp, objective=objective)
         out = train(cfg)
         model = out["model"]
         state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
@@ -36,9 +36,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_process_replicas_stay_identical(tmp_path, fsdp):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), fsdp), nprocs=2, join=True)
+@pytest.mark.parametrize("fsdp, objective", [(False, "sft"), (True, "sft"), (False, "meanflow"), (True, "meanflow")],
+                         ids=["ddp", "fsdp2", "ddp_meanflow", "fsdp2_meanflow"])
+def test_two_process_replicas_stay_identical(tmp_path, fsdp, objective):
+    """MeanFlow too: its loss runs torch.func.jvp through the DDP-wrapped model."""
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), fsdp, objective), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     assert set(r0["indices"]).isdisjoint(r1["indices"])       # different data per rank

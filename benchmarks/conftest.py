@@ -79,8 +79,9 @@ def make_provider_fn(provider: str, fmrt_fn: Callable, eager_fn: Callable) -> Ca
 
 
 def run_bench(benchmark, fn: Callable, *, op: str, case: str, dtype: torch.dtype, provider: str,
-              nbytes: int, warmup: int = 3, **extra) -> None:
-    """Time `fn()` (device synchronised inside the timed call) and record extra_info."""
+              nbytes: int, warmup: int = 3, rounds: int = 20, **extra) -> None:
+    """Time `fn()` (device synchronised inside the timed call; `rounds` timed calls on CUDA,
+    one on a CPU) and record extra_info."""
     def timed():
         out = fn()
         sync()
@@ -91,7 +92,7 @@ def run_bench(benchmark, fn: Callable, *, op: str, case: str, dtype: torch.dtype
             timed()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    benchmark.pedantic(timed, rounds=20 if CUDA else 1, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(timed, rounds=rounds if CUDA else 1, iterations=1, warmup_rounds=0)
     info = benchmark.extra_info
     info.update(op=op, case=case, dtype=dtype_name(dtype), provider=provider, bytes=int(nbytes),
                 device=device_name(), torch_version=torch.__version__,

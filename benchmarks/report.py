@@ -1,7 +1,7 @@
 """Turn a pytest-benchmark JSON of this suite into the README's performance tables.
 
-    python benchmarks/report.py benchmarks/results/NVIDIA_H100_80GB_HBM3.json            # print
-    python benchmarks/report.py benchmarks/results/NVIDIA_H100_80GB_HBM3.json --readme README.md
+    python benchmarks/report.py benchmarks/results/H100_ops.json H100_models.json    # print
+    python benchmarks/report.py benchmarks/results/H100_*.json --readme README.md
 
 The first table has one row per (op, case, dtype): each provider's median time, fmrt's GB/s and %
 of the copy bandwidth measured in the same run, and fmrt's speed-up over every other provider.
@@ -215,12 +215,19 @@ def goals_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def report(path: str | Path, command: str) -> str:
-    header, rows = load(path)
-    devices = ", ".join(header["devices"]) or "?"
+def report(paths, command: str) -> str:
+    """The markdown of one or more JSON files (e.g. the phases of benchmarks/run_gpu.sh)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    rows, devices, runs = [], set(), []
+    for path in paths:
+        header, part = load(path)
+        rows += part
+        devices.update(header["devices"])
+        runs.append(f"`{Path(path).name}` ({header['datetime']}, commit "
+                    f"`{header['commit'][:10]}`, torch {header['torch']}, "
+                    f"triton {header['triton']})")
     return "\n".join([
-        f"Device: **{devices}**; run {header['datetime']} (commit `{header['commit'][:10]}`); "
-        f"`{Path(path).as_posix()}`.",
+        f"Device: **{', '.join(sorted(devices)) or '?'}**. Runs: {'; '.join(runs)}.",
         f"Reproduce: `{command}`.",
         "",
         results_table(rows),
@@ -243,9 +250,10 @@ def write_readme(readme: str | Path, text: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", help="pytest-benchmark JSON (--benchmark-json) of this suite")
+    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json) files")
     ap.add_argument("--readme", help="rewrite this file's bench:start/end block instead of printing")
-    ap.add_argument("--command", default="bash benchmarks/run_gpu.sh  # on the GPU machine",
+    ap.add_argument("--command", default="bash benchmarks/run_gpu.sh ops; bash benchmarks/"
+                    "run_gpu.sh models  (on the GPU machine, after benchmarks/gpu_wheels.sh)",
                     help="the command that reproduces the JSON, quoted in the report")
     args = ap.parse_args(argv)
     text = report(args.json, args.command)

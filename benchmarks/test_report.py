@@ -54,7 +54,7 @@ def test_goal_verdicts(tmp_path):
     assert v["qk_norm_rope fwd+bwd >= 5x eager (diffusers' math)"] == ("not measured", "")
 
     text = report.report(p, "bash benchmarks/run_gpu.sh")
-    assert "Device: **GPU X**" in text and "abc123def0" in text
+    assert "Device: **GPU X**" in text and "abc123def0" in text and "torch 2.11" in text
     assert "| add_noise | wan1.3b | bfloat16 | 100.0 | fmrt 1.000, eager 4.000, compile 1.100 " \
            "| 105 | 92 | 4.00x vs eager, 1.10x vs compile |" in text
 
@@ -85,3 +85,21 @@ def test_report_on_a_real_run(tmp_path):
     assert "| add_noise | wan_tiny | float32 |" in text and "x vs eager" in text
     # tiny CPU shapes never satisfy a >= 64 MB goal: they are reported as not measured
     assert "| #3 | add_noise >= 90% of copy BW at >= 64 MB | not measured | - |" in text
+
+
+def test_several_files_merge(tmp_path):
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    pa = _write(a, [_bench("dit", "cfg_sample_step:x", "fmrt", 1.0),
+                    _bench("dit", "cfg_sample_step:x", "diffusers", 1.3)])
+    pb = _write(b, [_bench("meanflow_step", "train_step:x", "flow_matching", 1.0),
+                    _bench("meanflow_step", "train_step:x", "meanflow", 2.6)])
+    text = report.report([pa, pb], "cmd")
+    assert text.count("`r.json`") == 2
+    _, rows_a = report.load(pa)
+    _, rows_b = report.load(pb)
+    v = {g.text: s for g, s, _ in report.check_goals(rows_a + rows_b)}
+    assert v["DiT CFG sampling step >= 1.15x diffusers"] == "met"
+    assert v["MeanFlow training step <= 2.5x a flow-matching step"] == "short"
+    assert v["DiT training step >= 1.1x diffusers"] == "not measured"

@@ -343,8 +343,10 @@ def _config(q: torch.Tensor, kind: str):
         "dkdv": ((64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 8, 1)),
         "dq": ((64, 64, 4, 2), (64, 64, 8, 2), (32, 32, 8, 1)),
     }[kind][i]
-    if f32:  # fp32 tiles take twice the registers and shared memory
-        bm, bn, w = min(bm, 64), min(bn, 32), 8
+    if f32:  # fp32 tiles take twice the registers and shared memory: the jvp's at D = 128
+        # would need 260 KB of shared memory with BLOCK_N 32 (the H100 has 227 KB per block;
+        # checked with benchmarks/aot_compile.py)
+        bm, bn, w = min(bm, 64), min(bn, 16 if kind == "jvp" and BD >= 128 else 32), 8
     return bm, bn, BD, w, st, f32, prec
 
 

@@ -19,9 +19,12 @@ from fmrt.reference import NOISE_Q
 def _load_sigma(ptr, scalar, stride, b, IS_TENSOR: tl.constexpr):
     """sigma for the batch indices `b`: from a 0-d / [B] tensor (element b * stride; stride 0
     broadcasts one value), or the scalar argument."""
+    # if / else, not an early return: Triton compiles the code after a constexpr-true `if` that
+    # returns too, and a block-shaped load would then clash with the scalar's return type
     if IS_TENSOR:
         return tl.load(ptr + b * stride).to(tl.float32)
-    return scalar
+    else:
+        return scalar
 
 
 @triton.jit

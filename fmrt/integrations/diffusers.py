@@ -15,7 +15,7 @@ patches nothing. The processor computes
 - the I2V image branch (`add_k_proj`): the context split as diffusers does (image tokens first,
   the last 512 text), image keys through `norm_added_k`, a second attention, summed.
 It hands to diffusers' `WanAttnProcessor` only what it cannot compute: an attention mask, context
-parallelism (self-attention), a rotary table that is not one `[S, D]` table for all batch items,
+parallelism (self-attention), float64 activations, a rotary table that is not one `[S, D]` table for all batch items,
 an I2V context of 512 tokens or fewer, a context given together with a rotary table or to a
 fused self-attention module, a module it does not support. `fmrt_calls` / `fallback_calls` on each processor count eager calls.
 """
@@ -120,7 +120,8 @@ class FmrtWanAttnProcessor:
         args = (attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         is_self = encoder_hidden_states is None
         fused = getattr(attn, "fused_projections", False)
-        if (attention_mask is not None or _unsupported(attn) is not None
+        if (attention_mask is not None or hidden_states.dtype not in ops.FLOAT_DTYPES
+                or _unsupported(attn) is not None
                 or (is_self and self._parallel_config is not None)
                 or (not is_self and (rotary_emb is not None
                                      or (fused and not attn.is_cross_attention)))):

@@ -3,6 +3,7 @@ tiny random WanTransformer3DModels (head dims 12, 24, 32; T2V and I2V) give the 
 output and parameter gradients with FmrtWanAttnProcessor on every attention module (torch
 reference and, under the Triton interpreter, fmrt's kernels), the fmrt path (not the fallback)
 is what ran, restore_wan is exact, and bad input raises before anything is patched."""
+import copy
 import functools
 import types
 
@@ -287,14 +288,43 @@ def test_runtime_fallbacks_give_diffusers_result():
     cases = [(attn1, dict(attention_mask=mask, rotary_emb=(cos, sin))),  # a mask
              (attn1, dict(rotary_emb=(cos.expand(2, -1, -1, -1), sin.expand(2, -1, -1, -1)))),
              (attn2, dict(encoder_hidden_states=ctx))]  # I2V module, context without image
+    attn64 = copy.deepcopy(attn1).double()
+    cases.append((attn64, dict(rotary_emb=(cos, sin))))  # float64 activations
     for i, (attn, kw) in enumerate(cases):
-        torch.testing.assert_close(fm(attn, h, **kw), diff(attn, h, **kw), atol=0, rtol=0)
+        x = h.to(next(attn.parameters()).dtype)
+        torch.testing.assert_close(fm(attn, x, **kw), diff(attn, x, **kw), atol=0, rtol=0)
         assert (fm.fmrt_calls, fm.fallback_calls) == (0, i + 1)
     # and what it does compute, called directly: self-attention without a rotary table
     torch.testing.assert_close(fm(attn1, h), diff(attn1, h), **FP32)
-    assert (fm.fmrt_calls, fm.fallback_calls) == (1, 3)
+    assert (fm.fmrt_calls, fm.fallback_calls) == (1, 4)
     # a module changed after patching: diffusers' result, not a wrong one
     attn1.norm_q = torch.nn.LayerNorm(C, eps=1e-6)
     torch.testing.assert_close(fm(attn1, h, rotary_emb=(cos, sin)),
                                diff(attn1, h, rotary_emb=(cos, sin)), atol=0, rtol=0)
-    assert fm.fallback_calls == 4
+    assert fm.fallback_calls == 5
+
+
+def test_context_parallel_self_attention_goes_to_diffusers():
+    """Under context parallelism (diffusers' enable_parallelism sets `_parallel_config` on the
+    processors; accelerate_wan carries it over) self-attention is diffusers' (it gathers the
+    sharded sequence); cross-attention, which diffusers runs without the config, stays fmrt's."""
+    model = _model(12, 2)
+    marker = object()
+    for p in _processors(model):
+        p._parallel_config = marker
+    accelerate_wan(model)
+    seen = []
+
+    def fake_fallback(attn, *args):
+        seen.append(attn)
+        return W.WanAttnProcessor()(attn, *args)  # the same math without the sharding
+
+    for p in _processors(model):
+        assert p._parallel_config is marker
+        p._fallback = fake_fallback
+    want, _ = _oracle(12, 2)
+    torch.testing.assert_close(_run(model, grad=False)[0], want, **FP32)
+    assert seen == [model.blocks[0].attn1]
+    assert _calls(model) == (1, 1)
+    restore_wan(model)
+    assert all(p._parallel_config is marker for p in _processors(model))

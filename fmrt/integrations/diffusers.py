@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fmrt import ops
-from fmrt.attention import BACKENDS, attention
+from fmrt.attention import BACKENDS, attention, backend_available
 
 from diffusers.models.transformers.transformer_wan import (WanAttention, WanAttnProcessor,
                                                            WanTransformer3DModel)
@@ -75,6 +75,15 @@ def _unsupported(attn: Any) -> Optional[str]:
     return None
 
 
+def _check_backend(backend: Any) -> None:
+    """ValueError unless `backend` is an fmrt attention backend that can run here."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not backend_available(backend):
+        raise ValueError(f"attention backend {backend!r} is not installed here (see "
+                         f"fmrt.attention); use backend='auto'")
+
+
 def _rotary_table(rotary_emb: tuple[Tensor, Tensor], S: int, D: int
                   ) -> Optional[tuple[Tensor, Tensor]]:
     """diffusers' (cos, sin) `[1, S, 1, D]` -> the `[S, D/2]` columns its rotation reads (cos at
@@ -101,8 +110,7 @@ class FmrtWanAttnProcessor:
     _parallel_config = None    # both are forwarded to the fallback
 
     def __init__(self, backend: str = "auto"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        _check_backend(backend)
         self.backend = backend
         self.fmrt_calls = 0
         self.fallback_calls = 0
@@ -221,8 +229,7 @@ def accelerate_wan(model: Any, *, backend: str = "auto") -> int:
     `WanTransformer3DModel`, or a pipeline with `.transformer` (and optional `.transformer_2`).
     Every module is checked first; ValueError naming the modules and what is unsupported, with
     nothing patched, if one cannot be computed exactly. Returns how many modules were set."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_backend(backend)
     modules = _wan_attention_modules(model)
     problems = [f"{name}: {p}" for name, m in modules if (p := _unsupported(m)) is not None]
     if problems:

@@ -265,11 +265,17 @@ def test_unsupported_module_patches_nothing(breaker, match):
     assert FmrtWanAttnProcessor.unsupported(t2.blocks[0].attn2) is None
 
 
-def test_bad_backend():
+def test_bad_backend(monkeypatch):
+    import fmrt.integrations.diffusers as D
+    model = _model(12, 2)
     with pytest.raises(ValueError, match="backend"):
-        accelerate_wan(_model(12, 2), backend="flash")
+        accelerate_wan(model, backend="flash")
     with pytest.raises(ValueError, match="backend"):
         FmrtWanAttnProcessor("cudnn")
+    monkeypatch.setattr(D, "backend_available", lambda name: name != "fa3")
+    with pytest.raises(ValueError, match="'fa3' is not installed"):
+        accelerate_wan(model, backend="fa3")
+    assert all(type(p) is W.WanAttnProcessor for p in _processors(model))
 
 
 def test_runtime_fallbacks_give_diffusers_result():

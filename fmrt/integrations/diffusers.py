@@ -14,10 +14,11 @@ patches nothing. The processor computes
   through the module's own RMSNorms, then `fmrt.attention.attention`;
 - the I2V image branch (`add_k_proj`): the context split as diffusers does (image tokens first,
   the last 512 text), image keys through `norm_added_k`, a second attention, summed.
-It hands to diffusers' `WanAttnProcessor` only what it cannot compute: an attention mask, context
-parallelism (self-attention), float64 activations, a rotary table that is not one `[S, D]` table for all batch items,
-an I2V context of 512 tokens or fewer, a context given together with a rotary table or to a
-fused self-attention module, a module it does not support. `fmrt_calls` / `fallback_calls` on each processor count eager calls.
+It hands to diffusers' `WanAttnProcessor` only what it cannot compute: an attention mask,
+context parallelism (self-attention), float64 activations, a rotary table that is not one
+`[S, D]` table for all batch items, an I2V context of 512 tokens or fewer, a context given
+together with a rotary table or to a fused self-attention module, a module it does not support.
+`fmrt_calls` / `fallback_calls` on each processor count its eager calls of each kind.
 """
 from __future__ import annotations
 
@@ -201,13 +202,14 @@ def _transformers(model: Any) -> list[tuple[str, WanTransformer3DModel]]:
             raise ValueError("the pipeline's .transformer and .transformer_2 are None: no "
                              "WanTransformer3DModel to patch")
     for name, t in found:
+        label = name[:-1] or "model"
         if not isinstance(t, WanTransformer3DModel):
-            raise ValueError(f"{name[:-1] or 'model'} is {type(t).__name__}, not a diffusers "
-                             f"WanTransformer3DModel: accelerate_wan supports Wan transformers only")
+            raise ValueError(f"{label} is {type(t).__name__}, not a diffusers "
+                             f"WanTransformer3DModel (only Wan transformers are supported)")
         tp = getattr(getattr(t, "_parallel_config", None), "tensor_parallel_config", None)
         if tp is not None:
-            raise ValueError(f"{name or 'model '}uses tensor parallelism, which accelerate_wan "
-                             f"does not support")
+            raise ValueError(f"{label} uses tensor parallelism, which accelerate_wan does not "
+                             f"support")
     return found
 
 

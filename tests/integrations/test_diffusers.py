@@ -334,3 +334,14 @@ def test_context_parallel_self_attention_goes_to_diffusers():
     assert _calls(model) == (1, 1)
     restore_wan(model)
     assert all(p._parallel_config is marker for p in _processors(model))
+
+
+def test_tensor_parallel_model_is_refused():
+    model = _model(12, 2)
+    model._parallel_config = types.SimpleNamespace(tensor_parallel_config=object(),
+                                                   context_parallel_config=None)
+    with pytest.raises(ValueError, match="^model uses tensor parallelism"):
+        accelerate_wan(model)
+    with pytest.raises(ValueError, match="^transformer uses tensor parallelism"):
+        accelerate_wan(types.SimpleNamespace(transformer=model))
+    assert all(type(p) is W.WanAttnProcessor for p in _processors(model))

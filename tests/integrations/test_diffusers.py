@@ -345,3 +345,20 @@ def test_tensor_parallel_model_is_refused():
     with pytest.raises(ValueError, match="^transformer uses tensor parallelism"):
         accelerate_wan(types.SimpleNamespace(transformer=model))
     assert all(type(p) is W.WanAttnProcessor for p in _processors(model))
+
+
+def test_real_wan_pipeline_and_gradient_checkpointing():
+    """diffusers' own WanPipeline (no text encoder / VAE needed to hold a transformer), and
+    the patched model under gradient checkpointing (the forward recomputed in backward)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    want, want_grads = _oracle(12, 2)
+    model = _model(12, 2)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                       scheduler=FlowMatchEulerDiscreteScheduler())
+    assert accelerate_wan(pipe) == 2
+    model.enable_gradient_checkpointing()
+    got, got_grads = _run(model)
+    torch.testing.assert_close(got, want, **FP32)
+    _assert_grads(got_grads, want_grads, **FP32)
+    assert _calls(model) == (4, 0)  # two modules, each run again in the backward
+    assert restore_wan(pipe) == 2

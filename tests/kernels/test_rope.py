@@ -55,6 +55,12 @@ def test_one_head_and_padded_head_dim(dtype):
         check_against_reference(ops.qk_norm_rope, _ref, _make(1, (2, 2, 1), 1, 24, dtype, norm))
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_head_dim_12(norm):
+    # D = 12: 6 rotary pairs (not a power of 2), Wan's 3D split 4/4/4; H = 3 (BLOCK_H 4)
+    check_against_reference(ops.qk_norm_rope, _ref, _make(2, (2, 2, 3), 3, 12, torch.float32, norm))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_contiguous_and_half_weights(dtype):
     check_against_reference(ops.qk_norm_rope, _ref,

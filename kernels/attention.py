@@ -346,7 +346,8 @@ def _config(q: torch.Tensor, kind: str):
     if f32:  # fp32 tiles take twice the registers and shared memory: the jvp's at D = 128
         # would need 260 KB of shared memory with BLOCK_N 32 (the H100 has 227 KB per block;
         # checked with benchmarks/aot_compile.py)
-        bm, bn, w = min(bm, 64), min(bn, 16 if kind == "jvp" and BD >= 128 else 32), 8
+        bm = min(bm, 32 if kind == "dkdv" else 64)
+        bn, w = min(bn, 16 if kind == "jvp" and BD >= 128 else 32), 8
     return bm, bn, BD, w, st, f32, prec
 
 

@@ -22,6 +22,7 @@ from fmrt.attention import attention
 
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 import functools
+import numbers
 from typing import Union
 
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
@@ -159,11 +160,13 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
     step is one kernel (`fmrt.ops.euler_step`; `step_cfg`: `fmrt.ops.guided_euler_step`).
     `begin_index` (set by img2img pipelines) skips the lookup. Reading `step_index` after a
     device-side lookup syncs once. Tables are copied once per `set_timesteps` to the sample's
-    device when `set_timesteps` put them elsewhere.
+    device when `set_timesteps` put them elsewhere (the copy is keyed on the `sigmas` and
+    `timesteps` tensors themselves, so a new schedule is picked up whichever way it is set).
 
     Numerics: diffusers computes `sample.float() + dt * model_output` and returns
     `model_output`'s dtype, but its `dt * model_output` is rounded to the model dtype first;
-    fmrt keeps fp32 throughout (bf16 results agree within a bf16 ulp, fp32 to fp32 rounding).
+    fmrt keeps fp32 throughout (bf16 results agree within a bf16 ulp or two of the terms'
+    magnitude `|sample| + |dt model_output|`; fp32 results to fp32 rounding).
     Unsupported (ValueError): `stochastic_sampling=True`, `per_token_timesteps`, more than one
     timestep per step.
     """
@@ -223,10 +226,10 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
     def _step_sigmas(self, timestep, sample: Tensor):
         """(sigma, sigma_next, index) of this step: 0-d float32 tensors on sample's device and
         the step index (int or 0-d device tensor); `_finish` advances it once the step ran."""
-        if isinstance(timestep, bool) or isinstance(timestep, int) or (
+        if isinstance(timestep, numbers.Integral) or (
                 isinstance(timestep, Tensor) and not timestep.is_floating_point()):
             raise ValueError(_INTEGER_TIMESTEP_MSG)
-        if not isinstance(timestep, (float, Tensor)):
+        if not isinstance(timestep, (numbers.Real, Tensor)):
             raise TypeError(f"timestep must be a float or a floating-point tensor, got "
                             f"{type(timestep).__name__}")
         if isinstance(timestep, Tensor) and timestep.numel() != 1:
@@ -301,8 +304,11 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
         ops.check_float_tensor("sample", sample)
         ops.check_float_tensor("noise", noise)
         ops.check_same("noise", noise, "sample", sample, dtype=False)
-        if isinstance(timestep, Tensor) and timestep.ndim > 1:
-            raise ValueError(f"timestep must be 0-d, [1] or [B], got shape {tuple(timestep.shape)}")
+        batch = sample.shape[0] if sample.ndim else 1
+        if isinstance(timestep, Tensor) and timestep.ndim > 0 and (
+                timestep.ndim > 1 or timestep.shape[0] not in (1, batch)):
+            raise ValueError(f"timestep must be 0-d, [1] or [B={batch}], got shape "
+                             f"{tuple(timestep.shape)}")
         sigmas, _ = self._device_tables(sample.device)
         if self.begin_index is None:
             idx = self._lookup(timestep, sample.device)
@@ -310,14 +316,5 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
             idx = self._step_index
         else:
             idx = self.begin_index
-        if isinstance(idx, Tensor):
-            sigma = sigmas.take(idx)
-        else:
-            sigma = sigmas[idx]
-        ops.check_sigma("sigma", sigma, sample, per_sample_only=True)
+        sigma = sigmas.take(idx) if isinstance(idx, Tensor) else sigmas[idx]
         return ops.noised_sample(sample, sigma, noise, None, return_target=False)[0]
-
-    def set_timesteps(self, *args, **kwargs) -> None:
-        """diffusers' `set_timesteps` (same arguments); also drops fmrt's device tables."""
-        super().set_timesteps(*args, **kwargs)
-        self._tables = None

@@ -77,6 +77,18 @@ def test_from_config_same_schedule(name):
     assert torch.equal(f.timesteps, d.timesteps)
 
 
+def test_pipeline_retrieve_timesteps_sees_sigmas_and_timesteps_arguments():
+    # pipelines inspect set_timesteps' signature before passing sigmas= / timesteps=
+    from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+    d, f = pair("flux_dynamic_mu")
+    sigmas = np.linspace(1.0, 1 / N, N)
+    ts_d, n_d = retrieve_timesteps(d, N, "cpu", sigmas=sigmas, mu=0.93)
+    ts_f, n_f = retrieve_timesteps(f, N, "cpu", sigmas=sigmas, mu=0.93)
+    assert n_d == n_f == N and torch.equal(ts_d, ts_f)
+    ts_f, _ = retrieve_timesteps(f, None, "cpu", timesteps=[900.0, 500.0], mu=0.93)
+    assert ts_f.tolist() == [900.0, 500.0]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_guided_loop_fp32_matches_diffusers(name, backend):
@@ -212,7 +224,6 @@ def test_scale_noise_matches_diffusers(backend, dtype):
     t = d.timesteps[torch.tensor([0, 517, 999])]
     with use_backend(backend):
         got = f.scale_noise(x, t, noise)
-        got_after_step = None
         f.set_timesteps(N)
         d.set_timesteps(N)
         f.set_begin_index(0)
@@ -294,6 +305,10 @@ def test_rejected_configs_and_arguments():
         f.step(x.long(), t, x)
     with pytest.raises(TypeError, match="noise"):
         f.scale_noise(x, t, None)
+    with pytest.raises(ValueError, match="timestep"):
+        f.scale_noise(x, f.timesteps[:3], x)
+    with pytest.raises(TypeError, match="timestep"):
+        f.step(x, "999", x)
     with pytest.raises(ValueError, match="rescale"):
         f.step_cfg(x, x, 2.0, t, x, rescale="bogus")
     assert f.step_index is None          # bad calls did not step

@@ -360,20 +360,25 @@ def test_loop_without_item_or_nonzero(backend, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_loop_has_no_sync():
-    f = FlowMatchEulerDiscreteScheduler(shift=5.0)
-    f.set_timesteps(N, device="cuda")
+def test_cuda_loop_has_no_sync(monkeypatch):
+    # torch's sync debug mode raises on any synchronizing call (item, nonzero, blocking copies)
+    import sys
+    monkeypatch.setattr(sys.modules[__name__], "W", W.cuda())   # the toy model's weight
     x = torch.randn(2, 16, 64, device="cuda")
     d = DiffusersScheduler(shift=5.0)
     d.set_timesteps(N, device="cuda")
     want = guided_loop(d, x, d.timesteps, torch.bfloat16)
+    f, f2 = FlowMatchEulerDiscreteScheduler(shift=5.0), FlowMatchEulerDiscreteScheduler(shift=5.0)
+    for s in (f, f2):
+        s.set_timesteps(N, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         got = guided_loop(f, x, f.timesteps, torch.bfloat16)
-        f.set_timesteps(N, device="cuda")
-        fused = guided_loop(f, x, f.timesteps, torch.bfloat16, fused=True)
+        fused = guided_loop(f2, x, f2.timesteps, torch.bfloat16, fused=True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert_close(got, want, scale=2.0)
-    assert_close(fused, want, scale=2.0)
+    scale = float(want.float().abs().max())
+    for out in (got, fused):
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), want.float(), atol=scale / 16, rtol=0)

@@ -386,7 +386,7 @@ def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *,
     device. Returns a new tensor of `out_dtype` (default x's dtype). diffusers' scheduler step
     is `euler_step(sample, model_output, s, s', out_dtype=model_output.dtype)`; it rounds
     `dt * model_output` to the model dtype before its fp32 add, fmrt does not (bf16 results
-    agree within a bf16 ulp).
+    agree within a bf16 ulp or two of `|x| + |dt v|`).
     """
     check_float_tensor("x", x)
     check_float_tensor("v", v)

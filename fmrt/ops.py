@@ -370,29 +370,40 @@ def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None,
 
 import math  # noqa: E402  (kept inside this section for clean merges)
 
-def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma) -> Tensor:
+def check_out_dtype(out_dtype) -> None:
+    """None (the op's default) or one of the float dtypes fmrt computes in."""
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        raise TypeError(f"out_dtype must be None or one of ({names}), got {out_dtype!r}")
+
+
+def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *,
+               out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """One Euler step of the flow ODE: `x + (sigma_next - sigma) * v`.
 
-    x, v: same shape `[B, ...]` and dtype; sigma, sigma_next: floats, 0-d or `[B]` tensors on
-    x's device. Returns a new tensor of x's dtype (fp32 math, one rounding).
+    x, v: same shape `[B, ...]`, float dtypes that may differ (both are read in their dtype and
+    upcast: fp32 math, one rounding); sigma, sigma_next: floats, 0-d or `[B]` tensors on x's
+    device. Returns a new tensor of `out_dtype` (default x's dtype). diffusers' scheduler step
+    is `euler_step(sample, model_output, s, s', out_dtype=model_output.dtype)`; it rounds
+    `dt * model_output` to the model dtype before its fp32 add, fmrt does not (bf16 results
+    agree within a bf16 ulp or two of `|x| + |dt v|`).
     """
     check_float_tensor("x", x)
     check_float_tensor("v", v)
-    check_same("v", v, "x", x)
+    check_same("v", v, "x", x, dtype=False)
     check_sigma("sigma", sigma, x, per_sample_only=True)
     check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
-    if not use_triton(x, v):
-        return ref.euler_step(x, v, sigma, sigma_next)
-    from fmrt.kernels import step as K
-    return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next)
+    check_out_dtype(out_dtype)
+    return _euler_step(x, v, sigma, sigma_next, use_triton(x, v), out_dtype)
 
 
-def _euler_step(x: Tensor, v: Tensor, sigma, sigma_next, triton: bool) -> Tensor:
+def _euler_step(x: Tensor, v: Tensor, sigma, sigma_next, triton: bool,
+                out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """euler_step after its checks (the samplers call this once per step)."""
     if not triton:
-        return ref.euler_step(x, v, sigma, sigma_next)
+        return ref.euler_step(x, v, sigma, sigma_next, out_dtype)
     from fmrt.kernels import step as K
-    return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next)
+    return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next, out_dtype)
 
 
 def check_scale(name: str, scale, x: Tensor) -> None:
@@ -483,7 +494,8 @@ def _fill_stats(stats: dict, st: dict, with_sigma: bool) -> None:
 
 def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma: Sigma,
                       sigma_next: Sigma, *, rescale: str = "none", norm_dim: Optional[int] = None,
-                      stats: Optional[dict] = None) -> Tensor:
+                      stats: Optional[dict] = None,
+                      out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """CFG combine (+ "true CFG" norm rescale) + Euler step in one pass:
     `x + (sigma_next - sigma) * cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim)`.
 
@@ -495,29 +507,32 @@ def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma:
     sync) computed in the same pass: sigma, cond_mean, cond_std, uncond_mean, uncond_std,
     cfg_diff_mean, cfg_diff_std, cfg_diff_norm, vel_diff_norm (||sigma * cfg_diff||),
     x0_diff_norm (||x0_cond - x0_uncond||), rescale_ratio (||v_cond|| / ||v||, v unrescaled).
+    x may have another float dtype than v_cond / v_uncond; the result is `out_dtype` (default
+    x's dtype).
     """
     check_float_tensor("x", x)
     row = _check_guidance(v_cond, v_uncond, scale, rescale, norm_dim, stats)
-    check_same("v_cond", v_cond, "x", x)
+    check_same("v_cond", v_cond, "x", x, dtype=False)
     check_sigma("sigma", sigma, x, per_sample_only=True)
     check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
+    check_out_dtype(out_dtype)
     return _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, norm_dim,
-                              stats, row, use_triton(x, v_cond, v_uncond))
+                              stats, row, use_triton(x, v_cond, v_uncond), out_dtype)
 
 
 def _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, norm_dim, stats,
-                       row: int, triton: bool) -> Tensor:
+                       row: int, triton: bool, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """guided_euler_step after its checks (the samplers call this once per step)."""
     if not triton:
         out = ref.guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale,
-                                    norm_dim)
+                                    norm_dim, out_dtype)
         if stats is not None:
             stats.update(ref.guidance_stats(v_cond, v_uncond, scale, sigma))
         return out
     from fmrt.kernels import step as K
     out, part = K.guided_step(x.contiguous(), v_cond.contiguous(), v_uncond.contiguous(), scale,
                               sigma, sigma_next, rescale=rescale, row=row,
-                              stats=stats is not None)
+                              stats=stats is not None, out_dtype=out_dtype)
     if stats is not None:
         stats.update(K.finish_stats(part, x[0].numel(), sigma))
     return out

@@ -209,11 +209,13 @@ def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Tensor, weight=None,
 # SPEC 2 / 4: sampling steps
 # ---------------------------------------------------------------------------------------------
 
-def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma) -> Tensor:
-    """x' = x + (sigma_next - sigma) * v."""
+def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma,
+               out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """x' = x + (sigma_next - sigma) * v, rounded once to out_dtype (default x's dtype);
+    x and v may differ in dtype (both go to the compute dtype)."""
     dt = compute_dtype(x.dtype)
     h = broadcast_sigma(sigma_next, x) - broadcast_sigma(sigma, x)
-    return (x.to(dt) + h * v.to(dt)).to(x.dtype)
+    return (x.to(dt) + h * v.to(dt)).to(out_dtype or x.dtype)
 
 
 # --- sampling ops (cfg_combine, guided_euler_step, sde_step) ---------------------------------
@@ -263,12 +265,14 @@ def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale, rescale: str = "none",
 
 def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma: Sigma,
                       sigma_next: Sigma, rescale: str = "none",
-                      norm_dim: Optional[int] = None) -> Tensor:
-    """x' = x + (sigma_next - sigma) * guided_velocity(...), fp32 math, one rounding."""
+                      norm_dim: Optional[int] = None,
+                      out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """x' = x + (sigma_next - sigma) * guided_velocity(...), fp32 math, one rounding to
+    out_dtype (default x's dtype); x may differ in dtype from v_cond / v_uncond."""
     dt = compute_dtype(x.dtype)
     v = guided_velocity(v_cond, v_uncond, scale, rescale, norm_dim)
     h = broadcast_sigma(sigma_next, x) - broadcast_sigma(sigma, x)
-    return torch.addcmul(x.to(dt), h, v).to(x.dtype)  # x + h v
+    return torch.addcmul(x.to(dt), h, v.to(dt)).to(out_dtype or x.dtype)  # x + h v
 
 
 def guidance_stats(v_cond: Tensor, v_uncond: Tensor, scale, sigma: Sigma) -> dict:

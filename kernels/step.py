@@ -195,9 +195,11 @@ def sigma_args(sigma, like: torch.Tensor, batch: int):
     return t, 0.0, t.stride(0), True
 
 
-def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
-    """x, v contiguous with the same shape; sigma / sigma_next floats or `[B]` / 0-d tensors."""
-    out = torch.empty_like(x)
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next,
+               out_dtype=None) -> torch.Tensor:
+    """x, v contiguous with the same shape (any float dtypes, loaded as they are); sigma /
+    sigma_next floats or `[B]` / 0-d tensors; the result in out_dtype (default x's dtype)."""
+    out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     n = x.numel()
     if n == 0:
         return out
@@ -257,18 +259,22 @@ def finish_stats(part: torch.Tensor, n: int, sigma) -> dict:
     return out
 
 
-def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, stats: bool):
+def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, stats: bool,
+                out_dtype=None):
     """CFG combine (+ norm rescale) (+ Euler step when x is not None) (+ statistics).
 
-    c, u (and x) contiguous with the same shape `[B, ...]`; row > 0: per-token rescale over
-    rows of `row` elements (the last dim). Returns (out, partial sums [B, chunks, NSTAT] or None).
+    c, u (and x) contiguous with the same shape `[B, ...]` (x may have another float dtype);
+    row > 0: per-token rescale over rows of `row` elements (the last dim). The result is in
+    out_dtype (default: x's dtype for a step, c's otherwise).
+    Returns (out, partial sums [B, chunks, NSTAT] or None).
 
     Bytes moved (N elements of size e): rescale "none" or per token: one pass, reads x, c, u and
     writes out: 4 N e (cfg_combine: 3 N e). Per-sample rescale: pass 1 reads c, u (2 N e) and
     writes the partial norms; pass 2 reads x, c, u and writes out: 6 N e (cfg_combine 5 N e).
     Statistics add only the partial sums (8 floats per program).
     """
-    out = torch.empty_like(c)
+    default = x.dtype if x is not None else c.dtype
+    out = torch.empty(c.shape, dtype=out_dtype or default, device=c.device)
     B = c.shape[0]
     n = c.numel()
     inner = n // B if B else 0

@@ -38,6 +38,69 @@ def test_euler_step_strided():
                             grad=False)
 
 
+MIXED = [(torch.float32, torch.bfloat16, torch.bfloat16),   # diffusers: fp32 latents, bf16 model
+         (torch.bfloat16, torch.float32, torch.float32),
+         (torch.float16, torch.bfloat16, torch.float32),
+         (torch.float32, torch.float16, None)]
+
+
+def _mixed(shape, x_dtype, v_dtype, sigma_kind, n_v=1):
+    def make():
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(shape, generator=g).to(x_dtype)
+        vs = [torch.randn(shape, generator=g).to(v_dtype) for _ in range(n_v)]
+        s, sn = (0.75, 0.5) if sigma_kind == "float" else (torch.tensor([0.9, 0.4, 0.2]),
+                                                           torch.tensor([0.8, 0.1, 0.0]))
+        return x, vs, s, sn
+    return make
+
+
+@pytest.mark.parametrize("x_dtype,v_dtype,out_dtype", MIXED)
+@pytest.mark.parametrize("sigma_kind", ["float", "tensor"])
+def test_euler_step_mixed_dtypes_and_out_dtype(x_dtype, v_dtype, out_dtype, sigma_kind):
+    make = _mixed((3, 5, 67), x_dtype, v_dtype, sigma_kind)
+
+    def args():
+        x, (v,), s, sn = make()
+        return (x, v, s, sn), dict(out_dtype=out_dtype)
+    check_against_reference(ops.euler_step, lambda *a, out_dtype: ref.euler_step(*a, out_dtype),
+                            args, grad=False)
+    x, (v,), s, sn = make()
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            got = ops.euler_step(x, v, s, sn, out_dtype=out_dtype)
+        assert got.dtype == (out_dtype or x_dtype)
+        # independent statement: fp64 math, then one rounding
+        h = (torch.as_tensor(sn, dtype=torch.float64) - torch.as_tensor(s, dtype=torch.float64))
+        h = h.view(-1, 1, 1) if h.ndim else h
+        want = (x.double() + h * v.double()).to(got.dtype)
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("x_dtype,v_dtype,out_dtype", MIXED)
+@pytest.mark.parametrize("mode", ["none", "norm", "token"])
+def test_guided_euler_step_mixed_dtypes_and_out_dtype(x_dtype, v_dtype, out_dtype, mode):
+    make = _mixed((3, 5, 67), x_dtype, v_dtype, "tensor", n_v=2)
+    rescale = "none" if mode == "none" else "norm"
+    norm_dim = -1 if mode == "token" else None
+
+    def args():
+        x, (c, u), s, sn = make()
+        return (x, c, u, 3.0, s, sn), dict(rescale=rescale, norm_dim=norm_dim,
+                                            out_dtype=out_dtype)
+    check_against_reference(
+        ops.guided_euler_step,
+        lambda *a, rescale, norm_dim, out_dtype: ref.guided_euler_step(*a, rescale, norm_dim,
+                                                                       out_dtype),
+        args, grad=False)
+    (x, c, u, g, s, sn), kw = args()
+    with use_backend("triton"):
+        got = ops.guided_euler_step(x, c, u, g, s, sn, **kw)
+    assert got.dtype == (out_dtype or x_dtype)
+    v = ref.guided_velocity(c, u, g, rescale, norm_dim)
+    assert_close(got, ops.euler_step(x, v, s, sn, out_dtype=got.dtype), scale=2.0)
+
+
 def test_euler_step_exact_answer():
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     v = torch.tensor([[1.0, -1.0], [2.0, 0.5]])
@@ -63,7 +126,11 @@ def test_euler_step_bad_input():
     with pytest.raises(ValueError, match="v"):
         ops.euler_step(x, torch.randn(2, 4), 0.5, 0.4)
     with pytest.raises(TypeError, match="v"):
-        ops.euler_step(x, torch.randn(2, 3, dtype=torch.float16), 0.5, 0.4)
+        ops.euler_step(x, torch.ones(2, 3, dtype=torch.int64), 0.5, 0.4)
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.euler_step(x, x, 0.5, 0.4, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.euler_step(x, x, 0.5, 0.4, out_dtype="bfloat16")
     with pytest.raises(TypeError, match="x"):
         ops.euler_step(torch.ones(2, 3, dtype=torch.int64), x, 0.5, 0.4)
     with pytest.raises(ValueError, match="sigma_next"):
@@ -380,7 +447,9 @@ def test_sampling_ops_bad_input():
     with pytest.raises(ValueError, match="v_cond"):
         ops.guided_euler_step(x, torch.randn(2, 3, 5), torch.randn(2, 3, 5), 2.0, 0.5, 0.4)
     with pytest.raises(TypeError, match="v_cond"):
-        ops.guided_euler_step(x, x.half(), x.half(), 2.0, 0.5, 0.4)
+        ops.guided_euler_step(x, x.half(), x, 2.0, 0.5, 0.4)
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.guided_euler_step(x, x, x, 2.0, 0.5, 0.4, out_dtype=torch.float64)
     with pytest.raises(ValueError, match="rescale"):
         ops.guided_euler_step(x, x, x, 2.0, 0.5, 0.4, rescale="bogus")
     with pytest.raises(ValueError, match="norm_dim"):

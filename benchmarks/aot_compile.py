@@ -135,6 +135,10 @@ def _dtype_scenarios(dt: torch.dtype, run) -> list:
         (f"fm_loss/{d}", run(lambda: loss(weight=s))),
         (f"fm_loss_mask/{d}", run(lambda: loss(mask=mask))),
         (f"euler_step/{d}", run(lambda: ops.euler_step(x, v, s, sn))),
+        (f"euler_step_fp32_sample/{d}", run(lambda: ops.euler_step(   # diffusers' scheduler
+            x.float(), v, s[0], sn[0], out_dtype=dt))),
+        (f"guided_step_fp32_sample/{d}", run(lambda: ops.guided_euler_step(
+            x.float(), v, u, 5.0, s[0], sn[0], out_dtype=dt))),
         (f"guided_step/{d}", run(lambda: ops.guided_euler_step(x, v, u, 5.0, s, sn))),
         (f"guided_step_norm/{d}", run(lambda: ops.guided_euler_step(
             x, v, u, 5.0, s, sn, rescale="norm"))),

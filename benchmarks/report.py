@@ -83,11 +83,14 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 
 def results_table(rows: list[Row]) -> str:
-    """Markdown: op | case | dtype | MB | fmrt ms | other providers' ms | GB/s | % copy | speed-ups."""
+    """Markdown: op | case | dtype | MiB | each provider's ms (and TFLOP/s where recorded) |
+    fmrt's GB/s | % copy | speed-ups."""
     lines = ["| op | case | dtype | MiB moved | ms by provider | fmrt GB/s | fmrt % copy BW "
              "| fmrt speed-up |", "|---|---|---|---:|---|---:|---:|---|"]
     for (op, case, dtype), by in groups(rows).items():
-        times = ", ".join(f"{p} {r.ms:.3f}" for p, r in by.items())
+        times = ", ".join(f"{p} {r.ms:.3f}" + (f" ({r.extra['tflops']:.0f} TFLOP/s)"
+                                                if r.extra.get("tflops") else "")
+                          for p, r in by.items())
         f = by.get("fmrt")
         ups = ", ".join(f"{r.ms / f.ms:.2f}x vs {p}" for p, r in by.items()
                         if f is not None and p != "fmrt" and f.ms > 0)

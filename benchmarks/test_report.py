@@ -12,9 +12,9 @@ from benchmarks import report
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench(op, case, provider, ms, nbytes=0, pct=None, dtype="bfloat16"):
+def _bench(op, case, provider, ms, nbytes=0, pct=None, dtype="bfloat16", **extra):
     info = dict(op=op, case=case, dtype=dtype, provider=provider, bytes=nbytes, device="GPU X",
-                ms=ms, torch_version="2.11", triton_version="3.6")
+                ms=ms, torch_version="2.11", triton_version="3.6", **extra)
     if pct is not None:
         info.update(gbps=nbytes / (ms * 1e-3) / 1e9, pct_copy_bw=pct)
     return dict(name=f"{op}[{case}-{provider}]", extra_info=info, stats=dict(median=ms / 1e3))
@@ -39,7 +39,7 @@ def test_goal_verdicts(tmp_path):
         _bench("add_noise", "wan1.3b", "eager", 4.0, big, pct=23.0),
         _bench("add_noise", "wan1.3b", "compile", 1.1, big, pct=84.0),
         _bench("add_noise", "tiny", "fmrt", 1.0, small, pct=10.0),   # < 64 MB: not judged
-        _bench("attention", "wan1.3b", "auto", 2.0),
+        _bench("attention", "wan1.3b", "auto", 2.0, tflops=350.4),
         _bench("attention", "wan1.3b", "sdpa", 1.8),
         _bench("sampling_loop", "host", "fmrt", 1.0),
         _bench("sampling_loop", "host", "diffusers", 6.0),
@@ -55,6 +55,7 @@ def test_goal_verdicts(tmp_path):
 
     text = report.report(p, "bash benchmarks/run_gpu.sh")
     assert "Device: **GPU X**" in text and "abc123def0" in text and "torch 2.11" in text
+    assert "auto 2.000 (350 TFLOP/s), sdpa 1.800" in text
     assert "| add_noise | wan1.3b | bfloat16 | 100.0 | fmrt 1.000, eager 4.000, compile 1.100 " \
            "| 105 | 92 | 4.00x vs eager, 1.10x vs compile |" in text
 

@@ -265,6 +265,10 @@ def load_dit(path: str, config: Optional[DiTConfig] = None, *,
             heads = config_json.get("num_heads", config_json.get("num_attention_heads"))
         extra = {"eps": float(config_json["eps"])} if config_json and "eps" in config_json else {}
         config = infer_config(sd, num_heads=heads, **extra)
+    # safetensors hands back tensors at the file's offsets (8-byte aligned): copy those to
+    # fresh 64-byte aligned memory, else CPU matmuls take other (slower, differently rounded)
+    # paths than for the same weights allocated by torch
+    sd = {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in sd.items()}
     with torch.device("meta"):
         model = DiT(config)
     try:

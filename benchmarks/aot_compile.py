@@ -42,7 +42,7 @@ PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
        torch.int64: "*i64", torch.int32: "*i32", torch.uint8: "*u8", torch.int8: "*i8",
        torch.bool: "*i1"}
 MAX_SHARED = {90: 232448, 100: 232448, 80: 166912}  # opt-in shared memory per block, bytes
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 
 def record_launches(fn) -> list[tuple]:
@@ -136,7 +136,7 @@ def _dtype_scenarios(dt: torch.dtype, run) -> list:
         (f"fm_loss_mask/{d}", run(lambda: loss(mask=mask))),
         (f"euler_step/{d}", run(lambda: ops.euler_step(x, v, s, sn))),
         (f"euler_step_fp32_sample/{d}", run(lambda: ops.euler_step(   # diffusers' scheduler
-            x.float(), v, s[0], sn[0], out_dtype=dt))),
+            x.float(), v, s[0], sn[0], out_dtype=dt, round_product=True))),
         (f"guided_step_fp32_sample/{d}", run(lambda: ops.guided_euler_step(
             x.float(), v, u, 5.0, s[0], sn[0], out_dtype=dt))),
         (f"guided_step/{d}", run(lambda: ops.guided_euler_step(x, v, u, 5.0, s, sn))),
@@ -235,7 +235,8 @@ def main(argv=None) -> int:
             t0 = time.time()
             try:
                 ck = triton.compile(src, target=target, options=opts)
-                rec = dict(ok=True, shared=ck.metadata.shared, **cubin_usage(ck.asm["cubin"]))
+                rec = dict(ok=True, shared=ck.metadata.shared, **cubin_usage(ck.asm["cubin"]),
+                           fma=len(re.findall(r"\bfma\.rn\.f32\b", ck.asm["ptx"])))
                 if rec["shared"] > MAX_SHARED.get(args.arch, rec["shared"]):
                     rec.update(ok=False, error=f"needs {rec['shared']} bytes of shared memory, "
                                                f"sm_{args.arch} has {MAX_SHARED[args.arch]}")

@@ -27,6 +27,17 @@ def test_fixed_launches_compile_for_h100(tmp_path):
         assert all(r["shared"] <= 232448 for r in rep["results"])
 
 
+def test_diffusers_rounding_is_built_without_fma(tmp_path):
+    """round_product promises diffusers' two roundings in fp32 too: no fused multiply-add in the
+    sm_90 build of that launch (the default launch may contract, and does)."""
+    out = tmp_path / "aot.json"
+    res = _run("benchmarks/aot_compile.py", "-k", "euler_step", "--json", str(out))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    fma = {r["scenario"]: r["fma"] for r in json.loads(out.read_text())["results"]}
+    assert fma["euler_step_fp32_sample/float32"] == 0
+    assert fma["euler_step/float32"] > 0
+
+
 BAD = r'''
 import sys, torch, triton, triton.language as tl
 sys.path.insert(0, ROOT + "/benchmarks")

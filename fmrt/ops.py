@@ -378,15 +378,17 @@ def check_out_dtype(out_dtype) -> None:
 
 
 def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *,
-               out_dtype: Optional[torch.dtype] = None) -> Tensor:
+               out_dtype: Optional[torch.dtype] = None, round_product: bool = False) -> Tensor:
     """One Euler step of the flow ODE: `x + (sigma_next - sigma) * v`.
 
     x, v: same shape `[B, ...]`, float dtypes that may differ (both are read in their dtype and
     upcast: fp32 math, one rounding); sigma, sigma_next: floats, 0-d or `[B]` tensors on x's
-    device. Returns a new tensor of `out_dtype` (default x's dtype). diffusers' scheduler step
-    is `euler_step(sample, model_output, s, s', out_dtype=model_output.dtype)`; it rounds
-    `dt * model_output` to the model dtype before its fp32 add, fmrt does not (bf16 results
-    agree within a bf16 ulp or two of `|x| + |dt v|`).
+    device. Returns a new tensor of `out_dtype` (default x's dtype).
+
+    round_product=True rounds `dt = sigma_next - sigma` and then `dt * v` to v's dtype before
+    the add, as torch's type promotion does in diffusers' `FlowMatchEulerDiscreteScheduler.step`
+    (`sample.float() + dt * model_output`, dt a 0-d fp32 tensor): with
+    `out_dtype=model_output.dtype` that is diffusers' step bit for bit (fp32 too: no FMA).
     """
     check_float_tensor("x", x)
     check_float_tensor("v", v)
@@ -394,16 +396,19 @@ def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *,
     check_sigma("sigma", sigma, x, per_sample_only=True)
     check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
     check_out_dtype(out_dtype)
-    return _euler_step(x, v, sigma, sigma_next, use_triton(x, v), out_dtype)
+    if not isinstance(round_product, bool):
+        raise TypeError(f"round_product must be a bool, got {type(round_product).__name__}")
+    return _euler_step(x, v, sigma, sigma_next, use_triton(x, v), out_dtype, round_product)
 
 
 def _euler_step(x: Tensor, v: Tensor, sigma, sigma_next, triton: bool,
-                out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                out_dtype: Optional[torch.dtype] = None, round_product: bool = False) -> Tensor:
     """euler_step after its checks (the samplers call this once per step)."""
     if not triton:
-        return ref.euler_step(x, v, sigma, sigma_next, out_dtype)
+        return ref.euler_step(x, v, sigma, sigma_next, out_dtype, round_product)
     from fmrt.kernels import step as K
-    return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next, out_dtype)
+    return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next, out_dtype,
+                        round_product)
 
 
 def check_scale(name: str, scale, x: Tensor) -> None:

@@ -210,11 +210,15 @@ def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Tensor, weight=None,
 # ---------------------------------------------------------------------------------------------
 
 def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma,
-               out_dtype: Optional[torch.dtype] = None) -> Tensor:
+               out_dtype: Optional[torch.dtype] = None, round_product: bool = False) -> Tensor:
     """x' = x + (sigma_next - sigma) * v, rounded once to out_dtype (default x's dtype);
-    x and v may differ in dtype (both go to the compute dtype)."""
+    x and v may differ in dtype (both go to the compute dtype). round_product: h = sigma_next -
+    sigma and then h * v are each rounded to v's dtype before the add (diffusers' scheduler)."""
     dt = compute_dtype(x.dtype)
     h = broadcast_sigma(sigma_next, x) - broadcast_sigma(sigma, x)
+    if round_product:
+        p = (h.to(v.dtype).to(dt) * v.to(dt)).to(v.dtype).to(dt)
+        return (x.to(dt) + p).to(out_dtype or x.dtype)
     return (x.to(dt) + h * v.to(dt)).to(out_dtype or x.dtype)
 
 

@@ -28,9 +28,21 @@ def _load_sigma(ptr, scalar, stride, b, IS_TENSOR: tl.constexpr):
 
 
 @triton.jit
+def _rne_bf16(x):
+    """fp32 x rounded to the nearest bf16 (ties to even; NaN kept), as fp32: the GPU's cast,
+    written out because the interpreter's fp32 -> bf16 cast truncates."""
+    b = x.to(tl.uint32, bitcast=True)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, r)
+
+
+@triton.jit
 def _euler_kernel(x_ptr, v_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, n, inner,
-                  S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
-    """out = x + (sigma_next - sigma) * v, fp32 math, one rounding to x's dtype."""
+                  S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, ROUND_PRODUCT: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """out = x + (sigma_next - sigma) * v, fp32 math, one rounding to out's dtype.
+    ROUND_PRODUCT: h = sigma_next - sigma, then h * v, each rounded to v's dtype before the add
+    (diffusers' scheduler; launched without FMA contraction so fp32 rounds twice as well)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     b = tl.where(m, offs // inner, 0)  # masked tail lanes must not read sigma out of bounds
@@ -38,7 +50,18 @@ def _euler_kernel(x_ptr, v_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_
     sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, (x + (sn - s) * v).to(out_ptr.dtype.element_ty), mask=m)
+    h = sn - s
+    if ROUND_PRODUCT:
+        vt = v_ptr.dtype.element_ty
+        if vt == tl.bfloat16:
+            y = x + _rne_bf16(_rne_bf16(h) * v)
+        else:
+            y = x + (h.to(vt).to(tl.float32) * v).to(vt).to(tl.float32)
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            y = _rne_bf16(y)
+    else:
+        y = x + h * v
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 NSTAT = 8  # partial sums per program: c, c^2, u, u^2, d, d^2, v^2 (v before rescale), pad
@@ -196,7 +219,7 @@ def sigma_args(sigma, like: torch.Tensor, batch: int):
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next,
-               out_dtype=None) -> torch.Tensor:
+               out_dtype=None, round_product: bool = False) -> torch.Tensor:
     """x, v contiguous with the same shape (any float dtypes, loaded as they are); sigma /
     sigma_next floats or `[B]` / 0-d tensors; the result in out_dtype (default x's dtype)."""
     out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
@@ -209,7 +232,9 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next,
     BLOCK = 1024
     grid = (triton.cdiv(n, BLOCK),)
     _euler_kernel[grid](x, v, out, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, n,
-                        max(n // batch, 1), S_TENSOR=s_t, SN_TENSOR=sn_t, BLOCK=BLOCK)
+                        max(n // batch, 1), S_TENSOR=s_t, SN_TENSOR=sn_t,
+                        ROUND_PRODUCT=round_product, BLOCK=BLOCK,
+                        enable_fp_fusion=not round_product)
     return out
 
 

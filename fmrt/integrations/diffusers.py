@@ -302,10 +302,11 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
     device when `set_timesteps` put them elsewhere (the copy is keyed on the `sigmas` and
     `timesteps` tensors themselves, so a new schedule is picked up whichever way it is set).
 
-    Numerics: diffusers computes `sample.float() + dt * model_output` and returns
-    `model_output`'s dtype, but its `dt * model_output` is rounded to the model dtype first;
-    fmrt keeps fp32 throughout (bf16 results agree within a bf16 ulp or two of the terms'
-    magnitude `|sample| + |dt model_output|`; fp32 results to fp32 rounding).
+    Numerics: `step` is diffusers' arithmetic bit for bit (`sample.float() + dt *
+    model_output` with torch's promotion: dt and the product rounded to the model dtype, the
+    sum to `model_output`'s dtype; `ops.euler_step(..., round_product=True)`). `step_cfg` keeps
+    the guided velocity and the product in fp32 (diffusers' pipelines round the CFG combine to
+    bf16 op by op): within a bf16 ulp or two of combine-then-`step`.
     Unsupported (ValueError): `stochastic_sampling=True`, `per_token_timesteps`, more than one
     timestep per step.
     """
@@ -401,8 +402,8 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
              s_noise: float = 1.0, generator: Optional[torch.Generator] = None,
              per_token_timesteps: Optional[Tensor] = None, return_dict: bool = True
              ) -> Union[FlowMatchEulerDiscreteSchedulerOutput, tuple]:
-        """`sample + (sigma_next - sigma) * model_output` in model_output's dtype (fp32 math),
-        one fused kernel. model_output, sample: `[B, ...]` of one shape (dtypes may differ);
+        """`sample + (sigma_next - sigma) * model_output` in model_output's dtype, rounded as
+        diffusers rounds it, one fused kernel. model_output, sample: `[B, ...]` of one shape (dtypes may differ);
         timestep: one of `timesteps` (float or 1-element float tensor). s_churn, s_tmin,
         s_tmax, s_noise and generator are ignored, as in diffusers without stochastic
         sampling; per_token_timesteps is not supported (ValueError)."""
@@ -414,7 +415,7 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
         ops.check_same("model_output", model_output, "sample", sample, dtype=False)
         sigma, sigma_next, idx = self._step_sigmas(timestep, sample)
         prev = ops.euler_step(sample, model_output, sigma, sigma_next,
-                              out_dtype=model_output.dtype)
+                              out_dtype=model_output.dtype, round_product=True)
         return self._finish(prev, idx, return_dict)
 
     def step_cfg(self, v_cond: Tensor, v_uncond: Tensor, guidance_scale: Union[float, Tensor],

@@ -113,10 +113,11 @@ def bf16_ulp(m: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("name", ["wan_shift5", "flux_dynamic_mu", "karras"])
 def test_bf16_steps_within_a_bf16_ulp_of_diffusers(name, backend, fused):
-    # fp32 latents and a bf16 model: diffusers returns bf16 from the first step on and rounds
-    # dt * v to bf16 before its fp32 add; fmrt rounds once. Each step (fed diffusers' own
-    # trajectory) agrees within 2 bf16 ulps of the terms' magnitude |x| + |dt v| (step_cfg: the
-    # pipeline's bf16 CFG combine adds the rounding of the |u| + 4 |c - u| terms).
+    # fp32 latents and a bf16 model: diffusers returns bf16 from the first step on. Each step
+    # (fed diffusers' own trajectory) agrees within 2 bf16 ulps of the terms' magnitude
+    # |x| + |dt v|: `step` exactly (test_whole_loop_bit_for_bit), `step_cfg` (the guided
+    # velocity kept in fp32, where the pipeline rounds its CFG combine to bf16 op by op) within
+    # the rounding of the |u| + 4 |c - u| terms.
     d, f = pair(name)
     for s in (d, f):
         s.set_timesteps(**CONFIGS[name][1])
@@ -141,8 +142,7 @@ def test_bf16_steps_within_a_bf16_ulp_of_diffusers(name, backend, fused):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bf16_whole_loop_close_to_diffusers(backend):
-    # whole loops drift apart by the per-step differences above (more on the interpreter, whose
-    # fp32 -> bf16 cast truncates): within 1/16 of the sample's scale after 10 steps
+    # (now exact for `step`: test_whole_loop_bit_for_bit; kept as the coarse whole-loop check)
     d, f = pair("wan_shift5")
     x = torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(1))
     want = guided_loop(d, x, _set(d, "wan_shift5"), torch.bfloat16)
@@ -382,3 +382,19 @@ def test_cuda_loop_has_no_sync(monkeypatch):
     for out in (got, fused):
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), want.float(), atol=scale / 16, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("name", ["wan_shift5", "flux_dynamic_mu", "karras"])
+def test_whole_loop_bit_for_bit(name, dtype, backend):
+    """`step` rounds as diffusers' step does (dt and dt * v in the model dtype, no FMA): a whole
+    guided loop from fp32 latents with a model of `dtype` gives diffusers' samples exactly, on
+    the torch path and in the kernel."""
+    d, f = pair(name)
+    x = torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(1))
+    want = guided_loop(d, x, _set(d, name), dtype)
+    with use_backend(backend):
+        got = guided_loop(f, x, _set(f, name), dtype)
+    assert got.dtype == want.dtype == dtype
+    assert torch.equal(got, want)

@@ -489,6 +489,51 @@ def test_sde_step_strided_tensor_sigmas_inputs_untouched():
         assert torch.equal(t, b)
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("vdtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_euler_round_product_is_torch_promotion_bit_for_bit(backend, vdtype, per_sample):
+    """round_product against diffusers' own expression `(sample.float() + dt * model_output)
+    .to(model_output.dtype)` evaluated by torch (dt a 0-d fp32 tensor: torch's promotion rounds
+    it and the product to the model dtype; a per-sample dt is given in the model dtype, as that
+    promotion would make it)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 9, 7, generator=g) * 3
+    v = (torch.randn(3, 4, 9, 7, generator=g) * 2).to(vdtype)
+    s = torch.tensor([0.9731, 0.5117, 0.2003]) if per_sample else torch.tensor(0.6121)
+    sn = s - torch.tensor(0.0377)
+    dt = (sn - s).view(-1, 1, 1, 1).to(vdtype) if per_sample else sn - s
+    want = (x.float() + dt * v).to(vdtype)
+    with use_backend(backend):
+        got = ops.euler_step(x, v, s, sn, out_dtype=vdtype, round_product=True)
+        plain = ops.euler_step(x, v, s, sn, out_dtype=vdtype)
+    assert got.dtype == vdtype
+    assert torch.equal(got, want)
+    if vdtype != torch.float32:   # the default keeps the product in fp32: not the same numbers
+        assert not torch.equal(plain, want)
+
+
+def test_euler_round_product_specials_and_ties():
+    """NaN stays NaN, inf stays inf, overflow rounds to inf, exact ties go to even, in the
+    kernel as in torch (the kernel writes bf16 round-to-nearest-even out by hand)."""
+    x = torch.tensor([[0.0, 1.0, 1.0, float("nan"), 3.3e38, 1.0, -1.0, 2.0]])
+    v = -torch.tensor([[float("inf"), float("nan"), 2.0 ** -8, 1.0, 1.0e38, 3 * 2.0 ** -8,
+                        -(2.0 ** -8), 0.0]]).to(torch.bfloat16)
+    s, sn = 1.0, 0.0   # dt = -1
+    want = ops.euler_step(x, v, s, sn, out_dtype=torch.bfloat16, round_product=True)
+    with use_backend("triton"):
+        got = ops.euler_step(x, v, s, sn, out_dtype=torch.bfloat16, round_product=True)
+    torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
+    assert got[0, 0].isinf() and got[0, 1].isnan() and got[0, 4].isinf()
+    assert got[0, 2] == 1.0 and got[0, 5] == 1.015625   # ties to even: 1+2^-8 -> 1, 1+3*2^-8 -> 1+2^-6
+
+
+def test_euler_round_product_bad_input():
+    x = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="round_product"):
+        ops.euler_step(x, x, 0.5, 0.4, round_product=1)
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("mode", RESCALE_MODES)
@@ -511,6 +556,19 @@ def test_guided_and_sde_on_cuda_at_wan_size(dtype, mode):
     got = ops.sde_step(x, c, s, sn, eta=0.7, seed=5)
     z = ref.philox_normal(shape, 5, device=dev)
     assert_close(got, ref.sde_step(x, c, s, sn, 0.7, z), scale=2)
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vdtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_euler_round_product_on_cuda_is_diffusers_bit_for_bit(vdtype):
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn((2, 16, 21, 60, 104), generator=g, device=dev)
+    v = torch.randn(x.shape, generator=g, device=dev).to(vdtype)
+    s, sn = torch.tensor(0.8123, device=dev), torch.tensor(0.7531, device=dev)
+    got = ops.euler_step(x, v, s, sn, out_dtype=vdtype, round_product=True)
+    assert torch.equal(got, (x.float() + (sn - s) * v).to(vdtype))
 
 
 _AOT_SCRIPT = r'''

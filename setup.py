@@ -32,7 +32,8 @@ setup(
             "diffusers>=0.32",
             "matplotlib>=3.7",
             "peft>=0.12",
-            "transformers>=4.45",  # the tiny WanPipeline of the `fmrt sample --diffusers` tests
+            "transformers>=4.45",  # the tiny Wan pipelines of the `fmrt sample --diffusers` tests
+            "ftfy",                # diffusers' Wan image-to-video pipeline cleans prompts with it
         ],
         "plot": ["matplotlib>=3.7"],
         "lora": ["peft>=0.12"],

@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--diffusers", default=None, metavar="PATH",
                    help="a local diffusers Wan pipeline folder (has model_index.json)")
     d.add_argument("--prompt", default=None, help="text prompt (required with --diffusers)")
+    d.add_argument("--image", default=None, metavar="PATH",
+                   help="first frame for an image-to-video pipeline (WanImageToVideoPipeline)")
     d.add_argument("--negative-prompt", default=None)
     d.add_argument("--height", type=_int_at_least(1), default=480)
     d.add_argument("--width", type=_int_at_least(1), default=832)
@@ -364,7 +366,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.diffusers is not None:
         return sample_diffusers(args)
     for flag, given in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
-                        ("--no-accelerate", args.no_accelerate)):
+                        ("--image", args.image), ("--no-accelerate", args.no_accelerate)):
         if given:
             raise CLIError(f"{flag} applies to --diffusers PATH only")
     args.num = args.num or 12
@@ -430,6 +432,8 @@ def sample_diffusers(args: argparse.Namespace) -> int:
         raise CLIError("--diffusers needs --prompt")
     if not os.path.isfile(os.path.join(args.diffusers, "model_index.json")):
         raise CLIError(f"{args.diffusers}: not a diffusers pipeline folder (no model_index.json)")
+    if args.image is not None and not os.path.isfile(args.image):
+        raise CLIError(f"no such image: {args.image}")
     _check_writable_file(args.out)
     t0 = time.time()
     device, dtype = _device(args.device), _dtype(args.dtype)
@@ -462,18 +466,38 @@ def sample_diffusers(args: argparse.Namespace) -> int:
             raise CLIError(f"--shift: the pipeline's {type(pipe.scheduler).__name__} has no shift")
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config,
                                                           **{k: args.shift for k in keys})
+    image = _pipeline_image(pipe, args.image)
     steps = args.steps or 50
     scale = 5.0 if args.guidance_scale is None else args.guidance_scale
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     out = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
                width=args.width, num_frames=args.frames, num_inference_steps=steps,
                guidance_scale=scale, num_videos_per_prompt=args.num or 1, generator=gen,
-               output_type="np")
+               output_type="np", **image)
     frames = out.frames  # [N, F, H, W, 3] in [0, 1]
     save_video(frames, args.out)
     print(f"wrote {args.out}  ({tuple(frames.shape)} frames, {', '.join(what)}, {steps} steps, "
           f"guidance {scale:g}, seed {args.seed}, {time.time() - t0:.1f}s)")
     return 0
+
+
+def _pipeline_image(pipe, path: Optional[str]) -> dict:
+    """{"image": PIL image} for a pipeline whose call takes one, {} otherwise; CLIError when
+    --image and the pipeline disagree."""
+    import inspect
+    param = inspect.signature(pipe.__call__).parameters.get("image")
+    name = type(pipe).__name__
+    if param is None:
+        if path is not None:
+            raise CLIError(f"--image: {name} takes no image (a text-to-video pipeline)")
+        return {}
+    if path is None:
+        if param.default is inspect.Parameter.empty:
+            raise CLIError(f"{name} is image-to-video: give the first frame with --image PATH")
+        return {}
+    from PIL import Image
+    with Image.open(path) as im:
+        return {"image": im.convert("RGB")}
 
 
 def save_video(frames, path: str, *, fps: int = 16) -> None:

@@ -136,9 +136,9 @@ def _dtype_scenarios(dt: torch.dtype, run) -> list:
         (f"fm_loss_mask/{d}", run(lambda: loss(mask=mask))),
         (f"euler_step/{d}", run(lambda: ops.euler_step(x, v, s, sn))),
         (f"euler_step_fp32_sample/{d}", run(lambda: ops.euler_step(   # diffusers' scheduler
-            x.float(), v, s[0], sn[0], out_dtype=dt, round_product=True))),
+            x.float(), v, s[0], sn[0], out_dtype=dt, eager_rounding=True))),
         (f"guided_step_fp32_sample/{d}", run(lambda: ops.guided_euler_step(
-            x.float(), v, u, 5.0, s[0], sn[0], out_dtype=dt))),
+            x.float(), v, u, 5.0, s[0], sn[0], out_dtype=dt, eager_rounding=True))),
         (f"guided_step/{d}", run(lambda: ops.guided_euler_step(x, v, u, 5.0, s, sn))),
         (f"guided_step_norm/{d}", run(lambda: ops.guided_euler_step(
             x, v, u, 5.0, s, sn, rescale="norm"))),

@@ -145,7 +145,8 @@ def _big(r: Row) -> bool:
 
 GOALS = (
     Goal(3, "add_noise >= 90% of copy BW at >= 64 MB", r"add_noise$", _pct, ">=", 90, "%", _big),
-    Goal(3, "add_noise >= 3x eager at >= 64 MB", r"add_noise$", _ratio("eager"), ">=", 3, where=_big),
+    Goal(3, "add_noise >= 3x eager at >= 64 MB", r"add_noise$", _ratio("eager"), ">=", 3,
+         where=_big),
     Goal(3, "add_noise >= 1.2x compile at >= 64 MB", r"add_noise$", _ratio("compile"), ">=", 1.2,
          where=_big),
     Goal(3, "add_noise + loss fwd+bwd >= 3x eager", r"add_noise\+loss_fwd_bwd", _ratio("eager"),
@@ -254,7 +255,8 @@ def write_readme(readme: str | Path, text: str) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json) files")
-    ap.add_argument("--readme", help="rewrite this file's bench:start/end block instead of printing")
+    ap.add_argument("--readme",
+                    help="rewrite this file's bench:start/end block instead of printing")
     ap.add_argument("--command", default="bash benchmarks/run_gpu.sh ops; bash benchmarks/"
                     "run_gpu.sh models  (on the GPU machine, after benchmarks/gpu_wheels.sh)",
                     help="the command that reproduces the JSON, quoted in the report")

@@ -28,14 +28,14 @@ def test_fixed_launches_compile_for_h100(tmp_path):
 
 
 def test_diffusers_rounding_is_built_without_fma(tmp_path):
-    """round_product promises diffusers' two roundings in fp32 too: no fused multiply-add in the
+    """eager_rounding promises diffusers' two roundings in fp32 too: no fused multiply-add in the
     sm_90 build of that launch (the default launch may contract, and does)."""
     out = tmp_path / "aot.json"
-    res = _run("benchmarks/aot_compile.py", "-k", "euler_step", "--json", str(out))
+    res = _run("benchmarks/aot_compile.py", "-k", "step", "--json", str(out))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     fma = {r["scenario"]: r["fma"] for r in json.loads(out.read_text())["results"]}
-    assert fma["euler_step_fp32_sample/float32"] == 0
-    assert fma["euler_step/float32"] > 0
+    assert fma["euler_step_fp32_sample/float32"] == fma["guided_step_fp32_sample/float32"] == 0
+    assert fma["euler_step/float32"] > 0 and fma["guided_step/float32"] > 0
 
 
 BAD = r'''

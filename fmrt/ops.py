@@ -378,14 +378,14 @@ def check_out_dtype(out_dtype) -> None:
 
 
 def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *,
-               out_dtype: Optional[torch.dtype] = None, round_product: bool = False) -> Tensor:
+               out_dtype: Optional[torch.dtype] = None, eager_rounding: bool = False) -> Tensor:
     """One Euler step of the flow ODE: `x + (sigma_next - sigma) * v`.
 
     x, v: same shape `[B, ...]`, float dtypes that may differ (both are read in their dtype and
     upcast: fp32 math, one rounding); sigma, sigma_next: floats, 0-d or `[B]` tensors on x's
     device. Returns a new tensor of `out_dtype` (default x's dtype).
 
-    round_product=True rounds `dt = sigma_next - sigma` and then `dt * v` to v's dtype before
+    eager_rounding=True rounds `dt = sigma_next - sigma` and then `dt * v` to v's dtype before
     the add, as torch's type promotion does in diffusers' `FlowMatchEulerDiscreteScheduler.step`
     (`sample.float() + dt * model_output`, dt a 0-d fp32 tensor): with
     `out_dtype=model_output.dtype` that is diffusers' step bit for bit (fp32 too: no FMA).
@@ -396,19 +396,19 @@ def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *,
     check_sigma("sigma", sigma, x, per_sample_only=True)
     check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
     check_out_dtype(out_dtype)
-    if not isinstance(round_product, bool):
-        raise TypeError(f"round_product must be a bool, got {type(round_product).__name__}")
-    return _euler_step(x, v, sigma, sigma_next, use_triton(x, v), out_dtype, round_product)
+    if not isinstance(eager_rounding, bool):
+        raise TypeError(f"eager_rounding must be a bool, got {type(eager_rounding).__name__}")
+    return _euler_step(x, v, sigma, sigma_next, use_triton(x, v), out_dtype, eager_rounding)
 
 
 def _euler_step(x: Tensor, v: Tensor, sigma, sigma_next, triton: bool,
-                out_dtype: Optional[torch.dtype] = None, round_product: bool = False) -> Tensor:
+                out_dtype: Optional[torch.dtype] = None, eager_rounding: bool = False) -> Tensor:
     """euler_step after its checks (the samplers call this once per step)."""
     if not triton:
-        return ref.euler_step(x, v, sigma, sigma_next, out_dtype, round_product)
+        return ref.euler_step(x, v, sigma, sigma_next, out_dtype, eager_rounding)
     from fmrt.kernels import step as K
     return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next, out_dtype,
-                        round_product)
+                        eager_rounding)
 
 
 def check_scale(name: str, scale, x: Tensor) -> None:
@@ -500,7 +500,8 @@ def _fill_stats(stats: dict, st: dict, with_sigma: bool) -> None:
 def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma: Sigma,
                       sigma_next: Sigma, *, rescale: str = "none", norm_dim: Optional[int] = None,
                       stats: Optional[dict] = None,
-                      out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                      out_dtype: Optional[torch.dtype] = None,
+                      eager_rounding: bool = False) -> Tensor:
     """CFG combine (+ "true CFG" norm rescale) + Euler step in one pass:
     `x + (sigma_next - sigma) * cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim)`.
 
@@ -513,7 +514,10 @@ def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma:
     cfg_diff_mean, cfg_diff_std, cfg_diff_norm, vel_diff_norm (||sigma * cfg_diff||),
     x0_diff_norm (||x0_cond - x0_uncond||), rescale_ratio (||v_cond|| / ||v||, v unrescaled).
     x may have another float dtype than v_cond / v_uncond; the result is `out_dtype` (default
-    x's dtype).
+    x's dtype). eager_rounding=True (rescale "none", a float scale) rounds `v_cond - v_uncond`,
+    `scale * (...)` and `v_uncond + ...` to the model dtype, as a pipeline's eager combine does,
+    then steps as `euler_step(..., eager_rounding=True)`: with `out_dtype=v_cond.dtype`, a
+    diffusers pipeline's combine + scheduler step bit for bit.
     """
     check_float_tensor("x", x)
     row = _check_guidance(v_cond, v_uncond, scale, rescale, norm_dim, stats)
@@ -521,23 +525,31 @@ def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma:
     check_sigma("sigma", sigma, x, per_sample_only=True)
     check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
     check_out_dtype(out_dtype)
+    if not isinstance(eager_rounding, bool):
+        raise TypeError(f"eager_rounding must be a bool, got {type(eager_rounding).__name__}")
+    if eager_rounding and (rescale != "none" or isinstance(scale, Tensor)):
+        raise ValueError("eager_rounding reproduces the plain combine with a float scale: "
+                         "rescale must be 'none' and scale a float")
     return _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, norm_dim,
-                              stats, row, use_triton(x, v_cond, v_uncond), out_dtype)
+                              stats, row, use_triton(x, v_cond, v_uncond), out_dtype,
+                              eager_rounding)
 
 
 def _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, norm_dim, stats,
-                       row: int, triton: bool, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                       row: int, triton: bool, out_dtype: Optional[torch.dtype] = None,
+                       eager_rounding: bool = False) -> Tensor:
     """guided_euler_step after its checks (the samplers call this once per step)."""
     if not triton:
         out = ref.guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale,
-                                    norm_dim, out_dtype)
+                                    norm_dim, out_dtype, eager_rounding)
         if stats is not None:
             stats.update(ref.guidance_stats(v_cond, v_uncond, scale, sigma))
         return out
     from fmrt.kernels import step as K
     out, part = K.guided_step(x.contiguous(), v_cond.contiguous(), v_uncond.contiguous(), scale,
                               sigma, sigma_next, rescale=rescale, row=row,
-                              stats=stats is not None, out_dtype=out_dtype)
+                              stats=stats is not None, out_dtype=out_dtype,
+                              eager_rounding=eager_rounding)
     if stats is not None:
         stats.update(K.finish_stats(part, x[0].numel(), sigma))
     return out

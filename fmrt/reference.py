@@ -210,13 +210,13 @@ def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Tensor, weight=None,
 # ---------------------------------------------------------------------------------------------
 
 def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma,
-               out_dtype: Optional[torch.dtype] = None, round_product: bool = False) -> Tensor:
+               out_dtype: Optional[torch.dtype] = None, eager_rounding: bool = False) -> Tensor:
     """x' = x + (sigma_next - sigma) * v, rounded once to out_dtype (default x's dtype);
-    x and v may differ in dtype (both go to the compute dtype). round_product: h = sigma_next -
+    x and v may differ in dtype (both go to the compute dtype). eager_rounding: h = sigma_next -
     sigma and then h * v are each rounded to v's dtype before the add (diffusers' scheduler)."""
     dt = compute_dtype(x.dtype)
     h = broadcast_sigma(sigma_next, x) - broadcast_sigma(sigma, x)
-    if round_product:
+    if eager_rounding:
         p = (h.to(v.dtype).to(dt) * v.to(dt)).to(v.dtype).to(dt)
         return (x.to(dt) + p).to(out_dtype or x.dtype)
     return (x.to(dt) + h * v.to(dt)).to(out_dtype or x.dtype)
@@ -270,9 +270,20 @@ def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale, rescale: str = "none",
 def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma: Sigma,
                       sigma_next: Sigma, rescale: str = "none",
                       norm_dim: Optional[int] = None,
-                      out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                      out_dtype: Optional[torch.dtype] = None,
+                      eager_rounding: bool = False) -> Tensor:
     """x' = x + (sigma_next - sigma) * guided_velocity(...), fp32 math, one rounding to
-    out_dtype (default x's dtype); x may differ in dtype from v_cond / v_uncond."""
+    out_dtype (default x's dtype); x may differ in dtype from v_cond / v_uncond.
+    eager_rounding (rescale "none", a float scale): d = c - u, scale * d and v = u + scale * d
+    each rounded to the model dtype (a pipeline's eager combine), then
+    `euler_step(..., eager_rounding=True)` (diffusers' scheduler step)."""
+    if eager_rounding:
+        md = v_cond.dtype
+        cd = compute_dtype(md)
+        c, u = v_cond.to(cd), v_uncond.to(cd)
+        d = (c - u).to(md).to(cd)
+        v = (u + (float(scale) * d).to(md).to(cd)).to(md)
+        return euler_step(x, v, sigma, sigma_next, out_dtype, eager_rounding=True)
     dt = compute_dtype(x.dtype)
     v = guided_velocity(v_cond, v_uncond, scale, rescale, norm_dim)
     h = broadcast_sigma(sigma_next, x) - broadcast_sigma(sigma, x)

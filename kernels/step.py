@@ -37,11 +37,20 @@ def _rne_bf16(x):
 
 
 @triton.jit
+def _round_to(x, DT: tl.constexpr):
+    """fp32 x rounded to DT (round to nearest even), kept in fp32."""
+    if DT == tl.bfloat16:
+        return _rne_bf16(x)
+    else:
+        return x.to(DT).to(tl.float32)
+
+
+@triton.jit
 def _euler_kernel(x_ptr, v_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, n, inner,
-                  S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, ROUND_PRODUCT: tl.constexpr,
+                  S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, EAGER_ROUNDING: tl.constexpr,
                   BLOCK: tl.constexpr):
     """out = x + (sigma_next - sigma) * v, fp32 math, one rounding to out's dtype.
-    ROUND_PRODUCT: h = sigma_next - sigma, then h * v, each rounded to v's dtype before the add
+    EAGER_ROUNDING: h = sigma_next - sigma, then h * v, each rounded to v's dtype before the add
     (diffusers' scheduler; launched without FMA contraction so fp32 rounds twice as well)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -51,14 +60,9 @@ def _euler_kernel(x_ptr, v_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
     h = sn - s
-    if ROUND_PRODUCT:
+    if EAGER_ROUNDING:
         vt = v_ptr.dtype.element_ty
-        if vt == tl.bfloat16:
-            y = x + _rne_bf16(_rne_bf16(h) * v)
-        else:
-            y = x + (h.to(vt).to(tl.float32) * v).to(vt).to(tl.float32)
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            y = _rne_bf16(y)
+        y = _round_to(x + _round_to(_round_to(h, vt) * v, vt), out_ptr.dtype.element_ty)
     else:
         y = x + h * v
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
@@ -72,7 +76,7 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
                    sn_ptr, sn_val, sn_st, ratio_ptr, part_ptr, inner, C, n_chunks,
                    STEP: tl.constexpr, WRITE: tl.constexpr, G_TENSOR: tl.constexpr,
                    S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr, RESCALE: tl.constexpr,
-                   STATS: tl.constexpr, TOKEN: tl.constexpr,
+                   STATS: tl.constexpr, TOKEN: tl.constexpr, EAGER_ROUNDING: tl.constexpr,
                    ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Guided velocity and step for one tile of one sample (grid = (chunks, B)).
 
@@ -82,6 +86,8 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
     out = x + (sigma_next - sigma) * v  if STEP else v      (fp32 math, one rounding)
     STATS: this program's partial sums of c, c^2, u, u^2, d, d^2, v^2 (v before any rescale)
     go to part[b, chunk, :]; the host finishes the per-sample statistics from them.
+    EAGER_ROUNDING (RESCALE 0): d, g * d, v, dt and dt * v each rounded to the model (c's)
+    dtype, as eager torch evaluates a pipeline's combine and diffusers' scheduler step.
     The tile is [ROWS, BLOCK_C] rows of length C; the flat (per-sample) layout is ROWS = 1,
     C = BLOCK_C, so chunk k covers elements [k * C, (k + 1) * C) of the sample.
     """
@@ -99,8 +105,13 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
     g = _load_sigma(g_ptr, g_val, g_st, b, G_TENSOR)
     c = tl.load(c_ptr + offs, mask=m, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    d = c - u
-    v = u + g * d
+    if EAGER_ROUNDING:
+        ct = c_ptr.dtype.element_ty
+        d = _round_to(c - u, ct)
+        v = _round_to(u + _round_to(g * d, ct), ct)
+    else:
+        d = c - u
+        v = u + g * d
     if STATS:
         p = part_ptr + (b.to(tl.int64) * n_chunks + chunk) * 8
         tl.store(p + 0, tl.sum(tl.sum(c, axis=1), axis=0))
@@ -123,7 +134,12 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
             s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
             sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
             x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            v = x + (sn - s) * v
+            if EAGER_ROUNDING:
+                ct = c_ptr.dtype.element_ty
+                v = _round_to(x + _round_to(_round_to(sn - s, ct) * v, ct),
+                              out_ptr.dtype.element_ty)
+            else:
+                v = x + (sn - s) * v
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -219,7 +235,7 @@ def sigma_args(sigma, like: torch.Tensor, batch: int):
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next,
-               out_dtype=None, round_product: bool = False) -> torch.Tensor:
+               out_dtype=None, eager_rounding: bool = False) -> torch.Tensor:
     """x, v contiguous with the same shape (any float dtypes, loaded as they are); sigma /
     sigma_next floats or `[B]` / 0-d tensors; the result in out_dtype (default x's dtype)."""
     out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
@@ -233,8 +249,8 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next,
     grid = (triton.cdiv(n, BLOCK),)
     _euler_kernel[grid](x, v, out, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, n,
                         max(n // batch, 1), S_TENSOR=s_t, SN_TENSOR=sn_t,
-                        ROUND_PRODUCT=round_product, BLOCK=BLOCK,
-                        enable_fp_fusion=not round_product)
+                        EAGER_ROUNDING=eager_rounding, BLOCK=BLOCK,
+                        enable_fp_fusion=not eager_rounding)
     return out
 
 
@@ -285,7 +301,7 @@ def finish_stats(part: torch.Tensor, n: int, sigma) -> dict:
 
 
 def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, stats: bool,
-                out_dtype=None):
+                out_dtype=None, eager_rounding: bool = False):
     """CFG combine (+ norm rescale) (+ Euler step when x is not None) (+ statistics).
 
     c, u (and x) contiguous with the same shape `[B, ...]` (x may have another float dtype);
@@ -323,8 +339,8 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
     mode = 0
     if rescale == "norm" and not token:
         _guided_kernel[grid](xx, c, u, out, *sig, ratio, part, inner, C, chunks, STEP=False,
-                             WRITE=False, RESCALE=0, STATS=True, TOKEN=token, ROWS=rows,
-                             BLOCK_C=bc,
+                             WRITE=False, RESCALE=0, STATS=True, TOKEN=token,
+                             EAGER_ROUNDING=False, ROWS=rows, BLOCK_C=bc,
                              num_warps=warps, **flags)
         ratio = torch.empty(B, dtype=torch.float32, device=c.device)
         _ratio_kernel[(B,)](part, ratio, chunks, BLOCK=min(1024, max(32, _pow2(chunks))),
@@ -336,7 +352,8 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
         stats_here = stats
     _guided_kernel[grid](xx, c, u, out, *sig, ratio, part if part is not None else c, inner, C,
                          chunks, STEP=step, WRITE=True, RESCALE=mode, STATS=stats_here,
-                         TOKEN=token, ROWS=rows, BLOCK_C=bc, num_warps=warps, **flags)
+                         TOKEN=token, EAGER_ROUNDING=eager_rounding, ROWS=rows, BLOCK_C=bc,
+                         num_warps=warps, enable_fp_fusion=not eager_rounding, **flags)
     return out, (part if stats else None)
 
 

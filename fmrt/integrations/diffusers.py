@@ -304,9 +304,8 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
 
     Numerics: `step` is diffusers' arithmetic bit for bit (`sample.float() + dt *
     model_output` with torch's promotion: dt and the product rounded to the model dtype, the
-    sum to `model_output`'s dtype; `ops.euler_step(..., round_product=True)`). `step_cfg` keeps
-    the guided velocity and the product in fp32 (diffusers' pipelines round the CFG combine to
-    bf16 op by op): within a bf16 ulp or two of combine-then-`step`.
+    sum to `model_output`'s dtype; `ops.euler_step(..., eager_rounding=True)`). `step_cfg` with
+    a float scale and no rescale is the pipeline's eager combine + `step` bit for bit.
     Unsupported (ValueError): `stochastic_sampling=True`, `per_token_timesteps`, more than one
     timestep per step.
     """
@@ -403,10 +402,10 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
              per_token_timesteps: Optional[Tensor] = None, return_dict: bool = True
              ) -> Union[FlowMatchEulerDiscreteSchedulerOutput, tuple]:
         """`sample + (sigma_next - sigma) * model_output` in model_output's dtype, rounded as
-        diffusers rounds it, one fused kernel. model_output, sample: `[B, ...]` of one shape (dtypes may differ);
-        timestep: one of `timesteps` (float or 1-element float tensor). s_churn, s_tmin,
-        s_tmax, s_noise and generator are ignored, as in diffusers without stochastic
-        sampling; per_token_timesteps is not supported (ValueError)."""
+        diffusers rounds it, one fused kernel. model_output, sample: `[B, ...]` of one shape
+        (dtypes may differ); timestep: one of `timesteps` (float or 1-element float tensor).
+        s_churn, s_tmin, s_tmax, s_noise and generator are ignored, as in diffusers without
+        stochastic sampling; per_token_timesteps is not supported (ValueError)."""
         if per_token_timesteps is not None:
             raise ValueError("per_token_timesteps is not supported by fmrt's fused step; use "
                              "diffusers' FlowMatchEulerDiscreteScheduler for it")
@@ -415,7 +414,7 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
         ops.check_same("model_output", model_output, "sample", sample, dtype=False)
         sigma, sigma_next, idx = self._step_sigmas(timestep, sample)
         prev = ops.euler_step(sample, model_output, sigma, sigma_next,
-                              out_dtype=model_output.dtype, round_product=True)
+                              out_dtype=model_output.dtype, eager_rounding=True)
         return self._finish(prev, idx, return_dict)
 
     def step_cfg(self, v_cond: Tensor, v_uncond: Tensor, guidance_scale: Union[float, Tensor],
@@ -423,16 +422,23 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
                  norm_dim: Optional[int] = None, return_dict: bool = True
                  ) -> Union[FlowMatchEulerDiscreteSchedulerOutput, tuple]:
         """Classifier-free guidance and the step in one kernel (`fmrt.ops.guided_euler_step`):
-        `step(v_uncond + guidance_scale * (v_cond - v_uncond), timestep, sample)`, the guided
-        velocity kept in fp32. rescale="norm": true-CFG `v *= ||v_cond|| / ||v||` per sample
-        (norm_dim=None) or per token (norm_dim=-1, packed `[B, L, C]`). v_cond, v_uncond:
-        the model's outputs (one dtype, the result's); guidance_scale: float or `[B]`."""
+        `step(v_uncond + guidance_scale * (v_cond - v_uncond), timestep, sample)`. v_cond,
+        v_uncond: the model's outputs (one dtype, the result's).
+
+        With a float guidance_scale and no rescale this is a pipeline's eager loop bit for bit
+        (the combine rounded op by op to the model dtype, as `v_uncond + s * (v_cond -
+        v_uncond)` is in WanPipeline, then `step`; `eager_rounding=True`). A `[B]`
+        guidance_scale, or rescale="norm" (true CFG `v *= ||v_cond|| / ||v||` per sample,
+        norm_dim=None, or per token, norm_dim=-1 on packed `[B, L, C]`), keep the guided
+        velocity in fp32 instead."""
         ops.check_float_tensor("sample", sample)
         ops.check_float_tensor("v_cond", v_cond)
         ops.check_same("v_cond", v_cond, "sample", sample, dtype=False)
         sigma, sigma_next, idx = self._step_sigmas(timestep, sample)
+        eager = rescale == "none" and not isinstance(guidance_scale, Tensor)
         prev = ops.guided_euler_step(sample, v_cond, v_uncond, guidance_scale, sigma, sigma_next,
-                                     rescale=rescale, norm_dim=norm_dim, out_dtype=v_cond.dtype)
+                                     rescale=rescale, norm_dim=norm_dim, out_dtype=v_cond.dtype,
+                                     eager_rounding=eager)
         return self._finish(prev, idx, return_dict)
 
     def scale_noise(self, sample: Tensor, timestep: Union[float, Tensor],

@@ -387,14 +387,16 @@ def test_cuda_loop_has_no_sync(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("name", ["wan_shift5", "flux_dynamic_mu", "karras"])
-def test_whole_loop_bit_for_bit(name, dtype, backend):
-    """`step` rounds as diffusers' step does (dt and dt * v in the model dtype, no FMA): a whole
-    guided loop from fp32 latents with a model of `dtype` gives diffusers' samples exactly, on
-    the torch path and in the kernel."""
+@pytest.mark.parametrize("fused", [False, True], ids=["step", "step_cfg"])
+def test_whole_loop_bit_for_bit(name, dtype, backend, fused):
+    """`step` rounds as diffusers' step does (dt and dt * v in the model dtype, no FMA), and
+    `step_cfg` rounds the combine as the pipeline's eager `u + s * (c - u)` does: a whole guided
+    loop from fp32 latents with a model of `dtype` gives diffusers' samples exactly, on the
+    torch path and in the kernel."""
     d, f = pair(name)
     x = torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(1))
     want = guided_loop(d, x, _set(d, name), dtype)
     with use_backend(backend):
-        got = guided_loop(f, x, _set(f, name), dtype)
+        got = guided_loop(f, x, _set(f, name), dtype, fused=fused)
     assert got.dtype == want.dtype == dtype
     assert torch.equal(got, want)

@@ -493,8 +493,8 @@ def test_sde_step_strided_tensor_sigmas_inputs_untouched():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("vdtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_euler_round_product_is_torch_promotion_bit_for_bit(backend, vdtype, per_sample):
-    """round_product against diffusers' own expression `(sample.float() + dt * model_output)
+def test_euler_eager_rounding_is_torch_promotion_bit_for_bit(backend, vdtype, per_sample):
+    """eager_rounding against diffusers' own expression `(sample.float() + dt * model_output)
     .to(model_output.dtype)` evaluated by torch (dt a 0-d fp32 tensor: torch's promotion rounds
     it and the product to the model dtype; a per-sample dt is given in the model dtype, as that
     promotion would make it)."""
@@ -506,7 +506,7 @@ def test_euler_round_product_is_torch_promotion_bit_for_bit(backend, vdtype, per
     dt = (sn - s).view(-1, 1, 1, 1).to(vdtype) if per_sample else sn - s
     want = (x.float() + dt * v).to(vdtype)
     with use_backend(backend):
-        got = ops.euler_step(x, v, s, sn, out_dtype=vdtype, round_product=True)
+        got = ops.euler_step(x, v, s, sn, out_dtype=vdtype, eager_rounding=True)
         plain = ops.euler_step(x, v, s, sn, out_dtype=vdtype)
     assert got.dtype == vdtype
     assert torch.equal(got, want)
@@ -514,25 +514,60 @@ def test_euler_round_product_is_torch_promotion_bit_for_bit(backend, vdtype, per
         assert not torch.equal(plain, want)
 
 
-def test_euler_round_product_specials_and_ties():
+def test_euler_eager_rounding_specials_and_ties():
     """NaN stays NaN, inf stays inf, overflow rounds to inf, exact ties go to even, in the
     kernel as in torch (the kernel writes bf16 round-to-nearest-even out by hand)."""
     x = torch.tensor([[0.0, 1.0, 1.0, float("nan"), 3.3e38, 1.0, -1.0, 2.0]])
     v = -torch.tensor([[float("inf"), float("nan"), 2.0 ** -8, 1.0, 1.0e38, 3 * 2.0 ** -8,
                         -(2.0 ** -8), 0.0]]).to(torch.bfloat16)
     s, sn = 1.0, 0.0   # dt = -1
-    want = ops.euler_step(x, v, s, sn, out_dtype=torch.bfloat16, round_product=True)
+    want = ops.euler_step(x, v, s, sn, out_dtype=torch.bfloat16, eager_rounding=True)
     with use_backend("triton"):
-        got = ops.euler_step(x, v, s, sn, out_dtype=torch.bfloat16, round_product=True)
+        got = ops.euler_step(x, v, s, sn, out_dtype=torch.bfloat16, eager_rounding=True)
     torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
     assert got[0, 0].isinf() and got[0, 1].isnan() and got[0, 4].isinf()
-    assert got[0, 2] == 1.0 and got[0, 5] == 1.015625   # ties to even: 1+2^-8 -> 1, 1+3*2^-8 -> 1+2^-6
+    # ties to even: 1 + 2^-8 -> 1, 1 + 3 * 2^-8 -> 1 + 2^-6
+    assert got[0, 2] == 1.0 and got[0, 5] == 1.015625
 
 
-def test_euler_round_product_bad_input():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("vdtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("stats", [False, True])
+def test_guided_eager_rounding_is_the_eager_pipeline_bit_for_bit(backend, vdtype, stats):
+    """eager_rounding against the pipeline's own expressions evaluated by torch: the combine
+    `u + g * (c - u)` in the model dtype, then diffusers' `(x.float() + dt * v).to(v.dtype)`."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 4, 9, 7, generator=g) * 3
+    c, u = ((torch.randn(2, 4, 9, 7, generator=g) * 2).to(vdtype) for _ in range(2))
+    s, sn = torch.tensor(0.7311), torch.tensor(0.6902)
+    v = u + 4.5 * (c - u)
+    want = (x.float() + (sn - s) * v).to(vdtype)
+    st = {} if stats else None
+    with use_backend(backend):
+        got = ops.guided_euler_step(x, c, u, 4.5, s, sn, out_dtype=vdtype, eager_rounding=True,
+                                    stats=st)
+        plain = ops.guided_euler_step(x, c, u, 4.5, s, sn, out_dtype=vdtype)
+    assert torch.equal(got, want)
+    if vdtype != torch.float32:
+        assert not torch.equal(plain, want)
+    if stats:
+        assert set(st) >= {"cond_mean", "cfg_diff_norm"}
+
+
+def test_guided_eager_rounding_bad_input():
     x = torch.zeros(2, 3)
-    with pytest.raises(TypeError, match="round_product"):
-        ops.euler_step(x, x, 0.5, 0.4, round_product=1)
+    with pytest.raises(ValueError, match="rescale must be 'none'"):
+        ops.guided_euler_step(x, x, x, 2.0, 0.5, 0.4, rescale="norm", eager_rounding=True)
+    with pytest.raises(ValueError, match="scale a float"):
+        ops.guided_euler_step(x, x, x, torch.tensor([2.0, 3.0]), 0.5, 0.4, eager_rounding=True)
+    with pytest.raises(TypeError, match="eager_rounding"):
+        ops.guided_euler_step(x, x, x, 2.0, 0.5, 0.4, eager_rounding="yes")
+
+
+def test_euler_eager_rounding_bad_input():
+    x = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="eager_rounding"):
+        ops.euler_step(x, x, 0.5, 0.4, eager_rounding=1)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -561,14 +596,17 @@ def test_guided_and_sde_on_cuda_at_wan_size(dtype, mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("vdtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_euler_round_product_on_cuda_is_diffusers_bit_for_bit(vdtype):
+def test_euler_eager_rounding_on_cuda_is_diffusers_bit_for_bit(vdtype):
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn((2, 16, 21, 60, 104), generator=g, device=dev)
     v = torch.randn(x.shape, generator=g, device=dev).to(vdtype)
     s, sn = torch.tensor(0.8123, device=dev), torch.tensor(0.7531, device=dev)
-    got = ops.euler_step(x, v, s, sn, out_dtype=vdtype, round_product=True)
+    got = ops.euler_step(x, v, s, sn, out_dtype=vdtype, eager_rounding=True)
     assert torch.equal(got, (x.float() + (sn - s) * v).to(vdtype))
+    c, u = v, torch.randn(x.shape, generator=g, device=dev).to(vdtype)
+    got = ops.guided_euler_step(x, c, u, 5.0, s, sn, out_dtype=vdtype, eager_rounding=True)
+    assert torch.equal(got, (x.float() + (sn - s) * (u + 5.0 * (c - u))).to(vdtype))
 
 
 _AOT_SCRIPT = r'''
@@ -595,7 +633,7 @@ for n in ("g", "s", "sn"):
     g.update({n + "_ptr": "*fp32", n + "_val": "fp32", n + "_st": "i32"})
 g.update(ratio_ptr="*fp32", part_ptr="*fp32", inner="i32", C="i32", n_chunks="i32")
 base = dict(STEP=True, WRITE=True, G_TENSOR=True, S_TENSOR=True, SN_TENSOR=True, RESCALE=0,
-            STATS=True, TOKEN=False, ROWS=1, BLOCK_C=4096)
+            STATS=True, TOKEN=False, EAGER_ROUNDING=False, ROWS=1, BLOCK_C=4096)
 out = {
     "flat": comp(K._guided_kernel, g, base, 8),
     "token": comp(K._guided_kernel, g, dict(base, RESCALE=2, TOKEN=True, ROWS=64, BLOCK_C=64), 8),

@@ -80,25 +80,20 @@ def _step_fn(provider: str, model, x: torch.Tensor, ctx: torch.Tensor, neg: torc
         from diffusers import FlowMatchEulerDiscreteScheduler
         sched = FlowMatchEulerDiscreteScheduler(**SCHEDULER)
 
-        def step():
-            sched.set_timesteps(STEPS, device=DEVICE)
-            t = sched.timesteps[STEP_INDEX]
-            with torch.no_grad():
-                v_cond = _forward(model, x, t, ctx)
-                v_uncond = _forward(model, x, t, neg)
-                v = v_uncond + GUIDANCE * (v_cond - v_uncond)
-                return sched.step(v, t, x, return_dict=False)[0]
+        def guided_step(c, u, t):  # the pipeline's eager combine, then the scheduler's step
+            return sched.step(u + GUIDANCE * (c - u), t, x, return_dict=False)[0]
     else:
         from fmrt.integrations.diffusers import FlowMatchEulerDiscreteScheduler
         sched = FlowMatchEulerDiscreteScheduler(**SCHEDULER)
 
-        def step():
-            sched.set_timesteps(STEPS, device=DEVICE)
-            t = sched.timesteps[STEP_INDEX]
-            with torch.no_grad():
-                v_cond = _forward(model, x, t, ctx)
-                v_uncond = _forward(model, x, t, neg)
-                return sched.step_cfg(v_cond, v_uncond, GUIDANCE, t, x, return_dict=False)[0]
+        def guided_step(c, u, t):  # combine and step fused
+            return sched.step_cfg(c, u, GUIDANCE, t, x, return_dict=False)[0]
+
+    def step():
+        sched.set_timesteps(STEPS, device=DEVICE)
+        t = sched.timesteps[STEP_INDEX]
+        with torch.no_grad():
+            return guided_step(_forward(model, x, t, ctx), _forward(model, x, t, neg), t)
     return step
 
 

@@ -40,6 +40,11 @@ def check_same(name: str, t: Tensor, like_name: str, like: Tensor, *, dtype: boo
         raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
 
 
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def check_first_frame(first_frame, x: Tensor, x_name: str) -> None:
     """TI2V first-frame latents: a float `[B, C, 1, H, W]` tensor matching video x `[B, C, T, H, W]`
     (T >= 2) on x's device."""
@@ -396,8 +401,7 @@ def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *,
     check_sigma("sigma", sigma, x, per_sample_only=True)
     check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
     check_out_dtype(out_dtype)
-    if not isinstance(eager_rounding, bool):
-        raise TypeError(f"eager_rounding must be a bool, got {type(eager_rounding).__name__}")
+    check_bool("eager_rounding", eager_rounding)
     return _euler_step(x, v, sigma, sigma_next, use_triton(x, v), out_dtype, eager_rounding)
 
 
@@ -525,8 +529,7 @@ def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma:
     check_sigma("sigma", sigma, x, per_sample_only=True)
     check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
     check_out_dtype(out_dtype)
-    if not isinstance(eager_rounding, bool):
-        raise TypeError(f"eager_rounding must be a bool, got {type(eager_rounding).__name__}")
+    check_bool("eager_rounding", eager_rounding)
     if eager_rounding and (rescale != "none" or isinstance(scale, Tensor)):
         raise ValueError("eager_rounding reproduces the plain combine with a float scale: "
                          "rescale must be 'none' and scale a float")

@@ -57,7 +57,8 @@ def child(objective: str, steps: int, warmup: int, batch_size: int, device: str,
     from fmrt.data import ShapesVideo, collate
     from fmrt.models import DiT, DiTConfig
     from fmrt.schedule import FlowMatchScheduler
-    from fmrt.train import TrainConfig, _mix, compute_loss, resolve_device
+    from fmrt._dispatch import resolve_device
+    from fmrt.train import TrainConfig, _mix, compute_loss
 
     dev = resolve_device(device)
     with open(CONFIG) as f:

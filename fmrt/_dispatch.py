@@ -1,4 +1,5 @@
-"""Backend choice: `FMRT_BACKEND` = auto (default) | triton | torch.
+"""Backend and device choice: `FMRT_BACKEND` = auto (default) | triton | torch, and
+`resolve_device` for the `--device` flags.
 
 - auto:   Triton kernels for CUDA tensors when Triton imports; the torch reference otherwise.
 - triton: always the Triton kernels; CPU tensors need `TRITON_INTERPRET=1` (how CI runs them).
@@ -77,3 +78,17 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "imported; use FMRT_BACKEND=torch (or auto) for the CPU reference path"
         )
     return True
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" -> cuda when available, else cpu; otherwise `torch.device(name)`, checked
+    (ValueError for a malformed name or CUDA asked for on a machine without it)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"not a device: {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return dev

@@ -95,7 +95,7 @@ def _check_writable_file(path: str) -> None:
 
 
 def _device(name: str):
-    from fmrt.train import resolve_device
+    from fmrt._dispatch import resolve_device
     return resolve_device(name)
 
 
@@ -284,7 +284,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _load(args):
-    from fmrt.train import load_model
+    from fmrt.checkpoint import load_model
     device = _device(args.device)
     if not os.path.isfile(args.checkpoint):
         raise CLIError(f"no such checkpoint: {args.checkpoint}")
@@ -362,7 +362,7 @@ def _save_atomic(img, path: str, fmt: str) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fmrt.eval import generate_clips
+    from fmrt.sampling import generate_clips
     if args.diffusers is not None:
         return sample_diffusers(args)
     for flag, given in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
@@ -559,7 +559,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from fmrt.eval import CLASSIFIER_PATH, evaluate_clips, generate_clips, load_classifier
+    from fmrt.eval import CLASSIFIER_PATH, evaluate_clips, load_classifier
+    from fmrt.sampling import generate_clips
     if args.json:
         _check_writable_file(args.json)
     model, meta, device = _load(args)
@@ -605,7 +606,7 @@ def cmd_reflow(args: argparse.Namespace) -> int:
     """Reflow couplings (SPEC 5) with `fmrt.reflow.make_couplings`: noise from --seed, the
     model's samples from exactly that noise (the checkpoint's grid, --solver, --steps,
     --guidance-scale), the class labels as `cond`; `fmrt train --couplings` reads them."""
-    from fmrt.eval import generate_clips
+    from fmrt.sampling import generate_clips
     from fmrt.reflow import make_couplings, save_couplings
     _check_writable_file(args.out)
     model, meta, device = _load(args)

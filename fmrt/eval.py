@@ -175,54 +175,6 @@ def evaluate_clips(clips: Tensor, labels: Tensor, *, classifier: Optional[ClipCl
                 fd=frechet_distance(fr, fg), num=int(clips.shape[0]))
 
 
-def _grid_sigmas(meta: dict, steps: int, shift: Optional[float], device) -> Tensor:
-    from fmrt.schedule import FlowMatchScheduler
-    s = meta.get("sample", {}) or {}
-    sched = FlowMatchScheduler(s.get("template") or "Wan")
-    k = shift if shift is not None else s.get("shift")
-    sched.set_timesteps(steps, **({} if k is None else {"shift": k}))
-    return sched, sched.sigma_grid(device)
-
-
-@torch.no_grad()
-def generate_clips(model, meta: dict, labels: Tensor, *, steps: int = 20, solver: str = "euler",
-                   guidance_scale: float = 1.0, seed: int = 0, shift: Optional[float] = None,
-                   device=None, dtype: Optional[torch.dtype] = None, recorder=None,
-                   progress: bool = False, noise: Optional[Tensor] = None,
-                   clamp: bool = True) -> Tensor:
-    """Sample clips of classes `labels` `[N]` from a class-conditional DiT loaded with
-    `fmrt.train.load_model`: noise from `seed` (sample i is the i-th draw of one generator),
-    the grid of the checkpoint's scheduler template and shift over `steps` steps, CFG against
-    the null class when guidance_scale != 1 (`noise` `[N, C, T, H, W]`: use this noise instead).
-    Returns float32 `[N, C, T, H, W]`, clamped to [-1, 1] unless clamp=False."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    shape = tuple((meta.get("sample") or {}).get("sample_shape") or ())
-    if len(shape) != 4:
-        raise ValueError("checkpoint has no sample_shape: cannot tell the clip size")
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
-    n = labels.shape[0]
-    if noise is None:
-        g = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn((n, *shape), generator=g)
-    elif tuple(noise.shape) != (n, *shape):
-        raise ValueError(f"noise must be {[n, *shape]}, got {list(noise.shape)}")
-    noise = noise.to(device)
-    sched, sigmas = _grid_sigmas(meta, steps, shift, device)
-    uncond = torch.full_like(labels, int(model.config.num_classes))
-    dt = dtype or next(model.parameters()).dtype
-    from fmrt import sampling
-    if solver == "meanflow":
-        def net(z, r, t, c):   # the sampler's u(z, r, t) convention -> the DiT's
-            return model(z, t, c, r=r)
-    else:
-        net = model
-    x = sampling.sample(net, noise.to(dt), sigmas=sigmas, solver=solver,
-                        guidance_scale=guidance_scale, cond=labels,
-                        uncond=uncond if guidance_scale != 1.0 else None, seed=seed,
-                        recorder=recorder, progress=progress)
-    return x.float().clamp(-1, 1) if clamp else x.float()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m fmrt.eval --write-asset`: (re)train the shipped classifier."""
     import argparse

@@ -515,3 +515,56 @@ class CapturedSampler:
             self.noise.copy_(noise)
         self.graph.replay()
         return self.out.clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# generating clips from an fmrt model file
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_sigma_grid(meta: dict, steps: int, shift: Optional[float] = None,
+                          device=None) -> Tensor:
+    """The sigma grid `[steps + 1]` of a model's recorded sampling setup (`meta["sample"]`:
+    its FlowMatchScheduler template and shift; `shift` overrides the latter) on `device`."""
+    from fmrt.schedule import FlowMatchScheduler
+    s = meta.get("sample", {}) or {}
+    sched = FlowMatchScheduler(s.get("template") or "Wan")
+    k = shift if shift is not None else s.get("shift")
+    sched.set_timesteps(steps, **({} if k is None else {"shift": k}))
+    return sched.sigma_grid(device)
+
+
+@torch.no_grad()
+def generate_clips(model, meta: dict, labels: Tensor, *, steps: int = 20, solver: str = "euler",
+                   guidance_scale: float = 1.0, seed: int = 0, shift: Optional[float] = None,
+                   device=None, dtype: Optional[torch.dtype] = None,
+                   noise: Optional[Tensor] = None, clamp: bool = True,
+                   **sample_kwargs) -> Tensor:
+    """Sample clips of classes `labels` `[N]` from a class-conditional DiT loaded with
+    `fmrt.checkpoint.load_model` (`meta`: its metadata): noise from `seed` (sample i is the i-th
+    draw of one CPU generator; `noise` `[N, C, T, H, W]`: use this noise instead), the grid of
+    the model's scheduler template and shift over `steps` steps, CFG against the null class
+    when guidance_scale != 1. Other keyword arguments (recorder, progress, ...) go to `sample`.
+    Returns float32 `[N, C, T, H, W]`, clamped to [-1, 1] unless clamp=False."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    shape = tuple((meta.get("sample") or {}).get("sample_shape") or ())
+    if len(shape) != 4:
+        raise ValueError("checkpoint has no sample_shape: cannot tell the clip size")
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
+    n = labels.shape[0]
+    if noise is None:
+        g = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn((n, *shape), generator=g)
+    elif tuple(noise.shape) != (n, *shape):
+        raise ValueError(f"noise must be {[n, *shape]}, got {list(noise.shape)}")
+    sigmas = checkpoint_sigma_grid(meta, steps, shift, device)
+    uncond = torch.full_like(labels, int(model.config.num_classes))
+    dt = dtype or next(model.parameters()).dtype
+    if solver == "meanflow":
+        def net(z, r, t, c):   # the sampler's u(z, r, t) convention -> the DiT's
+            return model(z, t, c, r=r)
+    else:
+        net = model
+    x = sample(net, noise.to(device=device, dtype=dt), sigmas=sigmas, solver=solver,
+               guidance_scale=guidance_scale, cond=labels,
+               uncond=uncond if guidance_scale != 1.0 else None, seed=seed, **sample_kwargs)
+    return x.float().clamp(-1, 1) if clamp else x.float()

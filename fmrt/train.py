@@ -28,18 +28,20 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from fmrt._dispatch import resolve_device
+from fmrt.checkpoint import (TrainState, checkpoint_path, export_model, list_checkpoints,
+                             load_model, load_optimizer, load_state, load_train_state,
+                             merge_lora, optimizer_tensors, prune_checkpoints, save_train_state)
 from fmrt.data import (CouplingDataset, LatentFolderDataset, NUM_CLASSES, ShapesVideo,
                        collate)
 
 OBJECTIVES = ("sft", "meanflow")
 LR_SCHEDULES = ("constant", "cosine")
-MODEL_FORMAT = "fmrt.dit"
-CHECKPOINT_FORMAT = "fmrt.train_state"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -165,38 +167,6 @@ def _mix(*xs: int) -> int:
     return h
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_save_safetensors(tensors: dict, path: str, metadata: dict) -> None:
-    from safetensors.torch import save as st_save
-    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                   metadata=metadata)
-    _atomic_write_bytes(path, data)
-
-
-def _atomic_write_json(path: str, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"not a device: {name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return dev
-
-
 # ---------------------------------------------------------------------------------------------
 # model construction, export and loading
 # ---------------------------------------------------------------------------------------------
@@ -259,98 +229,6 @@ def apply_lora(model: nn.Module, rank: int, alpha: Optional[float] = None) -> nn
     return model
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's state dict with LoRA adapters (if any) merged into their base weights, under
-    the base model's key names."""
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    for name, mod in model.named_modules():
-        A, B = getattr(mod, "lora_A", None), getattr(mod, "lora_B", None)
-        if not isinstance(A, nn.ModuleDict) or "default" not in A:
-            continue
-        scale = mod.scaling["default"]
-        wkey = f"{name}.base_layer.weight"
-        w = state[wkey].float() + scale * (B["default"].weight.float() @ A["default"].weight.float())
-        state[f"{name}.weight"] = w.to(state[wkey].dtype)
-        if f"{name}.base_layer.bias" in state:
-            state[f"{name}.bias"] = state[f"{name}.base_layer.bias"]
-    return {k: v for k, v in state.items() if "lora_" not in k and ".base_layer." not in k}
-
-
-def export_model(path: str, state: dict[str, Tensor], meta: dict) -> None:
-    """Write `path` (.safetensors, weights) and its sibling `.json` (meta), atomically."""
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"model path must end with .safetensors, got {path}")
-    meta = dict(meta, format=MODEL_FORMAT)
-    _atomic_save_safetensors(state, path, {"fmrt": json.dumps(meta)})
-    _atomic_write_json(path[: -len(".safetensors")] + ".json", meta)
-
-
-def read_meta(path: str) -> dict:
-    """The JSON metadata of an fmrt model or checkpoint file (its `.json` sibling, else the
-    copy inside the safetensors header)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    js = path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else None
-    if js and os.path.isfile(js):
-        try:
-            with open(js, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{js}: unreadable checkpoint config ({e})") from None
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            md = f.metadata() or {}
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable safetensors checkpoint ({e})") from None
-    if "fmrt" not in md:
-        raise ValueError(f"{path}: not an fmrt checkpoint (no config next to it or inside it)")
-    return json.loads(md["fmrt"])
-
-
-def _load_tensors(path: str) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-    try:
-        return load_file(path)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable safetensors checkpoint ({e})") from None
-
-
-def load_model(path: str, *, device: Optional[torch.device] = None,
-               dtype: Optional[torch.dtype] = None):
-    """Load an exported model (`model.safetensors` + `model.json`) or a resumable training
-    checkpoint (its EMA weights when it has them) for inference. Returns (DiT in eval mode,
-    meta dict). Raises FileNotFoundError / ValueError with a one-line message on a missing,
-    corrupt or mismatched file."""
-    from fmrt.models import DiT, DiTConfig
-    meta = read_meta(path)
-    if meta.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
-        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
-    try:
-        cfg = DiTConfig.from_dict(meta["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: bad model config in checkpoint ({e})") from None
-    tensors = _load_tensors(path)
-    if meta["format"] == CHECKPOINT_FORMAT:
-        state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-        state.update(ema)
-        if any("lora_" in k for k in state):
-            model = DiT(cfg)
-            t = meta.get("train", {})
-            model = apply_lora(model, int(t.get("lora_rank", 0)), t.get("lora_alpha"))
-            _load_state(model, state, path)
-            state = merged_state_dict(model)
-    else:
-        state = tensors
-    model = DiT(cfg)
-    _load_state(model, state, path)
-    model.eval().requires_grad_(False)
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-    return model, meta
-
-
 def _meanflow_from_flow_model(base: nn.Module, path: str) -> nn.Module:
     """A MeanFlow DiT that starts as the flow-matching DiT `base`: every weight copied, the new
     h-embedding MLP (`time_embedding_h`) with its first Linear at the usual init and its last
@@ -363,27 +241,12 @@ def _meanflow_from_flow_model(base: nn.Module, path: str) -> nn.Module:
     for k, v in model.state_dict().items():
         if k.startswith("time_embedding_h."):
             state[k] = v
-    _load_state(model, state, path)
+    load_state(model, state, path)
     with torch.no_grad():
         last = model.time_embedding_h[-1]
         last.weight.zero_()
         last.bias.zero_()
     return model.to(dtype=next(base.parameters()).dtype)
-
-
-def _load_state(model: nn.Module, state: dict, path: str) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the model (missing "
-                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
-                         f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
-    for k, v in state.items():
-        if tuple(own[k].shape) != tuple(v.shape):
-            raise ValueError(f"{path}: checkpoint of another shape: {k} is {tuple(v.shape)}, "
-                             f"the model expects {tuple(own[k].shape)}")
-    model.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,46 +275,6 @@ class EMA:
             if n not in state:
                 raise ValueError(f"checkpoint has no EMA for parameter {n}")
             self.shadow[i].copy_(state[n])
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------
-
-_CKPT_RE = re.compile(r"^step-(\d+)\.safetensors$")
-
-
-def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of the complete checkpoints in `out_dir/checkpoints`, oldest first (a
-    checkpoint is complete when both its .safetensors and .json exist)."""
-    d = os.path.join(out_dir, "checkpoints")
-    if not os.path.isdir(d):
-        return []
-    out = []
-    for f in os.listdir(d):
-        m = _CKPT_RE.match(f)
-        if m and os.path.isfile(os.path.join(d, f[: -len(".safetensors")] + ".json")):
-            out.append((int(m.group(1)), os.path.join(d, f)))
-    return sorted(out)
-
-
-def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list]:
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            t = v if isinstance(v, Tensor) else torch.tensor(v)
-            tensors[f"optim.{pid}.{k}"] = t
-    return tensors, sd["param_groups"]
-
-
-def _optim_load(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: list) -> None:
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -743,59 +566,43 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
         raise ValueError("resuming an FSDP run is not supported yet (the optimizer state is "
                          "not gathered): resume without --fsdp, or start again")
     if resume_path:
-        meta = read_meta(resume_path)
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{resume_path}: not a resumable training checkpoint")
-        if meta["model"] != mcfg.to_dict():
+        ts = load_train_state(resume_path)
+        if ts.meta["model"] != mcfg.to_dict():
             raise ValueError(f"{resume_path}: checkpoint of another model configuration than "
                              f"this run's")
-        tensors = _load_tensors(resume_path)
-        state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         if fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                                  set_model_state_dict)
-            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+            set_model_state_dict(model, ts.model, options=StateDictOptions(full_state_dict=True))
         else:
-            _load_state(model, state, resume_path)
+            load_state(model, ts.model, resume_path)
         if not fsdp:
-            _optim_load(opt, tensors, meta["optim_groups"])
+            load_optimizer(opt, ts.optim, ts.optim_groups)
         if ema is not None:
-            ema.load({k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")})
-        if "rng.torch" in tensors:
-            torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        step = int(meta["step"])
+            ema.load({k: v.to(device) for k, v in ts.ema.items()})
+        if "torch" in ts.rng:
+            torch.set_rng_state(ts.rng["torch"])
+        if "cuda" in ts.rng and device.type == "cuda":
+            torch.cuda.set_rng_state(ts.rng["cuda"], device)
+        step = ts.step
 
     batches = _Batches(ds, config.batch_size, di.world, di.rank, config.seed)
     use_bf16 = device.type == "cuda" and config.mixed_precision in ("auto", "bf16")
     null_class = mcfg.num_classes
 
     def save_checkpoint(at: int) -> str:
-        path = os.path.join(out_dir, "checkpoints", f"step-{at:07d}.safetensors")
+        path = checkpoint_path(out_dir, at)
         state = _full_state(model, fsdp)                       # collectives: every rank
         ema_full = {k: _local(v) for k, v in ema.state().items()} if ema is not None else {}
         if not di.main:
             return path
-        tensors = {f"model.{k}": v for k, v in state.items()}
-        tensors.update({f"ema.{k}": v for k, v in ema_full.items()})
-        groups = []
-        if not fsdp:
-            ot, groups = _optim_tensors(opt)
-            tensors.update(ot)
-        tensors["rng.torch"] = torch.get_rng_state()
+        optim, groups = optimizer_tensors(opt) if not fsdp else ({}, [])
+        rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-        meta = dict(meta_base, format=CHECKPOINT_FORMAT, step=at, optim_groups=groups)
-        _atomic_save_safetensors(tensors, path, {"fmrt": json.dumps(meta)})
-        _atomic_write_json(path[: -len(".safetensors")] + ".json", meta)
-        if config.keep_checkpoints:
-            for _, old in list_checkpoints(out_dir)[:-config.keep_checkpoints]:
-                for p in (old, old[: -len(".safetensors")] + ".json"):
-                    try:
-                        os.remove(p)
-                    except OSError:
-                        pass
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        save_train_state(path, TrainState(step=at, meta=meta_base, model=state, ema=ema_full,
+                                          optim=optim, optim_groups=groups, rng=rng))
+        prune_checkpoints(out_dir, config.keep_checkpoints)
         return path
 
     from tqdm.auto import tqdm
@@ -867,12 +674,7 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
         full = dict(full)
         for k, v in ema_full.items():
             full[k] = v.to(full[k].dtype)
-        if config.lora_rank:
-            # merge on a copy of the (unsharded) module holding these weights
-            from fmrt.models import DiT
-            tmp = apply_lora(DiT(mcfg), config.lora_rank, config.lora_alpha)
-            tmp.load_state_dict({k: v.cpu() for k, v in full.items()})
-            full = merged_state_dict(tmp)
+        full = merge_lora(full, config.lora_rank, config.lora_alpha)
         export_model(model_path, {k: v.cpu() for k, v in full.items()},
                      dict(meta_base, step=step, ema=ema is not None))
     return dict(step=step, loss=last_loss, model_path=model_path, checkpoint=last_ckpt,

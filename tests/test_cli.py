@@ -183,8 +183,8 @@ def test_reflow_then_train_on_couplings(tiny_model, tmp_path, capsys):
     assert t["noise"].shape == t["sample"].shape == (8, 3, 2, 8, 8)
     assert t["cond"].tolist() == [i % 6 for i in range(8)]
     # the samples are the sampler's output from exactly that noise
-    from fmrt.eval import generate_clips
-    from fmrt.train import load_model
+    from fmrt.checkpoint import load_model
+    from fmrt.sampling import generate_clips
     model, meta = load_model(tiny_model)
     again = generate_clips(model, meta, t["cond"][:2], steps=2, noise=t["noise"][:2],
                            clamp=False)

@@ -1,0 +1,160 @@
+import os
+
+import pytest
+import torch
+
+from fmrt.checkpoint import (NonFiniteTensorError, TrainState, atomic_write_bytes,
+                             check_finite, checkpoint_path, export_model, list_checkpoints,
+                             load_model, load_train_state, merge_lora, prune_checkpoints,
+                             read_meta, remove_run, remove_stale_temporaries, run_files,
+                             save_train_state)
+from fmrt.models import DiT, DiTConfig
+from fmrt.train import train
+from tests.test_train import TINY, tiny_config
+
+
+def _dit(**kw):
+    torch.manual_seed(0)
+    return DiT(DiTConfig.preset("tiny", **dict(TINY, num_classes=6, **kw)))
+
+
+def _meta(model):
+    return dict(model=model.config.to_dict(), sample=dict(sample_shape=[3, 2, 8, 8]))
+
+
+def test_export_then_load_model_round_trip(tmp_path):
+    m = _dit()
+    path = str(tmp_path / "m.safetensors")
+    export_model(path, m.state_dict(), _meta(m))
+    assert sorted(os.listdir(tmp_path)) == ["m.json", "m.safetensors"]
+    back, meta = load_model(path)
+    assert meta["format"] == "fmrt.dit" and not back.training
+    for k, v in m.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    # the header's copy of the meta is enough without the .json
+    os.remove(tmp_path / "m.json")
+    assert read_meta(path) == meta
+    with pytest.raises(ValueError, match="must end with .safetensors"):
+        export_model(str(tmp_path / "m.pt"), m.state_dict(), _meta(m))
+
+
+def test_load_model_errors(tmp_path):
+    train(tiny_config(tmp_path / "a", steps=1))
+    with pytest.raises(FileNotFoundError):
+        load_model(str(tmp_path / "none.safetensors"))
+    with pytest.raises(ValueError, match="is a directory"):
+        load_model(str(tmp_path / "a"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError):
+        load_model(str(bad))
+    # weights of another shape under a config that claims this shape
+    other = train(tiny_config(tmp_path / "b", steps=1,
+                              model_overrides=dict(TINY, num_classes=6, dim=64)))
+    mixed = tmp_path / "mixed.safetensors"
+    mixed.write_bytes(open(other["model_path"], "rb").read())
+    (tmp_path / "mixed.json").write_text(open(tmp_path / "a" / "model.json").read())
+    with pytest.raises(ValueError, match="another shape"):
+        load_model(str(mixed))
+
+
+def test_nothing_non_finite_is_written(tmp_path):
+    m = _dit()
+    state = dict(m.state_dict())
+    check_finite(state, "x")                        # finite: passes
+    check_finite({"steps": torch.tensor([1, 2])}, "x")   # integer tensors are not checked
+    key = "blocks.0.ffn.0.weight"
+    state[key] = state[key].clone()
+    state[key][3, 1] = float("inf")
+    path = str(tmp_path / "m.safetensors")
+    with pytest.raises(NonFiniteTensorError, match=key):
+        export_model(path, state, _meta(m))
+    ck = checkpoint_path(str(tmp_path), 5)
+    os.makedirs(os.path.dirname(ck))
+    with pytest.raises(NonFiniteTensorError, match="ema.head.head.weight"):
+        save_train_state(ck, TrainState(step=5, meta=_meta(m), model=m.state_dict(),
+                                        ema={"head.head.weight": torch.full((2,), float("nan"))}))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_train_state_round_trip_and_listing(tmp_path):
+    m = _dit()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m(torch.randn(1, 3, 2, 8, 8), torch.rand(1), torch.tensor([1])).sum().backward()
+    opt.step()
+    from fmrt.checkpoint import load_optimizer, optimizer_tensors
+    optim, groups = optimizer_tensors(opt)
+    (tmp_path / "checkpoints").mkdir()
+    for step in (3, 1, 2):
+        save_train_state(checkpoint_path(str(tmp_path), step),
+                         TrainState(step=step, meta=_meta(m), model=m.state_dict(),
+                                    optim=optim, optim_groups=groups,
+                                    rng={"torch": torch.get_rng_state()}))
+    (tmp_path / "checkpoints" / "step-0000009.safetensors").write_bytes(b"half")  # no .json
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [1, 2, 3]
+    ts = load_train_state(checkpoint_path(str(tmp_path), 2))
+    assert ts.step == 2 and ts.meta["format"] == "fmrt.train_state"
+    assert torch.equal(ts.rng["torch"], torch.get_rng_state())
+    opt2 = torch.optim.AdamW(_dit().parameters(), lr=1e-3)
+    load_optimizer(opt2, ts.optim, ts.optim_groups)
+    again = optimizer_tensors(opt2)[0]
+    assert set(again) == set(optim)
+    for k, v in optim.items():
+        assert torch.equal(again[k], v), k
+    prune_checkpoints(str(tmp_path), 2)
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [2, 3]
+    export_model(str(tmp_path / "m.safetensors"), m.state_dict(), _meta(m))
+    with pytest.raises(ValueError, match="not a resumable"):
+        load_train_state(str(tmp_path / "m.safetensors"))
+
+
+def test_atomic_write_leaves_no_temporary_on_error(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(TypeError):
+        atomic_write_bytes(str(path), object())       # fails inside the write
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+    atomic_write_bytes(str(path), b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_stale_temporaries_and_run_files(tmp_path):
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    dead = 2 ** 22 + 12345          # above Linux's default pid_max: no such process
+    stale = [ck / f"step-0000004.safetensors.tmp{dead}", tmp_path / f"model.json.tmp{dead}",
+             tmp_path / f"metrics.jsonl.tmp{dead}"]
+    live = ck / f"step-0000004.json.tmp{os.getpid()}"       # a writer still at work
+    mine = [tmp_path / f"notes.txt.tmp{dead}", tmp_path / "model.safetensors.tmpx",
+            tmp_path / "data.safetensors", tmp_path / "readme.md"]   # the user's files
+    for p in stale + [live] + mine:
+        p.write_bytes(b"x")
+    assert run_files(str(tmp_path)) == []
+    assert sorted(remove_stale_temporaries(str(tmp_path))) == sorted(map(str, stale))
+    assert live.exists() and all(p.exists() for p in mine)
+    (ck / "step-0000002.safetensors").write_bytes(b"w")
+    (ck / "step-0000002.json").write_bytes(b"{}")
+    (ck / "step-0000003.json").write_bytes(b"{}")          # half of a checkpoint
+    (tmp_path / "metrics.jsonl").write_bytes(b"{}\n")
+    (tmp_path / "model.json").write_bytes(b"{}")
+    want = sorted(map(str, [ck / "step-0000002.safetensors", ck / "step-0000002.json",
+                            ck / "step-0000003.json", tmp_path / "metrics.jsonl",
+                            tmp_path / "model.json"]))
+    assert sorted(run_files(str(tmp_path))) == want
+    assert sorted(remove_run(str(tmp_path))) == want
+    assert run_files(str(tmp_path)) == [] and live.exists() and all(p.exists() for p in mine)
+
+
+def test_merge_lora_formula():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
+    a_, b_ = torch.randn(2, 3, generator=g), torch.randn(4, 2, generator=g)
+    state = {"l.base_layer.weight": w, "l.base_layer.bias": b, "l.lora_A.default.weight": a_,
+             "l.lora_B.default.weight": b_, "other.weight": torch.ones(1)}
+    out = merge_lora(state, rank=2, alpha=4.0)
+    assert set(out) == {"l.weight", "l.bias", "other.weight"}
+    torch.testing.assert_close(out["l.weight"], w + 2.0 * b_ @ a_)
+    assert out["l.bias"] is b
+    plain = {"x": torch.ones(2)}
+    assert merge_lora(plain, rank=0) == plain

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from fmrt.sampling import generate_clips
+
+
+def _model():
+    from fmrt.models import DiT, DiTConfig
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.preset("tiny", dim=32, num_layers=1, num_heads=2, ffn_dim=64,
+                                 num_classes=6, freq_dim=32)).eval()
+    for p in model.parameters():   # a non-zero output (the DiT's head starts at zero)
+        p.data.add_(0.05 * torch.randn_like(p))
+    meta = {"sample": {"template": "Wan", "shift": 1.0, "sample_shape": [3, 2, 8, 8]}}
+    return model, meta
+
+
+def test_generate_clips_shape_and_seed():
+    model, meta = _model()
+    labels = torch.tensor([0, 5, 2])
+    a = generate_clips(model, meta, labels, steps=3, guidance_scale=2.0, seed=1)
+    b = generate_clips(model, meta, labels, steps=3, guidance_scale=2.0, seed=1)
+    c = generate_clips(model, meta, labels, steps=3, guidance_scale=2.0, seed=2)
+    assert a.shape == (3, 3, 2, 8, 8) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # one Euler step from sigma 1: x = noise - v(noise, 1)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn((3, 3, 2, 8, 8), generator=g)
+    with torch.no_grad():
+        want = (noise - model(noise, torch.ones(3), labels)).clamp(-1, 1)
+    one = generate_clips(model, meta, labels, steps=1, seed=1)
+    torch.testing.assert_close(one, want, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_clips_noise_and_sample_arguments():
+    from fmrt.sampling import DiagnosticsRecorder
+    model, meta = _model()
+    labels = torch.tensor([1, 4])
+    noise = torch.randn((2, 3, 2, 8, 8), generator=torch.Generator().manual_seed(3))
+    rec = DiagnosticsRecorder()
+    a = generate_clips(model, meta, labels, steps=2, guidance_scale=2.0, noise=noise,
+                       clamp=False, recorder=rec)          # recorder: passed on to `sample`
+    assert len(rec) == 2
+    assert torch.equal(a, generate_clips(model, meta, labels, steps=2, guidance_scale=2.0,
+                                         seed=3, clamp=False))
+    with pytest.raises(ValueError, match="noise must be"):
+        generate_clips(model, meta, labels, steps=2, noise=noise[:1])
+    with pytest.raises(ValueError, match="sample_shape"):
+        generate_clips(model, {}, labels, steps=2)

@@ -73,11 +73,12 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 def check_finite(tensors: dict[str, Tensor], what: str) -> None:
     """Raise NonFiniteTensorError naming the first floating tensor of `tensors` that holds a
-    NaN or an infinity (one host sync for all of them)."""
+    NaN or an infinity."""
     keys = [k for k, v in tensors.items() if v.is_floating_point() and v.numel()]
     if not keys:
         return
-    ok = torch.stack([torch.isfinite(tensors[k]).all().cpu() for k in keys])
+    dev = tensors[keys[0]].device      # one host sync for all, wherever the tensors live
+    ok = torch.stack([torch.isfinite(tensors[k]).all().to(dev) for k in keys]).cpu()
     if not bool(ok.all()):
         bad = keys[int((~ok).nonzero()[0])]
         raise NonFiniteTensorError(f"refusing to save {what}: {bad} holds non-finite values")

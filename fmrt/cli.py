@@ -224,7 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=_int_at_least(0), default=0)
     t.add_argument("--keep-checkpoints", type=_int_at_least(0), default=2)
     t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                   help="resume from PATH, or (no value) from the latest in --out-dir")
+                   help="continue the run: from PATH, or (no value) from the latest checkpoint "
+                        "in --out-dir (refused when there is none, or when a setting that "
+                        "changes the training math differs from the checkpoint's)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out-dir (its checkpoints, metrics.jsonl "
+                        "and model are removed before the first step); without it or --resume "
+                        "such a folder is refused")
     t.add_argument("--log-every", type=_int_at_least(1), default=10)
     t.add_argument("--seed", type=_int_at_least(0), default=0)
     t.add_argument("--device", default="auto")
@@ -527,8 +533,22 @@ def save_video(frames, path: str, *, fps: int = 16) -> None:
         save_gif(clips, path, scale=scale, ms=1000 // fps)
 
 
+def _resume_command(args: argparse.Namespace) -> str:
+    """The `fmrt train` command line that continues this run: its flags that differ from the
+    defaults, with --resume (and never --overwrite)."""
+    import shlex
+    defaults = vars(build_parser().parse_args(["train"]))
+    argv = ["fmrt", "train", "--out-dir", args.out_dir]
+    for k, v in vars(args).items():
+        if k in ("command", "func", "out_dir", "resume", "overwrite") or v == defaults.get(k):
+            continue
+        flag = "--" + k.replace("_", "-")
+        argv += [flag] if v is True else [flag, str(v)]
+    return shlex.join(argv + ["--resume"])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from fmrt.train import TrainConfig, train
+    from fmrt.train import TrainConfig, TrainingInterrupted, train
     over = {k: v for k, v in (("dim", args.dim), ("num_layers", args.num_layers),
                               ("num_heads", args.num_heads), ("ffn_dim", args.ffn_dim))
             if v is not None}
@@ -545,11 +565,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         logit_std=args.logit_std, weighting=args.weighting, cond_drop=args.cond_drop,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-        resume=args.resume, log_every=args.log_every, seed=args.seed, device=args.device,
+        resume=args.resume, overwrite=args.overwrite, log_every=args.log_every,
+        seed=args.seed, device=args.device,
         mixed_precision=args.mixed_precision, fsdp=args.fsdp,
         gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress,
         sample_steps=args.sample_steps, sample_guidance=args.sample_guidance)
-    out = train(cfg)
+    try:
+        out = train(cfg)
+    except TrainingInterrupted as e:    # Ctrl-C / SIGTERM: the state of this step is saved
+        import signal
+        what = f"fmrt train: {signal.Signals(e.signum).name} at step {e.step}"
+        if e.checkpoint:
+            print(f"{what}: saved {e.checkpoint}\nresume with: {_resume_command(args)}",
+                  file=sys.stderr)
+        else:
+            print(f"{what}: no step done, nothing saved", file=sys.stderr)
+        return 128 + e.signum
     if out["model_path"]:
         print(f"trained {out['step']} steps in {out['seconds']:.0f}s, last loss "
               f"{out['loss']:.4f}; model: {out['model_path']}")

@@ -15,9 +15,17 @@ thread count).
 
 Files in `out_dir`: `checkpoints/` (resumable states), `metrics.jsonl` (one JSON object per
 logged step), `model.safetensors` + `model.json` (the exported model for sampling: the EMA
-weights when EMA is on, LoRA merged). Every file is written to a temporary name then renamed
-(`os.replace`), so a crash never leaves a half-written file that looks valid, and a non-finite
-loss stops training before the optimizer step, with no checkpoint written from that state.
+weights when EMA is on, LoRA merged), all written through `fmrt.checkpoint` (temporary name,
+then `os.replace`; never a non-finite tensor). A folder that holds a run is refused unless the
+config says `resume` (continue it: the checkpoint's training config must match, see
+RESUME_MAY_CHANGE; metrics lines and checkpoints after the resumed step are dropped) or
+`overwrite` (its run files are removed before the first step). Temporaries a killed writer left
+are removed at start; a run that fails before writing anything removes the folders it created.
+
+Stopping. SIGINT / SIGTERM stop the loop between two optimizer steps, save a checkpoint of
+that step and raise `TrainingInterrupted` (a KeyboardInterrupt); a non-finite loss or gradient
+norm stops before the optimizer step and non-finite weights stop before any save
+(`NonFiniteLossError`), so the last checkpoint written is always a finite, good state.
 """
 from __future__ import annotations
 
@@ -26,6 +34,9 @@ import json
 import math
 import os
 import re
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,9 +45,11 @@ import torch
 from torch import Tensor, nn
 
 from fmrt._dispatch import resolve_device
-from fmrt.checkpoint import (TrainState, checkpoint_path, export_model, list_checkpoints,
-                             load_model, load_optimizer, load_state, load_train_state,
-                             merge_lora, optimizer_tensors, prune_checkpoints, save_train_state)
+from fmrt.checkpoint import (CHECKPOINTS, METRICS, MODEL, TrainState, atomic_write_bytes,
+                             checkpoint_path, export_model, list_checkpoints, load_model,
+                             load_optimizer, load_state, load_train_state, merge_lora,
+                             optimizer_tensors, prune_checkpoints, remove_run,
+                             remove_stale_temporaries, run_files, save_train_state)
 from fmrt.data import (CouplingDataset, LatentFolderDataset, NUM_CLASSES, ShapesVideo,
                        collate)
 
@@ -45,7 +58,19 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (or the gradient norm) became NaN or infinite: training stopped."""
+    """The loss, the gradient norm or the weights became NaN or infinite: training stopped and
+    nothing was saved from that state."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training between two optimizer steps. `checkpoint`: the
+    resumable state of `step` (None when nothing was saved: no step had run)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[str]):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}: " + (f"saved {checkpoint}" if checkpoint
+                                                       else "nothing saved"))
 
 
 @dataclass
@@ -89,6 +114,7 @@ class TrainConfig:
     checkpoint_every: int = 0                 # 0 = only at the end
     keep_checkpoints: int = 2                 # newest resumable states kept (0 = all)
     resume: Optional[str] = None              # None, "auto" (latest in out_dir) or a path
+    overwrite: bool = False                   # replace an earlier run in out_dir
     log_every: int = 10
     seed: int = 0
     device: str = "auto"                      # "auto", "cpu", "cuda", "cuda:1", ...
@@ -141,6 +167,9 @@ class TrainConfig:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.shift is not None and not self.shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
+        if self.overwrite and self.resume == "auto":
+            raise ValueError("resume and overwrite contradict each other: resume continues the "
+                             "run in out_dir, overwrite removes it")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -437,6 +466,184 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
 
 
 # ---------------------------------------------------------------------------------------------
+# the run folder, resuming, stopping on a signal
+# ---------------------------------------------------------------------------------------------
+
+# TrainConfig fields a resume may change: they do not alter the weights' trajectory (`steps`
+# extends or shortens a constant or warm-up schedule; a cosine one spans `steps`, so there it
+# must stay; `device` changes rounding, not the math), or what they decide is compared through
+# the model config and the data config themselves (model, model_overrides, data, ...). Every
+# other field must match the checkpoint's, and so must the number of processes.
+RESUME_MAY_CHANGE = frozenset({
+    "out_dir", "resume", "overwrite", "steps", "checkpoint_every", "keep_checkpoints",
+    "log_every", "progress", "sample_steps", "sample_guidance", "device", "init",
+    "gradient_checkpointing",
+    "model", "model_overrides", "data", "couplings", "frames", "size", "num_classes",
+    "data_seed"})
+
+
+def _makedirs(path: str) -> list[str]:
+    """os.makedirs(path); returns the folders it created, outermost first."""
+    missing, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    return missing[::-1]
+
+
+def _describe(files: list[str]) -> str:
+    n = sum(f.endswith(".safetensors") and os.path.basename(os.path.dirname(f)) == CHECKPOINTS
+            for f in files)
+    names = sorted({os.path.basename(f) for f in files
+                    if os.path.basename(os.path.dirname(f)) != CHECKPOINTS})
+    return ", ".join(names + ([f"{n} checkpoint{'s' * (n != 1)}"] if n else []))
+
+
+def _open_run(config: TrainConfig, main: bool) -> tuple[Optional[str], list[str]]:
+    """Check `out_dir` against the config before any work: an earlier run there needs `resume`
+    (continue it) or `overwrite` (replace it; removed once the new run is ready to start);
+    `resume="auto"` needs a checkpoint. Removes stale temporaries and creates the folders (main
+    rank). Returns (the checkpoint to resume from or None, the folders created)."""
+    out_dir = config.out_dir
+    if main and os.path.isdir(out_dir):
+        remove_stale_temporaries(out_dir)
+    earlier = run_files(out_dir)
+    resume_path = None
+    if config.resume == "auto":
+        ck = list_checkpoints(out_dir)
+        if not ck:
+            raise ValueError(f"nothing to resume: no checkpoint in "
+                             f"{os.path.join(out_dir, CHECKPOINTS)}")
+        resume_path = ck[-1][1]
+    elif config.resume:
+        resume_path = config.resume
+        if not os.path.isfile(resume_path):
+            raise FileNotFoundError(f"no such checkpoint to resume from: {resume_path}")
+    ours = resume_path is not None and any(os.path.samefile(resume_path, f) for f in earlier)
+    if earlier and not config.overwrite and not ours:
+        raise ValueError(f"{out_dir} already holds a{'nother' if resume_path else ''} run "
+                         f"({_describe(earlier)}): --resume continues it, --overwrite replaces "
+                         f"it, or choose another --out-dir")
+    if config.overwrite:
+        for what, p in (("init", config.init), ("couplings", config.couplings),
+                        ("resume", resume_path)):
+            if p and os.path.isfile(p) and any(os.path.samefile(p, f) for f in earlier):
+                raise ValueError(f"--{what} {p} belongs to the run in {out_dir} that "
+                                 f"--overwrite would remove")
+    created = []
+    if main:
+        try:
+            created = _makedirs(os.path.join(out_dir, CHECKPOINTS))
+        except OSError as e:
+            raise ValueError(f"cannot create output directory {out_dir}: {e.strerror}") from None
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(f"output directory {out_dir} is not writable")
+    return resume_path, created
+
+
+def _check_resume(path: str, saved: dict, run: dict, config: TrainConfig, world: int) -> None:
+    """Refuse (ValueError naming the field) to resume from `path` (meta `saved`) a run whose
+    configuration (`run`: this run's meta, `config`) differs in what fixes the weights'
+    trajectory: see RESUME_MAY_CHANGE."""
+    def refuse(name, old, new, why=""):
+        raise ValueError(f"cannot resume from {path}: {name} was {old!r}, now {new!r}{why}; "
+                         f"resume with the same setting, or start a new run with --init {path}")
+    for part in ("model", "data"):
+        old, new = saved.get(part) or {}, run.get(part) or {}
+        for k in sorted((set(old) | set(new)) - {"gradient_checkpointing"}):
+            if old.get(k) != new.get(k):
+                refuse(f"{part}.{k}", old.get(k), new.get(k))
+    old_train, new_train = saved.get("train") or {}, config.to_dict()
+    for k, v in new_train.items():
+        if k not in RESUME_MAY_CHANGE and k in old_train and old_train[k] != v:
+            refuse(k, old_train[k], v)
+    if config.lr_schedule == "cosine" and old_train.get("steps", config.steps) != config.steps:
+        refuse("steps", old_train["steps"], config.steps,
+               " (the cosine schedule spans steps: changing them bends it mid-run)")
+    if saved.get("world_size", world) != world:
+        refuse("the number of processes", saved["world_size"], world,
+               " (batch_size is per process: the global batch would change)")
+
+
+def _rewind_run(out_dir: str, step: int) -> None:
+    """Resuming at `step`: drop the folder's record of later steps (metrics.jsonl lines,
+    checkpoints), so that it holds one history and no step twice."""
+    for s, p in list_checkpoints(out_dir):
+        if s > step:
+            for f in (p, p[: -len(".safetensors")] + ".json"):
+                os.remove(f)
+    path = os.path.join(out_dir, METRICS)
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:      # a line cut short by a kill
+            continue
+        if line.endswith(b"\n") and isinstance(rec, dict) and rec.get("step", step + 1) <= step:
+            keep.append(line)
+    if keep != lines:
+        atomic_write_bytes(path, b"".join(keep))
+
+
+class _StopOnSignal:
+    """While active (main thread only), SIGINT and SIGTERM set `signum` instead of ending the
+    process: the loop then stops between two optimizer steps and saves. A second SIGINT raises
+    KeyboardInterrupt at once (nothing saved)."""
+
+    def __init__(self, announce: bool, newline: bool = False):
+        self.signum, self.announce, self.newline, self._prev = 0, announce, newline, {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._prev[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._prev.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        if self.announce:
+            end_bar = "\n" if self.newline else ""     # below a progress bar
+            print(f"{end_bar}fmrt train: {signal.Signals(signum).name}: saving a checkpoint "
+                  f"after this step (Ctrl-C again stops without saving)", file=sys.stderr,
+                  flush=True)
+
+    def requested(self, world: int, device: torch.device) -> int:
+        """The signal to stop on (0: none), agreed by every process."""
+        if world == 1:
+            return self.signum
+        import torch.distributed as dist
+        t = torch.tensor([self.signum], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
+
+def _all_finite(tensors: list[Tensor], world: int, device: torch.device) -> bool:
+    """Every floating tensor (this process's shards) finite, on every process."""
+    flags = [torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all().to(device)
+             for t in tensors if t.is_floating_point() and t.numel()]
+    ok = torch.stack(flags).all() if flags else torch.tensor(True, device=device)
+    if world > 1:
+        import torch.distributed as dist
+        t = ok.to(torch.int32).reshape(1)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        ok = t
+    return bool(ok)
+
+
+# ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
 
@@ -472,40 +679,31 @@ def train(config: TrainConfig, *, dataset=None) -> dict:
     config.validate()
     dist_info, device = _dist_setup(config.device)
     try:
-        with torch.enable_grad():
-            return _train(config, dataset, dist_info, device)
+        resume_path, created = _open_run(config, dist_info.main)
+        try:
+            with torch.enable_grad():
+                return _train(config, dataset, dist_info, device, resume_path)
+        except BaseException:
+            for d in reversed(created):     # a run that failed before writing leaves no folder
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+            raise
     finally:
         if dist_info.created:
             import torch.distributed as dist
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dict:
+def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
+           resume_path: Optional[str]) -> dict:
     from fmrt.schedule import FlowMatchScheduler
     t_start = time.time()
     out_dir = config.out_dir
-    if di.main:
-        try:
-            os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"cannot create output directory {out_dir}: {e.strerror}") from None
-        if not os.access(out_dir, os.W_OK):
-            raise PermissionError(f"output directory {out_dir} is not writable")
-
     ds = dataset if dataset is not None else make_dataset(config)
     cond_kind, cond_dim = _cond_kind(ds)
     sample_shape = tuple(ds.sample_shape)
-
-    # resume: find the state first (its config fixes the model)
-    resume_path = None
-    if config.resume:
-        if config.resume == "auto":
-            ck = list_checkpoints(out_dir)
-            resume_path = ck[-1][1] if ck else None
-        else:
-            resume_path = config.resume
-            if not os.path.isfile(resume_path):
-                raise FileNotFoundError(f"no such checkpoint to resume from: {resume_path}")
 
     torch.manual_seed(_mix(config.seed, 0x1417))     # the initial weights depend on the seed only
     model, mcfg = build_model(config, sample_shape, cond_kind, cond_dim)
@@ -567,9 +765,7 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
                          "not gathered): resume without --fsdp, or start again")
     if resume_path:
         ts = load_train_state(resume_path)
-        if ts.meta["model"] != mcfg.to_dict():
-            raise ValueError(f"{resume_path}: checkpoint of another model configuration than "
-                             f"this run's")
+        _check_resume(resume_path, ts.meta, meta_base, config, di.world)
         if fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                                  set_model_state_dict)
@@ -590,7 +786,20 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
     use_bf16 = device.type == "cuda" and config.mixed_precision in ("auto", "bf16")
     null_class = mcfg.num_classes
 
+    if di.main:   # from here on the folder holds this run only
+        if config.overwrite:
+            remove_run(out_dir)
+        if resume_path:
+            _rewind_run(out_dir, step)
+    last_ckpt = resume_path
+
     def save_checkpoint(at: int) -> str:
+        live = list(params) + (ema.shadow if ema is not None else []) + \
+            [t for st in opt.state.values() for t in st.values() if isinstance(t, Tensor)]
+        if not _all_finite(live, di.world, device):             # collectives: every rank
+            raise NonFiniteLossError(
+                f"weights are not finite after step {at}: training stopped, nothing saved from "
+                f"this state (last good checkpoint: {last_ckpt or 'none'}); try a lower --lr")
         path = checkpoint_path(out_dir, at)
         state = _full_state(model, fsdp)                       # collectives: every rank
         ema_full = {k: _local(v) for k, v in ema.state().items()} if ema is not None else {}
@@ -600,7 +809,8 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
         rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
-        save_train_state(path, TrainState(step=at, meta=meta_base, model=state, ema=ema_full,
+        save_train_state(path, TrainState(step=at, meta=dict(meta_base, world_size=di.world),
+                                          model=state, ema=ema_full,
                                           optim=optim, optim_groups=groups, rng=rng))
         prune_checkpoints(out_dir, config.keep_checkpoints)
         return path
@@ -608,74 +818,85 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
     from tqdm.auto import tqdm
     bar = tqdm(total=config.steps, initial=step, disable=not (config.progress and di.main),
                desc=f"fmrt train ({config.objective})", dynamic_ncols=True)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    last_ckpt, window, last_loss = None, [], float("nan")
+    metrics_path = os.path.join(out_dir, METRICS)
+    window, last_loss = [], float("nan")
     t_log, n_log = time.time(), 0
     wrapped.train()
-    while step < config.steps:
-        gen = torch.Generator(device=device).manual_seed(_mix(config.seed, di.rank, step))
-        batch = batches(step)
-        x0, cond = batch[0].to(device, non_blocking=True), batch[1]
-        noise = batch[2].to(device) if len(batch) > 2 else None
-        if cond is not None:
-            cond = cond.to(device)
-        if config.objective != "meanflow":
-            cond = _drop_cond(cond, config.cond_drop, null_class, gen)
-        lr = _lr_at(config, step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = compute_loss(wrapped, x0, cond, noise, sched=sched, config=config, gen=gen,
-                                null_class=null_class)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at step {step}: training stopped, nothing saved from "
-                f"this state (last good checkpoint: {last_ckpt or resume_path or 'none'}); "
-                f"try a lower --lr or --grad-clip")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if manual_dp:
-            _average_grads(params, di.world)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
-        gnorm = float(_local(gnorm))
-        if not math.isfinite(gnorm):
-            raise NonFiniteLossError(
-                f"gradient norm is {gnorm} at step {step}: training stopped, nothing saved from "
-                f"this state (last good checkpoint: {last_ckpt or resume_path or 'none'})")
-        opt.step()
-        if ema is not None:
-            ema.update(params, step)
-        step += 1
-        last_loss = loss_value
-        window.append(loss_value)
-        n_log += 1
-        bar.update(1)
-        if step % config.log_every == 0 or step == config.steps:
-            now = time.time()
-            rec = dict(step=step, loss=sum(window) / len(window), lr=lr, grad_norm=gnorm,
-                       it_per_s=n_log / max(now - t_log, 1e-9), time=now - t_start)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if di.main:
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-            window, t_log, n_log = [], now, 0
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and \
-                step != config.steps:
-            last_ckpt = save_checkpoint(step)
-    bar.close()
-    last_ckpt = save_checkpoint(step)
+    start_step, interrupted = step, 0
+    # SIGINT / SIGTERM stop the loop between two optimizer steps; the final save and export
+    # finish before a signal is acted on
+    with _StopOnSignal(announce=di.main, newline=not bar.disable) as stop:
+        while step < config.steps:
+            interrupted = stop.requested(di.world, device)
+            if interrupted:
+                break
+            gen = torch.Generator(device=device).manual_seed(_mix(config.seed, di.rank, step))
+            batch = batches(step)
+            x0, cond = batch[0].to(device, non_blocking=True), batch[1]
+            noise = batch[2].to(device) if len(batch) > 2 else None
+            if cond is not None:
+                cond = cond.to(device)
+            if config.objective != "meanflow":
+                cond = _drop_cond(cond, config.cond_drop, null_class, gen)
+            lr = _lr_at(config, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = compute_loss(wrapped, x0, cond, noise, sched=sched, config=config,
+                                    gen=gen, null_class=null_class)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"loss is {loss_value} at step {step}: training stopped, nothing saved "
+                    f"from this state (last good checkpoint: {last_ckpt or 'none'}); try a "
+                    f"lower --lr or --grad-clip")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if manual_dp:
+                _average_grads(params, di.world)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
+            gnorm = float(_local(gnorm))
+            if not math.isfinite(gnorm):
+                raise NonFiniteLossError(
+                    f"gradient norm is {gnorm} at step {step}: training stopped, nothing saved "
+                    f"from this state (last good checkpoint: {last_ckpt or 'none'})")
+            opt.step()
+            if ema is not None:
+                ema.update(params, step)
+            step += 1
+            last_loss = loss_value
+            window.append(loss_value)
+            n_log += 1
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                now = time.time()
+                rec = dict(step=step, loss=sum(window) / len(window), lr=lr, grad_norm=gnorm,
+                           it_per_s=n_log / max(now - t_log, 1e-9), time=now - t_start)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                if di.main:
+                    with open(metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(rec) + "\n")
+                window, t_log, n_log = [], now, 0
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and \
+                    step != config.steps:
+                last_ckpt = save_checkpoint(step)
+        bar.close()
+        if interrupted:
+            if step > start_step and last_ckpt != checkpoint_path(out_dir, step):
+                last_ckpt = save_checkpoint(step)
+            raise TrainingInterrupted(interrupted, step, last_ckpt)
+        last_ckpt = save_checkpoint(step)
 
-    # export the model for sampling: EMA weights, LoRA merged
-    full = _full_state(model, fsdp)                            # collectives: every rank
-    ema_full = {k: _local(v) for k, v in ema.state().items()} if ema is not None else {}
-    model_path = os.path.join(out_dir, "model.safetensors")
-    if di.main:
-        full = dict(full)
-        for k, v in ema_full.items():
-            full[k] = v.to(full[k].dtype)
-        full = merge_lora(full, config.lora_rank, config.lora_alpha)
-        export_model(model_path, {k: v.cpu() for k, v in full.items()},
-                     dict(meta_base, step=step, ema=ema is not None))
+        # export the model for sampling: EMA weights, LoRA merged
+        full = _full_state(model, fsdp)                        # collectives: every rank
+        ema_full = {k: _local(v) for k, v in ema.state().items()} if ema is not None else {}
+        model_path = os.path.join(out_dir, MODEL)
+        if di.main:
+            full = dict(full)
+            for k, v in ema_full.items():
+                full[k] = v.to(full[k].dtype)
+            full = merge_lora(full, config.lora_rank, config.lora_alpha)
+            export_model(model_path, {k: v.cpu() for k, v in full.items()},
+                         dict(meta_base, step=step, ema=ema is not None))
     return dict(step=step, loss=last_loss, model_path=model_path, checkpoint=last_ckpt,
                 seconds=time.time() - t_start, model=model)

@@ -1,5 +1,10 @@
 import json
 import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -7,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from fmrt.data import ShapesVideo
 from fmrt.checkpoint import list_checkpoints, load_model
-from fmrt.train import EMA, NonFiniteLossError, TrainConfig, lora_targets, train
+from fmrt.train import (EMA, NonFiniteLossError, TrainConfig, TrainingInterrupted, lora_targets,
+                        train)
 
 TINY = dict(dim=32, num_layers=1, num_heads=2, ffn_dim=64, freq_dim=32, class_tokens=1)
 
@@ -185,3 +191,214 @@ def test_meanflow_init_from_flow_model_starts_as_that_model(tmp_path):
     # ... and the other (non-meanflow) config fields are the base model's
     assert {k: v for k, v in meta["model"].items() if k != "meanflow"} == \
         {k: v for k, v in fm.config.to_dict().items() if k != "meanflow"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the run folder: earlier runs, resume, interrupts, failures, non-finite weights
+# ---------------------------------------------------------------------------------------------
+
+CLI_TINY = ["--dim", "32", "--num-layers", "1", "--num-heads", "2", "--ffn-dim", "64",
+            "--frames", "2", "--size", "8", "--batch-size", "4",
+            "--no-progress", "--device", "cpu", "--log-every", "1"]
+
+
+def _snapshot(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, folder)] = open(p, "rb").read()
+    return out
+
+
+def _fmrt_train(*args, **popen):
+    """`fmrt train ARGS` in a subprocess (the thread count of this process, for bit-exactness)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    return subprocess.Popen([sys.executable, "-m", "fmrt.cli", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _metric_steps(folder):
+    return [json.loads(line)["step"] for line in open(os.path.join(folder, "metrics.jsonl"))]
+
+
+def _ckpt_steps(folder):
+    return [s for s, _ in list_checkpoints(str(folder))]
+
+
+def test_cli_train_refuses_an_earlier_run_and_overwrite_replaces_it(tmp_path):
+    from fmrt.cli import main
+    d = tmp_path / "run"
+    assert main(["train", "--out-dir", str(d), "--steps", "3", "--checkpoint-every", "1",
+                 "--keep-checkpoints", "0", *CLI_TINY]) == 0
+    (d / "notes.txt").write_text("the user's own file")
+    before = _snapshot(d)
+    p = _fmrt_train("--out-dir", str(d), "--steps", "2", *CLI_TINY)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and err.count("\n") == 1, err
+    assert str(d) in err and "already holds a run" in err and "--overwrite" in err
+    assert _snapshot(d) == before                         # byte for byte, nothing added
+    assert main(["train", "--out-dir", str(d), "--steps", "2", "--overwrite", *CLI_TINY]) == 0
+    # the old run's checkpoints 1..3 are gone (its step 3 would otherwise win a later --resume)
+    assert _ckpt_steps(d) == [2] and _metric_steps(d) == [1, 2]
+    assert json.load(open(d / "model.json"))["step"] == 2
+    assert (d / "notes.txt").read_bytes() == before["notes.txt"]
+
+
+def test_overwrite_never_removes_its_own_input(tmp_path):
+    d = tmp_path / "run"
+    train(tiny_config(d, steps=1))
+    before = _snapshot(d)
+    with pytest.raises(ValueError, match="belongs to the run"):
+        train(tiny_config(d, steps=1, overwrite=True, init=str(d / "model.safetensors")))
+    with pytest.raises(ValueError, match="contradict"):
+        train(tiny_config(d, steps=1, overwrite=True, resume="auto"))
+    assert _snapshot(d) == before
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_cli_train_signal_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, sig, code):
+    from fmrt.cli import main
+    d = tmp_path / "run"
+    p = _fmrt_train("--out-dir", str(d), "--steps", "1000000", *CLI_TINY)
+    t0 = time.time()
+    while not (d / "metrics.jsonl").exists() or len(_metric_steps(d)) < 2:
+        assert p.poll() is None and time.time() - t0 < 300, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == code, err
+    k = _metric_steps(d)[-1]                              # the step in flight completed ...
+    assert _ckpt_steps(d) == [k] and k >= 2               # ... and was saved
+    ck = list_checkpoints(str(d))[0][1]
+    assert all(torch.isfinite(v.float()).all() for v in load_file(ck).values())
+    assert not (d / "model.safetensors").exists()         # the run did not finish
+    assert f"saved {ck}" in err
+    cmd = err.strip().splitlines()[-1]
+    assert cmd.startswith("resume with: fmrt train --out-dir ") and cmd.endswith(" --resume")
+    if sig == signal.SIGINT:                              # the printed command continues it
+        argv = shlex.split(cmd[len("resume with: "):])
+        assert argv[:2] == ["fmrt", "train"] and "--overwrite" not in argv
+        assert main(argv[1:] + ["--steps", str(k + 1)]) == 0
+        assert _metric_steps(d) == list(range(1, k + 2))
+
+
+class _Signals(ShapesVideo):
+    """Built-in data that sends this process SIGINT `times` times when item `at` is read."""
+
+    def __init__(self, at, times=1):
+        super().__init__(1000, frames=2, size=8)
+        self.at, self.times, self.calls = at, times, 0
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls == self.at:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return super().__getitem__(i)
+
+
+def test_interrupt_saves_a_consistent_state_that_resumes_bit_for_bit(tmp_path):
+    data = lambda: ShapesVideo(1000, frames=2, size=8)      # noqa: E731
+    full = train(tiny_config(tmp_path / "full", steps=5), dataset=data())
+    with pytest.raises(TrainingInterrupted) as e:       # SIGINT while step 2 reads its batch
+        train(tiny_config(tmp_path / "cut", steps=5), dataset=_Signals(at=2 * 4 + 1))
+    assert e.value.signum == signal.SIGINT and e.value.step == 3
+    assert e.value.checkpoint == str(tmp_path / "cut" / "checkpoints" / "step-0000003.safetensors")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
+    resumed = train(tiny_config(tmp_path / "cut", steps=5, resume="auto"), dataset=data())
+    a, b = load_file(full["checkpoint"]), load_file(resumed["checkpoint"])
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert _metric_steps(tmp_path / "cut") == [1, 2, 3, 4, 5]
+    # a second Ctrl-C stops at once, saving nothing
+    with pytest.raises(KeyboardInterrupt) as e:
+        train(tiny_config(tmp_path / "twice", steps=5), dataset=_Signals(at=2 * 4 + 1, times=2))
+    assert not isinstance(e.value, TrainingInterrupted) and _ckpt_steps(tmp_path / "twice") == []
+
+
+def test_resume_needs_a_checkpoint_and_failed_runs_leave_no_folder(tmp_path, capsys):
+    from fmrt.cli import main
+    new = tmp_path / "a" / "b" / "run"
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train(tiny_config(new, resume="auto"))
+    assert not (tmp_path / "a").exists()
+    assert main(["train", "--out-dir", str(new), "--resume", *CLI_TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoint in" in err and str(new) in err
+    assert not (tmp_path / "a").exists()
+    # a run that fails after creating its folder (here: bad data) removes what it created
+    with pytest.raises(FileNotFoundError):
+        train(tiny_config(new, data=str(tmp_path / "no_such_latents")))
+    assert os.listdir(tmp_path) == []
+    # ... but never a folder that was there before
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(FileNotFoundError):
+        train(tiny_config(tmp_path / "mine", data=str(tmp_path / "no_such_latents")))
+    assert os.listdir(tmp_path / "mine") == []
+
+
+def test_resume_cleans_stale_temporaries_and_rewinds_metrics(tmp_path):
+    d = tmp_path / "run"
+    first = train(tiny_config(d, steps=4, checkpoint_every=2, keep_checkpoints=0))
+    dead = 2 ** 22 + 12345                     # above Linux's pid_max: a killed writer's PID
+    stale = [d / "checkpoints" / f"step-0000006.safetensors.tmp{dead}",
+             d / f"model.safetensors.tmp{dead}"]
+    mine = d / f"notes.txt.tmp{dead}"
+    for p in stale + [mine]:
+        p.write_bytes(b"x")
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')            # a line cut short by a kill
+    resumed = train(tiny_config(d, steps=4, resume=str(d / "checkpoints" /
+                                                        "step-0000002.safetensors")))
+    assert not any(p.exists() for p in stale) and mine.read_bytes() == b"x"
+    assert _metric_steps(d) == [1, 2, 3, 4]    # steps 3 and 4 once each
+    assert _ckpt_steps(d) == [2, 4]
+    a, b = load_file(first["model_path"]), load_file(resumed["model_path"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_training_config(tmp_path):
+    d = tmp_path / "run"
+    train(tiny_config(d, steps=2))
+    before = _snapshot(d)
+    for change, field in [(dict(batch_size=8), "batch_size"), (dict(lr=1e-3), "lr"),
+                          (dict(objective="meanflow"), "model.meanflow"),
+                          (dict(cond_drop=0.2), "cond_drop"), (dict(seed=1), "seed"),
+                          (dict(model_overrides=dict(TINY, num_classes=6, dim=64)),
+                           "model.dim"),
+                          (dict(frames=4), "data.frames"),
+                          (dict(lr_schedule="cosine"), "lr_schedule")]:
+        with pytest.raises(ValueError, match=rf"cannot resume from .*: {field} was"):
+            train(tiny_config(d, steps=3, resume="auto", **change))
+        assert _snapshot(d) == before, change
+    # harmless changes: more steps, logging and checkpointing flags, sampling defaults
+    out = train(tiny_config(d, steps=3, resume="auto", log_every=2, checkpoint_every=5,
+                            keep_checkpoints=1, sample_guidance=4.0, progress=True))
+    assert out["step"] == 3
+    # with a cosine schedule the steps fix the schedule: they may not change
+    c = tmp_path / "cos"
+    train(tiny_config(c, steps=2, lr_schedule="cosine"))
+    with pytest.raises(ValueError, match="steps was 2, now 3 .*cosine"):
+        train(tiny_config(c, steps=3, lr_schedule="cosine", resume="auto"))
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    step = torch.optim.AdamW.step
+    calls = []
+
+    def poisoned(self, *a, **k):              # the 3rd update leaves an infinite weight
+        out = step(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    d = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"not finite after step 3.*step-0000002"):
+        train(tiny_config(d, steps=5, checkpoint_every=1, keep_checkpoints=0))
+    assert _ckpt_steps(d) == [1, 2] and not (d / "model.safetensors").exists()
+    for _, p in list_checkpoints(str(d)):
+        assert all(torch.isfinite(v.float()).all() for v in load_file(p).values())

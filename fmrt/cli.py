@@ -576,7 +576,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         import signal
         what = f"fmrt train: {signal.Signals(e.signum).name} at step {e.step}"
         if e.checkpoint:
-            print(f"{what}: saved {e.checkpoint}\nresume with: {_resume_command(args)}",
+            print(f"{what}: checkpoint {e.checkpoint}\nresume with: {_resume_command(args)}",
                   file=sys.stderr)
         else:
             print(f"{what}: no step done, nothing saved", file=sys.stderr)

@@ -69,7 +69,7 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, signum: int, step: int, checkpoint: Optional[str]):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
-        super().__init__(f"{name} at step {step}: " + (f"saved {checkpoint}" if checkpoint
+        super().__init__(f"{name} at step {step}: " + (f"checkpoint {checkpoint}" if checkpoint
                                                        else "nothing saved"))
 
 
@@ -681,8 +681,10 @@ def train(config: TrainConfig, *, dataset=None) -> dict:
     try:
         resume_path, created = _open_run(config, dist_info.main)
         try:
-            with torch.enable_grad():
-                return _train(config, dataset, dist_info, device, resume_path)
+            # SIGINT / SIGTERM stop the loop between two optimizer steps (a saved checkpoint,
+            # TrainingInterrupted); the final save and export finish before a signal is acted on
+            with torch.enable_grad(), _StopOnSignal(dist_info.main, config.progress) as stop:
+                return _train(config, dataset, dist_info, device, resume_path, stop)
         except BaseException:
             for d in reversed(created):     # a run that failed before writing leaves no folder
                 try:
@@ -697,7 +699,7 @@ def train(config: TrainConfig, *, dataset=None) -> dict:
 
 
 def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
-           resume_path: Optional[str]) -> dict:
+           resume_path: Optional[str], stop: "_StopOnSignal") -> dict:
     from fmrt.schedule import FlowMatchScheduler
     t_start = time.time()
     out_dir = config.out_dir
@@ -823,80 +825,77 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
     t_log, n_log = time.time(), 0
     wrapped.train()
     start_step, interrupted = step, 0
-    # SIGINT / SIGTERM stop the loop between two optimizer steps; the final save and export
-    # finish before a signal is acted on
-    with _StopOnSignal(announce=di.main, newline=not bar.disable) as stop:
-        while step < config.steps:
-            interrupted = stop.requested(di.world, device)
-            if interrupted:
-                break
-            gen = torch.Generator(device=device).manual_seed(_mix(config.seed, di.rank, step))
-            batch = batches(step)
-            x0, cond = batch[0].to(device, non_blocking=True), batch[1]
-            noise = batch[2].to(device) if len(batch) > 2 else None
-            if cond is not None:
-                cond = cond.to(device)
-            if config.objective != "meanflow":
-                cond = _drop_cond(cond, config.cond_drop, null_class, gen)
-            lr = _lr_at(config, step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = compute_loss(wrapped, x0, cond, noise, sched=sched, config=config,
-                                    gen=gen, null_class=null_class)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"loss is {loss_value} at step {step}: training stopped, nothing saved "
-                    f"from this state (last good checkpoint: {last_ckpt or 'none'}); try a "
-                    f"lower --lr or --grad-clip")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if manual_dp:
-                _average_grads(params, di.world)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
-            gnorm = float(_local(gnorm))
-            if not math.isfinite(gnorm):
-                raise NonFiniteLossError(
-                    f"gradient norm is {gnorm} at step {step}: training stopped, nothing saved "
-                    f"from this state (last good checkpoint: {last_ckpt or 'none'})")
-            opt.step()
-            if ema is not None:
-                ema.update(params, step)
-            step += 1
-            last_loss = loss_value
-            window.append(loss_value)
-            n_log += 1
-            bar.update(1)
-            if step % config.log_every == 0 or step == config.steps:
-                now = time.time()
-                rec = dict(step=step, loss=sum(window) / len(window), lr=lr, grad_norm=gnorm,
-                           it_per_s=n_log / max(now - t_log, 1e-9), time=now - t_start)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                if di.main:
-                    with open(metrics_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(rec) + "\n")
-                window, t_log, n_log = [], now, 0
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and \
-                    step != config.steps:
-                last_ckpt = save_checkpoint(step)
-        bar.close()
+    while step < config.steps:
+        interrupted = stop.requested(di.world, device)
         if interrupted:
-            if step > start_step and last_ckpt != checkpoint_path(out_dir, step):
-                last_ckpt = save_checkpoint(step)
-            raise TrainingInterrupted(interrupted, step, last_ckpt)
-        last_ckpt = save_checkpoint(step)
+            break
+        gen = torch.Generator(device=device).manual_seed(_mix(config.seed, di.rank, step))
+        batch = batches(step)
+        x0, cond = batch[0].to(device, non_blocking=True), batch[1]
+        noise = batch[2].to(device) if len(batch) > 2 else None
+        if cond is not None:
+            cond = cond.to(device)
+        if config.objective != "meanflow":
+            cond = _drop_cond(cond, config.cond_drop, null_class, gen)
+        lr = _lr_at(config, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = compute_loss(wrapped, x0, cond, noise, sched=sched, config=config, gen=gen,
+                                null_class=null_class)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at step {step}: training stopped, nothing saved from "
+                f"this state (last good checkpoint: {last_ckpt or 'none'}); "
+                f"try a lower --lr or --grad-clip")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if manual_dp:
+            _average_grads(params, di.world)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
+        gnorm = float(_local(gnorm))
+        if not math.isfinite(gnorm):
+            raise NonFiniteLossError(
+                f"gradient norm is {gnorm} at step {step}: training stopped, nothing saved from "
+                f"this state (last good checkpoint: {last_ckpt or 'none'})")
+        opt.step()
+        if ema is not None:
+            ema.update(params, step)
+        step += 1
+        last_loss = loss_value
+        window.append(loss_value)
+        n_log += 1
+        bar.update(1)
+        if step % config.log_every == 0 or step == config.steps:
+            now = time.time()
+            rec = dict(step=step, loss=sum(window) / len(window), lr=lr, grad_norm=gnorm,
+                       it_per_s=n_log / max(now - t_log, 1e-9), time=now - t_start)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if di.main:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+            window, t_log, n_log = [], now, 0
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and \
+                step != config.steps:
+            last_ckpt = save_checkpoint(step)
+    bar.close()
+    if interrupted:
+        if step > start_step and last_ckpt != checkpoint_path(out_dir, step):
+            last_ckpt = save_checkpoint(step)
+        raise TrainingInterrupted(interrupted, step, last_ckpt)
+    last_ckpt = save_checkpoint(step)
 
-        # export the model for sampling: EMA weights, LoRA merged
-        full = _full_state(model, fsdp)                        # collectives: every rank
-        ema_full = {k: _local(v) for k, v in ema.state().items()} if ema is not None else {}
-        model_path = os.path.join(out_dir, MODEL)
-        if di.main:
-            full = dict(full)
-            for k, v in ema_full.items():
-                full[k] = v.to(full[k].dtype)
-            full = merge_lora(full, config.lora_rank, config.lora_alpha)
-            export_model(model_path, {k: v.cpu() for k, v in full.items()},
-                         dict(meta_base, step=step, ema=ema is not None))
+    # export the model for sampling: EMA weights, LoRA merged
+    full = _full_state(model, fsdp)                            # collectives: every rank
+    ema_full = {k: _local(v) for k, v in ema.state().items()} if ema is not None else {}
+    model_path = os.path.join(out_dir, MODEL)
+    if di.main:
+        full = dict(full)
+        for k, v in ema_full.items():
+            full[k] = v.to(full[k].dtype)
+        full = merge_lora(full, config.lora_rank, config.lora_alpha)
+        export_model(model_path, {k: v.cpu() for k, v in full.items()},
+                     dict(meta_base, step=step, ema=ema is not None))
     return dict(step=step, loss=last_loss, model_path=model_path, checkpoint=last_ckpt,
                 seconds=time.time() - t_start, model=model)

@@ -275,7 +275,7 @@ def test_cli_train_signal_saves_a_checkpoint_and_prints_the_resume_command(tmp_p
     ck = list_checkpoints(str(d))[0][1]
     assert all(torch.isfinite(v.float()).all() for v in load_file(ck).values())
     assert not (d / "model.safetensors").exists()         # the run did not finish
-    assert f"saved {ck}" in err
+    assert f"checkpoint {ck}" in err
     cmd = err.strip().splitlines()[-1]
     assert cmd.startswith("resume with: fmrt train --out-dir ") and cmd.endswith(" --resume")
     if sig == signal.SIGINT:                              # the printed command continues it
@@ -316,6 +316,16 @@ def test_interrupt_saves_a_consistent_state_that_resumes_bit_for_bit(tmp_path):
     with pytest.raises(KeyboardInterrupt) as e:
         train(tiny_config(tmp_path / "twice", steps=5), dataset=_Signals(at=2 * 4 + 1, times=2))
     assert not isinstance(e.value, TrainingInterrupted) and _ckpt_steps(tmp_path / "twice") == []
+
+    class SignalAtStart(ShapesVideo):          # Ctrl-C while the run is being set up
+        def config(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            return super().config()
+    with pytest.raises(TrainingInterrupted) as e:
+        train(tiny_config(tmp_path / "new" / "run", steps=5),
+              dataset=SignalAtStart(1000, frames=2, size=8))
+    assert e.value.step == 0 and e.value.checkpoint is None
+    assert not (tmp_path / "new").exists()      # nothing done: no folder left behind
 
 
 def test_resume_needs_a_checkpoint_and_failed_runs_leave_no_folder(tmp_path, capsys):

@@ -229,6 +229,7 @@ def _check_outputs(inputs: Sequence[tuple[str, str]], outputs: Sequence[Output],
             if _same_file(out.path, other.path):
                 raise CLIError(f"{out.flag} {out.path} is the same file as {other.flag}: give "
                                f"each output its own file")
+    for out in outputs:
         _check_writable_file(out.path)
         suffix = os.path.splitext(out.path)[1].lower()
         if suffix not in out.suffixes:
@@ -248,7 +249,7 @@ def _check_outputs(inputs: Sequence[tuple[str, str]], outputs: Sequence[Output],
 def _checkpoint_inputs(path: str) -> list[tuple[str, str]]:
     _check_input("--checkpoint", path, "checkpoint")
     side = _sidecar(path)
-    return [("--checkpoint", path)] + ([(f"--checkpoint's metadata", side)]
+    return [("--checkpoint", path)] + ([("--checkpoint's metadata", side)]
                                        if side and os.path.exists(side) else [])
 
 

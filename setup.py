@@ -34,8 +34,10 @@ setup(
             "peft>=0.12",
             "transformers>=4.45",  # the tiny Wan pipelines of the `fmrt sample --diffusers` tests
             "ftfy",                # diffusers' Wan image-to-video pipeline cleans prompts with it
+            "scipy",               # diffusers' beta sigmas (tests/integrations/*scheduler*)
         ],
-        "plot": ["matplotlib>=3.7"],
+        "plot": ["matplotlib>=3.7"],   # fmrt sample --diagnostics
+        "video": ["imageio>=2.9", "imageio-ffmpeg"],   # fmrt sample --out *.mp4
         "lora": ["peft>=0.12"],
         "flash": ["flash-attn>=2.6"],
     },

@@ -1,29 +1,50 @@
 """The `fmrt` command. Subcommands map their flags onto library keyword arguments.
 
     fmrt info                      versions, devices, the active backend
-    fmrt sample [...]              sample the embedded default model (or --checkpoint) to a PNG
+    fmrt sample [...]              sample the embedded default model (or --checkpoint) to a file
     fmrt train [...]               train a DiT on the built-in data, latents or reflow couplings
     fmrt eval [...]                classifier accuracy and Frechet distance per solver setting
     fmrt reflow [...]              write (noise, sample) couplings for reflow training
 
 Every user error (a bad flag, a missing or corrupt checkpoint, an unwritable output) is one line
 on stderr and exit status 2; set FMRT_DEBUG=1 to see the traceback instead.
+
+Arguments and files are checked before torch is imported and before any work (`PREPARE`): no
+command writes over one of its own inputs, an fmrt model or checkpoint, or a file fmrt did not
+write (that last one only with --overwrite). Outputs are written in the format their extension
+names, to a temporary name that is then renamed.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import time
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
-import fmrt
+from fmrt import __version__
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_CHECKPOINT = os.path.join(ASSETS, "default_dit.safetensors")
 DTYPES = ("float32", "bfloat16", "float16")
+# The CLI's vocabulary, kept here so that arguments are checked without importing torch;
+# tests/test_cli_startup.py checks them against fmrt.sampling.SOLVERS and fmrt.data.CLASS_NAMES.
+SOLVERS = ("euler", "heun", "unipc", "euler_maruyama", "meanflow")
+CLASS_NAMES = ("square-right", "disc-fall", "triangle-rotate", "cross-pulse", "ring-bounce",
+               "diamond-drift")
+# Bounds on what is absurd (clear errors instead of hours of work or one giant allocation).
+SEED_MAX = 2 ** 63 - 1              # fmrt.ops seeds are in [0, 2^63)
+MAX_SAMPLING_STEPS = 1000           # the schedules have 1000 training timesteps
+MAX_TRAIN_STEPS = 10 ** 7
+MAX_SAMPLE_NUM = 1024               # one grid row per clip
+MAX_EVAL_PER_CLASS = 4096
+MAX_REFLOW_NUM = 10 ** 6
+MAX_ERROR_CHARS = 300               # one readable line, whatever the exception carried
+MARK = f"fmrt {__version__}"       # written into fmrt's images and JSON: see _written_by_fmrt
 
 
 class CLIError(Exception):
@@ -38,10 +59,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------------
-# argument types
+# argument types (no torch)
 # ---------------------------------------------------------------------------------------------
 
-def _int_at_least(lo: int):
+def _int_at_least(lo: int, hi: Optional[int] = None):
     def parse(s: str) -> int:
         try:
             v = int(s)
@@ -49,9 +70,28 @@ def _int_at_least(lo: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {s if len(s) < 30 else v}")
         return v
     parse.__name__ = "int"
     return parse
+
+
+def _seed(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^63 - 1], got {s[:30]}"
+                                         f"{'...' if len(s) > 30 else ''}")
+    return v
+
+
+def _device_name(s: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or auto, got {s!r}")
+    return s
 
 
 def _float(lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open: bool = False,
@@ -72,8 +112,7 @@ def _float(lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open: b
     return parse
 
 
-def _class_label(s: str):
-    from fmrt.data import CLASS_NAMES
+def _class_label(s: str) -> int:
     if s in CLASS_NAMES:
         return CLASS_NAMES.index(s)
     try:
@@ -81,6 +120,79 @@ def _class_label(s: str):
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a class index or one of {', '.join(CLASS_NAMES)}, got {s!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# files: what a command reads and writes, checked before any work (no torch)
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+CLIP_SUFFIXES = (*IMAGE_FORMATS, ".gif", ".npy", ".mp4")
+
+
+class Output(NamedTuple):
+    flag: str
+    path: str
+    suffixes: tuple[str, ...]
+    replace_own: bool = True     # replace without --overwrite when fmrt wrote the file
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def _sidecar(path: str) -> Optional[str]:
+    """The .json beside a model or checkpoint .safetensors (its metadata)."""
+    return path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else None
+
+
+def _safetensors_format(path: str) -> Optional[str]:
+    """The fmrt format named in a .safetensors header (read as JSON: no torch), else None."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 100 * 2 ** 20:
+                return None
+            md = json.loads(f.read(n)).get("__metadata__") or {}
+        if "fmrt" in md:
+            return json.loads(md["fmrt"]).get("format")
+        return md.get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _model_file(path: str) -> Optional[str]:
+    """Why `path` must never be overwritten by sample/eval/reflow (an fmrt model, a training
+    checkpoint, or the .json metadata of one), else None."""
+    if _safetensors_format(path) in ("fmrt.dit", "fmrt.train_state"):
+        return "an fmrt model or training checkpoint"
+    if path.endswith(".json") and os.path.isfile(path[: -len(".json")] + ".safetensors"):
+        return f"the metadata of the model {path[: -len('.json')]}.safetensors"
+    return None
+
+
+def _written_by_fmrt(path: str) -> bool:
+    """Whether fmrt wrote this image (PNG text / EXIF Software / GIF comment `fmrt ...`) or
+    `fmrt eval` wrote this JSON. NPY and MP4 files carry no such mark."""
+    suffix = os.path.splitext(path)[1].lower()
+    try:
+        if suffix in IMAGE_FORMATS or suffix == ".gif":
+            from PIL import Image
+            with Image.open(path) as im:
+                marks = (im.info.get("Software"), im.info.get("comment"),
+                         im.getexif().get(0x0131))
+            return any(str(m if not isinstance(m, bytes) else m.decode("latin-1"))
+                       .startswith("fmrt ") for m in marks if m)
+        if suffix == ".json" and os.path.getsize(path) < 64 * 2 ** 20:
+            with open(path, encoding="utf-8") as f:
+                obj = json.load(f)
+            return isinstance(obj, dict) and (str(obj.get("written_by", "")).startswith("fmrt ")
+                                              or {"checkpoint", "results"} <= set(obj))
+    except Exception:  # unreadable or not what its name says: not fmrt's
+        return False
+    return False
 
 
 def _check_writable_file(path: str) -> None:
@@ -94,44 +206,88 @@ def _check_writable_file(path: str) -> None:
         raise CLIError(f"cannot write {path}: permission denied")
 
 
-def _device(name: str):
-    from fmrt._dispatch import resolve_device
-    return resolve_device(name)
+def _check_input(flag: str, path: str, what: str) -> None:
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path} is a directory, not a {what} file")
+    if not os.path.isfile(path):
+        raise CLIError(f"no such {what}: {path}")
 
 
-def _dtype(name: str):
-    import torch
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def _check_outputs(inputs: Sequence[tuple[str, str]], outputs: Sequence[Output],
+                   overwrite: bool) -> None:
+    """Refuse, with one line naming the file, an output that: is the same file as an input or
+    another output; cannot be written; has an extension outside its `suffixes`; is an fmrt
+    model or checkpoint (or its .json); exists and was not written by fmrt (or, when
+    `replace_own` is false, exists at all), unless `overwrite`."""
+    inputs = [(flag, p) for flag, p in inputs if p]
+    for i, out in enumerate(outputs):
+        for flag, p in inputs:
+            if _same_file(out.path, p):
+                raise CLIError(f"{out.flag} {out.path} is the same file as {flag}: refusing to "
+                               f"overwrite an input")
+        for other in outputs[:i]:
+            if _same_file(out.path, other.path):
+                raise CLIError(f"{out.flag} {out.path} is the same file as {other.flag}: give "
+                               f"each output its own file")
+    for out in outputs:
+        _check_writable_file(out.path)
+        suffix = os.path.splitext(out.path)[1].lower()
+        if suffix not in out.suffixes:
+            what = f"unknown output format {suffix!r}" if suffix else "no file extension"
+            raise CLIError(f"{out.flag} {out.path}: {what}; use {', '.join(out.suffixes)}")
+        if not os.path.exists(out.path):
+            continue
+        why = _model_file(out.path)
+        if why:
+            raise CLIError(f"{out.flag} {out.path} is {why}: refusing to overwrite it")
+        if overwrite or (out.replace_own and _written_by_fmrt(out.path)):
+            continue
+        hint = "" if not out.replace_own else " and was not written by fmrt"
+        raise CLIError(f"{out.flag} {out.path} exists{hint}: pass --overwrite to replace it")
 
 
-def _solvers() -> tuple[str, ...]:
-    try:
-        from fmrt.sampling import SOLVERS
-        return tuple(SOLVERS)
-    except ImportError:
-        return ("euler",)
+def _checkpoint_inputs(path: str) -> list[tuple[str, str]]:
+    _check_input("--checkpoint", path, "checkpoint")
+    side = _sidecar(path)
+    return [("--checkpoint", path)] + ([("--checkpoint's metadata", side)]
+                                       if side and os.path.exists(side) else [])
+
+
+def _needs_module(module: str, what: str, extra: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise CLIError(f"{what} needs {module}: pip install \"fmrt[{extra}]\"")
 
 
 # ---------------------------------------------------------------------------------------------
 # parser
 # ---------------------------------------------------------------------------------------------
 
-def _add_sampling_args(p: argparse.ArgumentParser, *, steps_default) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="model .safetensors (with its .json) written by fmrt train "
                         "(default: the embedded model)")
-    p.add_argument("--solver", default="euler", choices=_solvers())
+    p.add_argument("--solver", default="euler", choices=SOLVERS)
     p.add_argument("--shift", type=_float(0.0, lo_open=True), default=None,
                    help="sigma-grid shift (default: the checkpoint's)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--device", type=_device_name, default="cpu",
+                   help="cpu (default), cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+
+
+def _add_batch_args(p: argparse.ArgumentParser, *, batch_default: int, what: str) -> None:
+    p.add_argument("--batch-size", type=_int_at_least(1), default=batch_default,
+                   help=f"{what} per model batch (default {batch_default}); the results do not "
+                        f"depend on it (except euler_maruyama's step noise)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar over batches")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file that fmrt did not write")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fmrt",
                 description="fmrt: flow-matching runtime (fused kernels, training, sampling)")
-    p.add_argument("--version", action="version", version=f"fmrt {fmrt.__version__}")
+    p.add_argument("--version", action="version", version=f"fmrt {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     info = sub.add_parser("info", help="show versions, devices and the active backend")
@@ -139,30 +295,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     # -- sample -------------------------------------------------------------------------------
     s = sub.add_parser("sample", help="sample clips from the embedded model or a checkpoint",
-                       description="Sample clips and write a PNG grid (one row per clip, one "
-                                   "column per frame).")
-    _add_sampling_args(s, steps_default=None)
-    s.add_argument("--steps", type=_int_at_least(1), default=None,
+                       description="Sample clips and write them in the format --out names: "
+                                   ".png/.jpg/.webp (a grid: one row per clip, one column per "
+                                   "frame), .gif (animated), .npy (float frames [N, T, H, W, 3] "
+                                   "in [0, 1]) or .mp4 (needs fmrt[video]).")
+    _add_sampling_args(s)
+    s.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), default=None,
                    help="solver steps (default: the checkpoint's recommended, 20 for the "
                         "embedded model)")
     s.add_argument("--guidance-scale", type=_float(0.0), default=None,
                    help="classifier-free guidance scale (1 = none; default: the "
                         "checkpoint's recommended)")
-    s.add_argument("--num", type=_int_at_least(1), default=None,
+    s.add_argument("--num", type=_int_at_least(1, MAX_SAMPLE_NUM), default=None,
                    help="number of clips (default 12; with --diffusers: videos per prompt, 1)")
     s.add_argument("--class", dest="label", type=_class_label, default=None,
                    help="class index or name (default: cycle through the classes)")
-    s.add_argument("--out", default="fmrt_samples.png", help="PNG grid to write")
+    s.add_argument("--out", default="fmrt_samples.png",
+                   help=f"file to write ({', '.join(CLIP_SUFFIXES)}; default fmrt_samples.png)")
     s.add_argument("--gif", nargs="?", const="", default=None, metavar="PATH",
                    help="also write an animated GIF of the clips (default: --out with .gif)")
     s.add_argument("--diagnostics", default=None, metavar="PATH",
-                   help="write the CFG diagnostics plot of seed 000 (needs guidance != 1)")
+                   help="write the CFG diagnostics plot (.png) of seed 000 (needs guidance != 1 "
+                        "and matplotlib)")
+    _add_batch_args(s, batch_default=64, what="clips")
     d = s.add_argument_group(
         "diffusers pipeline", "with --diffusers PATH, sample a local diffusers Wan pipeline "
         "folder (WanPipeline.save_pretrained layout) with fmrt's attention processors "
         "(accelerate_wan) and fmrt's fused Euler scheduler; --steps (default 50), "
         "--guidance-scale (default 5), --seed, --shift, --device, --dtype and --num apply; "
-        "--out may end in .png (frame grid), .gif, .npy (float frames [N, F, H, W, 3]) or .mp4")
+        "--out as above (.npy: float frames [N, F, H, W, 3]; .mp4: the first video)")
     d.add_argument("--diffusers", default=None, metavar="PATH",
                    help="a local diffusers Wan pipeline folder (has model_index.json)")
     d.add_argument("--prompt", default=None, help="text prompt (required with --diffusers)")
@@ -200,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ffn-dim", type=_int_at_least(1), default=None)
     t.add_argument("--init", default=None, help="start from this model's weights")
     t.add_argument("--objective", default="sft", choices=("sft", "meanflow"))
-    t.add_argument("--steps", type=_int_at_least(1), default=1000)
+    t.add_argument("--steps", type=_int_at_least(1, MAX_TRAIN_STEPS), default=1000)
     t.add_argument("--batch-size", type=_int_at_least(1), default=32, help="per process")
     t.add_argument("--lr", type=_float(0.0, lo_open=True), default=6e-4)
     t.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
@@ -232,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and model are removed before the first step); without it or --resume "
                         "such a folder is refused")
     t.add_argument("--log-every", type=_int_at_least(1), default=10)
-    t.add_argument("--seed", type=_int_at_least(0), default=0)
-    t.add_argument("--device", default="auto")
+    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--device", type=_device_name, default="auto")
     t.add_argument("--mixed-precision", default="auto", choices=("auto", "bf16", "no"))
     t.add_argument("--fsdp", action="store_true", help="FSDP2 under torchrun (big models)")
     t.add_argument("--gradient-checkpointing", action="store_true")
@@ -249,29 +410,249 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate clips of every class and report the accuracy of "
                                    "fmrt's clip classifier on them and the Frechet distance to "
                                    "real clips in its feature space.")
-    _add_sampling_args(e, steps_default=None)
-    e.add_argument("--steps", type=_int_at_least(1), nargs="+", default=[1, 2, 4, 8, 50])
+    _add_sampling_args(e)
+    e.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), nargs="+",
+                   default=[1, 2, 4, 8, 50])
     e.add_argument("--guidance-scale", type=_float(0.0), nargs="+", default=None,
                    help="guidance scales to try (default: 1 and the checkpoint's recommended)")
-    e.add_argument("--num-per-class", type=_int_at_least(2), default=32)
+    e.add_argument("--num-per-class", type=_int_at_least(2, MAX_EVAL_PER_CLASS), default=32)
     e.add_argument("--classifier", default=None, help="classifier weights (default: shipped)")
-    e.add_argument("--json", default=None, help="also write the results as JSON")
+    e.add_argument("--json", default=None, help="also write the results as JSON (.json)")
+    _add_batch_args(e, batch_default=64, what="clips")
     e.set_defaults(func=cmd_eval)
 
     # -- reflow -------------------------------------------------------------------------------
     r = sub.add_parser("reflow", help="generate (noise, sample) couplings for reflow training",
                        description="Sample the model from seeded noise and save the pairs as a "
                                    "safetensors dataset for `fmrt train --couplings`.")
-    _add_sampling_args(r, steps_default=None)
-    r.add_argument("--steps", type=_int_at_least(1), default=50)
+    _add_sampling_args(r)
+    r.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), default=50)
     r.add_argument("--guidance-scale", type=_float(0.0), default=None)
-    r.add_argument("--num", type=_int_at_least(1), default=1024)
-    r.add_argument("--batch-size", type=_int_at_least(1), default=64)
+    r.add_argument("--num", type=_int_at_least(1, MAX_REFLOW_NUM), default=1024)
     r.add_argument("--class", dest="label", type=_class_label, default=None,
                    help="only this class (default: cycle through the classes)")
-    r.add_argument("--out", default="couplings.safetensors")
+    r.add_argument("--out", default="couplings.safetensors",
+                   help="couplings file to write (.safetensors; an existing one only with "
+                        "--overwrite)")
+    _add_batch_args(r, batch_default=64, what="couplings")
     r.set_defaults(func=cmd_reflow)
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+# checks before any work: flags that go together, inputs, outputs (no torch)
+# ---------------------------------------------------------------------------------------------
+
+def prepare_sample(args: argparse.Namespace) -> None:
+    if args.diffusers is not None:
+        return prepare_sample_diffusers(args)
+    for flag, given in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
+                        ("--image", args.image), ("--no-accelerate", args.no_accelerate)):
+        if given:
+            raise CLIError(f"{flag} applies to --diffusers PATH only")
+    args.num = args.num or 12
+    if args.gif == "":
+        args.gif = os.path.splitext(args.out)[0] + ".gif"
+    outputs = [Output("--out", args.out, CLIP_SUFFIXES)]
+    if args.gif is not None:
+        outputs.append(Output("--gif", args.gif, (".gif",)))
+    if args.diagnostics:
+        outputs.append(Output("--diagnostics", args.diagnostics, (".png",)))
+        _needs_module("matplotlib", "--diagnostics", "plot")
+    _check_outputs(_checkpoint_inputs(args.checkpoint), outputs, args.overwrite)
+    if args.out.lower().endswith(".mp4"):
+        _needs_module("imageio_ffmpeg", "writing .mp4", "video")
+
+
+def prepare_sample_diffusers(args: argparse.Namespace) -> None:
+    for flag, given in (("--checkpoint", args.checkpoint != DEFAULT_CHECKPOINT),
+                        ("--solver", args.solver != "euler"), ("--class", args.label is not None),
+                        ("--gif", args.gif is not None), ("--diagnostics", args.diagnostics)):
+        if given:
+            raise CLIError(f"{flag} does not apply to --diffusers (the pipeline's own model and "
+                           f"Euler / scheduler loop run)")
+    if not args.prompt:
+        raise CLIError("--diffusers needs --prompt")
+    if not os.path.isfile(os.path.join(args.diffusers, "model_index.json")):
+        raise CLIError(f"{args.diffusers}: not a diffusers pipeline folder (no model_index.json)")
+    inputs = []
+    if args.image is not None:
+        _check_input("--image", args.image, "image")
+        inputs.append(("--image", args.image))
+    _check_outputs(inputs, [Output("--out", args.out, CLIP_SUFFIXES)], args.overwrite)
+    if args.out.lower().endswith(".mp4"):
+        _needs_module("imageio_ffmpeg", "writing .mp4", "video")
+
+
+def prepare_eval(args: argparse.Namespace) -> None:
+    inputs = _checkpoint_inputs(args.checkpoint)
+    if args.classifier is not None:
+        _check_input("--classifier", args.classifier, "classifier")
+        inputs.append(("--classifier", args.classifier))
+    outputs = [Output("--json", args.json, (".json",))] if args.json else []
+    _check_outputs(inputs, outputs, args.overwrite)
+
+
+def prepare_reflow(args: argparse.Namespace) -> None:
+    _check_outputs(_checkpoint_inputs(args.checkpoint),
+                   [Output("--out", args.out, (".safetensors",), replace_own=False)],
+                   args.overwrite)
+
+
+def prepare_train(args: argparse.Namespace) -> None:
+    if args.lora_rank and not args.init and not args.resume:
+        raise CLIError("--lora-rank trains adapters on a pretrained model: give its weights "
+                       "with --init MODEL")
+
+
+PREPARE = {"sample": prepare_sample, "eval": prepare_eval, "reflow": prepare_reflow,
+           "train": prepare_train}
+
+
+# ---------------------------------------------------------------------------------------------
+# writers: the format the extension names, to a temporary name, then renamed; marked as fmrt's
+# ---------------------------------------------------------------------------------------------
+
+def _frames_uint8(clips):
+    """Clips `[N, 3, T, H, W]` in [-1, 1] -> uint8 `[N, T, H, W, 3]` (numpy)."""
+    x = ((clips.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return x.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def _tile(frames, *, scale: int, cols: int, gap: int = 2, multiple: int = 1):
+    """uint8 `[N, T, H, W, 3]` -> T PIL images, the N clips tiled `cols` per row, each frame
+    upscaled `scale` times; sizes padded to a multiple of `multiple` (video codecs)."""
+    from PIL import Image
+    N, T, H, W, _ = frames.shape
+    cols = min(cols, N)
+    rows = (N + cols - 1) // cols
+    cw, ch = W * scale, H * scale
+    size = [cols * (cw + gap) + gap, rows * (ch + gap) + gap]
+    size = [-(-v // multiple) * multiple for v in size]
+    out = []
+    for f in range(T):
+        img = Image.new("RGB", tuple(size), (48, 48, 48))
+        for n in range(N):
+            r, c = divmod(n, cols)
+            fr = Image.fromarray(frames[n, f], "RGB").resize((cw, ch), Image.NEAREST)
+            img.paste(fr, (gap + c * (cw + gap), gap + r * (ch + gap)))
+        out.append(img)
+    return out
+
+
+def _grid(frames, names: Sequence[str], *, scale: int):
+    """uint8 `[N, T, H, W, 3]` -> one image: a row per clip (`names[n]` on the left, if any), a
+    column per frame."""
+    from PIL import Image, ImageDraw
+    N, T, H, W, _ = frames.shape
+    gap, left = 2, (100 if any(names) else 0)
+    cw, ch = W * scale, H * scale
+    img = Image.new("RGB", (left + T * (cw + gap), N * (ch + gap) + gap), (48, 48, 48))
+    draw = ImageDraw.Draw(img)
+    for n in range(N):
+        y0 = gap + n * (ch + gap)
+        if left:
+            draw.text((4, y0 + ch // 2 - 5), names[n], fill=(220, 220, 220))
+        for f in range(T):
+            fr = Image.fromarray(frames[n, f], "RGB").resize((cw, ch), Image.NEAREST)
+            img.paste(fr, (left + f * (cw + gap), y0))
+    return img
+
+
+def _replace(path: str, write) -> None:
+    """write(tmp) then rename over `path`; the temporary file never outlives a failure."""
+    base, suffix = os.path.splitext(path)
+    tmp = f"{base}.tmp{os.getpid()}{suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _save_image(img, path: str, fmt: str) -> None:
+    """One image in `fmt`, marked as fmrt's (PNG text, EXIF Software for JPEG and WebP)."""
+    from PIL import Image, PngImagePlugin
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", MARK)
+        kw = dict(pnginfo=info)
+    else:
+        exif = Image.Exif()
+        exif[0x0131] = MARK
+        kw = dict(exif=exif.tobytes(), quality=95) if fmt == "JPEG" else \
+            dict(exif=exif.tobytes(), lossless=True)
+    _replace(path, lambda tmp: img.save(tmp, format=fmt, **kw))
+
+
+def _save_gif(images, path: str, *, ms: int) -> None:
+    _replace(path, lambda tmp: images[0].save(
+        tmp, format="GIF", save_all=True, append_images=images[1:], duration=ms, loop=0,
+        comment=MARK))
+
+
+def _save_mp4(images, path: str, *, fps: int) -> None:
+    try:
+        import imageio.v2 as imageio
+        import numpy as np
+    except ImportError as e:
+        raise CLIError(f"writing .mp4 needs imageio: pip install \"fmrt[video]\" ({e})") from None
+
+    def write(tmp):
+        with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                macro_block_size=1) as w:
+            for im in images:
+                w.append_data(np.asarray(im))
+    _replace(path, write)
+
+
+def save_clips(clips, path: str, names: Sequence[str] = (), *, scale: int = 4,
+               fps: int = 4) -> None:
+    """Clips `[N, 3, T, H, W]` in [-1, 1] -> `path` in the format its extension names:
+    .png/.jpg/.jpeg/.webp a grid (a row per clip, `names` on the left), .gif all clips tiled
+    and animated, .mp4 the same as a video, .npy float32 frames `[N, T, H, W, 3]` in [0, 1]."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".npy":
+        return _save_npy(((clips.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).numpy(),
+                         path)
+    frames = _frames_uint8(clips)
+    if suffix in IMAGE_FORMATS:
+        _save_image(_grid(frames, list(names) or [""] * len(frames), scale=scale), path,
+                    IMAGE_FORMATS[suffix])
+    elif suffix == ".gif":
+        _save_gif(_tile(frames, scale=scale, cols=6), path, ms=1000 // fps)
+    elif suffix == ".mp4":
+        _save_mp4(_tile(frames, scale=scale, cols=6, multiple=16), path, fps=fps)
+    else:
+        raise CLIError(f"{path}: unknown output format {suffix!r}; use {', '.join(CLIP_SUFFIXES)}")
+
+
+def _save_npy(array, path: str) -> None:
+    import numpy as np
+    _replace(path, lambda tmp: np.save(tmp, np.asarray(array, dtype=np.float32)))
+
+
+def save_video(frames, path: str, *, fps: int = 16) -> None:
+    """Videos `[N, F, H, W, 3]` (numpy, [0, 1]) from a diffusers pipeline -> `.npy` as they
+    are, `.mp4` the first video, any other clip format as `save_clips` writes it."""
+    import numpy as np
+    import torch
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".npy":
+        return _save_npy(frames, path)
+    clips = torch.from_numpy(np.asarray(frames, dtype=np.float32)).permute(0, 4, 1, 2, 3) * 2 - 1
+    if suffix == ".mp4":
+        return _save_mp4(_tile(_frames_uint8(clips[:1]), scale=1, cols=1, gap=0, multiple=2),
+                         path, fps=fps)
+    save_clips(clips, path, scale=max(1, 128 // max(clips.shape[-2:])), fps=fps)
+
+
+def save_json(obj: dict, path: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"written_by": MARK, **obj}, f, indent=2)
+    _replace(path, write)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,18 +663,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from fmrt._dispatch import requested_backend, triton_available
-    print(f"fmrt {fmrt.__version__}  torch {torch.__version__}  "
+    print(f"fmrt {__version__}  torch {torch.__version__}  "
           f"triton {'yes' if triton_available() else 'no'}  "
           f"cuda {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}  "
           f"FMRT_BACKEND={requested_backend()}")
     return 0
 
 
+def _device(name: str):
+    from fmrt._dispatch import resolve_device
+    return resolve_device(name)
+
+
+def _dtype(name: str):
+    import torch
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def _load(args):
     from fmrt.checkpoint import load_model
     device = _device(args.device)
-    if not os.path.isfile(args.checkpoint):
-        raise CLIError(f"no such checkpoint: {args.checkpoint}")
     model, meta = load_model(args.checkpoint, device=device, dtype=_dtype(args.dtype))
     if model.config.num_classes is None:
         raise CLIError(f"{args.checkpoint}: not a class-conditional model; fmrt sample/eval "
@@ -311,78 +700,48 @@ def _labels(args, num_classes: int, n: int):
 
 
 def class_names(labels) -> list[str]:
-    from fmrt.data import CLASS_NAMES
     return [CLASS_NAMES[int(v)] if 0 <= int(v) < len(CLASS_NAMES) else str(int(v)) for v in labels]
 
 
-def save_grid_png(clips, names: Sequence[str], path: str, *, scale: int = 4) -> None:
-    """Clips `[N, 3, T, H, W]` in [-1, 1] -> a PNG: one row per clip (`names[n]` on the left,
-    if any), one column per frame."""
-    from PIL import Image, ImageDraw
-
-    x = ((clips.float().clamp(-1, 1) + 1) * 127.5).round().byte()
-    N, C, T, H, W = x.shape
-    gap, left = 2, (100 if any(names) else 0)
-    cw, ch = W * scale, H * scale
-    img = Image.new("RGB", (left + T * (cw + gap), N * (ch + gap) + gap), (48, 48, 48))
-    draw = ImageDraw.Draw(img)
-    for n in range(N):
-        y0 = gap + n * (ch + gap)
-        if left:
-            draw.text((4, y0 + ch // 2 - 5), names[n], fill=(220, 220, 220))
-        for f in range(T):
-            fr = Image.fromarray(x[n, :, f].permute(1, 2, 0).numpy(), "RGB")
-            img.paste(fr.resize((cw, ch), Image.NEAREST), (left + f * (cw + gap), y0))
-    _save_atomic(img, path, "PNG")
+def _sample_shape(meta: dict, path: str) -> tuple[int, ...]:
+    shape = tuple((meta.get("sample") or {}).get("sample_shape") or ())
+    if len(shape) != 4:
+        raise CLIError(f"{path}: the checkpoint has no sample_shape: cannot tell the clip size")
+    return shape
 
 
-def save_gif(clips, path: str, *, scale: int = 4, cols: int = 6, ms: int = 250) -> None:
-    """Clips `[N, 3, T, H, W]` -> an animated GIF: all clips tiled, one GIF frame per frame."""
-    from PIL import Image
-    x = ((clips.float().clamp(-1, 1) + 1) * 127.5).round().byte()
-    N, C, T, H, W = x.shape
-    cols = min(cols, N)
-    rows = (N + cols - 1) // cols
-    gap, cw, ch = 2, W * scale, H * scale
-    frames = []
-    for f in range(T):
-        img = Image.new("RGB", (cols * (cw + gap) + gap, rows * (ch + gap) + gap), (48, 48, 48))
-        for n in range(N):
-            r, c = divmod(n, cols)
-            fr = Image.fromarray(x[n, :, f].permute(1, 2, 0).numpy(), "RGB")
-            img.paste(fr.resize((cw, ch), Image.NEAREST), (gap + c * (cw + gap),
-                                                          gap + r * (ch + gap)))
-        frames.append(img)
-    tmp = f"{path}.tmp{os.getpid()}"
-    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=ms,
-                   loop=0)
-    os.replace(tmp, path)
+def _batch_seed(seed: int, k: int) -> int:
+    """The seed of batch k's step noise (euler_maruyama): batch 0 keeps --seed."""
+    return (seed + k * 0x9E3779B97F4A7C15) % (SEED_MAX + 1)
 
 
-def _save_atomic(img, path: str, fmt: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    img.save(tmp, format=fmt)
-    os.replace(tmp, path)
+def generate_batched(model, meta: dict, labels, *, seed: int, batch_size: int, progress: bool,
+                     desc: str, recorder=None, **kw):
+    """`generate_clips` over batches of `batch_size` clips, a progress bar over the batches.
+    The noise of all clips is drawn first, as one call draws it (clip i: the i-th draw of one
+    generator seeded with `seed`), so every batch size gives the same clips with the ODE
+    solvers; `recorder` sees the first batch only. Returns float32 `[N, C, T, H, W]` (CPU)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from fmrt.sampling import generate_clips
+    shape = _sample_shape(meta, "checkpoint")
+    noise = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(seed))
+    starts = range(0, len(labels), batch_size)
+    out = []
+    for k, i in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False,
+                               disable=True if not progress else None)):
+        x = generate_clips(model, meta, labels[i:i + batch_size], seed=_batch_seed(seed, k),
+                           noise=noise[i:i + batch_size], recorder=recorder if k == 0 else None,
+                           **kw)
+        out.append(x.cpu())
+    return torch.cat(out)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
-
-    from fmrt.sampling import generate_clips
     if args.diffusers is not None:
         return sample_diffusers(args)
-    for flag, given in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
-                        ("--image", args.image), ("--no-accelerate", args.no_accelerate)):
-        if given:
-            raise CLIError(f"{flag} applies to --diffusers PATH only")
-    args.num = args.num or 12
-    _check_writable_file(args.out)
-    gif = None
-    if args.gif is not None:
-        gif = args.gif or os.path.splitext(args.out)[0] + ".gif"
-        _check_writable_file(gif)
-    if args.diagnostics:
-        _check_writable_file(args.diagnostics)
     t0 = time.time()
     model, meta, device = _load(args)
     rec = meta.get("sample", {}) or {}
@@ -400,47 +759,48 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from fmrt.sampling import DiagnosticsRecorder
         recorder = DiagnosticsRecorder()
     with torch.no_grad():
-        clips = generate_clips(model, meta, labels, steps=steps, solver=args.solver,
-                               guidance_scale=scale, seed=args.seed, shift=args.shift,
-                               device=device, dtype=_dtype(args.dtype), recorder=recorder)
-    save_grid_png(clips.cpu(), class_names(labels), args.out)
-    msg = [f"wrote {args.out}"]
-    if gif:
-        save_gif(clips.cpu(), gif)
-        msg.append(gif)
+        clips = generate_batched(model, meta, labels, seed=args.seed, batch_size=args.batch_size,
+                                 progress=not args.no_progress, desc="fmrt sample",
+                                 recorder=recorder, steps=steps, solver=args.solver,
+                                 guidance_scale=scale, shift=args.shift, device=device,
+                                 dtype=_dtype(args.dtype))
+    save_clips(clips, args.out, class_names(labels))
+    written = [args.out]
+    if args.gif:
+        save_clips(clips, args.gif)
+        written.append(args.gif)
     if recorder is not None:
-        from fmrt.sampling import plot_diagnostics
-        first = [{k: (v[:1] if isinstance(v, torch.Tensor) and v.ndim >= 1 else v)
-                  for k, v in r.items()} for r in recorder.records]
-        plot_diagnostics(first, args.diagnostics)
-        msg.append(args.diagnostics)
-    print(f"{', '.join(msg)}  ({args.num} clips {tuple(clips.shape[1:])}, {args.solver} "
-          f"{steps} steps, guidance {scale:g}, seed {args.seed}, {time.time() - t0:.1f}s)")
+        _save_diagnostics(recorder, args.diagnostics)
+        written.append(args.diagnostics)
+    print(f"wrote {', '.join(written)}  ({args.num} clips {tuple(clips.shape[1:])}, "
+          f"{args.solver} {steps} steps, guidance {scale:g}, seed {args.seed}, "
+          f"{time.time() - t0:.1f}s)")
     return 0
 
 
-VIDEO_SUFFIXES = (".png", ".gif", ".npy", ".mp4")
+def _save_diagnostics(recorder, path: str) -> None:
+    """Seed 000's CFG diagnostics plot (fmrt.sampling.plot_diagnostics), as a marked PNG."""
+    import torch
+    from PIL import Image
+
+    from fmrt.sampling import plot_diagnostics
+    first = [{k: (v[:1] if isinstance(v, torch.Tensor) and v.ndim >= 1 else v)
+              for k, v in r.items()} for r in recorder.records]
+
+    tmp = f"{os.path.splitext(path)[0]}.plot{os.getpid()}.png"
+    try:
+        plot_diagnostics(first, tmp)
+        with Image.open(tmp) as im:
+            im.load()
+            _save_image(im, path, "PNG")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def sample_diffusers(args: argparse.Namespace) -> int:
     """`fmrt sample --diffusers PATH`: a local diffusers Wan pipeline, accelerated by fmrt."""
     import torch
-    suffix = os.path.splitext(args.out)[1].lower()
-    if suffix not in VIDEO_SUFFIXES:
-        raise CLIError(f"--out must end in one of {', '.join(VIDEO_SUFFIXES)}, got {args.out}")
-    for flag, given in (("--checkpoint", args.checkpoint != DEFAULT_CHECKPOINT),
-                        ("--solver", args.solver != "euler"), ("--class", args.label is not None),
-                        ("--gif", args.gif is not None), ("--diagnostics", args.diagnostics)):
-        if given:
-            raise CLIError(f"{flag} does not apply to --diffusers (the pipeline's own model and "
-                           f"Euler / scheduler loop run)")
-    if not args.prompt:
-        raise CLIError("--diffusers needs --prompt")
-    if not os.path.isfile(os.path.join(args.diffusers, "model_index.json")):
-        raise CLIError(f"{args.diffusers}: not a diffusers pipeline folder (no model_index.json)")
-    if args.image is not None and not os.path.isfile(args.image):
-        raise CLIError(f"no such image: {args.image}")
-    _check_writable_file(args.out)
     t0 = time.time()
     device, dtype = _device(args.device), _dtype(args.dtype)
     try:
@@ -506,33 +866,6 @@ def _pipeline_image(pipe, path: Optional[str]) -> dict:
         return {"image": im.convert("RGB")}
 
 
-def save_video(frames, path: str, *, fps: int = 16) -> None:
-    """Videos `[N, F, H, W, 3]` (numpy, [0, 1]) -> `.npy` as they are, `.png` frame grid (a row
-    per video), `.gif` (videos tiled) or `.mp4` (the first video; needs imageio or OpenCV)."""
-    import numpy as np
-    import torch
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix == ".npy":
-        tmp = f"{path}.tmp{os.getpid()}.npy"
-        np.save(tmp, np.asarray(frames, dtype=np.float32))
-        os.replace(tmp, path)
-        return
-    if suffix == ".mp4":
-        from diffusers.utils import export_to_video
-        try:
-            export_to_video(list(frames[0]), path, fps=fps)
-        except ImportError as e:
-            raise CLIError(f"writing .mp4 needs imageio[ffmpeg] or opencv-python ({e}); "
-                           f"use .gif, .png or .npy") from None
-        return
-    clips = torch.from_numpy(np.asarray(frames, dtype=np.float32)).permute(0, 4, 1, 2, 3) * 2 - 1
-    scale = max(1, 128 // max(clips.shape[-2:]))
-    if suffix == ".png":
-        save_grid_png(clips, [""] * clips.shape[0], path, scale=scale)
-    else:
-        save_gif(clips, path, scale=scale, ms=1000 // fps)
-
-
 def _resume_command(args: argparse.Namespace) -> str:
     """The `fmrt train` command line that continues this run: its flags that differ from the
     defaults, with --resume (and never --overwrite)."""
@@ -591,9 +924,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from fmrt.eval import CLASSIFIER_PATH, evaluate_clips, load_classifier
-    from fmrt.sampling import generate_clips
-    if args.json:
-        _check_writable_file(args.json)
     model, meta, device = _load(args)
     clf, _ = load_classifier(args.classifier or CLASSIFIER_PATH)
     K = model.config.num_classes
@@ -615,50 +945,85 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for scale in scales:
         for steps in args.steps:
             t0 = time.time()
-            clips = generate_clips(model, meta, labels, steps=steps, solver=args.solver,
-                                   guidance_scale=scale, seed=args.seed, shift=args.shift,
-                                   device=device, dtype=_dtype(args.dtype))
+            with torch.no_grad():
+                clips = generate_batched(
+                    model, meta, labels, seed=args.seed, batch_size=args.batch_size,
+                    progress=not args.no_progress, desc=f"{args.solver} {steps} steps cfg "
+                    f"{scale:g}", steps=steps, solver=args.solver, guidance_scale=scale,
+                    shift=args.shift, device=device, dtype=_dtype(args.dtype))
             dt = time.time() - t0
-            q = evaluate_clips(clips.cpu(), labels, classifier=clf)
+            q = evaluate_clips(clips, labels, classifier=clf)
             rows.append(dict(solver=args.solver, steps=steps, guidance_scale=scale,
                              seconds=dt, **q))
             print(f"{args.solver:<8} {steps:>5} {scale:>5g} {q['accuracy']:>9.3f} "
                   f"{q['fd']:>9.3f} {dt:>8.1f}", flush=True)
     if args.json:
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(dict(checkpoint=args.checkpoint, device=str(device), results=rows), f,
-                      indent=2)
-        os.replace(tmp, args.json)
+        save_json(dict(checkpoint=args.checkpoint, device=str(device), results=rows), args.json)
     return 0
+
+
+def _check_fits_in_memory(nbytes: int, what: str) -> None:
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > ram // 2:
+        raise CLIError(f"{what} would take {nbytes / 2 ** 30:.1f} GiB of memory, more than half "
+                       f"of this machine's {ram / 2 ** 30:.0f} GiB")
 
 
 def cmd_reflow(args: argparse.Namespace) -> int:
     """Reflow couplings (SPEC 5) with `fmrt.reflow.make_couplings`: noise from --seed, the
     model's samples from exactly that noise (the checkpoint's grid, --solver, --steps,
     --guidance-scale), the class labels as `cond`; `fmrt train --couplings` reads them."""
+    import itertools
+
+    from tqdm.auto import tqdm
+
     from fmrt.sampling import generate_clips
     from fmrt.reflow import make_couplings, save_couplings
-    _check_writable_file(args.out)
     model, meta, device = _load(args)
     rec = meta.get("sample", {}) or {}
     scale = args.guidance_scale if args.guidance_scale is not None else \
         float(rec.get("guidance_scale") or 1.0)
-    shape = tuple(rec.get("sample_shape") or ())
+    shape = _sample_shape(meta, args.checkpoint)
+    _check_fits_in_memory(2 * 4 * args.num * math.prod(shape), f"--num {args.num}: the couplings")
     labels = _labels(args, model.config.num_classes, args.num)
+    bar = tqdm(total=-(-args.num // args.batch_size), desc="fmrt reflow", unit="batch",
+               leave=False, disable=True if args.no_progress else None)
+    batch = itertools.count()
 
     def sample_fn(m, noise, cond=None):
-        return generate_clips(m, meta, cond, steps=args.steps, solver=args.solver,
-                              guidance_scale=scale, shift=args.shift, device=device,
-                              dtype=_dtype(args.dtype), noise=noise, clamp=False)
+        x = generate_clips(m, meta, cond, steps=args.steps, solver=args.solver,
+                           guidance_scale=scale, shift=args.shift, device=device,
+                           dtype=_dtype(args.dtype), noise=noise, clamp=False,
+                           seed=_batch_seed(args.seed, next(batch)))
+        bar.update()
+        return x
 
     t0 = time.time()
-    couplings = make_couplings(model, args.num, shape, sample_fn=sample_fn, cond=labels,
-                               seed=args.seed, batch_size=args.batch_size, device=device)
+    with bar:
+        couplings = make_couplings(model, args.num, shape, sample_fn=sample_fn, cond=labels,
+                                   seed=args.seed, batch_size=args.batch_size, device=device)
     save_couplings(args.out, couplings)
     print(f"wrote {args.out}: {args.num} couplings {tuple(shape)} ({args.solver} {args.steps} "
           f"steps, guidance {scale:g}, {time.time() - t0:.1f}s)")
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    kind = "" if isinstance(e, (CLIError, ValueError, TypeError, FileNotFoundError,
+                                PermissionError)) else f"{type(e).__name__}: "
+    lines = str(e).strip().splitlines()
+    msg = f"{kind}{lines[0] if lines else type(e).__name__}"
+    return msg if len(msg) <= MAX_ERROR_CHARS else msg[:MAX_ERROR_CHARS - 3] + "..."
+
+
+def _run(args: argparse.Namespace) -> int:
+    prepare = PREPARE.get(args.command)
+    if prepare is not None:
+        prepare(args)          # flags and files, before torch is imported and any work starts
+    return int(args.func(args) or 0)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -668,17 +1033,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 0
     if os.environ.get("FMRT_DEBUG"):
-        return int(args.func(args) or 0)
+        return _run(args)
     try:
-        return int(args.func(args) or 0)
+        return _run(args)
     except KeyboardInterrupt:
         print(f"fmrt {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one line, never a traceback (FMRT_DEBUG=1 shows it)
-        kind = "" if isinstance(e, (CLIError, ValueError, TypeError, FileNotFoundError,
-                                    PermissionError)) else f"{type(e).__name__}: "
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"fmrt {args.command}: error: {kind}{msg}", file=sys.stderr)
+        print(f"fmrt {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -90,7 +90,7 @@ def test_image_to_video_pipeline(i2v_dir, image_path, tmp_path, capsys):
 @pytest.mark.parametrize("argv, msg", [
     (["--diffusers", "{missing}", "--prompt", "x"], "no model_index.json"),
     (["--diffusers", "{pipe}"], "needs --prompt"),
-    (["--diffusers", "{pipe}", "--prompt", "x", "--out", "{tmp}/a.txt"], "--out must end"),
+    (["--diffusers", "{pipe}", "--prompt", "x", "--out", "{tmp}/a.txt"], "unknown output format"),
     (["--diffusers", "{pipe}", "--prompt", "x", "--class", "1"], "--class does not apply"),
     (["--diffusers", "{pipe}", "--prompt", "x", "--solver", "heun"], "--solver does not apply"),
     (["--prompt", "a cat"], "--prompt applies to --diffusers"),

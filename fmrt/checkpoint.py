@@ -159,11 +159,13 @@ def merge_lora(state: dict[str, Tensor], rank: int, alpha: Optional[float] = Non
     `X.lora_B.default.weight`) -> the base model's state dict, each adapted weight merged:
     `W + (alpha / rank) B A` (computed in fp32, stored in W's dtype). A state dict without
     adapters comes back unchanged."""
+    adapted = [k for k in state if k.endswith(".lora_A.default.weight")]
+    if adapted and not rank:
+        raise ValueError(f"LoRA adapters ({adapted[0]}, ...) but no rank to scale them by")
     scale = (alpha if alpha is not None else rank) / rank if rank else 0.0
     out = {k: v for k, v in state.items() if "lora_" not in k and ".base_layer." not in k}
-    for k, a in state.items():
-        if not k.endswith(".lora_A.default.weight"):
-            continue
+    for k in adapted:
+        a = state[k]
         name = k[: -len(".lora_A.default.weight")]
         b = state[f"{name}.lora_B.default.weight"]
         w = state[f"{name}.base_layer.weight"]

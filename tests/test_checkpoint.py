@@ -158,3 +158,5 @@ def test_merge_lora_formula():
     assert out["l.bias"] is b
     plain = {"x": torch.ones(2)}
     assert merge_lora(plain, rank=0) == plain
+    with pytest.raises(ValueError, match="no rank"):
+        merge_lora(state, rank=0)

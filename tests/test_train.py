@@ -112,6 +112,9 @@ def test_lora_trains_adapters_only_and_merges(tmp_path):
     assert changed and all(k.endswith(".weight") for k in changed)
     # the merged export computes what the adapter model computes
     merged, _ = load_model(out["model_path"])
+    from_checkpoint, _ = load_model(out["checkpoint"])     # adapters merged on load
+    for k, v in merged.state_dict().items():
+        assert torch.equal(from_checkpoint.state_dict()[k], v), k
     x, s, y = torch.randn(2, 3, 2, 8, 8), torch.rand(2), torch.tensor([1, 2])
     model.eval()
     with torch.no_grad():

@@ -10,6 +10,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+import torch.autograd.forward_ad as _forward_ad
+from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
+
 from fmrt import reference as ref
 from fmrt._dispatch import use_triton
 
@@ -38,6 +41,25 @@ def check_same(name: str, t: Tensor, like_name: str, like: Tensor, *, dtype: boo
         raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+
+
+def wants_autograd(*tensors) -> bool:
+    """Whether an op's result must carry derivatives: grad mode on and an input tensor that
+    requires grad, a forward-mode AD level open (dual tensors), or torch.func-wrapped inputs.
+    False on the hot path (sampling, data preparation): then the Triton path runs no autograd
+    code at all. Non-tensors are ignored."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if isinstance(t, Tensor) and ((grad and t.requires_grad) or _is_wrapped(t)):
+            return True
+    return _forward_ad._current_level >= 0
+
+
+def tracing() -> bool:
+    """torch.compile, export, make_fx or a fake / functional / other dispatch mode is active:
+    the Triton path then runs through its torch.library custom op (traceable); otherwise the
+    launcher is called directly (the custom-op wrapper costs ~60 us per call on the host)."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
 def check_bool(name: str, value) -> None:
@@ -375,6 +397,93 @@ def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None,
 
 import math  # noqa: E402  (kept inside this section for clean merges)
 
+
+# Derivatives on the Triton path. A call that needs none (wants_autograd False: sampling) calls
+# the launcher directly. Otherwise the launch runs inside `_RefDerivatives`, whose backward and
+# jvp differentiate the op's reference (recomputed from the saved inputs, first order): the
+# Triton and torch paths then differentiate alike, in every input the reference differentiates
+# (x, v, v_cond, v_uncond, noise, and scale / sigma tensors), also for the non-linear norm
+# rescale and the SDE log-prob.
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+class _RefGrad(torch.autograd.Function):
+    """`plan = (launch, reference, n_diff)`: forward returns `launch(*args)` (a tensor or a
+    tuple); `reference(*args)` computes its first n_diff outputs in torch (the others, e.g.
+    statistics, are not differentiable). Reverse mode only (what torch.compile traces)."""
+
+    @staticmethod
+    def forward(plan, *args):
+        return plan[0](*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        plan, *args = inputs
+        ctx.plan = plan
+        ctx.slots = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+        ctx.consts = [None if isinstance(a, Tensor) else a for a in args]
+        tensors = [args[i] for i in ctx.slots]
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+        outs = _as_tuple(output)
+        ctx.n_out = len(outs)
+        if len(outs) > plan[2]:
+            ctx.mark_non_differentiable(*outs[plan[2]:])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _, reference, n_diff = ctx.plan
+        need = ctx.needs_input_grad[1:]
+        args, wrt = list(ctx.consts), []
+        with torch.enable_grad():
+            for i, t in zip(ctx.slots, ctx.saved_tensors):
+                if need[i]:
+                    t = t.detach().requires_grad_()
+                    wrt.append(i)
+                args[i] = t
+            outs = _as_tuple(reference(*args))
+            pairs = [(o, g) for o, g in zip(outs, grads[:n_diff])
+                     if g is not None and o.requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wrt],
+                                      [g for _, g in pairs], allow_unused=True) \
+                if pairs else (None,) * len(wrt)
+        res = [None] * len(args)
+        for i, g in zip(wrt, got):
+            res[i] = g
+        return (None, *res)
+
+
+class _RefGradJvp(_RefGrad):
+    """`_RefGrad` plus forward mode (torch.func.jvp, dual tensors): the jvp of the reference."""
+
+    @staticmethod
+    def jvp(ctx, _plan, *tangents):
+        _, reference, n_diff = ctx.plan
+        args = list(ctx.consts)
+        for i, t in zip(ctx.slots, ctx.saved_tensors):
+            args[i] = t
+        moving = [i for i in ctx.slots if tangents[i] is not None]
+
+        def f(*primals):
+            a = list(args)
+            for i, p in zip(moving, primals):
+                a[i] = p
+            return _as_tuple(reference(*a))
+
+        _, touts = torch.func.jvp(f, tuple(args[i] for i in moving),
+                                  tuple(tangents[i] for i in moving))
+        touts = tuple(touts) + (None,) * (ctx.n_out - n_diff)
+        return touts if ctx.n_out > 1 else touts[0]
+
+
+def _with_ref_grad(launch, reference, n_diff: int, *args):
+    """Run `launch(*args)` with the reference's derivatives (see `_RefGrad`)."""
+    fn = _RefGrad if torch.compiler.is_compiling() else _RefGradJvp
+    return fn.apply((launch, reference, n_diff), *args)
+
+
 def check_out_dtype(out_dtype) -> None:
     """None (the op's default) or one of the float dtypes fmrt computes in."""
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
@@ -411,8 +520,14 @@ def _euler_step(x: Tensor, v: Tensor, sigma, sigma_next, triton: bool,
     if not triton:
         return ref.euler_step(x, v, sigma, sigma_next, out_dtype, eager_rounding)
     from fmrt.kernels import step as K
-    return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next, out_dtype,
-                        eager_rounding)
+    if not wants_autograd(x, v, sigma, sigma_next):
+        return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next, out_dtype,
+                            eager_rounding)
+    return _with_ref_grad(
+        lambda x, v, s, sn: K.euler_step(x.contiguous(), v.contiguous(), s, sn, out_dtype,
+                                         eager_rounding),
+        lambda x, v, s, sn: ref.euler_step(x, v, s, sn, out_dtype, eager_rounding),
+        1, x, v, sigma, sigma_next)
 
 
 def check_scale(name: str, scale, x: Tensor) -> None:
@@ -482,15 +597,29 @@ def _cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim, stats, sigma, row: 
     if not triton:
         out = ref.cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim)
         if stats is not None:
-            st = ref.guidance_stats(v_cond, v_uncond, scale, 1.0 if sigma is None else sigma)
+            with torch.no_grad():  # diagnostics: never differentiable (as on the Triton path)
+                st = ref.guidance_stats(v_cond, v_uncond, scale, 1.0 if sigma is None else sigma)
             _fill_stats(stats, st, sigma is not None)
         return out
     from fmrt.kernels import step as K
-    out, part = K.guided_step(None, v_cond.contiguous(), v_uncond.contiguous(), scale, None, None,
-                              rescale=rescale, row=row, stats=stats is not None)
-    if stats is not None:
-        st = K.finish_stats(part, v_cond[0].numel(), 1.0 if sigma is None else sigma)
-        _fill_stats(stats, st, sigma is not None)
+    want_stats = stats is not None
+
+    def launch(c, u, g):
+        out, part = K.guided_step(None, c.contiguous(), u.contiguous(), g, None, None,
+                                  rescale=rescale, row=row, stats=want_stats)
+        return (out, part) if want_stats else out
+
+    if not wants_autograd(v_cond, v_uncond, scale):
+        res = launch(v_cond, v_uncond, scale)
+    else:
+        res = _with_ref_grad(
+            launch, lambda c, u, g: ref.cfg_combine(c, u, g, rescale, norm_dim), 1,
+            v_cond, v_uncond, scale)
+    if not want_stats:
+        return res
+    out, part = res
+    st = K.finish_stats(part, v_cond[0].numel(), 1.0 if sigma is None else sigma)
+    _fill_stats(stats, st, sigma is not None)
     return out
 
 
@@ -546,15 +675,30 @@ def _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, n
         out = ref.guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale,
                                     norm_dim, out_dtype, eager_rounding)
         if stats is not None:
-            stats.update(ref.guidance_stats(v_cond, v_uncond, scale, sigma))
+            with torch.no_grad():  # diagnostics: never differentiable (as on the Triton path)
+                stats.update(ref.guidance_stats(v_cond, v_uncond, scale, sigma))
         return out
     from fmrt.kernels import step as K
-    out, part = K.guided_step(x.contiguous(), v_cond.contiguous(), v_uncond.contiguous(), scale,
-                              sigma, sigma_next, rescale=rescale, row=row,
-                              stats=stats is not None, out_dtype=out_dtype,
-                              eager_rounding=eager_rounding)
-    if stats is not None:
-        stats.update(K.finish_stats(part, x[0].numel(), sigma))
+    want_stats = stats is not None
+
+    def launch(x, c, u, g, s, sn):
+        out, part = K.guided_step(x.contiguous(), c.contiguous(), u.contiguous(), g, s, sn,
+                                  rescale=rescale, row=row, stats=want_stats,
+                                  out_dtype=out_dtype, eager_rounding=eager_rounding)
+        return (out, part) if want_stats else out
+
+    if not wants_autograd(x, v_cond, v_uncond, scale, sigma, sigma_next):
+        res = launch(x, v_cond, v_uncond, scale, sigma, sigma_next)
+    else:
+        res = _with_ref_grad(
+            launch,
+            lambda x, c, u, g, s, sn: ref.guided_euler_step(x, c, u, g, s, sn, rescale, norm_dim,
+                                                            out_dtype, eager_rounding),
+            1, x, v_cond, v_uncond, scale, sigma, sigma_next)
+    if not want_stats:
+        return res
+    out, part = res
+    stats.update(K.finish_stats(part, x[0].numel(), sigma))
     return out
 
 
@@ -619,15 +763,28 @@ def _sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, return_log_prob:
             z = ref.philox_normal(x.shape, seed, device=x.device)
         return ref.sde_step(x, v, sigma, sigma_next, eta, z, return_log_prob)
     from fmrt.kernels import step as K
-    out, zz = K.sde_step(x.contiguous(), v.contiguous(), sigma, sigma_next, eta,
-                         None if noise is None else noise.contiguous(), seed,
-                         return_log_prob)
-    if not return_log_prob:
-        return out
-    B, n = x.shape[0], x[0].numel()
-    _, std_dt = ref.sde_coefficients(sigma, sigma_next, eta, torch.empty(B, device=x.device))
-    lp = -0.5 * zz / n - torch.log(std_dt.double()).expand(B) - 0.5 * math.log(2 * math.pi)
-    return out, lp.float()
+
+    def launch(x, v, s, sn, z, seed):
+        out, zz = K.sde_step(x.contiguous(), v.contiguous(), s, sn, eta,
+                             None if z is None else z.contiguous(), seed, return_log_prob)
+        if not return_log_prob:
+            return out
+        B, n = x.shape[0], x[0].numel()
+        _, std_dt = ref.sde_coefficients(s, sn, eta, torch.empty(B, device=x.device))
+        lp = -0.5 * zz / n - torch.log(std_dt.double()).expand(B) - 0.5 * math.log(2 * math.pi)
+        return out, lp.float()
+
+    if not wants_autograd(x, v, sigma, sigma_next, noise):
+        return launch(x, v, sigma, sigma_next, noise, seed)
+
+    def reference(x, v, s, sn, z, seed):
+        if z is None:  # the kernel's Philox noise again, from its seed
+            from fmrt.kernels import noise as KN
+            z = torch.zeros_like(x) if eta == 0 else KN.philox_normal(x.shape, seed)
+        return ref.sde_step(x, v, s, sn, eta, z, return_log_prob)
+
+    return _with_ref_grad(launch, reference, 2 if return_log_prob else 1,
+                          x, v, sigma, sigma_next, noise, seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ step ever reads a tensor back to the host.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -164,6 +166,58 @@ def _ratio_kernel(part_ptr, ratio_ptr, n_chunks, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _stats_kernel(part_ptr, out_ptr, s_ptr, s_val, s_st, n_chunks, n, B,
+                  S_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    """Seed 000's guidance diagnostics of sample b from the guided kernel's partial sums
+    (grid = (B,)), summed over the chunks in fp64 (a fixed order: deterministic):
+    t = sum_k part[b, k, :] = (sum c, sum c^2, sum u, sum u^2, sum d, sum d^2, sum v^2);
+    mean = t_i / n, std = sqrt((t_i+1 - t_i^2 / n) / (n - 1)) (unbiased; NaN for n = 1);
+    ||d|| = sqrt(t_5); vel_diff_norm = x0_diff_norm = |sigma| ||d||;
+    rescale_ratio = sqrt(t_1 / t_6) (1 where ||v|| = 0).
+    out[i, b] for the rows of `STAT_KEYS`: sigma, c mean/std, u mean/std, d mean/std, ||d||,
+    vel_diff_norm, x0_diff_norm, rescale_ratio."""
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, 8)
+    acc = tl.zeros((BLOCK, 8), tl.float64)
+    for start in range(0, n_chunks, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        ptrs = part_ptr + (b * n_chunks + k)[:, None] * 8 + cols[None, :]
+        m = (k < n_chunks)[:, None] & (cols < 7)[None, :]
+        acc += tl.load(ptrs, mask=m, other=0.0).to(tl.float64)
+    t = tl.sum(acc, axis=0)
+    nf = n.to(tl.float64)
+    t0 = tl.sum(tl.where(cols == 0, t, 0.0))
+    t1 = tl.sum(tl.where(cols == 1, t, 0.0))
+    t2 = tl.sum(tl.where(cols == 2, t, 0.0))
+    t3 = tl.sum(tl.where(cols == 3, t, 0.0))
+    t4 = tl.sum(tl.where(cols == 4, t, 0.0))
+    t5 = tl.sum(tl.where(cols == 5, t, 0.0))
+    t6 = tl.sum(tl.where(cols == 6, t, 0.0))
+    one = n > 1
+    den = tl.where(one, nf - 1.0, 1.0)
+    nan = float("nan")
+    sig = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
+    dn = tl.sqrt(t5)
+    vel = tl.abs(sig).to(tl.float64) * dn
+    ok = t6 > 0.0
+    ratio = tl.where(ok, tl.sqrt(t1) / tl.sqrt(tl.where(ok, t6, 1.0)), 1.0)
+    tl.store(out_ptr + 0 * B + b, sig)
+    tl.store(out_ptr + 1 * B + b, (t0 / nf).to(tl.float32))
+    tl.store(out_ptr + 2 * B + b, tl.where(one, tl.sqrt(tl.maximum(t1 - t0 * t0 / nf, 0.0) / den),
+                                           nan).to(tl.float32))
+    tl.store(out_ptr + 3 * B + b, (t2 / nf).to(tl.float32))
+    tl.store(out_ptr + 4 * B + b, tl.where(one, tl.sqrt(tl.maximum(t3 - t2 * t2 / nf, 0.0) / den),
+                                           nan).to(tl.float32))
+    tl.store(out_ptr + 5 * B + b, (t4 / nf).to(tl.float32))
+    tl.store(out_ptr + 6 * B + b, tl.where(one, tl.sqrt(tl.maximum(t5 - t4 * t4 / nf, 0.0) / den),
+                                           nan).to(tl.float32))
+    tl.store(out_ptr + 7 * B + b, dn.to(tl.float32))
+    tl.store(out_ptr + 8 * B + b, vel.to(tl.float32))
+    tl.store(out_ptr + 9 * B + b, vel.to(tl.float32))
+    tl.store(out_ptr + 10 * B + b, ratio.to(tl.float32))
+
+
+@triton.jit
 def _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, z, b, j, inner, s, sn, k, std_dt,
               HAS_NOISE: tl.constexpr):
     """One lane of Q elements; returns its sum of z^2 (masked)."""
@@ -186,7 +240,8 @@ def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val
                 Q: tl.constexpr, FAST: tl.constexpr):
     """Euler-Maruyama step of the flow SDE (Flow-GRPO discretisation), grid = (groups, B).
 
-    dt = sn - s (< 0), s' = sn if s >= 1 else s, k = eta^2 / (2 (1 - s'))  (= std^2 / (2 s)),
+    dt = sn - s (<= 0), s' = sn if s >= 1 else s, k = eta^2 / (2 (1 - s'))  (= std^2 / (2 s);
+    0 when s' = 1, i.e. sigma = sigma_next = 1: then, as for any sigma = sigma_next, out = x),
     mean = x (1 + k dt) + v (1 + k (1 - s)) dt,  out = mean + sqrt(2 k s (s - sn)) * z,
     z = noise, or fmrt's seeded Philox noise (kernels/noise.py's offset scheme: program (g, b)
     owns elements [4Qg, 4Q(g+1)) of sample b in four lanes of Q, one Philox call per 4
@@ -198,7 +253,8 @@ def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val
     s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
     sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
     s_den = tl.where(s >= 1.0, sn, s)
-    k = eta * eta / (2.0 * (1.0 - s_den))
+    ok = s_den < 1.0   # else sigma = sigma_next = 1: a zero step (k = 0, no noise)
+    k = tl.where(ok, eta * eta / (2.0 * tl.where(ok, 1.0 - s_den, 1.0)), 0.0)
     std_dt = tl.sqrt(tl.maximum(2.0 * k * s * (s - sn), 0.0))
     j0 = g * (4 * Q) + tl.arange(0, Q).to(tl.int64)
     if HAS_NOISE:
@@ -270,34 +326,26 @@ def _tile(inner: int, row: int):
     return 1, block, block, triton.cdiv(inner, block), 8 if block >= 4096 else 4
 
 
+STAT_KEYS = ("sigma", "cond_mean", "cond_std", "uncond_mean", "uncond_std", "cfg_diff_mean",
+             "cfg_diff_std", "cfg_diff_norm", "vel_diff_norm", "x0_diff_norm", "rescale_ratio")
+
+
 def finish_stats(part: torch.Tensor, n: int, sigma) -> dict:
-    """Per-sample statistics `[B]` (float32, on the device) from the guided kernel's partial
-    sums `part [B, chunks, NSTAT]` over n elements per sample: no host sync."""
-    t = part.double().sum(1)
-    B = t.shape[0]
+    """Per-sample statistics `[B]` (float32, on the device; keys `STAT_KEYS`) from the guided
+    kernel's partial sums `part [B, chunks, NSTAT]` over n elements per sample: one launch of
+    `_stats_kernel`, no host sync; the dict holds views of one `[11, B]` tensor."""
+    B, chunks = part.shape[0], part.shape[1]
+    out = torch.empty(len(STAT_KEYS), B, dtype=torch.float32, device=part.device)
+    if B:
+        s_ptr, s_val, s_st, s_t = sigma_args(sigma, part, B)
+        _stats_kernel[(B,)](part, out, s_ptr, s_val, s_st, chunks, n, B, S_TENSOR=s_t,
+                            BLOCK=_stats_block(chunks), num_warps=1)
+    return dict(zip(STAT_KEYS, out.unbind(0)))
 
-    def mean_std(i):
-        mean = t[:, i] / n
-        var = (t[:, i + 1] - t[:, i] * t[:, i] / n) / (n - 1) if n > 1 else t[:, i] * float("nan")
-        return mean.float(), var.clamp_min(0).sqrt().float()
 
-    out = {}
-    if isinstance(sigma, torch.Tensor):
-        sig = sigma.to(device=part.device, dtype=torch.float32).expand(B).clone()
-    else:
-        sig = torch.full((B,), float(sigma), dtype=torch.float32, device=part.device)
-    out["sigma"] = sig
-    out["cond_mean"], out["cond_std"] = mean_std(0)
-    out["uncond_mean"], out["uncond_std"] = mean_std(2)
-    out["cfg_diff_mean"], out["cfg_diff_std"] = mean_std(4)
-    dn = t[:, 5].sqrt()
-    out["cfg_diff_norm"] = dn.float()
-    out["vel_diff_norm"] = (sig.double().abs() * dn).float()
-    out["x0_diff_norm"] = (sig.double().abs() * dn).float()
-    vv = t[:, 6]
-    out["rescale_ratio"] = torch.where(vv > 0, t[:, 1].sqrt() / vv.clamp_min(1e-300).sqrt(),
-                                       torch.ones_like(vv)).float()
-    return out
+@functools.lru_cache(maxsize=None)
+def _stats_block(chunks: int) -> int:
+    return min(256, max(2, _pow2(chunks)))
 
 
 def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, stats: bool,

@@ -12,6 +12,7 @@ from torch import Tensor
 
 import torch.autograd.forward_ad as _forward_ad
 from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
+from torch._C._functorch import maybe_current_level as _functorch_level
 
 from fmrt import reference as ref
 from fmrt._dispatch import use_triton
@@ -45,14 +46,16 @@ def check_same(name: str, t: Tensor, like_name: str, like: Tensor, *, dtype: boo
 
 def wants_autograd(*tensors) -> bool:
     """Whether an op's result must carry derivatives: grad mode on and an input tensor that
-    requires grad, a forward-mode AD level open (dual tensors), or torch.func-wrapped inputs.
-    False on the hot path (sampling, data preparation): then the Triton path runs no autograd
-    code at all. Non-tensors are ignored."""
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if isinstance(t, Tensor) and ((grad and t.requires_grad) or _is_wrapped(t)):
-            return True
-    return _forward_ad._current_level >= 0
+    requires grad, a forward-mode AD level open (dual tensors), or a torch.func transform
+    (grad, jvp, vmap) active. False on the hot path (sampling, data preparation): then the
+    Triton path runs no autograd code at all. Non-tensors are ignored."""
+    if _forward_ad._current_level >= 0 or _functorch_level() is not None:
+        return True
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if isinstance(t, Tensor) and t.requires_grad:
+                return True
+    return False
 
 
 def tracing() -> bool:
@@ -109,9 +112,26 @@ def check_qkv(q, k, v, *, dtypes: Optional[Sequence[torch.dtype]] = None) -> Non
                          f"must agree in B, H, D, got {tuple(k.shape)}")
 
 
+HOST_CHECK_LIMIT = 4096   # CPU tensors up to this many elements get their values checked
+
+
+def host_values(t: Tensor) -> Optional[list]:
+    """The values of a small CPU tensor as a flat list, for value checks that cost no device
+    sync; None for CUDA (or other device) tensors, large ones, and while tracing or under a
+    torch.func transform: those values are not checked (reading a CUDA tensor back would
+    sync the device and break CUDA-graph capture)."""
+    if not t.is_cpu or t.numel() > HOST_CHECK_LIMIT or tracing() or \
+            _functorch_level() is not None:
+        return None
+    v = t.tolist() if t.ndim <= 1 else t.reshape(-1).tolist()
+    return v if isinstance(v, list) else [v]
+
+
 def check_sigma(name: str, sigma, x: Tensor, *, per_sample_only: bool = False) -> None:
     """A float in [0, 1], a 0-d tensor, a `[B]` tensor, or (unless per_sample_only) a tensor
-    broadcastable to x. Tensor values are not read back to the host."""
+    broadcastable to x. The values of CPU tensors are checked too (`host_values`); those of
+    CUDA tensors are not read back to the host (no sync): keeping them in [0, 1] is then
+    the caller's part."""
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(sigma).__name__}")
     if not isinstance(sigma, Tensor):
@@ -122,6 +142,10 @@ def check_sigma(name: str, sigma, x: Tensor, *, per_sample_only: bool = False) -
         raise TypeError(f"{name} must be a floating-point tensor, got {sigma.dtype}")
     if sigma.device != x.device:
         raise ValueError(f"{name} is on {sigma.device} but the data is on {x.device}")
+    vals = host_values(sigma)
+    if vals is not None and not all(0.0 <= v <= 1.0 for v in vals):
+        bad = next(v for v in vals if not 0.0 <= v <= 1.0)
+        raise ValueError(f"{name} must lie in [0, 1], got a value {bad}")
     if sigma.ndim == 0:
         return
     batch = x.shape[0] if x.ndim else 1
@@ -193,14 +217,16 @@ def _check_noise(noise, x0: Tensor, seed) -> None:
         raise ValueError("pass either noise or seed, not both (seed draws the noise)")
 
 
-@torch.library.custom_op("fmrt::add_noise", mutates_args=())
-def _add_noise_op(x0: Tensor, sigma: Optional[Tensor], sigma_value: float,
-                  noise: Optional[Tensor], seed: Optional[Tensor], return_noise: bool,
-                  return_target: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _add_noise_impl(x0: Tensor, sigma: Optional[Tensor], sigma_value: float,
+                    noise: Optional[Tensor], seed: Optional[Tensor], return_noise: bool,
+                    return_target: bool) -> tuple[Tensor, Tensor, Tensor]:
     from fmrt.kernels import noise as K
     return K.add_noise(x0.contiguous(), sigma, sigma_value,
                        None if noise is None else noise.contiguous(), seed, return_noise,
                        return_target)
+
+
+_add_noise_op = torch.library.custom_op("fmrt::add_noise", _add_noise_impl, mutates_args=())
 
 
 @_add_noise_op.register_fake
@@ -252,6 +278,7 @@ def add_noise(x0: Tensor, sigma: Sigma, noise: Optional[Tensor] = None, *, seed=
     check_sigma("sigma", sigma, x0)
     check_seed("seed", seed)
     _check_noise(noise, x0, seed)
+    check_bool("return_noise", return_noise)
     if isinstance(seed, Tensor) and seed.device != x0.device:
         raise ValueError(f"seed is on {seed.device} but x0 is on {x0.device}")
     seed_t = None if noise is not None else seed_tensor(seed, x0.device)
@@ -265,24 +292,32 @@ def noised_sample(x0: Tensor, sigma: Sigma, noise: Optional[Tensor], seed: Optio
     noise): `(x_t, target or None, noise or None)`; the kernel skips what is not asked for."""
     if use_triton(x0, *(t for t in (noise, sigma) if isinstance(t, Tensor))):
         s_t, s_v = (sigma, 0.0) if isinstance(sigma, Tensor) else (None, float(sigma))
-        x_t, target, gen = _add_noise_op(x0, s_t, s_v, noise, seed, return_noise, return_target)
+        # the custom op (traceable, with its backward) only where it is needed: its wrapper
+        # costs more host time than the rest of the call
+        fn = _add_noise_op if tracing() or wants_autograd(x0, noise) else _add_noise_impl
+        x_t, target, gen = fn(x0, s_t, s_v, noise, seed, return_noise, return_target)
         eps = (gen if noise is None else noise) if return_noise else None
         return x_t, (target if return_target else None), eps
     eps = noise if noise is not None else ref.philox_normal(x0.shape, seed, x0.device)
+    if isinstance(sigma, Tensor):
+        sigma = sigma.detach()  # sigma gets no gradient (as on the Triton path)
     x_t, target = ref.add_noise(x0, sigma, eps)
     if return_noise and noise is None:
         eps = eps.to(x0.dtype)
     return x_t, (target if return_target else None), (eps if return_noise else None)
 
 
-@torch.library.custom_op("fmrt::flow_matching_loss", mutates_args=())
-def _fm_loss_op(pred: Tensor, x0: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
-                mask: Optional[Tensor], weight: Optional[Tensor], weight_value: float,
-                reduction: str, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _fm_loss_impl(pred: Tensor, x0: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
+                  mask: Optional[Tensor], weight: Optional[Tensor], weight_value: float,
+                  reduction: str, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     from fmrt.kernels import loss as K
     return K.flow_matching_loss(pred.contiguous(), x0.contiguous(),
                                 None if noise is None else noise.contiguous(), seed, mask,
                                 weight, weight_value, reduction, need_grad)
+
+
+_fm_loss_op = torch.library.custom_op("fmrt::flow_matching_loss", _fm_loss_impl,
+                                      mutates_args=())
 
 
 @_fm_loss_op.register_fake
@@ -316,12 +351,27 @@ def _fm_loss_backward(ctx, grad_loss, grad_grad, grad_coef):
 _fm_loss_op.register_autograd(_fm_loss_backward, setup_context=_fm_loss_setup)
 
 
+class _FMLoss(torch.autograd.Function):
+    """Eager mode: the custom op's forward, setup and backward without its wrapper (which
+    costs more host time than the rest of the call)."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _fm_loss_impl(*inputs)
+
+    setup_context = staticmethod(_fm_loss_setup)
+
+    backward = staticmethod(_fm_loss_backward)
+
+
 def _check_weight(weight, batch: int, device) -> None:
     if weight is None:
         return
     if isinstance(weight, bool) or not isinstance(weight, (int, float, Tensor)):
         raise TypeError(f"weight must be a float or a tensor, got {type(weight).__name__}")
     if not isinstance(weight, Tensor):
+        if not math.isfinite(weight):
+            raise ValueError(f"weight must be finite, got {weight}")
         return
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
@@ -330,6 +380,9 @@ def _check_weight(weight, batch: int, device) -> None:
     if weight.ndim > 1 or (weight.ndim == 1 and weight.shape[0] not in (1, batch)):
         raise ValueError(f"weight must be a float, 0-d or [B={batch}] tensor, got shape "
                          f"{tuple(weight.shape)}")
+    vals = host_values(weight)   # CPU tensors only (no sync)
+    if vals is not None and not all(math.isfinite(v) for v in vals):
+        raise ValueError("weight must be finite, got a non-finite value")
 
 
 def _check_mask(mask, pred: Tensor) -> None:
@@ -369,6 +422,9 @@ def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None,
     check_float_tensor("x0", x0)
     if pred.ndim == 0:
         raise ValueError("pred must have a batch dimension [B, ...], got a 0-d tensor")
+    if pred.shape[0] == 0:
+        raise ValueError(f"pred must hold at least one sample, got batch 0 "
+                         f"{tuple(pred.shape)} (the loss of no samples is undefined)")
     check_same("x0", x0, "pred", pred, dtype=False)
     check_seed("seed", seed)
     _check_noise(noise, x0, seed)
@@ -385,9 +441,17 @@ def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None,
         need_grad = torch.is_grad_enabled() and pred.requires_grad
         w_t, w_v = (weight, 1.0) if isinstance(weight, Tensor) else (
             None, 1.0 if weight is None else float(weight))
-        loss, _, _ = _fm_loss_op(pred, x0, noise, seed_t, mask, w_t, w_v, reduction, need_grad)
-        return loss
+        args = (pred, x0, noise, seed_t, mask, w_t, w_v, reduction, need_grad)
+        if tracing() or _is_wrapped(pred):
+            return _fm_loss_op(*args)[0]
+        if need_grad:
+            return _FMLoss.apply(*args)[0]
+        return _fm_loss_impl(*args)[0]
     eps = noise if noise is not None else ref.philox_normal(x0.shape, seed_t, x0.device)
+    if isinstance(weight, Tensor):
+        weight = weight.detach()  # gradients flow to pred only (as on the Triton path)
+    if mask is not None:
+        mask = mask.detach()
     return ref.flow_matching_loss(pred, x0, eps, weight, mask, reduction)
 
 
@@ -546,6 +610,9 @@ def check_scale(name: str, scale, x: Tensor) -> None:
     if not (scale.ndim == 0 or (scale.ndim == 1 and scale.shape[0] in (1, batch))):
         raise ValueError(f"{name} must be a float, 0-d or [B={batch}] tensor, "
                          f"got shape {tuple(scale.shape)}")
+    vals = host_values(scale)   # CPU tensors only (no sync)
+    if vals is not None and not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"{name} must be finite, got a non-finite value")
 
 
 def _check_guidance(v_cond: Tensor, v_uncond: Tensor, scale, rescale, norm_dim, stats) -> int:
@@ -618,7 +685,8 @@ def _cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim, stats, sigma, row: 
     if not want_stats:
         return res
     out, part = res
-    st = K.finish_stats(part, v_cond[0].numel(), 1.0 if sigma is None else sigma)
+    st = K.finish_stats(part, v_cond.numel() // v_cond.shape[0],
+                         1.0 if sigma is None else sigma)
     _fill_stats(stats, st, sigma is not None)
     return out
 
@@ -698,7 +766,7 @@ def _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, n
     if not want_stats:
         return res
     out, part = res
-    stats.update(K.finish_stats(part, x[0].numel(), sigma))
+    stats.update(K.finish_stats(part, x.numel() // x.shape[0], sigma))
     return out
 
 
@@ -708,6 +776,11 @@ def cfg_zero_star_scale(v_cond: Tensor, v_uncond: Tensor) -> Tensor:
     check_float_tensor("v_cond", v_cond)
     check_float_tensor("v_uncond", v_uncond)
     check_same("v_uncond", v_uncond, "v_cond", v_cond)
+    if v_cond.ndim == 0:
+        raise ValueError("v_cond must be [B, ...], got a 0-d tensor")
+    if v_cond.shape[0] == 0:
+        raise ValueError(f"v_cond must hold at least one sample, got batch 0 "
+                         f"{tuple(v_cond.shape)}")
     return ref.cfg_zero_star_scale(v_cond, v_uncond)
 
 
@@ -730,15 +803,14 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: floa
         raise ValueError("x must be [B, ...], got a 0-d tensor")
     check_sigma("sigma", sigma, x, per_sample_only=True)
     check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
-    if not isinstance(sigma, Tensor) and not isinstance(sigma_next, Tensor):
-        if float(sigma_next) > float(sigma):
-            raise ValueError(f"sigma_next ({sigma_next}) must not exceed sigma ({sigma})")
     if isinstance(eta, bool) or not isinstance(eta, (int, float)):
         raise TypeError(f"eta must be a float, got {type(eta).__name__}")
     if not (eta >= 0.0 and math.isfinite(eta)):
         raise ValueError(f"eta must be a finite float >= 0, got {eta}")
+    check_bool("return_log_prob", return_log_prob)
     if return_log_prob and eta == 0:
         raise ValueError("return_log_prob needs eta > 0 (eta = 0 is deterministic)")
+    _check_sde_sigmas(sigma, sigma_next, return_log_prob)
     if noise is not None:
         check_float_tensor("noise", noise)
         check_same("noise", noise, "x", x, dtype=False)
@@ -749,6 +821,26 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: floa
         seed = seed_tensor(seed, x.device)
     return _sde_step(x, v, sigma, sigma_next, float(eta), noise, seed, return_log_prob,
                      use_triton(x, v))
+
+
+def _check_sde_sigmas(sigma, sigma_next, log_prob: bool) -> None:
+    """sigma_next <= sigma (sampling runs to 0), and sigma_next < sigma for a log-prob (equal
+    sigmas are a zero step, x' = x, whose density is degenerate). Floats and CPU tensors are
+    checked; CUDA tensors are not read back (no sync)."""
+    def values(s):
+        return [float(s)] if not isinstance(s, Tensor) else host_values(s)
+
+    a, b = values(sigma), values(sigma_next)
+    if a is None or b is None:
+        return
+    n = max(len(a), len(b))
+    pairs = list(zip(a * n if len(a) == 1 else a, b * n if len(b) == 1 else b))
+    if any(sn > s for s, sn in pairs):
+        raise ValueError(f"sigma_next must not exceed sigma (sampling runs from 1 to 0), got "
+                         f"sigma {sigma}, sigma_next {sigma_next}")
+    if log_prob and any(sn == s for s, sn in pairs):
+        raise ValueError(f"return_log_prob needs sigma_next < sigma (equal sigmas are a zero "
+                         f"step with no noise), got sigma {sigma}, sigma_next {sigma_next}")
 
 
 def _sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, return_log_prob: bool,
@@ -769,7 +861,8 @@ def _sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, return_log_prob:
                              None if z is None else z.contiguous(), seed, return_log_prob)
         if not return_log_prob:
             return out
-        B, n = x.shape[0], x[0].numel()
+        B = x.shape[0]
+        n = x.numel() // B if B else 0
         _, std_dt = ref.sde_coefficients(s, sn, eta, torch.empty(B, device=x.device))
         lp = -0.5 * zz / n - torch.log(std_dt.double()).expand(B) - 0.5 * math.log(2 * math.pi)
         return out, lp.float()
@@ -814,8 +907,10 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
     check_same("k", k, "q", q)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     B, S, H, D = q.shape
     if D % 2:
         raise ValueError(f"head dim D must be even for the rotary, got {D}")

@@ -277,13 +277,19 @@ def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val
 # host launchers
 # ---------------------------------------------------------------------------------------------
 
+# Host launchers compute only what the launch needs: no `triton.cdiv` / `next_power_of_2` on
+# the host (each a ~4 us Python call), outputs by `empty_like`, tile choices cached per shape.
+CONTIGUOUS = torch.contiguous_format
+EULER_BLOCK = 1024
+
+
 def sigma_args(sigma, like: torch.Tensor, batch: int):
     """(pointer tensor, scalar, stride, is_tensor) kernel arguments for a per-sample value: a
     float (passed by value), or a 0-d / [1] / [B] tensor read on the device without a copy
     when it is already float32 (stride 0 broadcasts one value)."""
     if not isinstance(sigma, torch.Tensor):
         return like, float(sigma), 0, False
-    t = sigma if (sigma.dtype == torch.float32 and sigma.device == like.device) else \
+    t = sigma if (sigma.dtype is torch.float32 and sigma.device == like.device) else \
         sigma.to(device=like.device, dtype=torch.float32)
     if t.ndim == 0 or t.numel() == 1:
         return t, 0.0, 0, True
@@ -294,19 +300,17 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next,
                out_dtype=None, eager_rounding: bool = False) -> torch.Tensor:
     """x, v contiguous with the same shape (any float dtypes, loaded as they are); sigma /
     sigma_next floats or `[B]` / 0-d tensors; the result in out_dtype (default x's dtype)."""
-    out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    out = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=CONTIGUOUS)
     n = x.numel()
     if n == 0:
         return out
     batch = x.shape[0] if x.ndim else 1
     s_ptr, s_val, s_st, s_t = sigma_args(sigma, x, batch)
     sn_ptr, sn_val, sn_st, sn_t = sigma_args(sigma_next, x, batch)
-    BLOCK = 1024
-    grid = (triton.cdiv(n, BLOCK),)
-    _euler_kernel[grid](x, v, out, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, n,
-                        max(n // batch, 1), S_TENSOR=s_t, SN_TENSOR=sn_t,
-                        EAGER_ROUNDING=eager_rounding, BLOCK=BLOCK,
-                        enable_fp_fusion=not eager_rounding)
+    _euler_kernel[(-(-n // EULER_BLOCK),)](
+        x, v, out, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, n, max(n // batch, 1),
+        S_TENSOR=s_t, SN_TENSOR=sn_t, EAGER_ROUNDING=eager_rounding, BLOCK=EULER_BLOCK,
+        enable_fp_fusion=not eager_rounding)
     return out
 
 
@@ -314,6 +318,7 @@ def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+@functools.lru_cache(maxsize=256)
 def _tile(inner: int, row: int):
     """(ROWS, BLOCK_C, C, chunks, num_warps) for the guided kernel: per-token rows of `row`
     elements, or the flat layout (row = 0) in blocks of up to 4096 elements."""
@@ -321,9 +326,9 @@ def _tile(inner: int, row: int):
         bc = _pow2(row)
         n_rows = inner // row
         rows = max(1, min(max(4096 // bc, 1), _pow2(n_rows)))
-        return rows, bc, row, triton.cdiv(n_rows, rows), 8 if rows * bc >= 4096 else 4
+        return rows, bc, row, -(-n_rows // rows), 8 if rows * bc >= 4096 else 4
     block = min(4096, max(128, _pow2(inner)))
-    return 1, block, block, triton.cdiv(inner, block), 8 if block >= 4096 else 4
+    return 1, block, block, -(-inner // block), 8 if block >= 4096 else 4
 
 
 STAT_KEYS = ("sigma", "cond_mean", "cond_std", "uncond_mean", "uncond_std", "cfg_diff_mean",
@@ -362,46 +367,40 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
     writes the partial norms; pass 2 reads x, c, u and writes out: 6 N e (cfg_combine 5 N e).
     Statistics add only the partial sums (8 floats per program).
     """
-    default = x.dtype if x is not None else c.dtype
-    out = torch.empty(c.shape, dtype=out_dtype or default, device=c.device)
+    step = x is not None
+    xx = x if step else c
+    out = torch.empty_like(xx, dtype=out_dtype or xx.dtype, memory_format=CONTIGUOUS)
     B = c.shape[0]
     n = c.numel()
     inner = n // B if B else 0
     if n == 0:
         return out, (torch.zeros(B, 1, NSTAT, device=c.device) if stats else None)
-    step = x is not None
-    xx = x if step else c
     token = rescale == "norm" and row > 0
+    per_sample = rescale == "norm" and not token
     rows, bc, C, chunks, warps = _tile(inner, row if token else 0)
-    g_args = sigma_args(scale, c, B)
-    s_args = sigma_args(sigma if step else 0.0, c, B)
-    sn_args = sigma_args(sigma_next if step else 0.0, c, B)
-    sig = (*g_args[:3], *s_args[:3], *sn_args[:3])
-    flags = dict(G_TENSOR=g_args[3], S_TENSOR=s_args[3], SN_TENSOR=sn_args[3])
+    g_ptr, g_val, g_st, g_t = sigma_args(scale, c, B)
+    s_ptr, s_val, s_st, s_t = sigma_args(sigma, c, B) if step else (c, 0.0, 0, False)
+    sn_ptr, sn_val, sn_st, sn_t = sigma_args(sigma_next, c, B) if step else (c, 0.0, 0, False)
     grid = (chunks, B)
-    part = None
-    need_part = stats or (rescale == "norm" and not token)
-    if need_part:
-        part = torch.empty(B, chunks, NSTAT, dtype=torch.float32, device=c.device)
+    part = torch.empty((B, chunks, NSTAT), dtype=torch.float32, device=c.device) \
+        if stats or per_sample else c
     ratio = c
-    mode = 0
-    if rescale == "norm" and not token:
-        _guided_kernel[grid](xx, c, u, out, *sig, ratio, part, inner, C, chunks, STEP=False,
-                             WRITE=False, RESCALE=0, STATS=True, TOKEN=token,
-                             EAGER_ROUNDING=False, ROWS=rows, BLOCK_C=bc,
-                             num_warps=warps, **flags)
-        ratio = torch.empty(B, dtype=torch.float32, device=c.device)
+    if per_sample:
+        _guided_kernel[grid](xx, c, u, out, g_ptr, g_val, g_st, s_ptr, s_val, s_st, sn_ptr,
+                             sn_val, sn_st, ratio, part, inner, C, chunks, STEP=False,
+                             WRITE=False, G_TENSOR=g_t, S_TENSOR=s_t, SN_TENSOR=sn_t,
+                             RESCALE=0, STATS=True, TOKEN=token, EAGER_ROUNDING=False,
+                             ROWS=rows, BLOCK_C=bc, num_warps=warps)
+        ratio = torch.empty((B,), dtype=torch.float32, device=c.device)
         _ratio_kernel[(B,)](part, ratio, chunks, BLOCK=min(1024, max(32, _pow2(chunks))),
                             num_warps=1)
-        mode = 1
-        stats_here = False
-    else:
-        mode = 2 if token else 0
-        stats_here = stats
-    _guided_kernel[grid](xx, c, u, out, *sig, ratio, part if part is not None else c, inner, C,
-                         chunks, STEP=step, WRITE=True, RESCALE=mode, STATS=stats_here,
-                         TOKEN=token, EAGER_ROUNDING=eager_rounding, ROWS=rows, BLOCK_C=bc,
-                         num_warps=warps, enable_fp_fusion=not eager_rounding, **flags)
+    _guided_kernel[grid](xx, c, u, out, g_ptr, g_val, g_st, s_ptr, s_val, s_st, sn_ptr, sn_val,
+                         sn_st, ratio, part, inner, C, chunks, STEP=step, WRITE=True,
+                         G_TENSOR=g_t, S_TENSOR=s_t, SN_TENSOR=sn_t,
+                         RESCALE=1 if per_sample else (2 if token else 0),
+                         STATS=stats and not per_sample, TOKEN=token,
+                         EAGER_ROUNDING=eager_rounding, ROWS=rows, BLOCK_C=bc, num_warps=warps,
+                         enable_fp_fusion=not eager_rounding)
     return out, (part if stats else None)
 
 
@@ -409,13 +408,13 @@ def sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, logp: bool):
     """x, v (and noise) contiguous, same shape `[B, ...]`; seed a 0-d int64 device tensor when
     noise is None. Returns (out, per-sample sums of z^2 `[B]` float64, or None).
     Bytes: reads x, v (and noise), writes out: 3 N e (4 N e with noise)."""
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, memory_format=CONTIGUOUS)
     B = x.shape[0]
     n = x.numel()
     inner = n // B if B else 0
     if n == 0:
         return out, (torch.zeros(B, device=x.device, dtype=torch.float64) if logp else None)
-    groups = triton.cdiv(inner, 4 * NOISE_Q)
+    groups = -(-inner // (4 * NOISE_Q))
     s_ptr, s_val, s_st, s_t = sigma_args(sigma, x, B)
     sn_ptr, sn_val, sn_st, sn_t = sigma_args(sigma_next, x, B)
     part = torch.empty(B, groups, dtype=torch.float32, device=x.device) if logp else x

@@ -474,9 +474,11 @@ def _as_tuple(out) -> tuple:
 
 
 class _RefGrad(torch.autograd.Function):
-    """`plan = (launch, reference, n_diff)`: forward returns `launch(*args)` (a tensor or a
-    tuple); `reference(*args)` computes its first n_diff outputs in torch (the others, e.g.
-    statistics, are not differentiable). Reverse mode only (what torch.compile traces)."""
+    """`plan = (launch, reference, n_diff, prepare)`: forward returns `launch(*args)` (a tensor
+    or a tuple); `reference(*args)` computes its first n_diff outputs in torch (the others, e.g.
+    statistics, are not differentiable); `prepare(args)` (or None), run before differentiating,
+    may replace arguments by constants (the SDE step's regenerated noise). Reverse mode only
+    (what torch.compile traces)."""
 
     @staticmethod
     def forward(plan, *args):
@@ -498,23 +500,22 @@ class _RefGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        _, reference, n_diff = ctx.plan
+        # torch.func.vjp, not autograd.grad: this also runs inside torch.func.grad
+        _, reference, n_diff, _ = ctx.plan
         need = ctx.needs_input_grad[1:]
-        args, wrt = list(ctx.consts), []
-        with torch.enable_grad():
-            for i, t in zip(ctx.slots, ctx.saved_tensors):
-                if need[i]:
-                    t = t.detach().requires_grad_()
-                    wrt.append(i)
-                args[i] = t
-            outs = _as_tuple(reference(*args))
-            pairs = [(o, g) for o, g in zip(outs, grads[:n_diff])
-                     if g is not None and o.requires_grad]
-            got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wrt],
-                                      [g for _, g in pairs], allow_unused=True) \
-                if pairs else (None,) * len(wrt)
+        args = _saved_args(ctx)
+        wrt = [i for i in ctx.slots if need[i]]
+
+        def f(*primals):
+            a = list(args)
+            for i, p in zip(wrt, primals):
+                a[i] = p
+            return _as_tuple(reference(*a))[:n_diff]
+
+        outs, pullback = torch.func.vjp(f, *(args[i] for i in wrt))
+        cot = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads))
         res = [None] * len(args)
-        for i, g in zip(wrt, got):
+        for i, g in zip(wrt, pullback(cot)):
             res[i] = g
         return (None, *res)
 
@@ -524,10 +525,8 @@ class _RefGradJvp(_RefGrad):
 
     @staticmethod
     def jvp(ctx, _plan, *tangents):
-        _, reference, n_diff = ctx.plan
-        args = list(ctx.consts)
-        for i, t in zip(ctx.slots, ctx.saved_tensors):
-            args[i] = t
+        _, reference, n_diff, _ = ctx.plan
+        args = _saved_args(ctx)
         moving = [i for i in ctx.slots if tangents[i] is not None]
 
         def f(*primals):
@@ -542,10 +541,18 @@ class _RefGradJvp(_RefGrad):
         return touts if ctx.n_out > 1 else touts[0]
 
 
-def _with_ref_grad(launch, reference, n_diff: int, *args):
+def _saved_args(ctx) -> list:
+    args = list(ctx.consts)
+    for i, t in zip(ctx.slots, ctx.saved_tensors):
+        args[i] = t
+    prepare = ctx.plan[3]
+    return prepare(args) if prepare is not None else args
+
+
+def _with_ref_grad(launch, reference, n_diff: int, *args, prepare=None):
     """Run `launch(*args)` with the reference's derivatives (see `_RefGrad`)."""
     fn = _RefGrad if torch.compiler.is_compiling() else _RefGradJvp
-    return fn.apply((launch, reference, n_diff), *args)
+    return fn.apply((launch, reference, n_diff, prepare), *args)
 
 
 def check_out_dtype(out_dtype) -> None:
@@ -793,9 +800,32 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: floa
     x, v: same shape `[B, ...]` and dtype; sigmas floats, 0-d or `[B]` tensors (sigma_next <=
     sigma); noise: explicit `N(0, I)` of x's shape, or None to draw Philox noise in-kernel from
     `seed` (an int, a 0-d integer device tensor, or None: drawn on x's device; the same seed
-    gives the same noise as `add_noise`, on the Triton and the torch path). Returns x' of x's dtype, or `(x', log_prob [B] float32)` with
-    return_log_prob (the per-element mean Gaussian log-density of the step, as Flow-GRPO).
+    gives the same noise as `add_noise`, on the Triton and the torch path). Returns x' of x's
+    dtype, or `(x', log_prob [B] float32)` with return_log_prob (the per-element mean Gaussian
+    log-density of the step, as Flow-GRPO).
+
+    sigma == sigma_next is a zero step (x' = x; also sigma = sigma_next = 1); a log-prob then
+    is refused. Float and CPU-tensor sigmas are checked (in [0, 1], sigma_next <= sigma); CUDA
+    tensor sigmas are not read back (no sync), so there that is the caller's part.
+    Differentiable on both paths in x, v, noise and tensor sigmas, log_prob included: as in
+    Flow-GRPO the sampled x' is a constant inside the log-density, so d log_prob / d v flows
+    through the mean. To re-evaluate a stored step under a new model (GRPO's ratio), use
+    `sde_log_prob`.
     """
+    _check_sde_args(x, v, sigma, sigma_next, eta, return_log_prob)
+    if noise is not None:
+        check_float_tensor("noise", noise)
+        check_same("noise", noise, "x", x, dtype=False)
+        if seed is not None:
+            raise ValueError("give noise or seed, not both")
+    check_seed("seed", seed)
+    if noise is None:
+        seed = seed_tensor(seed, x.device)
+    return _sde_step(x, v, sigma, sigma_next, float(eta), noise, seed, return_log_prob,
+                     use_triton(x, v))
+
+
+def _check_sde_args(x, v, sigma, sigma_next, eta, log_prob) -> None:
     check_float_tensor("x", x)
     check_float_tensor("v", v)
     check_same("v", v, "x", x)
@@ -807,20 +837,24 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: floa
         raise TypeError(f"eta must be a float, got {type(eta).__name__}")
     if not (eta >= 0.0 and math.isfinite(eta)):
         raise ValueError(f"eta must be a finite float >= 0, got {eta}")
-    check_bool("return_log_prob", return_log_prob)
-    if return_log_prob and eta == 0:
+    check_bool("return_log_prob", log_prob)
+    if log_prob and eta == 0:
         raise ValueError("return_log_prob needs eta > 0 (eta = 0 is deterministic)")
-    _check_sde_sigmas(sigma, sigma_next, return_log_prob)
-    if noise is not None:
-        check_float_tensor("noise", noise)
-        check_same("noise", noise, "x", x, dtype=False)
-        if seed is not None:
-            raise ValueError("give noise or seed, not both")
-    check_seed("seed", seed)
-    if noise is None:
-        seed = seed_tensor(seed, x.device)
-    return _sde_step(x, v, sigma, sigma_next, float(eta), noise, seed, return_log_prob,
-                     use_triton(x, v))
+    _check_sde_sigmas(sigma, sigma_next, log_prob)
+
+
+def sde_log_prob(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, prev_sample: Tensor, *,
+                 eta: float) -> Tensor:
+    """Flow-GRPO's log-probability of a given step result `prev_sample` (one stored while
+    sampling) under the SDE step from x with velocity v: log N(prev_sample; mean(x, v),
+    std_dt^2) averaged over each sample's elements, float32 `[B]` (see `sde_step`;
+    `sde_log_prob(x, v, s, sn, x', eta=eta)` equals the log_prob `sde_step` returned with x').
+    Differentiable in x and v (and tensor sigmas); prev_sample is a constant. A per-sample
+    reduction in torch on both backends (the same code: no Triton kernel)."""
+    _check_sde_args(x, v, sigma, sigma_next, eta, True)
+    check_float_tensor("prev_sample", prev_sample)
+    check_same("prev_sample", prev_sample, "x", x, dtype=False)
+    return ref.sde_log_prob(x, v, sigma, sigma_next, float(eta), prev_sample)
 
 
 def _check_sde_sigmas(sigma, sigma_next, log_prob: bool) -> None:
@@ -870,14 +904,17 @@ def _sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, return_log_prob:
     if not wants_autograd(x, v, sigma, sigma_next, noise):
         return launch(x, v, sigma, sigma_next, noise, seed)
 
-    def reference(x, v, s, sn, z, seed):
-        if z is None:  # the kernel's Philox noise again, from its seed
+    def regenerate_noise(args):
+        x, _, _, _, z, seed = args
+        if z is None:  # the kernel's Philox noise again, from its seed (a constant)
             from fmrt.kernels import noise as KN
-            z = torch.zeros_like(x) if eta == 0 else KN.philox_normal(x.shape, seed)
-        return ref.sde_step(x, v, s, sn, eta, z, return_log_prob)
+            args[4] = torch.zeros_like(x) if eta == 0 else KN.philox_normal(x.shape, seed)
+        return args
 
-    return _with_ref_grad(launch, reference, 2 if return_log_prob else 1,
-                          x, v, sigma, sigma_next, noise, seed)
+    return _with_ref_grad(
+        launch, lambda x, v, s, sn, z, seed: ref.sde_step(x, v, s, sn, eta, z, return_log_prob),
+        2 if return_log_prob else 1, x, v, sigma, sigma_next, noise, seed,
+        prepare=regenerate_noise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -938,7 +975,8 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
         if torch.compiler.is_compiling():  # no forward mode inside compiled graphs
             return _qk_norm_rope_op(*args)
         return _QKNormRope.apply(*args)
-    return ref.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, norm)
+    # cos / sin are constants on both paths (the Triton path gives them no gradient)
+    return ref.qk_norm_rope(q, k, q_weight, k_weight, cos.detach(), sin.detach(), eps, norm)
 
 
 # Triton path: an autograd.Function whose forward and backward call the `fmrt::qk_norm_rope`
@@ -1211,9 +1249,10 @@ def _flash_ready(q, k, v, scale, key_padding_mask, mask):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     tensors = [t for t in (q, k, v, key_padding_mask, mask) if t is not None]
     triton = use_triton(*tensors) and q.numel() > 0 and k.numel() > 0
-    if triton and mask is not None and mask.requires_grad:
-        raise ValueError("mask requires grad, but the Triton flash attention gives no gradient "
-                         "to the mask; detach it or use FMRT_BACKEND=torch")
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        # refused on both backends (they must differentiate alike)
+        raise ValueError("mask requires grad, but flash_attention gives no gradient to the "
+                         "mask; detach it (or use fmrt.attention.attention for a learned bias)")
     return scale, triton
 
 
@@ -1230,7 +1269,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     backward through the output: MeanFlow; the tangent itself has no reverse-mode derivative:
     a backward through it raises). Under torch.compile the Triton path is a graph break
     (so a compiled torch.func.jvp runs it eagerly, correctly; fullgraph=True raises).
-    Rows whose keys are all masked give 0 on the Triton path (NaN on the torch path).
+    Rows whose keys are all masked give 0 (and zero gradients) on both paths.
     """
     scale, triton = _flash_ready(q, k, v, scale, key_padding_mask, mask)
     if not triton:

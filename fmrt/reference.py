@@ -371,11 +371,12 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, eta: float, 
 
 
 def _gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """log N(sample; mean, std^2) averaged over the elements of each sample: float32 `[B]`."""
+    """log N(sample; mean, std^2) averaged over the elements of each sample: `[B]` in the
+    compute dtype (float32; float64 for float64 inputs)."""
     std = std.expand_as(mean)
     lp = (-(sample - mean) ** 2 / (2 * std ** 2) - torch.log(std)
           - 0.5 * math.log(2 * math.pi))
-    return _per_sample(lp).mean(1).float()
+    return _per_sample(lp).mean(1)
 
 
 def sde_log_prob(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, eta: float,
@@ -481,6 +482,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = No
                     mask: Optional[Tensor] = None) -> Tensor:
     """`attention` with an optional boolean key padding mask `[B, S_k]` (True = keep) on top of
     the optional mask (additive float or boolean keep, broadcastable to `[B, H, S_q, S_k]`).
+    A query row whose keys are all masked gives 0 with zero derivatives (as the Triton kernel;
+    plain softmax would give NaN): such rows attend with the mask lifted, then are zeroed.
     Differentiable in reverse and forward mode (torch.func.jvp) by plain autograd."""
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, None, :]
@@ -490,4 +493,15 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = No
             mask = mask & keep
         else:
             mask = mask.to(compute_dtype(q.dtype)).masked_fill(~keep, float("-inf"))
-    return attention(q, k, v, scale, mask)
+    if mask is None:
+        return attention(q, k, v, scale, mask)
+    while mask.ndim < 4:
+        mask = mask[None]
+    alive = (mask if mask.dtype == torch.bool else mask > float("-inf")).any(-1, keepdim=True)
+    if mask.dtype == torch.bool:
+        mask = mask | ~alive
+    else:
+        mask = torch.where(alive, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
+    out = attention(q, k, v, scale, mask)
+    B, S_q, H, _ = out.shape
+    return out * alive.expand(B, H, S_q, 1).transpose(1, 2).to(out.dtype)

@@ -37,11 +37,19 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_parsed: dict = {}   # raw FMRT_BACKEND value -> backend name (the parse runs once per value)
+
+
 def requested_backend() -> str:
-    name = _override if _override is not None else os.environ.get("FMRT_BACKEND", "auto")
-    name = name.strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"FMRT_BACKEND must be one of {BACKENDS}, got {name!r}")
+    if _override is not None:
+        return _override
+    raw = os.environ.get("FMRT_BACKEND", "auto")
+    name = _parsed.get(raw)
+    if name is None:
+        name = raw.strip().lower() or "auto"
+        if name not in BACKENDS:
+            raise ValueError(f"FMRT_BACKEND must be one of {BACKENDS}, got {name!r}")
+        _parsed[raw] = name
     return name
 
 
@@ -67,7 +75,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     name = requested_backend()
     if name == "torch":
         return False
-    on_cuda = all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+    on_cuda = True
+    for t in tensors:   # called once per op call: a plain loop (no generator)
+        if isinstance(t, torch.Tensor) and not t.is_cuda:
+            on_cuda = False
+            break
     if name == "auto":
         return on_cuda and triton_available()
     if not triton_available():

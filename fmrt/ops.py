@@ -10,6 +10,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+import torch.autograd.forward_ad as _forward_ad
+from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
+from torch._C._functorch import maybe_current_level as _functorch_level
+
 from fmrt import reference as ref
 from fmrt._dispatch import use_triton
 
@@ -38,6 +42,27 @@ def check_same(name: str, t: Tensor, like_name: str, like: Tensor, *, dtype: boo
         raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+
+
+def wants_autograd(*tensors) -> bool:
+    """Whether an op's result must carry derivatives: grad mode on and an input tensor that
+    requires grad, a forward-mode AD level open (dual tensors), or a torch.func transform
+    (grad, jvp, vmap) active. False on the hot path (sampling, data preparation): then the
+    Triton path runs no autograd code at all. Non-tensors are ignored."""
+    if _forward_ad._current_level >= 0 or _functorch_level() is not None:
+        return True
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if isinstance(t, Tensor) and t.requires_grad:
+                return True
+    return False
+
+
+def tracing() -> bool:
+    """torch.compile, export, make_fx or a fake / functional / other dispatch mode is active:
+    the Triton path then runs through its torch.library custom op (traceable); otherwise the
+    launcher is called directly (the custom-op wrapper costs ~60 us per call on the host)."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
 def check_bool(name: str, value) -> None:
@@ -87,9 +112,26 @@ def check_qkv(q, k, v, *, dtypes: Optional[Sequence[torch.dtype]] = None) -> Non
                          f"must agree in B, H, D, got {tuple(k.shape)}")
 
 
+HOST_CHECK_LIMIT = 4096   # CPU tensors up to this many elements get their values checked
+
+
+def host_values(t: Tensor) -> Optional[list]:
+    """The values of a small CPU tensor as a flat list, for value checks that cost no device
+    sync; None for CUDA (or other device) tensors, large ones, and while tracing or under a
+    torch.func transform: those values are not checked (reading a CUDA tensor back would
+    sync the device and break CUDA-graph capture)."""
+    if not t.is_cpu or t.numel() > HOST_CHECK_LIMIT or tracing() or \
+            _functorch_level() is not None:
+        return None
+    v = t.tolist() if t.ndim <= 1 else t.reshape(-1).tolist()
+    return v if isinstance(v, list) else [v]
+
+
 def check_sigma(name: str, sigma, x: Tensor, *, per_sample_only: bool = False) -> None:
     """A float in [0, 1], a 0-d tensor, a `[B]` tensor, or (unless per_sample_only) a tensor
-    broadcastable to x. Tensor values are not read back to the host."""
+    broadcastable to x. The values of CPU tensors are checked too (`host_values`); those of
+    CUDA tensors are not read back to the host (no sync): keeping them in [0, 1] is then
+    the caller's part."""
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(sigma).__name__}")
     if not isinstance(sigma, Tensor):
@@ -100,6 +142,10 @@ def check_sigma(name: str, sigma, x: Tensor, *, per_sample_only: bool = False) -
         raise TypeError(f"{name} must be a floating-point tensor, got {sigma.dtype}")
     if sigma.device != x.device:
         raise ValueError(f"{name} is on {sigma.device} but the data is on {x.device}")
+    vals = host_values(sigma)
+    if vals is not None and not all(0.0 <= v <= 1.0 for v in vals):
+        bad = next(v for v in vals if not 0.0 <= v <= 1.0)
+        raise ValueError(f"{name} must lie in [0, 1], got a value {bad}")
     if sigma.ndim == 0:
         return
     batch = x.shape[0] if x.ndim else 1
@@ -171,14 +217,16 @@ def _check_noise(noise, x0: Tensor, seed) -> None:
         raise ValueError("pass either noise or seed, not both (seed draws the noise)")
 
 
-@torch.library.custom_op("fmrt::add_noise", mutates_args=())
-def _add_noise_op(x0: Tensor, sigma: Optional[Tensor], sigma_value: float,
-                  noise: Optional[Tensor], seed: Optional[Tensor], return_noise: bool,
-                  return_target: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _add_noise_impl(x0: Tensor, sigma: Optional[Tensor], sigma_value: float,
+                    noise: Optional[Tensor], seed: Optional[Tensor], return_noise: bool,
+                    return_target: bool) -> tuple[Tensor, Tensor, Tensor]:
     from fmrt.kernels import noise as K
     return K.add_noise(x0.contiguous(), sigma, sigma_value,
                        None if noise is None else noise.contiguous(), seed, return_noise,
                        return_target)
+
+
+_add_noise_op = torch.library.custom_op("fmrt::add_noise", _add_noise_impl, mutates_args=())
 
 
 @_add_noise_op.register_fake
@@ -230,6 +278,7 @@ def add_noise(x0: Tensor, sigma: Sigma, noise: Optional[Tensor] = None, *, seed=
     check_sigma("sigma", sigma, x0)
     check_seed("seed", seed)
     _check_noise(noise, x0, seed)
+    check_bool("return_noise", return_noise)
     if isinstance(seed, Tensor) and seed.device != x0.device:
         raise ValueError(f"seed is on {seed.device} but x0 is on {x0.device}")
     seed_t = None if noise is not None else seed_tensor(seed, x0.device)
@@ -243,24 +292,32 @@ def noised_sample(x0: Tensor, sigma: Sigma, noise: Optional[Tensor], seed: Optio
     noise): `(x_t, target or None, noise or None)`; the kernel skips what is not asked for."""
     if use_triton(x0, *(t for t in (noise, sigma) if isinstance(t, Tensor))):
         s_t, s_v = (sigma, 0.0) if isinstance(sigma, Tensor) else (None, float(sigma))
-        x_t, target, gen = _add_noise_op(x0, s_t, s_v, noise, seed, return_noise, return_target)
+        # the custom op (traceable, with its backward) only where it is needed: its wrapper
+        # costs more host time than the rest of the call
+        fn = _add_noise_op if tracing() or wants_autograd(x0, noise) else _add_noise_impl
+        x_t, target, gen = fn(x0, s_t, s_v, noise, seed, return_noise, return_target)
         eps = (gen if noise is None else noise) if return_noise else None
         return x_t, (target if return_target else None), eps
     eps = noise if noise is not None else ref.philox_normal(x0.shape, seed, x0.device)
+    if isinstance(sigma, Tensor):
+        sigma = sigma.detach()  # sigma gets no gradient (as on the Triton path)
     x_t, target = ref.add_noise(x0, sigma, eps)
     if return_noise and noise is None:
         eps = eps.to(x0.dtype)
     return x_t, (target if return_target else None), (eps if return_noise else None)
 
 
-@torch.library.custom_op("fmrt::flow_matching_loss", mutates_args=())
-def _fm_loss_op(pred: Tensor, x0: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
-                mask: Optional[Tensor], weight: Optional[Tensor], weight_value: float,
-                reduction: str, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _fm_loss_impl(pred: Tensor, x0: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
+                  mask: Optional[Tensor], weight: Optional[Tensor], weight_value: float,
+                  reduction: str, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     from fmrt.kernels import loss as K
     return K.flow_matching_loss(pred.contiguous(), x0.contiguous(),
                                 None if noise is None else noise.contiguous(), seed, mask,
                                 weight, weight_value, reduction, need_grad)
+
+
+_fm_loss_op = torch.library.custom_op("fmrt::flow_matching_loss", _fm_loss_impl,
+                                      mutates_args=())
 
 
 @_fm_loss_op.register_fake
@@ -294,12 +351,27 @@ def _fm_loss_backward(ctx, grad_loss, grad_grad, grad_coef):
 _fm_loss_op.register_autograd(_fm_loss_backward, setup_context=_fm_loss_setup)
 
 
+class _FMLoss(torch.autograd.Function):
+    """Eager mode: the custom op's forward, setup and backward without its wrapper (which
+    costs more host time than the rest of the call)."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _fm_loss_impl(*inputs)
+
+    setup_context = staticmethod(_fm_loss_setup)
+
+    backward = staticmethod(_fm_loss_backward)
+
+
 def _check_weight(weight, batch: int, device) -> None:
     if weight is None:
         return
     if isinstance(weight, bool) or not isinstance(weight, (int, float, Tensor)):
         raise TypeError(f"weight must be a float or a tensor, got {type(weight).__name__}")
     if not isinstance(weight, Tensor):
+        if not math.isfinite(weight):
+            raise ValueError(f"weight must be finite, got {weight}")
         return
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
@@ -308,6 +380,9 @@ def _check_weight(weight, batch: int, device) -> None:
     if weight.ndim > 1 or (weight.ndim == 1 and weight.shape[0] not in (1, batch)):
         raise ValueError(f"weight must be a float, 0-d or [B={batch}] tensor, got shape "
                          f"{tuple(weight.shape)}")
+    vals = host_values(weight)   # CPU tensors only (no sync)
+    if vals is not None and not all(math.isfinite(v) for v in vals):
+        raise ValueError("weight must be finite, got a non-finite value")
 
 
 def _check_mask(mask, pred: Tensor) -> None:
@@ -347,6 +422,9 @@ def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None,
     check_float_tensor("x0", x0)
     if pred.ndim == 0:
         raise ValueError("pred must have a batch dimension [B, ...], got a 0-d tensor")
+    if pred.shape[0] == 0:
+        raise ValueError(f"pred must hold at least one sample, got batch 0 "
+                         f"{tuple(pred.shape)} (the loss of no samples is undefined)")
     check_same("x0", x0, "pred", pred, dtype=False)
     check_seed("seed", seed)
     _check_noise(noise, x0, seed)
@@ -363,9 +441,17 @@ def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None,
         need_grad = torch.is_grad_enabled() and pred.requires_grad
         w_t, w_v = (weight, 1.0) if isinstance(weight, Tensor) else (
             None, 1.0 if weight is None else float(weight))
-        loss, _, _ = _fm_loss_op(pred, x0, noise, seed_t, mask, w_t, w_v, reduction, need_grad)
-        return loss
+        args = (pred, x0, noise, seed_t, mask, w_t, w_v, reduction, need_grad)
+        if tracing() or _is_wrapped(pred):
+            return _fm_loss_op(*args)[0]
+        if need_grad:
+            return _FMLoss.apply(*args)[0]
+        return _fm_loss_impl(*args)[0]
     eps = noise if noise is not None else ref.philox_normal(x0.shape, seed_t, x0.device)
+    if isinstance(weight, Tensor):
+        weight = weight.detach()  # gradients flow to pred only (as on the Triton path)
+    if mask is not None:
+        mask = mask.detach()
     return ref.flow_matching_loss(pred, x0, eps, weight, mask, reduction)
 
 
@@ -374,6 +460,100 @@ def flow_matching_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None,
 # ---------------------------------------------------------------------------------------------
 
 import math  # noqa: E402  (kept inside this section for clean merges)
+
+
+# Derivatives on the Triton path. A call that needs none (wants_autograd False: sampling) calls
+# the launcher directly. Otherwise the launch runs inside `_RefDerivatives`, whose backward and
+# jvp differentiate the op's reference (recomputed from the saved inputs, first order): the
+# Triton and torch paths then differentiate alike, in every input the reference differentiates
+# (x, v, v_cond, v_uncond, noise, and scale / sigma tensors), also for the non-linear norm
+# rescale and the SDE log-prob.
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+class _RefGrad(torch.autograd.Function):
+    """`plan = (launch, reference, n_diff, prepare)`: forward returns `launch(*args)` (a tensor
+    or a tuple); `reference(*args)` computes its first n_diff outputs in torch (the others, e.g.
+    statistics, are not differentiable); `prepare(args)` (or None), run before differentiating,
+    may replace arguments by constants (the SDE step's regenerated noise). Reverse mode only
+    (what torch.compile traces)."""
+
+    @staticmethod
+    def forward(plan, *args):
+        return plan[0](*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        plan, *args = inputs
+        ctx.plan = plan
+        ctx.slots = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+        ctx.consts = [None if isinstance(a, Tensor) else a for a in args]
+        tensors = [args[i] for i in ctx.slots]
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+        outs = _as_tuple(output)
+        ctx.n_out = len(outs)
+        if len(outs) > plan[2]:
+            ctx.mark_non_differentiable(*outs[plan[2]:])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # torch.func.vjp, not autograd.grad: this also runs inside torch.func.grad
+        _, reference, n_diff, _ = ctx.plan
+        need = ctx.needs_input_grad[1:]
+        args = _saved_args(ctx)
+        wrt = [i for i in ctx.slots if need[i]]
+
+        def f(*primals):
+            a = list(args)
+            for i, p in zip(wrt, primals):
+                a[i] = p
+            return _as_tuple(reference(*a))[:n_diff]
+
+        outs, pullback = torch.func.vjp(f, *(args[i] for i in wrt))
+        cot = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads))
+        res = [None] * len(args)
+        for i, g in zip(wrt, pullback(cot)):
+            res[i] = g
+        return (None, *res)
+
+
+class _RefGradJvp(_RefGrad):
+    """`_RefGrad` plus forward mode (torch.func.jvp, dual tensors): the jvp of the reference."""
+
+    @staticmethod
+    def jvp(ctx, _plan, *tangents):
+        _, reference, n_diff, _ = ctx.plan
+        args = _saved_args(ctx)
+        moving = [i for i in ctx.slots if tangents[i] is not None]
+
+        def f(*primals):
+            a = list(args)
+            for i, p in zip(moving, primals):
+                a[i] = p
+            return _as_tuple(reference(*a))
+
+        _, touts = torch.func.jvp(f, tuple(args[i] for i in moving),
+                                  tuple(tangents[i] for i in moving))
+        touts = tuple(touts) + (None,) * (ctx.n_out - n_diff)
+        return touts if ctx.n_out > 1 else touts[0]
+
+
+def _saved_args(ctx) -> list:
+    args = list(ctx.consts)
+    for i, t in zip(ctx.slots, ctx.saved_tensors):
+        args[i] = t
+    prepare = ctx.plan[3]
+    return prepare(args) if prepare is not None else args
+
+
+def _with_ref_grad(launch, reference, n_diff: int, *args, prepare=None):
+    """Run `launch(*args)` with the reference's derivatives (see `_RefGrad`)."""
+    fn = _RefGrad if torch.compiler.is_compiling() else _RefGradJvp
+    return fn.apply((launch, reference, n_diff, prepare), *args)
+
 
 def check_out_dtype(out_dtype) -> None:
     """None (the op's default) or one of the float dtypes fmrt computes in."""
@@ -411,8 +591,14 @@ def _euler_step(x: Tensor, v: Tensor, sigma, sigma_next, triton: bool,
     if not triton:
         return ref.euler_step(x, v, sigma, sigma_next, out_dtype, eager_rounding)
     from fmrt.kernels import step as K
-    return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next, out_dtype,
-                        eager_rounding)
+    if not wants_autograd(x, v, sigma, sigma_next):
+        return K.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next, out_dtype,
+                            eager_rounding)
+    return _with_ref_grad(
+        lambda x, v, s, sn: K.euler_step(x.contiguous(), v.contiguous(), s, sn, out_dtype,
+                                         eager_rounding),
+        lambda x, v, s, sn: ref.euler_step(x, v, s, sn, out_dtype, eager_rounding),
+        1, x, v, sigma, sigma_next)
 
 
 def check_scale(name: str, scale, x: Tensor) -> None:
@@ -431,6 +617,9 @@ def check_scale(name: str, scale, x: Tensor) -> None:
     if not (scale.ndim == 0 or (scale.ndim == 1 and scale.shape[0] in (1, batch))):
         raise ValueError(f"{name} must be a float, 0-d or [B={batch}] tensor, "
                          f"got shape {tuple(scale.shape)}")
+    vals = host_values(scale)   # CPU tensors only (no sync)
+    if vals is not None and not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"{name} must be finite, got a non-finite value")
 
 
 def _check_guidance(v_cond: Tensor, v_uncond: Tensor, scale, rescale, norm_dim, stats) -> int:
@@ -482,15 +671,30 @@ def _cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim, stats, sigma, row: 
     if not triton:
         out = ref.cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim)
         if stats is not None:
-            st = ref.guidance_stats(v_cond, v_uncond, scale, 1.0 if sigma is None else sigma)
+            with torch.no_grad():  # diagnostics: never differentiable (as on the Triton path)
+                st = ref.guidance_stats(v_cond, v_uncond, scale, 1.0 if sigma is None else sigma)
             _fill_stats(stats, st, sigma is not None)
         return out
     from fmrt.kernels import step as K
-    out, part = K.guided_step(None, v_cond.contiguous(), v_uncond.contiguous(), scale, None, None,
-                              rescale=rescale, row=row, stats=stats is not None)
-    if stats is not None:
-        st = K.finish_stats(part, v_cond[0].numel(), 1.0 if sigma is None else sigma)
-        _fill_stats(stats, st, sigma is not None)
+    want_stats = stats is not None
+
+    def launch(c, u, g):
+        out, part = K.guided_step(None, c.contiguous(), u.contiguous(), g, None, None,
+                                  rescale=rescale, row=row, stats=want_stats)
+        return (out, part) if want_stats else out
+
+    if not wants_autograd(v_cond, v_uncond, scale):
+        res = launch(v_cond, v_uncond, scale)
+    else:
+        res = _with_ref_grad(
+            launch, lambda c, u, g: ref.cfg_combine(c, u, g, rescale, norm_dim), 1,
+            v_cond, v_uncond, scale)
+    if not want_stats:
+        return res
+    out, part = res
+    st = K.finish_stats(part, v_cond.numel() // v_cond.shape[0],
+                         1.0 if sigma is None else sigma)
+    _fill_stats(stats, st, sigma is not None)
     return out
 
 
@@ -546,15 +750,30 @@ def _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, n
         out = ref.guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale,
                                     norm_dim, out_dtype, eager_rounding)
         if stats is not None:
-            stats.update(ref.guidance_stats(v_cond, v_uncond, scale, sigma))
+            with torch.no_grad():  # diagnostics: never differentiable (as on the Triton path)
+                stats.update(ref.guidance_stats(v_cond, v_uncond, scale, sigma))
         return out
     from fmrt.kernels import step as K
-    out, part = K.guided_step(x.contiguous(), v_cond.contiguous(), v_uncond.contiguous(), scale,
-                              sigma, sigma_next, rescale=rescale, row=row,
-                              stats=stats is not None, out_dtype=out_dtype,
-                              eager_rounding=eager_rounding)
-    if stats is not None:
-        stats.update(K.finish_stats(part, x[0].numel(), sigma))
+    want_stats = stats is not None
+
+    def launch(x, c, u, g, s, sn):
+        out, part = K.guided_step(x.contiguous(), c.contiguous(), u.contiguous(), g, s, sn,
+                                  rescale=rescale, row=row, stats=want_stats,
+                                  out_dtype=out_dtype, eager_rounding=eager_rounding)
+        return (out, part) if want_stats else out
+
+    if not wants_autograd(x, v_cond, v_uncond, scale, sigma, sigma_next):
+        res = launch(x, v_cond, v_uncond, scale, sigma, sigma_next)
+    else:
+        res = _with_ref_grad(
+            launch,
+            lambda x, c, u, g, s, sn: ref.guided_euler_step(x, c, u, g, s, sn, rescale, norm_dim,
+                                                            out_dtype, eager_rounding),
+            1, x, v_cond, v_uncond, scale, sigma, sigma_next)
+    if not want_stats:
+        return res
+    out, part = res
+    stats.update(K.finish_stats(part, x.numel() // x.shape[0], sigma))
     return out
 
 
@@ -564,6 +783,11 @@ def cfg_zero_star_scale(v_cond: Tensor, v_uncond: Tensor) -> Tensor:
     check_float_tensor("v_cond", v_cond)
     check_float_tensor("v_uncond", v_uncond)
     check_same("v_uncond", v_uncond, "v_cond", v_cond)
+    if v_cond.ndim == 0:
+        raise ValueError("v_cond must be [B, ...], got a 0-d tensor")
+    if v_cond.shape[0] == 0:
+        raise ValueError(f"v_cond must hold at least one sample, got batch 0 "
+                         f"{tuple(v_cond.shape)}")
     return ref.cfg_zero_star_scale(v_cond, v_uncond)
 
 
@@ -576,25 +800,19 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: floa
     x, v: same shape `[B, ...]` and dtype; sigmas floats, 0-d or `[B]` tensors (sigma_next <=
     sigma); noise: explicit `N(0, I)` of x's shape, or None to draw Philox noise in-kernel from
     `seed` (an int, a 0-d integer device tensor, or None: drawn on x's device; the same seed
-    gives the same noise as `add_noise`, on the Triton and the torch path). Returns x' of x's dtype, or `(x', log_prob [B] float32)` with
-    return_log_prob (the per-element mean Gaussian log-density of the step, as Flow-GRPO).
+    gives the same noise as `add_noise`, on the Triton and the torch path). Returns x' of x's
+    dtype, or `(x', log_prob [B] float32)` with return_log_prob (the per-element mean Gaussian
+    log-density of the step, as Flow-GRPO).
+
+    sigma == sigma_next is a zero step (x' = x; also sigma = sigma_next = 1); a log-prob then
+    is refused. Float and CPU-tensor sigmas are checked (in [0, 1], sigma_next <= sigma); CUDA
+    tensor sigmas are not read back (no sync), so there that is the caller's part.
+    Differentiable on both paths in x, v, noise and tensor sigmas, log_prob included: as in
+    Flow-GRPO the sampled x' is a constant inside the log-density, so d log_prob / d v flows
+    through the mean. To re-evaluate a stored step under a new model (GRPO's ratio), use
+    `sde_log_prob`.
     """
-    check_float_tensor("x", x)
-    check_float_tensor("v", v)
-    check_same("v", v, "x", x)
-    if x.ndim < 1:
-        raise ValueError("x must be [B, ...], got a 0-d tensor")
-    check_sigma("sigma", sigma, x, per_sample_only=True)
-    check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
-    if not isinstance(sigma, Tensor) and not isinstance(sigma_next, Tensor):
-        if float(sigma_next) > float(sigma):
-            raise ValueError(f"sigma_next ({sigma_next}) must not exceed sigma ({sigma})")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise TypeError(f"eta must be a float, got {type(eta).__name__}")
-    if not (eta >= 0.0 and math.isfinite(eta)):
-        raise ValueError(f"eta must be a finite float >= 0, got {eta}")
-    if return_log_prob and eta == 0:
-        raise ValueError("return_log_prob needs eta > 0 (eta = 0 is deterministic)")
+    _check_sde_args(x, v, sigma, sigma_next, eta, return_log_prob)
     if noise is not None:
         check_float_tensor("noise", noise)
         check_same("noise", noise, "x", x, dtype=False)
@@ -605,6 +823,58 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *, eta: floa
         seed = seed_tensor(seed, x.device)
     return _sde_step(x, v, sigma, sigma_next, float(eta), noise, seed, return_log_prob,
                      use_triton(x, v))
+
+
+def _check_sde_args(x, v, sigma, sigma_next, eta, log_prob) -> None:
+    check_float_tensor("x", x)
+    check_float_tensor("v", v)
+    check_same("v", v, "x", x)
+    if x.ndim < 1:
+        raise ValueError("x must be [B, ...], got a 0-d tensor")
+    check_sigma("sigma", sigma, x, per_sample_only=True)
+    check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise TypeError(f"eta must be a float, got {type(eta).__name__}")
+    if not (eta >= 0.0 and math.isfinite(eta)):
+        raise ValueError(f"eta must be a finite float >= 0, got {eta}")
+    check_bool("return_log_prob", log_prob)
+    if log_prob and eta == 0:
+        raise ValueError("return_log_prob needs eta > 0 (eta = 0 is deterministic)")
+    _check_sde_sigmas(sigma, sigma_next, log_prob)
+
+
+def sde_log_prob(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, prev_sample: Tensor, *,
+                 eta: float) -> Tensor:
+    """Flow-GRPO's log-probability of a given step result `prev_sample` (one stored while
+    sampling) under the SDE step from x with velocity v: log N(prev_sample; mean(x, v),
+    std_dt^2) averaged over each sample's elements, float32 `[B]` (see `sde_step`;
+    `sde_log_prob(x, v, s, sn, x', eta=eta)` equals the log_prob `sde_step` returned with x').
+    Differentiable in x and v (and tensor sigmas); prev_sample is a constant. A per-sample
+    reduction in torch on both backends (the same code: no Triton kernel)."""
+    _check_sde_args(x, v, sigma, sigma_next, eta, True)
+    check_float_tensor("prev_sample", prev_sample)
+    check_same("prev_sample", prev_sample, "x", x, dtype=False)
+    return ref.sde_log_prob(x, v, sigma, sigma_next, float(eta), prev_sample)
+
+
+def _check_sde_sigmas(sigma, sigma_next, log_prob: bool) -> None:
+    """sigma_next <= sigma (sampling runs to 0), and sigma_next < sigma for a log-prob (equal
+    sigmas are a zero step, x' = x, whose density is degenerate). Floats and CPU tensors are
+    checked; CUDA tensors are not read back (no sync)."""
+    def values(s):
+        return [float(s)] if not isinstance(s, Tensor) else host_values(s)
+
+    a, b = values(sigma), values(sigma_next)
+    if a is None or b is None:
+        return
+    n = max(len(a), len(b))
+    pairs = list(zip(a * n if len(a) == 1 else a, b * n if len(b) == 1 else b))
+    if any(sn > s for s, sn in pairs):
+        raise ValueError(f"sigma_next must not exceed sigma (sampling runs from 1 to 0), got "
+                         f"sigma {sigma}, sigma_next {sigma_next}")
+    if log_prob and any(sn == s for s, sn in pairs):
+        raise ValueError(f"return_log_prob needs sigma_next < sigma (equal sigmas are a zero "
+                         f"step with no noise), got sigma {sigma}, sigma_next {sigma_next}")
 
 
 def _sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, return_log_prob: bool,
@@ -619,15 +889,32 @@ def _sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, return_log_prob:
             z = ref.philox_normal(x.shape, seed, device=x.device)
         return ref.sde_step(x, v, sigma, sigma_next, eta, z, return_log_prob)
     from fmrt.kernels import step as K
-    out, zz = K.sde_step(x.contiguous(), v.contiguous(), sigma, sigma_next, eta,
-                         None if noise is None else noise.contiguous(), seed,
-                         return_log_prob)
-    if not return_log_prob:
-        return out
-    B, n = x.shape[0], x[0].numel()
-    _, std_dt = ref.sde_coefficients(sigma, sigma_next, eta, torch.empty(B, device=x.device))
-    lp = -0.5 * zz / n - torch.log(std_dt.double()).expand(B) - 0.5 * math.log(2 * math.pi)
-    return out, lp.float()
+
+    def launch(x, v, s, sn, z, seed):
+        out, zz = K.sde_step(x.contiguous(), v.contiguous(), s, sn, eta,
+                             None if z is None else z.contiguous(), seed, return_log_prob)
+        if not return_log_prob:
+            return out
+        B = x.shape[0]
+        n = x.numel() // B if B else 0
+        _, std_dt = ref.sde_coefficients(s, sn, eta, torch.empty(B, device=x.device))
+        lp = -0.5 * zz / n - torch.log(std_dt.double()).expand(B) - 0.5 * math.log(2 * math.pi)
+        return out, lp.float()
+
+    if not wants_autograd(x, v, sigma, sigma_next, noise):
+        return launch(x, v, sigma, sigma_next, noise, seed)
+
+    def regenerate_noise(args):
+        x, _, _, _, z, seed = args
+        if z is None:  # the kernel's Philox noise again, from its seed (a constant)
+            from fmrt.kernels import noise as KN
+            args[4] = torch.zeros_like(x) if eta == 0 else KN.philox_normal(x.shape, seed)
+        return args
+
+    return _with_ref_grad(
+        launch, lambda x, v, s, sn, z, seed: ref.sde_step(x, v, s, sn, eta, z, return_log_prob),
+        2 if return_log_prob else 1, x, v, sigma, sigma_next, noise, seed,
+        prepare=regenerate_noise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,8 +944,10 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
     check_same("k", k, "q", q)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     B, S, H, D = q.shape
     if D % 2:
         raise ValueError(f"head dim D must be even for the rotary, got {D}")
@@ -686,7 +975,8 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
         if torch.compiler.is_compiling():  # no forward mode inside compiled graphs
             return _qk_norm_rope_op(*args)
         return _QKNormRope.apply(*args)
-    return ref.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, norm)
+    # cos / sin are constants on both paths (the Triton path gives them no gradient)
+    return ref.qk_norm_rope(q, k, q_weight, k_weight, cos.detach(), sin.detach(), eps, norm)
 
 
 # Triton path: an autograd.Function whose forward and backward call the `fmrt::qk_norm_rope`
@@ -959,9 +1249,10 @@ def _flash_ready(q, k, v, scale, key_padding_mask, mask):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     tensors = [t for t in (q, k, v, key_padding_mask, mask) if t is not None]
     triton = use_triton(*tensors) and q.numel() > 0 and k.numel() > 0
-    if triton and mask is not None and mask.requires_grad:
-        raise ValueError("mask requires grad, but the Triton flash attention gives no gradient "
-                         "to the mask; detach it or use FMRT_BACKEND=torch")
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        # refused on both backends (they must differentiate alike)
+        raise ValueError("mask requires grad, but flash_attention gives no gradient to the "
+                         "mask; detach it (or use fmrt.attention.attention for a learned bias)")
     return scale, triton
 
 
@@ -978,7 +1269,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     backward through the output: MeanFlow; the tangent itself has no reverse-mode derivative:
     a backward through it raises). Under torch.compile the Triton path is a graph break
     (so a compiled torch.func.jvp runs it eagerly, correctly; fullgraph=True raises).
-    Rows whose keys are all masked give 0 on the Triton path (NaN on the torch path).
+    Rows whose keys are all masked give 0 (and zero gradients) on both paths.
     """
     scale, triton = _flash_ready(q, k, v, scale, key_padding_mask, mask)
     if not triton:

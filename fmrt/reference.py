@@ -330,13 +330,26 @@ def sde_coefficients(sigma: Sigma, sigma_next: Sigma, eta: float, like: Tensor):
     """Flow-GRPO's Euler-Maruyama coefficients, broadcast against `like`:
     (k, std_dt) with std_t = eta * sqrt(sigma / (1 - sigma')), sigma' = sigma_next where
     sigma >= 1 (Flow-GRPO uses the grid's second sigma there), k = std_t^2 / (2 sigma) =
-    eta^2 / (2 (1 - sigma')), std_dt = std_t * sqrt(sigma - sigma_next)."""
+    eta^2 / (2 (1 - sigma')), std_dt = std_t * sqrt(sigma - sigma_next). sigma = sigma_next
+    (also both 1, where k is defined as 0) is a zero step: x' = x, std_dt = 0."""
     s = broadcast_sigma(sigma, like)
     sn = broadcast_sigma(sigma_next, like)
     s_den = torch.where(s >= 1.0, sn, s)
-    k = eta * eta / (2.0 * (1.0 - s_den))
+    ok = s_den < 1.0  # else sigma = sigma_next = 1: a zero step (k = 0, std_dt = 0, x' = x)
+    k = torch.where(ok, eta * eta / (2.0 * torch.where(ok, 1.0 - s_den, 1.0)), 0.0)
     std_dt = (2.0 * k * s * (s - sn)).clamp_min(0.0).sqrt()
     return k, std_dt
+
+
+def sde_mean(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, eta: float):
+    """(mean, std_dt) of the SDE step's Gaussian in the compute dtype (see sde_step):
+    mean = x (1 + k dt) + v (1 + k (1 - sigma)) dt."""
+    dt = compute_dtype(x.dtype)
+    xf, vf = x.to(dt), v.to(dt)
+    k, std_dt = sde_coefficients(sigma, sigma_next, eta, xf)
+    h = broadcast_sigma(sigma_next, xf) - broadcast_sigma(sigma, xf)
+    s = broadcast_sigma(sigma, xf)
+    return xf * (1.0 + k * h) + vf * (1.0 + k * (1.0 - s)) * h, std_dt
 
 
 def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, eta: float, noise: Tensor,
@@ -347,20 +360,33 @@ def sde_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, eta: float, 
         x'   = mean + std_t * sqrt(-dt) * noise,    std_t = eta * sqrt(sigma / (1 - sigma))
     eta = 0 is exactly Euler. With return_log_prob, also the Gaussian log-density of x' (fp32,
     before rounding) under N(mean, (std_t sqrt(-dt))^2), averaged over the elements of each
-    sample (Flow-GRPO's convention): (x', log_prob [B] float32)."""
-    dt = compute_dtype(x.dtype)
-    xf, vf, z = x.to(dt), v.to(dt), noise.to(dt)
-    k, std_dt = sde_coefficients(sigma, sigma_next, eta, xf)
-    h = broadcast_sigma(sigma_next, xf) - broadcast_sigma(sigma, xf)
-    s = broadcast_sigma(sigma, xf)
-    mean = xf * (1.0 + k * h) + vf * (1.0 + k * (1.0 - s)) * h
-    out = mean + std_dt * z
+    sample (Flow-GRPO's convention): (x', log_prob [B] float32). As in Flow-GRPO the sample is
+    a constant in the log-density (`prev_sample.detach()`), so log_prob is differentiable in v
+    (and x) through the mean: d log_prob / d mean = (x' - mean) / std^2 / n."""
+    mean, std_dt = sde_mean(x, v, sigma, sigma_next, eta)
+    out = mean + std_dt * noise.to(mean.dtype)
     if not return_log_prob:
         return out.to(x.dtype)
-    std = std_dt.expand_as(out)
-    lp = (-(out - mean) ** 2 / (2 * std ** 2) - torch.log(std)
+    return out.to(x.dtype), _gaussian_log_prob(out.detach(), mean, std_dt)
+
+
+def _gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(sample; mean, std^2) averaged over the elements of each sample: `[B]` in the
+    compute dtype (float32; float64 for float64 inputs)."""
+    std = std.expand_as(mean)
+    lp = (-(sample - mean) ** 2 / (2 * std ** 2) - torch.log(std)
           - 0.5 * math.log(2 * math.pi))
-    return out.to(x.dtype), _per_sample(lp).mean(1).float()
+    return _per_sample(lp).mean(1)
+
+
+def sde_log_prob(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, eta: float,
+                 prev_sample: Tensor) -> Tensor:
+    """Flow-GRPO's log-probability of a given step result `prev_sample` (e.g. one stored while
+    sampling) under the SDE step's Gaussian N(mean(x, v), std_dt^2) (see sde_step), averaged
+    over the elements of each sample: float32 `[B]`, differentiable in x and v through the mean
+    (prev_sample is a constant, as Flow-GRPO's `prev_sample.detach()`)."""
+    mean, std_dt = sde_mean(x, v, sigma, sigma_next, eta)
+    return _gaussian_log_prob(prev_sample.detach().to(mean.dtype), mean, std_dt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,6 +482,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = No
                     mask: Optional[Tensor] = None) -> Tensor:
     """`attention` with an optional boolean key padding mask `[B, S_k]` (True = keep) on top of
     the optional mask (additive float or boolean keep, broadcastable to `[B, H, S_q, S_k]`).
+    A query row whose keys are all masked gives 0 with zero derivatives (as the Triton kernel;
+    plain softmax would give NaN): such rows attend with the mask lifted, then are zeroed.
     Differentiable in reverse and forward mode (torch.func.jvp) by plain autograd."""
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, None, :]
@@ -465,4 +493,15 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = No
             mask = mask & keep
         else:
             mask = mask.to(compute_dtype(q.dtype)).masked_fill(~keep, float("-inf"))
-    return attention(q, k, v, scale, mask)
+    if mask is None:
+        return attention(q, k, v, scale, mask)
+    while mask.ndim < 4:
+        mask = mask[None]
+    alive = (mask if mask.dtype == torch.bool else mask > float("-inf")).any(-1, keepdim=True)
+    if mask.dtype == torch.bool:
+        mask = mask | ~alive
+    else:
+        mask = torch.where(alive, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
+    out = attention(q, k, v, scale, mask)
+    B, S_q, H, _ = out.shape
+    return out * alive.expand(B, H, S_q, 1).transpose(1, 2).to(out.dtype)

@@ -11,6 +11,7 @@ gradient coefficients `weight_b / sum(mask_b)` (/ B for "mean").
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -117,6 +118,17 @@ def _fm_loss_finish_kernel(part_ptr, n_groups, n_progs, w_ptr, w_val, loss_ptr, 
 # host launcher
 # ---------------------------------------------------------------------------------------------
 
+_NO_MASK = (0, 1, 1) + N.magic31(1) + N.magic31(1)   # bcast_args' (bstride, T, R, magics)
+
+
+@functools.lru_cache(maxsize=256)
+def _finish_blocks(batch: int, n_groups: int) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_G) of the finishing kernel (cached: `triton.next_power_of_2` is a ~4 us
+    Python call on the host)."""
+    block_b = max(triton.next_power_of_2(batch), 2)
+    return block_b, max(min(triton.next_power_of_2(max(n_groups, 1)), FINISH_TILE // block_b), 2)
+
+
 def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: Optional[torch.Tensor],
                        seed: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                        weight: Optional[torch.Tensor], weight_value: float, reduction: str,
@@ -134,7 +146,10 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: Optional[tor
     n_progs = batch * n_groups
     part = torch.empty(2 * max(n_progs, 1), dtype=torch.float32, device=dev)
     if n_progs:
-        m_ptr, _, *m_args, mode = bcast_args(mask, 1.0, pred.shape, dev, per_sample_1d=False)
+        if mask is None:
+            m_ptr, m_args, mode = part, _NO_MASK, 0
+        else:
+            m_ptr, _, *m_args, mode = bcast_args(mask, 1.0, pred.shape, dev, per_sample_1d=False)
         _fm_loss_kernel[(n_progs,)](
             pred, x0, noise if noise is not None else x0, seed if seed is not None else x0,
             m_ptr, *m_args, grad if need_grad else part, part, inner, n_groups, n_progs,
@@ -143,8 +158,7 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: Optional[tor
     w = None
     if weight is not None:
         w = weight.to(device=dev, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
-    BLOCK_B = max(triton.next_power_of_2(batch), 2)
-    BLOCK_G = max(min(triton.next_power_of_2(max(n_groups, 1)), FINISH_TILE // BLOCK_B), 2)
+    BLOCK_B, BLOCK_G = _finish_blocks(batch, n_groups)
     _fm_loss_finish_kernel[(1,)](
         part, n_groups, n_progs, w if w is not None else coef, float(weight_value), loss, coef,
         batch, W_TENSOR=w is not None, REDUCTION=REDUCTION_CODES[reduction], BLOCK_B=BLOCK_B,

@@ -7,6 +7,8 @@ step ever reads a tensor back to the host.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -164,6 +166,58 @@ def _ratio_kernel(part_ptr, ratio_ptr, n_chunks, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _stats_kernel(part_ptr, out_ptr, s_ptr, s_val, s_st, n_chunks, n, B,
+                  S_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    """Seed 000's guidance diagnostics of sample b from the guided kernel's partial sums
+    (grid = (B,)), summed over the chunks in fp64 (a fixed order: deterministic):
+    t = sum_k part[b, k, :] = (sum c, sum c^2, sum u, sum u^2, sum d, sum d^2, sum v^2);
+    mean = t_i / n, std = sqrt((t_i+1 - t_i^2 / n) / (n - 1)) (unbiased; NaN for n = 1);
+    ||d|| = sqrt(t_5); vel_diff_norm = x0_diff_norm = |sigma| ||d||;
+    rescale_ratio = sqrt(t_1 / t_6) (1 where ||v|| = 0).
+    out[i, b] for the rows of `STAT_KEYS`: sigma, c mean/std, u mean/std, d mean/std, ||d||,
+    vel_diff_norm, x0_diff_norm, rescale_ratio."""
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, 8)
+    acc = tl.zeros((BLOCK, 8), tl.float64)
+    for start in range(0, n_chunks, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        ptrs = part_ptr + (b * n_chunks + k)[:, None] * 8 + cols[None, :]
+        m = (k < n_chunks)[:, None] & (cols < 7)[None, :]
+        acc += tl.load(ptrs, mask=m, other=0.0).to(tl.float64)
+    t = tl.sum(acc, axis=0)
+    nf = n.to(tl.float64)
+    t0 = tl.sum(tl.where(cols == 0, t, 0.0))
+    t1 = tl.sum(tl.where(cols == 1, t, 0.0))
+    t2 = tl.sum(tl.where(cols == 2, t, 0.0))
+    t3 = tl.sum(tl.where(cols == 3, t, 0.0))
+    t4 = tl.sum(tl.where(cols == 4, t, 0.0))
+    t5 = tl.sum(tl.where(cols == 5, t, 0.0))
+    t6 = tl.sum(tl.where(cols == 6, t, 0.0))
+    one = n > 1
+    den = tl.where(one, nf - 1.0, 1.0)
+    nan = float("nan")
+    sig = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
+    dn = tl.sqrt(t5)
+    vel = tl.abs(sig).to(tl.float64) * dn
+    ok = t6 > 0.0
+    ratio = tl.where(ok, tl.sqrt(t1) / tl.sqrt(tl.where(ok, t6, 1.0)), 1.0)
+    tl.store(out_ptr + 0 * B + b, sig)
+    tl.store(out_ptr + 1 * B + b, (t0 / nf).to(tl.float32))
+    tl.store(out_ptr + 2 * B + b, tl.where(one, tl.sqrt(tl.maximum(t1 - t0 * t0 / nf, 0.0) / den),
+                                           nan).to(tl.float32))
+    tl.store(out_ptr + 3 * B + b, (t2 / nf).to(tl.float32))
+    tl.store(out_ptr + 4 * B + b, tl.where(one, tl.sqrt(tl.maximum(t3 - t2 * t2 / nf, 0.0) / den),
+                                           nan).to(tl.float32))
+    tl.store(out_ptr + 5 * B + b, (t4 / nf).to(tl.float32))
+    tl.store(out_ptr + 6 * B + b, tl.where(one, tl.sqrt(tl.maximum(t5 - t4 * t4 / nf, 0.0) / den),
+                                           nan).to(tl.float32))
+    tl.store(out_ptr + 7 * B + b, dn.to(tl.float32))
+    tl.store(out_ptr + 8 * B + b, vel.to(tl.float32))
+    tl.store(out_ptr + 9 * B + b, vel.to(tl.float32))
+    tl.store(out_ptr + 10 * B + b, ratio.to(tl.float32))
+
+
+@triton.jit
 def _sde_lane(x_ptr, v_ptr, z_ptr, out_ptr, z, b, j, inner, s, sn, k, std_dt,
               HAS_NOISE: tl.constexpr):
     """One lane of Q elements; returns its sum of z^2 (masked)."""
@@ -186,7 +240,8 @@ def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val
                 Q: tl.constexpr, FAST: tl.constexpr):
     """Euler-Maruyama step of the flow SDE (Flow-GRPO discretisation), grid = (groups, B).
 
-    dt = sn - s (< 0), s' = sn if s >= 1 else s, k = eta^2 / (2 (1 - s'))  (= std^2 / (2 s)),
+    dt = sn - s (<= 0), s' = sn if s >= 1 else s, k = eta^2 / (2 (1 - s'))  (= std^2 / (2 s);
+    0 when s' = 1, i.e. sigma = sigma_next = 1: then, as for any sigma = sigma_next, out = x),
     mean = x (1 + k dt) + v (1 + k (1 - s)) dt,  out = mean + sqrt(2 k s (s - sn)) * z,
     z = noise, or fmrt's seeded Philox noise (kernels/noise.py's offset scheme: program (g, b)
     owns elements [4Qg, 4Q(g+1)) of sample b in four lanes of Q, one Philox call per 4
@@ -198,7 +253,8 @@ def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val
     s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
     sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
     s_den = tl.where(s >= 1.0, sn, s)
-    k = eta * eta / (2.0 * (1.0 - s_den))
+    ok = s_den < 1.0   # else sigma = sigma_next = 1: a zero step (k = 0, no noise)
+    k = tl.where(ok, eta * eta / (2.0 * tl.where(ok, 1.0 - s_den, 1.0)), 0.0)
     std_dt = tl.sqrt(tl.maximum(2.0 * k * s * (s - sn), 0.0))
     j0 = g * (4 * Q) + tl.arange(0, Q).to(tl.int64)
     if HAS_NOISE:
@@ -221,13 +277,19 @@ def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val
 # host launchers
 # ---------------------------------------------------------------------------------------------
 
+# Host launchers compute only what the launch needs: no `triton.cdiv` / `next_power_of_2` on
+# the host (each a ~4 us Python call), outputs by `empty_like`, tile choices cached per shape.
+CONTIGUOUS = torch.contiguous_format
+EULER_BLOCK = 1024
+
+
 def sigma_args(sigma, like: torch.Tensor, batch: int):
     """(pointer tensor, scalar, stride, is_tensor) kernel arguments for a per-sample value: a
     float (passed by value), or a 0-d / [1] / [B] tensor read on the device without a copy
     when it is already float32 (stride 0 broadcasts one value)."""
     if not isinstance(sigma, torch.Tensor):
         return like, float(sigma), 0, False
-    t = sigma if (sigma.dtype == torch.float32 and sigma.device == like.device) else \
+    t = sigma if (sigma.dtype is torch.float32 and sigma.device == like.device) else \
         sigma.to(device=like.device, dtype=torch.float32)
     if t.ndim == 0 or t.numel() == 1:
         return t, 0.0, 0, True
@@ -238,19 +300,17 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next,
                out_dtype=None, eager_rounding: bool = False) -> torch.Tensor:
     """x, v contiguous with the same shape (any float dtypes, loaded as they are); sigma /
     sigma_next floats or `[B]` / 0-d tensors; the result in out_dtype (default x's dtype)."""
-    out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    out = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=CONTIGUOUS)
     n = x.numel()
     if n == 0:
         return out
     batch = x.shape[0] if x.ndim else 1
     s_ptr, s_val, s_st, s_t = sigma_args(sigma, x, batch)
     sn_ptr, sn_val, sn_st, sn_t = sigma_args(sigma_next, x, batch)
-    BLOCK = 1024
-    grid = (triton.cdiv(n, BLOCK),)
-    _euler_kernel[grid](x, v, out, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, n,
-                        max(n // batch, 1), S_TENSOR=s_t, SN_TENSOR=sn_t,
-                        EAGER_ROUNDING=eager_rounding, BLOCK=BLOCK,
-                        enable_fp_fusion=not eager_rounding)
+    _euler_kernel[(-(-n // EULER_BLOCK),)](
+        x, v, out, s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, n, max(n // batch, 1),
+        S_TENSOR=s_t, SN_TENSOR=sn_t, EAGER_ROUNDING=eager_rounding, BLOCK=EULER_BLOCK,
+        enable_fp_fusion=not eager_rounding)
     return out
 
 
@@ -258,6 +318,7 @@ def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+@functools.lru_cache(maxsize=256)
 def _tile(inner: int, row: int):
     """(ROWS, BLOCK_C, C, chunks, num_warps) for the guided kernel: per-token rows of `row`
     elements, or the flat layout (row = 0) in blocks of up to 4096 elements."""
@@ -265,39 +326,31 @@ def _tile(inner: int, row: int):
         bc = _pow2(row)
         n_rows = inner // row
         rows = max(1, min(max(4096 // bc, 1), _pow2(n_rows)))
-        return rows, bc, row, triton.cdiv(n_rows, rows), 8 if rows * bc >= 4096 else 4
+        return rows, bc, row, -(-n_rows // rows), 8 if rows * bc >= 4096 else 4
     block = min(4096, max(128, _pow2(inner)))
-    return 1, block, block, triton.cdiv(inner, block), 8 if block >= 4096 else 4
+    return 1, block, block, -(-inner // block), 8 if block >= 4096 else 4
+
+
+STAT_KEYS = ("sigma", "cond_mean", "cond_std", "uncond_mean", "uncond_std", "cfg_diff_mean",
+             "cfg_diff_std", "cfg_diff_norm", "vel_diff_norm", "x0_diff_norm", "rescale_ratio")
 
 
 def finish_stats(part: torch.Tensor, n: int, sigma) -> dict:
-    """Per-sample statistics `[B]` (float32, on the device) from the guided kernel's partial
-    sums `part [B, chunks, NSTAT]` over n elements per sample: no host sync."""
-    t = part.double().sum(1)
-    B = t.shape[0]
+    """Per-sample statistics `[B]` (float32, on the device; keys `STAT_KEYS`) from the guided
+    kernel's partial sums `part [B, chunks, NSTAT]` over n elements per sample: one launch of
+    `_stats_kernel`, no host sync; the dict holds views of one `[11, B]` tensor."""
+    B, chunks = part.shape[0], part.shape[1]
+    out = torch.empty(len(STAT_KEYS), B, dtype=torch.float32, device=part.device)
+    if B:
+        s_ptr, s_val, s_st, s_t = sigma_args(sigma, part, B)
+        _stats_kernel[(B,)](part, out, s_ptr, s_val, s_st, chunks, n, B, S_TENSOR=s_t,
+                            BLOCK=_stats_block(chunks), num_warps=1)
+    return dict(zip(STAT_KEYS, out.unbind(0)))
 
-    def mean_std(i):
-        mean = t[:, i] / n
-        var = (t[:, i + 1] - t[:, i] * t[:, i] / n) / (n - 1) if n > 1 else t[:, i] * float("nan")
-        return mean.float(), var.clamp_min(0).sqrt().float()
 
-    out = {}
-    if isinstance(sigma, torch.Tensor):
-        sig = sigma.to(device=part.device, dtype=torch.float32).expand(B).clone()
-    else:
-        sig = torch.full((B,), float(sigma), dtype=torch.float32, device=part.device)
-    out["sigma"] = sig
-    out["cond_mean"], out["cond_std"] = mean_std(0)
-    out["uncond_mean"], out["uncond_std"] = mean_std(2)
-    out["cfg_diff_mean"], out["cfg_diff_std"] = mean_std(4)
-    dn = t[:, 5].sqrt()
-    out["cfg_diff_norm"] = dn.float()
-    out["vel_diff_norm"] = (sig.double().abs() * dn).float()
-    out["x0_diff_norm"] = (sig.double().abs() * dn).float()
-    vv = t[:, 6]
-    out["rescale_ratio"] = torch.where(vv > 0, t[:, 1].sqrt() / vv.clamp_min(1e-300).sqrt(),
-                                       torch.ones_like(vv)).float()
-    return out
+@functools.lru_cache(maxsize=None)
+def _stats_block(chunks: int) -> int:
+    return min(256, max(2, _pow2(chunks)))
 
 
 def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, stats: bool,
@@ -314,46 +367,40 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
     writes the partial norms; pass 2 reads x, c, u and writes out: 6 N e (cfg_combine 5 N e).
     Statistics add only the partial sums (8 floats per program).
     """
-    default = x.dtype if x is not None else c.dtype
-    out = torch.empty(c.shape, dtype=out_dtype or default, device=c.device)
+    step = x is not None
+    xx = x if step else c
+    out = torch.empty_like(xx, dtype=out_dtype or xx.dtype, memory_format=CONTIGUOUS)
     B = c.shape[0]
     n = c.numel()
     inner = n // B if B else 0
     if n == 0:
         return out, (torch.zeros(B, 1, NSTAT, device=c.device) if stats else None)
-    step = x is not None
-    xx = x if step else c
     token = rescale == "norm" and row > 0
+    per_sample = rescale == "norm" and not token
     rows, bc, C, chunks, warps = _tile(inner, row if token else 0)
-    g_args = sigma_args(scale, c, B)
-    s_args = sigma_args(sigma if step else 0.0, c, B)
-    sn_args = sigma_args(sigma_next if step else 0.0, c, B)
-    sig = (*g_args[:3], *s_args[:3], *sn_args[:3])
-    flags = dict(G_TENSOR=g_args[3], S_TENSOR=s_args[3], SN_TENSOR=sn_args[3])
+    g_ptr, g_val, g_st, g_t = sigma_args(scale, c, B)
+    s_ptr, s_val, s_st, s_t = sigma_args(sigma, c, B) if step else (c, 0.0, 0, False)
+    sn_ptr, sn_val, sn_st, sn_t = sigma_args(sigma_next, c, B) if step else (c, 0.0, 0, False)
     grid = (chunks, B)
-    part = None
-    need_part = stats or (rescale == "norm" and not token)
-    if need_part:
-        part = torch.empty(B, chunks, NSTAT, dtype=torch.float32, device=c.device)
+    part = torch.empty((B, chunks, NSTAT), dtype=torch.float32, device=c.device) \
+        if stats or per_sample else c
     ratio = c
-    mode = 0
-    if rescale == "norm" and not token:
-        _guided_kernel[grid](xx, c, u, out, *sig, ratio, part, inner, C, chunks, STEP=False,
-                             WRITE=False, RESCALE=0, STATS=True, TOKEN=token,
-                             EAGER_ROUNDING=False, ROWS=rows, BLOCK_C=bc,
-                             num_warps=warps, **flags)
-        ratio = torch.empty(B, dtype=torch.float32, device=c.device)
+    if per_sample:
+        _guided_kernel[grid](xx, c, u, out, g_ptr, g_val, g_st, s_ptr, s_val, s_st, sn_ptr,
+                             sn_val, sn_st, ratio, part, inner, C, chunks, STEP=False,
+                             WRITE=False, G_TENSOR=g_t, S_TENSOR=s_t, SN_TENSOR=sn_t,
+                             RESCALE=0, STATS=True, TOKEN=token, EAGER_ROUNDING=False,
+                             ROWS=rows, BLOCK_C=bc, num_warps=warps)
+        ratio = torch.empty((B,), dtype=torch.float32, device=c.device)
         _ratio_kernel[(B,)](part, ratio, chunks, BLOCK=min(1024, max(32, _pow2(chunks))),
                             num_warps=1)
-        mode = 1
-        stats_here = False
-    else:
-        mode = 2 if token else 0
-        stats_here = stats
-    _guided_kernel[grid](xx, c, u, out, *sig, ratio, part if part is not None else c, inner, C,
-                         chunks, STEP=step, WRITE=True, RESCALE=mode, STATS=stats_here,
-                         TOKEN=token, EAGER_ROUNDING=eager_rounding, ROWS=rows, BLOCK_C=bc,
-                         num_warps=warps, enable_fp_fusion=not eager_rounding, **flags)
+    _guided_kernel[grid](xx, c, u, out, g_ptr, g_val, g_st, s_ptr, s_val, s_st, sn_ptr, sn_val,
+                         sn_st, ratio, part, inner, C, chunks, STEP=step, WRITE=True,
+                         G_TENSOR=g_t, S_TENSOR=s_t, SN_TENSOR=sn_t,
+                         RESCALE=1 if per_sample else (2 if token else 0),
+                         STATS=stats and not per_sample, TOKEN=token,
+                         EAGER_ROUNDING=eager_rounding, ROWS=rows, BLOCK_C=bc, num_warps=warps,
+                         enable_fp_fusion=not eager_rounding)
     return out, (part if stats else None)
 
 
@@ -361,13 +408,13 @@ def sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, logp: bool):
     """x, v (and noise) contiguous, same shape `[B, ...]`; seed a 0-d int64 device tensor when
     noise is None. Returns (out, per-sample sums of z^2 `[B]` float64, or None).
     Bytes: reads x, v (and noise), writes out: 3 N e (4 N e with noise)."""
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, memory_format=CONTIGUOUS)
     B = x.shape[0]
     n = x.numel()
     inner = n // B if B else 0
     if n == 0:
         return out, (torch.zeros(B, device=x.device, dtype=torch.float64) if logp else None)
-    groups = triton.cdiv(inner, 4 * NOISE_Q)
+    groups = -(-inner // (4 * NOISE_Q))
     s_ptr, s_val, s_st, s_t = sigma_args(sigma, x, B)
     sn_ptr, sn_val, sn_st, sn_t = sigma_args(sigma_next, x, B)
     part = torch.empty(B, groups, dtype=torch.float32, device=x.device) if logp else x

@@ -31,3 +31,11 @@ def test_gpu_tests_collect_without_diffusers(tmp_path):
     for name in ("test_fast_math_noise_is_finite_over_2_30_draws",
                  "test_cuda_backends_agree_with_math"):
         assert name in out, out[-3000:]
+
+
+def test_interpreter_numpy_clash_is_named():
+    from conftest import interpreter_numpy_clash
+    assert interpreter_numpy_clash("3.6.0", "2.4.6") and interpreter_numpy_clash("3.5.1", "2.5.2")
+    assert not interpreter_numpy_clash("3.6.0", "2.3.5")
+    assert not interpreter_numpy_clash("3.8.0", "2.4.6") and not interpreter_numpy_clash("3.9.0",
+                                                                                        "2.5.0")

@@ -203,3 +203,16 @@ def test_meanflow_init_from_flow_model_starts_as_that_model(tmp_path):
     # ... and the other (non-meanflow) config fields are the base model's
     assert {k: v for k, v in meta["model"].items() if k != "meanflow"} == \
         {k: v for k, v in fm.config.to_dict().items() if k != "meanflow"}
+
+
+def test_fsdp_meanflow_refused_on_old_torch(tmp_path, monkeypatch):
+    import fmrt.train as T
+    with pytest.raises(ValueError, match=r"needs torch >= 2\.13.*without fsdp"):
+        T.check_fsdp_meanflow("meanflow", True, "2.11.0+cu130")
+    T.check_fsdp_meanflow("meanflow", True, "2.13.0+cpu")
+    T.check_fsdp_meanflow("meanflow", False, "2.11.0")
+    T.check_fsdp_meanflow("sft", True, "2.11.0")
+    # the config check runs it with the installed torch, before any work
+    monkeypatch.setattr(T, "FSDP_MEANFLOW_MIN_TORCH", "99.0")
+    with pytest.raises(ValueError, match="fsdp"):
+        train(tiny_config(tmp_path, objective="meanflow", fsdp=True))

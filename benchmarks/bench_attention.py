@@ -9,7 +9,9 @@ Tiny shapes on CPU (interpreter; not performance claims). q and k are views of a
 
 Compulsory bytes (N = B*S*H*D elements of e bytes):
   qk_norm_rope fwd      read q, k, write q, k: 4 N e, + the fp32 cos/sin tables once (S*D*4).
-  qk_norm_rope fwd+bwd  + read d q_out, d k_out, write dq, dk: 8 N e + tables.
+  qk_norm_rope fwd+bwd  + the backward: read q, k again (the norm statistics are recomputed:
+                        nothing but the inputs is saved), read d q_out, d k_out, write dq, dk:
+                        10 N e + tables twice.
   attention             read q, k, v, write out: 4 N e; extra_info `tflops` = 4 B S^2 H D / t.
 
 Run on a GPU: `pytest benchmarks/bench_attention.py --benchmark-enable --benchmark-json=...`.
@@ -81,9 +83,9 @@ def test_bench_qk_norm_rope(benchmark, case, dtype, provider):
     q, k, _, wq, wk, cos, sin = _inputs(*SHAPES[case], dtype)
     fn = make_provider_fn(provider, _fmrt_qk_norm_rope, _eager_qk_norm_rope)
     tables = (cos, sin) if provider == "fmrt" else _diffusers_tables(cos, sin)
-    nbytes = 4 * q.numel() * q.element_size() + _table_bytes(cos)
+    ne = q.numel() * q.element_size()
     run_bench(benchmark, lambda: fn(q, k, wq, wk, *tables), op="qk_norm_rope", case=case,
-              dtype=dtype, provider=provider, nbytes=nbytes)
+              dtype=dtype, provider=provider, nbytes=4 * ne + _table_bytes(cos), tensor_bytes=ne)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -101,9 +103,9 @@ def test_bench_qk_norm_rope_fwd_bwd(benchmark, case, dtype, provider):
         qo, ko = fwd(q, k, wq, wk, *tables)
         return torch.autograd.grad((qo, ko), (q, k, wq, wk), (gq, gk))
 
-    nbytes = 8 * q.numel() * q.element_size() + _table_bytes(cos)
+    ne = q.numel() * q.element_size()
     run_bench(benchmark, step, op="qk_norm_rope_fwd_bwd", case=case, dtype=dtype,
-              provider=provider, nbytes=nbytes)
+              provider=provider, nbytes=10 * ne + 2 * _table_bytes(cos), tensor_bytes=ne)
 
 
 ATTN_BACKENDS = [b for b in BACKENDS if b != "auto" and (CUDA or b in ("sdpa", "math"))]

@@ -149,7 +149,7 @@ def test_dit_step(benchmark, case, provider):
     fn, nbytes = (_train_fn if case == "train_step" else _sample_fn)(provider)
     run_bench(benchmark, fn, op="dit", case=f"{case}:{PRESET}:{'x'.join(map(str, LATENT))}",
               dtype=DTYPE, provider=provider, nbytes=nbytes, warmup=2, rounds=5,
-              tokens=LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2),
+              device_timing=False, tokens=LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2),
               gradient_checkpointing=bool(CUDA and case == "train_step"))
     if CUDA:
         torch.cuda.empty_cache()
@@ -192,6 +192,6 @@ def test_meanflow_step(benchmark, objective):
     run_bench(benchmark, fn, op="meanflow_step",
               case=f"train_step:{PRESET}:{'x'.join(map(str, MF_LATENT))}", dtype=DTYPE,
               provider=objective, nbytes=nbytes, warmup=2, rounds=5,
-              tokens=MF_LATENT[2] * (MF_LATENT[3] // 2) * (MF_LATENT[4] // 2))
+              device_timing=False, tokens=MF_LATENT[2] * (MF_LATENT[3] // 2) * (MF_LATENT[4] // 2))
     if CUDA:
         torch.cuda.empty_cache()

@@ -5,9 +5,12 @@ torch.compile.
 
 Compulsory bytes (N elements of e bytes per tensor):
   add_noise      reads x0, writes x_t and target: 3 N e (the noise is made in registers).
-  sft_step       add_noise writing x_t only (2 N e) + loss reading pred and x0 and writing
-                 d loss / d pred (3 N e): 5 N e. The eager sequence also writes and re-reads
-                 the noise, the target and fp32 copies, so it moves several times that.
+  sft_step       add_noise writing x_t only (2 N e) + the loss forward reading pred and x0
+                 (2 N e) + its backward reading them again and writing d loss / d pred (3 N e):
+                 7 N e, what fmrt's kernels move (the forward's scalar is needed before the
+                 backward starts, so the two passes cannot share their reads). The eager
+                 sequence also writes and re-reads the noise, the target and fp32 copies.
+`tensor_bytes` (N e) is what the ">= 64 MB" goals judge.
 On CUDA, run_bench also records `peak_extra_mem_bytes` (allocations beyond the inputs during
 the timed call: for sft_step fmrt keeps x_t plus the one gradient-sized buffer).
 
@@ -77,9 +80,9 @@ def _fmrt_sft_fwd(pred, x0, sigma):
 def test_bench_add_noise(benchmark, case, dtype, provider):
     x0, _, sigma = _inputs(SHAPES[case], dtype)
     fn = make_provider_fn(provider, _fmrt_add_noise, _eager_add_noise)
-    nbytes = 3 * x0.numel() * x0.element_size()
+    ne = x0.numel() * x0.element_size()
     run_bench(benchmark, lambda: fn(x0, sigma), op="add_noise", case=case, dtype=dtype,
-              provider=provider, nbytes=nbytes)
+              provider=provider, nbytes=3 * ne, tensor_bytes=ne)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -94,6 +97,6 @@ def test_bench_sft_step(benchmark, case, dtype, provider):
         (grad,) = torch.autograd.grad(loss, pred)
         return loss, x_t, grad
 
-    nbytes = 5 * x0.numel() * x0.element_size()
+    ne = x0.numel() * x0.element_size()
     run_bench(benchmark, step, op="add_noise+loss_fwd_bwd", case=case, dtype=dtype,
-              provider=provider, nbytes=nbytes)
+              provider=provider, nbytes=7 * ne, tensor_bytes=ne)

@@ -1,16 +1,31 @@
 """Shared benchmark tools.
 
 Every benchmark states the compulsory bytes its op moves (each input read once, each output
-written once), synchronises the device inside the timed call, and records in `extra_info`:
-op, case, dtype, provider, bytes, gbps, pct_copy_bw (of a device-to-device copy measured in the
-same run), device. On CUDA the suite runs the real shapes; on a CPU it runs tiny ones under the
-Triton interpreter only to keep the code alive (CPU timings are not performance claims), and
-skips the `compile` provider.
+written once) and records in `extra_info`: op, case, dtype, provider, bytes, tensor_bytes (the
+largest tensor the op reads or writes: what the ">= 64 MB" goals judge), ms, gbps, pct_copy_bw
+(of a device-to-device copy measured in the same run the same way), latency_ms, device.
+
+Two times per benchmark on CUDA:
+- `ms`, the device time (`device_ms`: triton.testing.do_bench's method, CUDA events around each
+  of many back-to-back calls, the L2 flushed by a 256 MB write between calls, the median; plus a
+  spin kernel that keeps the host's cost out of the events), the same way for fmrt, eager and
+  torch.compile. GB/s and % of copy come from it. An H200 has 60 MB of
+  L2, which holds every bf16 sampling shape: without the flush a kernel would be timed out of
+  cache.
+- `latency_ms`, one call plus `torch.cuda.synchronize()` timed on the host (pytest-benchmark's
+  median): what a caller waits for, host cost (argument checks, dispatch, launches) included.
+torch.compile runs with `dynamic=False`, Dynamo reset per benchmark and an explicit recompile
+limit (the same closures at 8 shape / dtype pairs would otherwise sit at Dynamo's default limit,
+past which it silently runs eager). Whole-model steps pass `device_timing=False` (their ms is
+the synced time: host cost is small beside a step of hundreds of ms).
+
+On a CPU the suite runs tiny shapes under the Triton interpreter only to keep the code alive (CPU
+timings are not performance claims; ms = latency_ms there) and skips the `compile` provider.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -34,23 +49,53 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if CUDA else "cpu"
 
 
+def device_ms(fn: Callable, *, rep_ms: float = 100.0, min_reps: int = 10,
+              max_reps: int = 200) -> float:
+    """Median device milliseconds per call of `fn` (CUDA only), `triton.testing.do_bench`-style:
+    CUDA events around each of many back-to-back calls, the L2 flushed between calls (a 256 MB
+    write), the median. One addition: before each call a spin kernel (`torch.cuda._sleep`) as
+    long as a whole synced call keeps the GPU busy while the host enqueues `fn`'s launches, so the
+    start event fires only when they are all queued; do_bench alone would count the GPU idling
+    through the op's host cost (tens to hundreds of us here) as device time."""
+    import time
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=DEVICE)
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+        torch.cuda.synchronize()
+    call_s = (time.perf_counter() - t0) / 3
+    reps = int(min(max(rep_ms * 1e-3 / max(call_s, 1e-6), min_reps), max_reps))
+    cycles = int(min(call_s, 0.05) * 2.5e9) + 20000   # >= one call at up to 2.5 GHz, + 10 us
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        flush.zero_()
+        torch.cuda._sleep(cycles)
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return float(times[len(times) // 2])
+
+
 @functools.lru_cache(maxsize=None)
 def copy_bandwidth_gbps() -> float:
-    """Device-to-device copy bandwidth (bytes read + written) / s, best of a few runs."""
+    """Device-to-device copy bandwidth (bytes read + written) / s: the device time of a 512 MB
+    copy, measured as `device_ms` measures every op (a few host-timed MB on CPU)."""
     n = (512 << 20) // 4 if CUDA else (8 << 20) // 4
     src = torch.empty(n, dtype=torch.float32, device=DEVICE).uniform_()
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    sync()
-    best = float("inf")
+    if CUDA:
+        return 2 * src.numel() * 4 / (device_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
     import time
-    for _ in range(10 if CUDA else 3):
+    best = float("inf")
+    for _ in range(3):
         t0 = time.perf_counter()
-        for _ in range(10):
-            dst.copy_(src)
-        sync()
-        best = min(best, (time.perf_counter() - t0) / 10)
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
     return 2 * src.numel() * 4 / best / 1e9
 
 
@@ -67,21 +112,47 @@ def maybe_skip_provider(provider: str) -> None:
         pytest.skip("torch.compile provider runs on CUDA only (CPU compile time is not useful)")
 
 
+RECOMPILE_LIMIT = 64
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile(fn, dynamic=False) on a fresh Dynamo cache with an explicit recompile limit
+    (and, where this torch has the switch, an error instead of a silent eager fallback past it)."""
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across releases
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, RECOMPILE_LIMIT)
+    if hasattr(dynamo.config, "fail_on_recompile_limit_hit"):
+        dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(fn, dynamic=False)
+
+
 def make_provider_fn(provider: str, fmrt_fn: Callable, eager_fn: Callable) -> Callable:
     """The callable a provider times: fmrt's op, the eager function, or the eager function
-    compiled with torch.compile."""
+    compiled (`compiled`)."""
     maybe_skip_provider(provider)
     if provider == "fmrt":
         return fmrt_fn
     if provider == "eager":
         return eager_fn
-    return torch.compile(eager_fn)
+    return compiled(eager_fn)
+
+
+def _median_s(benchmark) -> Optional[float]:
+    stats = getattr(benchmark, "stats", None)
+    try:
+        return stats.stats.median if stats is not None else None
+    except AttributeError:
+        return None
 
 
 def run_bench(benchmark, fn: Callable, *, op: str, case: str, dtype: torch.dtype, provider: str,
-              nbytes: int, warmup: int = 3, rounds: int = 20, **extra) -> None:
-    """Time `fn()` (device synchronised inside the timed call; `rounds` timed calls on CUDA,
-    one on a CPU) and record extra_info."""
+              nbytes: int, tensor_bytes: int = 0, warmup: int = 3, rounds: int = 20,
+              device_timing: bool = True, **extra) -> None:
+    """Time `fn()` and record extra_info (module docstring): on CUDA the device time
+    (`device_ms`, unless device_timing=False) and the synced per-call latency (`rounds` timed
+    calls after `warmup`); on a CPU one timed call."""
     def timed():
         out = fn()
         sync()
@@ -95,17 +166,17 @@ def run_bench(benchmark, fn: Callable, *, op: str, case: str, dtype: torch.dtype
     benchmark.pedantic(timed, rounds=rounds if CUDA else 1, iterations=1, warmup_rounds=0)
     info = benchmark.extra_info
     info.update(op=op, case=case, dtype=dtype_name(dtype), provider=provider, bytes=int(nbytes),
-                device=device_name(), torch_version=torch.__version__,
-                triton_version=_triton_version(), **extra)
-    stats = getattr(benchmark, "stats", None)
-    mean = None
-    if stats is not None:
-        try:
-            mean = stats.stats.median
-        except AttributeError:
-            mean = None
-    if mean:
-        gbps = nbytes / mean / 1e9
-        info.update(ms=mean * 1e3, gbps=gbps, pct_copy_bw=100.0 * gbps / copy_bandwidth_gbps())
+                tensor_bytes=int(tensor_bytes), device=device_name(),
+                torch_version=torch.__version__, triton_version=_triton_version(), **extra)
     if CUDA:
         info["peak_extra_mem_bytes"] = int(torch.cuda.max_memory_allocated() - base)
+    latency = _median_s(benchmark)
+    if latency:
+        info["latency_ms"] = latency * 1e3
+    ms = device_ms(fn) if CUDA and device_timing else (latency * 1e3 if latency else None)
+    if ms:
+        info["ms"] = ms
+        info["timing"] = "device" if CUDA and device_timing else "host_synced"
+        if nbytes:
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            info.update(gbps=gbps, pct_copy_bw=100.0 * gbps / copy_bandwidth_gbps())

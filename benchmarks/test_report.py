@@ -12,9 +12,13 @@ from benchmarks import report
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench(op, case, provider, ms, nbytes=0, pct=None, dtype="bfloat16", **extra):
+def _bench(op, case, provider, ms, nbytes=0, pct=None, dtype="bfloat16", tensor_bytes=None,
+           **extra):
+    if tensor_bytes is None:     # a 3-tensor op (add_noise: x0 in, x_t and target out)
+        tensor_bytes = nbytes // 3
     info = dict(op=op, case=case, dtype=dtype, provider=provider, bytes=nbytes, device="GPU X",
-                ms=ms, torch_version="2.11", triton_version="3.6", **extra)
+                ms=ms, torch_version="2.11", triton_version="3.6", tensor_bytes=tensor_bytes,
+                **extra)
     if pct is not None:
         info.update(gbps=nbytes / (ms * 1e-3) / 1e9, pct_copy_bw=pct)
     return dict(name=f"{op}[{case}-{provider}]", extra_info=info, stats=dict(median=ms / 1e3))
@@ -33,7 +37,7 @@ def _verdicts(path):
 
 
 def test_goal_verdicts(tmp_path):
-    big, small = 100 << 20, 1 << 20
+    big, small = 300 << 20, 3 << 20
     p = _write(tmp_path, [
         _bench("add_noise", "wan1.3b", "fmrt", 1.0, big, pct=92.0),
         _bench("add_noise", "wan1.3b", "eager", 4.0, big, pct=23.0),
@@ -56,8 +60,50 @@ def test_goal_verdicts(tmp_path):
     text = report.report(p, "bash benchmarks/run_gpu.sh")
     assert "Device: **GPU X**" in text and "abc123def0" in text and "torch 2.11" in text
     assert "auto 2.000 (350 TFLOP/s), sdpa 1.800" in text
-    assert "| add_noise | wan1.3b | bfloat16 | 100.0 | fmrt 1.000, eager 4.000, compile 1.100 " \
-           "| 105 | 92 | 4.00x vs eager, 1.10x vs compile |" in text
+    assert "| add_noise | wan1.3b | bfloat16 | 300.0 | fmrt 1.000, eager 4.000, compile 1.100 " \
+           "| 315 | 92 | 4.00x vs eager, 1.10x vs compile | - |" in text
+
+
+def test_big_means_a_big_tensor_not_many_bytes_moved(tmp_path):
+    mb = 1 << 20
+    p = _write(tmp_path, [   # 19 MB latents: 76 MB moved, still L2-resident on an H200
+        _bench("guided_euler_step", "wan14b_720p", "fmrt", 1.0, 76 * mb, pct=50.0,
+               tensor_bytes=19 * mb),
+        _bench("guided_euler_step", "wan14b_720p", "eager", 2.0, 76 * mb, tensor_bytes=19 * mb),
+        _bench("add_noise+loss_fwd_bwd", "tiny", "fmrt", 1.0, 7 * mb, tensor_bytes=mb),
+        _bench("add_noise+loss_fwd_bwd", "tiny", "eager", 1.5, 7 * mb, tensor_bytes=mb),
+    ])
+    v = _verdicts(p)
+    assert v["guided step >= 90% of copy BW at >= 64 MB"] == ("not measured", "")
+    assert v["guided step >= 3x eager at >= 64 MB"] == ("not measured", "")
+    assert v["add_noise + loss fwd+bwd >= 3x eager at >= 64 MB"] == ("not measured", "")
+    p = _write(tmp_path, [
+        _bench("guided_euler_step", "b8", "fmrt", 1.0, 620 * mb, pct=91.0, tensor_bytes=155 * mb),
+        _bench("guided_euler_step", "b8", "eager", 3.5, 620 * mb, tensor_bytes=155 * mb),
+        _bench("add_noise+loss_fwd_bwd", "b8", "fmrt", 1.0, 7 * 155 * mb, tensor_bytes=155 * mb),
+        _bench("add_noise+loss_fwd_bwd", "b8", "eager", 2.5, 7 * 155 * mb, tensor_bytes=155 * mb),
+    ])
+    v = _verdicts(p)
+    assert v["guided step >= 90% of copy BW at >= 64 MB"] == ("met", "b8 bfloat16: 91.00%")
+    assert v["guided step >= 3x eager at >= 64 MB"][0] == "met"
+    assert v["add_noise + loss fwd+bwd >= 3x eager at >= 64 MB"] == \
+        ("short", "b8 bfloat16: 2.50x (short)")
+
+
+def test_jvp_against_the_fa2_forward(tmp_path):
+    def rows(jvp_tflops):
+        return [_bench("flash_attention_jvp", "s4096_d128", "fmrt", 1.0, tflops=jvp_tflops),
+                _bench("flash_attention_jvp", "s4096_d128", "math", 9.0, tflops=30.0),
+                _bench("flash_attention_fwd", "s4096_d128", "sdpa_flash", 0.2, tflops=400.0),
+                _bench("flash_attention_fwd", "s4096_d128", "fmrt", 0.3, tflops=270.0),
+                _bench("flash_attention_fwd", "s4096_d64", "sdpa_flash", 0.1, tflops=350.0)]
+    goal = "JVP attention (primal + tangent) >= 60% of the FA2 forward's TFLOP/s"
+    assert _verdicts(_write(tmp_path, rows(260.0)))[goal] == \
+        ("met", "s4096_d128 bfloat16: 0.65x of FA2 fwd")
+    assert _verdicts(_write(tmp_path, rows(200.0)))[goal][0] == "short"
+    # no FA2-class forward in the run: not measured (never judged against fmrt's own forward)
+    only = [r for r in rows(260.0) if r["extra_info"]["provider"] != "sdpa_flash"]
+    assert _verdicts(_write(tmp_path, only))[goal] == ("not measured", "")
 
 
 def test_write_readme(tmp_path):
@@ -86,6 +132,33 @@ def test_report_on_a_real_run(tmp_path):
     assert "| add_noise | wan_tiny | float32 |" in text and "x vs eager" in text
     # tiny CPU shapes never satisfy a >= 64 MB goal: they are reported as not measured
     assert "| #3 | add_noise >= 90% of copy BW at >= 64 MB | not measured | - |" in text
+
+
+def test_suite_records_the_bytes_each_goal_counts(tmp_path):
+    """The suite's own rows (CPU, tiny): bytes moved as the goals count them (sft_step 7 N e,
+    q/k norm + RoPE fwd+bwd 10 N e + the tables twice, guided step 4 N e), the tensor size the
+    ">= 64 MB" goals judge, and both times (device time = synced time on a CPU)."""
+    out = tmp_path / "cpu.json"
+    sel = ("fmrt and float32 and (sft_step and wan_tiny or qk_norm_rope_fwd_bwd "
+           "or guided_euler_step-b8_tiny)")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "benchmarks/bench_training.py", "benchmarks/bench_attention.py",
+                          "benchmarks/bench_sampling.py", "-k", sel, "--benchmark-enable",
+                          f"--benchmark-json={out}"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-2000:]
+    _, rows = report.load(out)
+    by_op = {r.op: r for r in rows}
+    assert set(by_op) == {"add_noise+loss_fwd_bwd", "qk_norm_rope_fwd_bwd", "guided_euler_step"}
+    sft = by_op["add_noise+loss_fwd_bwd"]
+    assert sft.nbytes == 7 * sft.extra["tensor_bytes"] == 7 * 4 * (1 * 4 * 3 * 6 * 10)
+    qk = by_op["qk_norm_rope_fwd_bwd"]
+    ne, tables = 4 * 12 * 2 * 16, 2 * 2 * 12 * 8 * 4      # [1, 12, 2, 16] fp32; cos, sin [12, 8]
+    assert qk.extra["tensor_bytes"] == ne and qk.nbytes == 10 * ne + tables
+    g = by_op["guided_euler_step"]
+    assert g.case == "b8_tiny" and g.nbytes == 4 * g.extra["tensor_bytes"]
+    for r in rows:
+        assert r.ms > 0 and r.extra["latency_ms"] == pytest.approx(r.ms)
+        assert r.extra["timing"] == "host_synced"
 
 
 def test_several_files_merge(tmp_path):

@@ -54,6 +54,22 @@ from fmrt.data import (CouplingDataset, LatentFolderDataset, NUM_CLASSES, Shapes
                        collate)
 
 OBJECTIVES = ("sft", "meanflow")
+# FSDP2 + MeanFlow (torch.func.jvp through fully_shard'ed modules): torch 2.11's FSDP2 touches the
+# storage of functorch's wrapper tensors and crashes; 2.13 runs it (tests/test_ddp.py); 2.12 was
+# not checked, so the oldest release seen working is the boundary.
+FSDP_MEANFLOW_MIN_TORCH = "2.13"
+
+
+def check_fsdp_meanflow(objective: str, fsdp: bool, torch_version: str = torch.__version__) -> None:
+    """Refuse `objective="meanflow"` with `fsdp=True` on a torch older than FSDP_MEANFLOW_MIN_TORCH
+    (a ValueError with the way out, instead of a crash inside FSDP2 at the first step)."""
+    if objective != "meanflow" or not fsdp:
+        return
+    from torch.torch_version import TorchVersion
+    if TorchVersion(torch_version.split("+")[0]) < FSDP_MEANFLOW_MIN_TORCH:
+        raise ValueError(f"objective 'meanflow' with fsdp needs torch >= {FSDP_MEANFLOW_MIN_TORCH} "
+                         f"(torch {torch_version}'s FSDP2 crashes under torch.func.jvp): train "
+                         "without fsdp (DDP) or upgrade torch")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -170,6 +186,7 @@ class TrainConfig:
         if self.overwrite and self.resume == "auto":
             raise ValueError("resume and overwrite contradict each other: resume continues the "
                              "run in out_dir, overwrite removes it")
+        check_fsdp_meanflow(self.objective, self.fsdp)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -32,16 +32,25 @@ from fmrt.reference import NOISE_Q
 
 
 @triton.jit
+def box_muller_radius(log_u1):
+    """r = sqrt(-2 log u1), clamped at 0: the hardware log of a u1 just below 1 (u1 reaches
+    1 - 2^-24) can come out as a tiny positive number, whose -2x has no real root (NaN noise,
+    a few draws per call at video-latent sizes). The exact r there is < 2^-11: 0 is as good."""
+    return tl.sqrt(tl.maximum(-2.0 * log_u1, 0.0))
+
+
+@triton.jit
 def box_muller(u1, u2, FAST: tl.constexpr):
     """triton's `pair_uniform_to_normal`; FAST (compiled for CUDA) uses the hardware
     approximations of log / cos / sin (angle reduced to [-pi, pi), where they are accurate to
     ~2^-21 absolute): the same numbers to float tolerance, at a fraction of the instructions of
-    libdevice's IEEE-accurate versions, which would make the noise kernels compute-bound."""
+    libdevice's IEEE-accurate versions, which would make the noise kernels compute-bound.
+    u1 is clamped to [1e-7, 1) (no log of 0) and the radius to a real root (`box_muller_radius`)."""
     if FAST:
         u1 = tl.maximum(1.0e-7, u1)
         th = 6.283185307179586 * u2
         th = tl.where(u2 >= 0.5, th - 6.283185307179586, th)
-        r = tl.sqrt(-2.0 * libdevice.fast_logf(u1))
+        r = box_muller_radius(libdevice.fast_logf(u1))
         return r * libdevice.fast_cosf(th), r * libdevice.fast_sinf(th)
     else:
         return tl.pair_uniform_to_normal(u1, u2)

@@ -1,16 +1,26 @@
 """q/k RMSNorm + interleaved rotary (Wan's 3D RoPE), forward and backward.
 
-One program per token row: the whole row of H*D elements (up to 40 x 128 = 5120 for Wan 14B)
-sits in registers as an `[BLOCK_H, BLOCK_D]` tile, loaded with the caller's strides (q and k are
-usually views of a fused qkv projection: never copied), split into the even/odd halves of each
-rotary pair with `reshape + split`, normalised and rotated in fp32, re-joined and stored once,
-contiguous. Grid axis 1 picks q (0) or k (1), so both go in one launch.
+Forward: one program per token row of q or k (grid axis 1 picks q (0) or k (1), so both go in one
+launch). The row of H*D elements (up to 40 x 128 = 5120 for Wan 14B) is walked in chunks of
+BLOCK_H heads x BLOCK_D, BLOCK_H the largest power of two dividing H (4 for Wan 1.3B's 12 heads, 8
+for 14B's 40), so no lane is padded (a single `next_pow2(H)` tile would waste 25 % / 37 % of its
+lanes there); for the norm across heads a first pass sums the squares, the second re-reads the
+row (an L1 hit) to normalise, rotate and store. Loads use the caller's strides (q and k are
+usually views of a fused qkv projection: never copied); each chunk is split into the even/odd
+halves of each rotary pair with `reshape + split`, computed in fp32, re-joined and stored once,
+contiguous.
+
+Backward: a persistent-style grid sized by occupancy (`_backward_programs`: every program of q
+and k resident at once, one wave, no tail), each program looping over a contiguous run of rows
+with the next row's loads issued before the current row is computed (software prefetch), its
+weight-gradient partial kept in registers and stored once.
 
 Norm codes: 0 none, 1 across heads (Wan: RMS over H*D, weight [H*D]), 2 per head (FLUX / SD3:
 RMS over D, weight [D]).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -48,18 +58,39 @@ def _load_weight(w_ptr, h, d, m, D, NORM: tl.constexpr):
 
 
 @triton.jit
-def _fwd_row(x_ptr, s_h, s_d, o_ptr, w_ptr, c, s, H, D, eps, NORM: tl.constexpr,
-             HAS_W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    h = tl.arange(0, BLOCK_H)
+def _load_chunk(x_ptr, s_h, s_d, i, H, D, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Heads [i BLOCK_H, (i + 1) BLOCK_H) of a row, fp32 `[BLOCK_H, BLOCK_D]` (0 where masked)."""
+    h = i * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     m = (h[:, None] < H) & (d[None, :] < D)
-    x = tl.load(x_ptr + h[:, None] * s_h + d[None, :] * s_d, mask=m, other=0.0).to(tl.float32)
-    if NORM != 0:
-        x = x * _rstd(x, H, D, eps, NORM)
-        if HAS_W:
-            x = x * _load_weight(w_ptr, h, d, m, D, NORM)
-    y = _rotate(x, c, s, BLOCK_H, BLOCK_D // 2)
-    tl.store(o_ptr + h[:, None] * D + d[None, :], y.to(o_ptr.dtype.element_ty), mask=m)
+    return tl.load(x_ptr + h[:, None] * s_h + d[None, :] * s_d, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fwd_row(x_ptr, s_h, s_d, o_ptr, w_ptr, c, s, H, D, eps, NORM: tl.constexpr,
+             HAS_W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+             N_CHUNKS: tl.constexpr):
+    d = tl.arange(0, BLOCK_D)
+    if NORM == 1:  # the row's statistic first: sum of squares over all H*D
+        x = _load_chunk(x_ptr, s_h, s_d, 0, H, D, BLOCK_H, BLOCK_D)
+        ss = tl.sum(tl.sum(x * x, axis=1), axis=0)
+        for i in tl.static_range(1, N_CHUNKS):
+            x = _load_chunk(x_ptr, s_h, s_d, i, H, D, BLOCK_H, BLOCK_D)
+            ss += tl.sum(tl.sum(x * x, axis=1), axis=0)
+        rstd_row = tl.rsqrt(ss / (H * D) + eps)
+    for i in tl.static_range(N_CHUNKS):
+        h = i * BLOCK_H + tl.arange(0, BLOCK_H)
+        m = (h[:, None] < H) & (d[None, :] < D)
+        x = _load_chunk(x_ptr, s_h, s_d, i, H, D, BLOCK_H, BLOCK_D)
+        if NORM == 1:
+            x = x * rstd_row
+        elif NORM == 2:
+            x = x * _rstd(x, H, D, eps, NORM)
+        if NORM != 0:
+            if HAS_W:
+                x = x * _load_weight(w_ptr, h, d, m, D, NORM)
+        y = _rotate(x, c, s, BLOCK_H, BLOCK_D // 2)
+        tl.store(o_ptr + h[:, None] * D + d[None, :], y.to(o_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -67,8 +98,10 @@ def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, wq_ptr, wk_ptr, cos_p
                              S, H, D, q_sb, q_ss, q_sh, q_sd, k_sb, k_ss, k_sh, k_sd,
                              c_ss, c_sp, s_ss, s_sp, eps, NORM: tl.constexpr,
                              HAS_WQ: tl.constexpr, HAS_WK: tl.constexpr,
-                             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Row (b, s) of x = q (axis 1 = 0) or k (1), all H*D elements:
+                             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                             N_CHUNKS: tl.constexpr):
+    """Row (b, s) of x = q (axis 1 = 0) or k (1), all H*D elements, N_CHUNKS chunks of BLOCK_H
+    heads:
 
     NORM 1: n = x / sqrt(mean_{h,d}(x^2) + eps) * w[h*D + d]
     NORM 2: n = x / sqrt(mean_d(x^2) + eps) * w[d]
@@ -86,10 +119,34 @@ def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, wq_ptr, wk_ptr, cos_p
     out = row * H * D
     if tl.program_id(1) == 0:
         _fwd_row(q_ptr + b * q_sb + t * q_ss, q_sh, q_sd, qo_ptr + out, wq_ptr, c, s, H, D,
-                 eps, NORM, HAS_WQ, BLOCK_H, BLOCK_D)
+                 eps, NORM, HAS_WQ, BLOCK_H, BLOCK_D, N_CHUNKS)
     else:
         _fwd_row(k_ptr + b * k_sb + t * k_ss, k_sh, k_sd, ko_ptr + out, wk_ptr, c, s, H, D,
-                 eps, NORM, HAS_WK, BLOCK_H, BLOCK_D)
+                 eps, NORM, HAS_WK, BLOCK_H, BLOCK_D, N_CHUNKS)
+
+
+@triton.jit
+def _bwd_load(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh, g_sd, cos_ptr, sin_ptr,
+              c_ss, c_sp, s_ss, s_sp, row, S, H, D, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """Everything row `row` needs: (x (or d out when NORM 0: x is not read), d out, cos, sin)."""
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    m = (h[:, None] < H) & (d[None, :] < D)
+    p = tl.arange(0, BLOCK_D // 2)
+    pm = p < D // 2
+    b = row // S
+    t = row % S
+    c = tl.load(cos_ptr + t * c_ss + p * c_sp, mask=pm, other=1.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + t * s_ss + p * s_sp, mask=pm, other=0.0).to(tl.float32)[None, :]
+    go = tl.load(g_ptr + b * g_sb + t * g_ss + h[:, None] * g_sh + d[None, :] * g_sd,
+                 mask=m, other=0.0).to(tl.float32)
+    if NORM == 0:
+        x = go
+    else:
+        x = tl.load(x_ptr + b * x_sb + t * x_ss + h[:, None] * x_sh + d[None, :] * x_sd,
+                    mask=m, other=0.0).to(tl.float32)
+    return x, go, c, s
 
 
 @triton.jit
@@ -100,26 +157,24 @@ def _bwd_rows(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh, g_sd, dx_p
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     m = (h[:, None] < H) & (d[None, :] < D)
-    p = tl.arange(0, BLOCK_D // 2)
-    pm = p < D // 2
     w = 1.0
     if NORM != 0:
         if HAS_W:
             w = _load_weight(w_ptr, h, d, m, D, NORM)
     acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    x, go, c, s = _bwd_load(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh, g_sd,
+                            cos_ptr, sin_ptr, c_ss, c_sp, s_ss, s_sp, row0, S, H, D, NORM,
+                            BLOCK_H, BLOCK_D)
     for row in range(row0, row1):
-        b = row // S
-        t = row % S
-        c = tl.load(cos_ptr + t * c_ss + p * c_sp, mask=pm, other=1.0).to(tl.float32)[None, :]
-        s = tl.load(sin_ptr + t * s_ss + p * s_sp, mask=pm, other=0.0).to(tl.float32)[None, :]
-        go = tl.load(g_ptr + b * g_sb + t * g_ss + h[:, None] * g_sh + d[None, :] * g_sd,
-                     mask=m, other=0.0).to(tl.float32)
+        # the next row's loads go out before this row's math (the last row re-loads itself)
+        x_n, go_n, c_n, s_n = _bwd_load(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh,
+                                        g_sd, cos_ptr, sin_ptr, c_ss, c_sp, s_ss, s_sp,
+                                        tl.minimum(row + 1, row1 - 1), S, H, D, NORM, BLOCK_H,
+                                        BLOCK_D)
         g = _rotate(go, c, -s, BLOCK_H, BLOCK_D // 2)  # rotary transpose: d out / d n
         if NORM == 0:
             dx = g
         else:
-            x = tl.load(x_ptr + b * x_sb + t * x_ss + h[:, None] * x_sh + d[None, :] * x_sd,
-                        mask=m, other=0.0).to(tl.float32)
             rstd = _rstd(x, H, D, eps, NORM)
             xhat = x * rstd
             if HAS_W:
@@ -135,6 +190,7 @@ def _bwd_rows(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh, g_sd, dx_p
             dx = rstd * (gw - xhat * dot)
         tl.store(dx_ptr + row * H * D + h[:, None] * D + d[None, :],
                  dx.to(dx_ptr.dtype.element_ty), mask=m)
+        x, go, c, s = x_n, go_n, c_n, s_n
     if NEED_DW:
         if NORM == 1:
             tl.store(part_ptr + h[:, None] * D + d[None, :], acc, mask=m)
@@ -177,20 +233,52 @@ def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, wq_pt
 # host launchers
 # ---------------------------------------------------------------------------------------------
 
-def _blocks(H: int, D: int) -> tuple[int, int, int]:
+def _fwd_blocks(H: int, D: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_D, N_CHUNKS, num_warps) of the forward: chunks of BLOCK_H heads, the
+    largest power of two dividing H up to 1024 elements per chunk (no padded lanes: Wan's 12
+    heads in 3 chunks of 4, 40 in 5 of 8); a padded single chunk only where that would take more
+    than 16 chunks (H with a small power-of-two part, e.g. 17). ~8 elements per thread: 16-byte
+    bf16 accesses."""
+    BLOCK_D = max(triton.next_power_of_2(D), 2)
+    BLOCK_H = min(H & -H, max(1024 // BLOCK_D, 1))
+    if H // BLOCK_H > 16:
+        BLOCK_H = triton.next_power_of_2(H)
+    n_chunks = triton.cdiv(H, BLOCK_H)
+    num_warps = min(max((BLOCK_H * BLOCK_D) // 256, 1), 8)
+    return BLOCK_H, BLOCK_D, n_chunks, num_warps
+
+
+def _bwd_blocks(H: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_D, num_warps) of the backward: the whole row as one padded tile (the
+    weight-gradient partial of every head stays in registers across rows), ~16 fp32 elements of
+    it per thread: 4 warps up to 2048 elements, 8 for 4096, 16 for Wan 14B's 64 x 128 (what
+    keeps the sm_90 build under 128 registers with the next row prefetched: aot_compile.py)."""
     BLOCK_H = triton.next_power_of_2(H)
     BLOCK_D = max(triton.next_power_of_2(D), 2)
-    # ~16 fp32 elements of the row tile per thread: 4 warps for 1024, 16 for Wan 14B's 64 x 128
     num_warps = min(max((BLOCK_H * BLOCK_D) // 512, 1), 16)
     return BLOCK_H, BLOCK_D, num_warps
 
 
-def _backward_programs(n_rows: int, device: torch.device) -> int:
-    """Programs per tensor in the backward: two per SM on CUDA (q and k: four per SM, about one
-    resident wave at Wan's row sizes; each loops over a chunk of rows keeping its weight-gradient
-    partial in registers, so the partials stay small), fewer under the interpreter."""
+# registers per thread the backward's sm_90 builds stay under (benchmarks/aot_compile.py reports
+# them): what its occupancy, and so its grid, is sized from
+BWD_REGS = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _backward_programs(n_rows: int, device: torch.device, num_warps: int) -> int:
+    """Programs per tensor (q, k) in the backward on CUDA: as many as fit on the device at once
+    (registers: 64 K per SM / (BWD_REGS x threads per program); at most 64 warps and 32 programs
+    per SM), halved for q and k: one resident wave and no tail, each program looping over
+    ~n_rows / programs rows with its weight-gradient partial in registers. 8 under the
+    interpreter."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        per_sm = max(min(65536 // (BWD_REGS * 32 * num_warps), 64 // num_warps, 32), 1)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = max(_sm_count(index) * per_sm // 2, 1)
     else:
         target = 8
     return max(min(n_rows, target), 1)
@@ -207,13 +295,13 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: torch.Tensor, q_weight: Optional[torch.
     if q.numel() == 0:
         return qo, ko
     code = NORM_CODES[norm]
-    BLOCK_H, BLOCK_D, nw = _blocks(H, D)
+    BLOCK_H, BLOCK_D, n_chunks, nw = _fwd_blocks(H, D)
     _qk_norm_rope_fwd_kernel[(B * S, 2)](
         q, k, qo, ko, q_weight if q_weight is not None else q,
         k_weight if k_weight is not None else k, cos, sin, S, H, D, *q.stride(), *k.stride(),
         *cos.stride(), *sin.stride(), float(eps), NORM=code,
         HAS_WQ=q_weight is not None, HAS_WK=k_weight is not None, BLOCK_H=BLOCK_H,
-        BLOCK_D=BLOCK_D, num_warps=nw)
+        BLOCK_D=BLOCK_D, N_CHUNKS=n_chunks, num_warps=nw)
     return qo, ko
 
 
@@ -232,12 +320,12 @@ def qk_norm_rope_bwd(gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: tor
     wn = {1: H * D, 2: D}.get(code, 0)
     need_dw = need_dw and code != 0 and (q_weight is not None or k_weight is not None)
     n_rows = B * S
-    n_progs = _backward_programs(n_rows, dev)
+    BLOCK_H, BLOCK_D, nw = _bwd_blocks(H, D)
+    n_progs = _backward_programs(n_rows, dev, nw)
     rows_per_prog = triton.cdiv(max(n_rows, 1), n_progs)
     n_progs = triton.cdiv(max(n_rows, 1), rows_per_prog)
     part = torch.zeros((2, n_progs, wn) if need_dw else (1,), dtype=torch.float32, device=dev)
     if n_rows and H * D:
-        BLOCK_H, BLOCK_D, nw = _blocks(H, D)
         _qk_norm_rope_bwd_kernel[(n_progs, 2)](
             q, k, gq, gk, dq, dk, q_weight if q_weight is not None else q,
             k_weight if k_weight is not None else k, part, cos, sin, n_rows, rows_per_prog,

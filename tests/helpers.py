@@ -1,6 +1,8 @@
 """Shared test tools: the dtype tolerance table and the Triton-vs-reference checker."""
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable, Optional
 
 import torch
@@ -52,6 +54,38 @@ def _flat(out) -> list[Tensor]:
     return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, Tensor)]
 
 
+def cotangents(outs: list[Tensor], seed: int = 0) -> list[Tensor]:
+    """One random cotangent per output, drawn on the CPU in fp32 (the same values whatever the
+    device or the torch version) and placed on the output's device in its dtype: autograd.grad
+    refuses a CPU cotangent for a CUDA output."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=g).to(device=o.device, dtype=o.dtype) for o in outs]
+
+
+@contextlib.contextmanager
+def stable_randn_like():
+    """Make `torch.randn_like` of a half-precision tensor draw fp32 normals and cast them.
+
+    torch's CPU bf16 / fp16 `randn` stream changed between releases (2.11 and 2.13 draw
+    different bf16 noise from the same seed); its fp32 stream did not. Golden values that depend
+    on a `randn_like(bf16)` somewhere (DiffSynth's FlowMatchSFTLoss and fmrt's compat mode alike)
+    are made and checked under this patch, so they hold on any torch version. It consumes the
+    global generator exactly as an fp32 draw of the same shape does."""
+    real = torch.randn_like
+
+    def randn_like(x, *, dtype=None, **kw):
+        dt = dtype or x.dtype
+        if dt in (torch.bfloat16, torch.float16):
+            return real(x, dtype=torch.float32, **kw).to(dt)
+        return real(x, dtype=dtype, **kw)
+
+    torch.randn_like = randn_like
+    try:
+        yield
+    finally:
+        torch.randn_like = real
+
+
 def check_against_reference(op: Callable, reference: Callable, make_args: Callable, *,
                             grad: bool = True, scale: float = 1.0, grad_scale: float = 4.0,
                             seed: int = 0) -> None:
@@ -74,8 +108,7 @@ def check_against_reference(op: Callable, reference: Callable, make_args: Callab
     if not ins_t:
         return
     outs_t, outs_r = _flat(out_t), _flat(out_r)
-    g = torch.Generator().manual_seed(seed)
-    cots = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs_r]
+    cots = cotangents(outs_r, seed)
     used = [i for i, o in enumerate(outs_r) if o.requires_grad]
     grads_t = torch.autograd.grad([outs_t[i] for i in used], ins_t, [cots[i] for i in used],
                                   allow_unused=True)

@@ -415,3 +415,14 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     assert _ckpt_steps(d) == [1, 2] and not (d / "model.safetensors").exists()
     for _, p in list_checkpoints(str(d)):
         assert all(torch.isfinite(v.float()).all() for v in load_file(p).values())
+def test_fsdp_meanflow_refused_on_old_torch(tmp_path, monkeypatch):
+    import fmrt.train as T
+    with pytest.raises(ValueError, match=r"needs torch >= 2\.13.*without fsdp"):
+        T.check_fsdp_meanflow("meanflow", True, "2.11.0+cu130")
+    T.check_fsdp_meanflow("meanflow", True, "2.13.0+cpu")
+    T.check_fsdp_meanflow("meanflow", False, "2.11.0")
+    T.check_fsdp_meanflow("sft", True, "2.11.0")
+    # the config check runs it with the installed torch, before any work
+    monkeypatch.setattr(T, "FSDP_MEANFLOW_MIN_TORCH", "99.0")
+    with pytest.raises(ValueError, match="fsdp"):
+        train(tiny_config(tmp_path, objective="meanflow", fsdp=True))

@@ -9,7 +9,9 @@ DiffSynth). Usage, from the repository root:
 It runs DiffSynth's own `FlowMatchSFTLoss` (its `.base_pipeline` import stubbed) with
 DiffSynth's own `FlowMatchScheduler` and a stub pipeline whose `model_fn` is the toy velocity
 model of the test, on latents made by the test's `diffsynth_inputs`, after
-`torch.manual_seed(rng_seed)` (DiffSynth draws its timestep index and noise from the global RNG).
+`torch.manual_seed(rng_seed)` (DiffSynth draws its timestep index and noise from the global RNG),
+under `tests.helpers.stable_randn_like` (bf16 noise drawn in fp32 and cast: torch's CPU bf16
+`randn` stream differs between releases, its fp32 stream does not).
 """
 import importlib.util
 import json
@@ -19,6 +21,7 @@ import types
 import torch
 
 sys.path.insert(0, ".")
+from tests.helpers import stable_randn_like  # noqa: E402
 from tests.test_losses_sft import diffsynth_inputs, toy_velocity  # noqa: E402
 
 CASES = [  # name, template, shape, dtype, ti2v, min/max boundary, data seed, rng seed
@@ -77,7 +80,8 @@ def main(flow_match_path, loss_path, commit):
         if ti2v:
             inputs["first_frame_latents"] = ff
         torch.manual_seed(rng_seed)
-        loss = loss_mod.FlowMatchSFTLoss(pipe, **inputs)
+        with stable_randn_like():
+            loss = loss_mod.FlowMatchSFTLoss(pipe, **inputs)
         case["loss"] = float(loss.flatten()[0])
         case["timestep"] = pipe.timesteps_seen[0]
         out["cases"].append(case)

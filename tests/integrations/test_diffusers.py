@@ -10,11 +10,13 @@ import types
 import pytest
 import torch
 
-from fmrt import use_backend
-from fmrt.integrations.diffusers import FmrtWanAttnProcessor, accelerate_wan, restore_wan
-from tests.helpers import tol
+# an image without diffusers skips this module instead of failing the whole collection
+W = pytest.importorskip("diffusers.models.transformers.transformer_wan")
 
-from diffusers.models.transformers import transformer_wan as W
+from fmrt import use_backend  # noqa: E402
+from fmrt.integrations.diffusers import (FmrtWanAttnProcessor, accelerate_wan,  # noqa: E402
+                                         restore_wan)
+from tests.helpers import tol  # noqa: E402
 
 FP32 = dict(atol=2e-5, rtol=1e-5)
 TEXT_LEN, N_IMG = 7, 3

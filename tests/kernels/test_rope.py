@@ -56,6 +56,34 @@ def test_one_head_and_padded_head_dim(dtype):
 
 
 @pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("H", [12, 40, 17])
+def test_head_chunks(norm, H):
+    # the forward walks 12 heads in 3 chunks of 4 and 40 in 5 of 8 (no padded lanes); 17 heads
+    # would take 17 chunks of 1: one padded chunk of 32 instead
+    check_against_reference(ops.qk_norm_rope, _ref, _make(2, (1, 2, 1), H, 8, torch.float32, norm))
+
+
+def test_block_choice():
+    from fmrt.kernels import rope as K
+    assert K._fwd_blocks(12, 128) == (4, 128, 3, 2)      # 512-element chunks, 2 warps
+    assert K._fwd_blocks(40, 128) == (8, 128, 5, 4)      # 1024-element chunks, 4 warps
+    assert K._fwd_blocks(17, 128)[:3] == (32, 128, 1)    # padded fallback
+    assert K._fwd_blocks(3, 12)[:3] == (1, 16, 3)
+    assert K._bwd_blocks(12, 128) == (16, 128, 4) and K._bwd_blocks(40, 128) == (64, 128, 16)
+
+
+def test_backward_grid_fills_the_device_once(monkeypatch):
+    from fmrt.kernels import rope as K
+    monkeypatch.setattr(K, "_sm_count", lambda index: 132)   # an H100 / H200
+    cuda = torch.device("cuda", 0)
+    # 4 warps x 128 registers: 4 programs per SM, q and k share them -> 264 per tensor
+    assert K._backward_programs(32760, cuda, 4) == 264
+    assert K._backward_programs(32760, cuda, 16) == 66       # 512 threads: one per SM
+    assert K._backward_programs(10, cuda, 4) == 10           # never more than rows
+    assert K._backward_programs(32760, torch.device("cpu"), 4) == 8
+
+
+@pytest.mark.parametrize("norm", NORMS)
 def test_head_dim_12(norm):
     # D = 12: 6 rotary pairs (not a power of 2), Wan's 3D split 4/4/4; H = 3 (BLOCK_H 4)
     check_against_reference(ops.qk_norm_rope, _ref, _make(2, (2, 2, 3), 3, 12, torch.float32, norm))
@@ -220,12 +248,15 @@ def comp(fn, ptr_type, const, warps):
 
 out = {}
 fp32 = {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "part_ptr": "*fp32"}
-for case, BH, W in (("wan1.3b", 16, 4), ("wan14b", 64, 16)):
-    common = dict(NORM=1, HAS_WQ=True, HAS_WK=True, BLOCK_H=BH, BLOCK_D=128, c_sp=1,
-                  s_sp=1, q_sd=1, k_sd=1)
-    out["fwd_" + case] = comp(K._qk_norm_rope_fwd_kernel, fp32, common, W)
+for case, H in (("wan1.3b", 12), ("wan14b", 40)):
+    common = dict(NORM=1, HAS_WQ=True, HAS_WK=True, c_sp=1, s_sp=1, q_sd=1, k_sd=1)
+    BH, BD, NC, W = K._fwd_blocks(H, 128)
+    out["fwd_" + case] = comp(K._qk_norm_rope_fwd_kernel, fp32,
+                              dict(common, BLOCK_H=BH, BLOCK_D=BD, N_CHUNKS=NC), W)
+    BH, BD, W = K._bwd_blocks(H, 128)
     out["bwd_" + case] = comp(K._qk_norm_rope_bwd_kernel, fp32,
-                              dict(common, gq_sd=1, gk_sd=1, NEED_DW=True), W)
+                              dict(common, BLOCK_H=BH, BLOCK_D=BD, gq_sd=1, gk_sd=1,
+                                   NEED_DW=True), W)
 print(json.dumps(out))
 '''
 
@@ -256,7 +287,8 @@ def test_kernels_compile_for_h100_with_vector_memory_ops():
 @pytest.mark.parametrize("H", [12, 40])
 def test_on_cuda_at_wan_head_counts(dtype, H):
     """The compiled kernels (not the interpreter) against the reference, forward and
-    gradients, at Wan's head counts (BLOCK_H 16 / 64, 4 / 16 warps) and S = 21 x 8 x 8."""
+    gradients, at Wan's head counts (forward chunks of 4 / 8 heads, backward tiles of 16 / 64
+    heads) and S = 21 x 8 x 8: 1344 rows per tensor, several rows per backward program."""
     dev = torch.device("cuda")
     cos, sin = rope_3d_tables(128, (21, 8, 8), device=dev)
     S = cos.shape[0]

@@ -219,27 +219,30 @@ def _check_noise(noise, x0: Tensor, seed) -> None:
 
 def _add_noise_impl(x0: Tensor, sigma: Optional[Tensor], sigma_value: float,
                     noise: Optional[Tensor], seed: Optional[Tensor], return_noise: bool,
-                    return_target: bool) -> tuple[Tensor, Tensor, Tensor]:
+                    return_target: bool, eager_rounding: bool = False
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     from fmrt.kernels import noise as K
     return K.add_noise(x0.contiguous(), sigma, sigma_value,
                        None if noise is None else noise.contiguous(), seed, return_noise,
-                       return_target)
+                       return_target, eager_rounding)
 
 
 _add_noise_op = torch.library.custom_op("fmrt::add_noise", _add_noise_impl, mutates_args=())
 
 
 @_add_noise_op.register_fake
-def _add_noise_fake(x0, sigma, sigma_value, noise, seed, return_noise, return_target):
-    def new(keep):
+def _add_noise_fake(x0, sigma, sigma_value, noise, seed, return_noise, return_target,
+                    eager_rounding=False):
+    def new(keep, dtype=x0.dtype):
         if not keep:
             return x0.new_empty(0)
-        return torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
-    return new(True), new(return_target), new(return_noise and noise is None)
+        return torch.empty(x0.shape, dtype=dtype, device=x0.device)
+    x_dtype = torch.promote_types(x0.dtype, noise.dtype) if eager_rounding else x0.dtype
+    return new(True, x_dtype), new(return_target), new(return_noise and noise is None)
 
 
 def _add_noise_setup(ctx, inputs, output):
-    x0, sigma, sigma_value, noise, _, _, _ = inputs
+    x0, sigma, sigma_value, noise = inputs[:4]
     ctx.sigma_value = sigma_value
     ctx.dtypes = (x0.dtype, None if noise is None else noise.dtype)
     ctx.save_for_backward(sigma)
@@ -255,7 +258,7 @@ def _add_noise_backward(ctx, g_xt, g_target, g_noise):
     x_dtype, n_dtype = ctx.dtypes
     g_x0 = ((1.0 - s) * g - gt).to(x_dtype)
     g_n = None if n_dtype is None else (s * g + gt).to(n_dtype)
-    return g_x0, None, None, g_n, None, None, None
+    return g_x0, None, None, g_n, None, None, None, None
 
 
 _add_noise_op.register_autograd(_add_noise_backward, setup_context=_add_noise_setup)
@@ -287,21 +290,28 @@ def add_noise(x0: Tensor, sigma: Sigma, noise: Optional[Tensor] = None, *, seed=
 
 
 def noised_sample(x0: Tensor, sigma: Sigma, noise: Optional[Tensor], seed: Optional[Tensor], *,
-                  return_noise: bool = False, return_target: bool = True):
+                  return_noise: bool = False, return_target: bool = True,
+                  eager_rounding: bool = False):
     """add_noise after the checks (seed: a 0-d int64 tensor on x0's device, or None with
-    noise): `(x_t, target or None, noise or None)`; the kernel skips what is not asked for."""
+    noise): `(x_t, target or None, noise or None)`; the kernel skips what is not asked for.
+    eager_rounding (noise given, return_target=False): x_t rounded op by op as diffusers'
+    scale_noise is, in the promoted dtype of x0 and noise (`reference.add_noise`)."""
+    if eager_rounding and (noise is None or return_target):
+        raise ValueError("eager_rounding reproduces diffusers' scale_noise: it needs the noise "
+                         "and returns no target")
     if use_triton(x0, *(t for t in (noise, sigma) if isinstance(t, Tensor))):
         s_t, s_v = (sigma, 0.0) if isinstance(sigma, Tensor) else (None, float(sigma))
         # the custom op (traceable, with its backward) only where it is needed: its wrapper
         # costs more host time than the rest of the call
         fn = _add_noise_op if tracing() or wants_autograd(x0, noise) else _add_noise_impl
-        x_t, target, gen = fn(x0, s_t, s_v, noise, seed, return_noise, return_target)
+        x_t, target, gen = fn(x0, s_t, s_v, noise, seed, return_noise, return_target,
+                              eager_rounding)
         eps = (gen if noise is None else noise) if return_noise else None
         return x_t, (target if return_target else None), eps
     eps = noise if noise is not None else ref.philox_normal(x0.shape, seed, x0.device)
     if isinstance(sigma, Tensor):
         sigma = sigma.detach()  # sigma gets no gradient (as on the Triton path)
-    x_t, target = ref.add_noise(x0, sigma, eps)
+    x_t, target = ref.add_noise(x0, sigma, eps, eager_rounding)
     if return_noise and noise is None:
         eps = eps.to(x0.dtype)
     return x_t, (target if return_target else None), (eps if return_noise else None)

@@ -38,11 +38,20 @@ def broadcast_sigma(sigma: Sigma, x: Tensor) -> Tensor:
 # SPEC 1: forward process and training target
 # ---------------------------------------------------------------------------------------------
 
-def add_noise(x0: Tensor, sigma: Sigma, noise: Tensor) -> tuple[Tensor, Tensor]:
-    """x_t = (1 - sigma) x0 + sigma * noise, target = noise - x0; both in x0's dtype."""
+def add_noise(x0: Tensor, sigma: Sigma, noise: Tensor,
+              eager_rounding: bool = False) -> tuple[Tensor, Tensor]:
+    """x_t = (1 - sigma) x0 + sigma * noise, target = noise - x0; both in x0's dtype.
+    eager_rounding: x_t as torch rounds diffusers' scale_noise `sigma * noise + (1.0 - sigma) *
+    x0` (sigma a tensor in x0's dtype): sigma, 1 - sigma and (1 - sigma) x0 rounded to x0's
+    dtype, sigma * noise and the sum to R, the promotion of x0's and noise's dtypes, x_t's."""
     dt = compute_dtype(x0.dtype)
     s = broadcast_sigma(sigma, x0)
     a, n = x0.to(dt), noise.to(dt)
+    if eager_rounding:
+        r = torch.promote_types(x0.dtype, noise.dtype)
+        s = s.to(x0.dtype).to(dt)
+        x_t = (s * n).to(r).to(dt) + ((1.0 - s).to(x0.dtype).to(dt) * a).to(x0.dtype).to(dt)
+        return x_t.to(r), (n - a).to(x0.dtype)
     x_t = (1.0 - s) * a + s * n
     return x_t.to(x0.dtype), (n - a).to(x0.dtype)
 

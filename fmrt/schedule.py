@@ -331,21 +331,25 @@ class FlowMatchScheduler:
         """Index of the nearest grid timestep for each element of `timestep` (any shape; a
         float gives a 0-d result), as an int64 tensor on the timestep's device (a float's: on
         `device`, default CPU). An argmin of |timesteps - t| on the device: no host sync.
-        With `bf16_timestep_lookup` the timestep is first rounded to bfloat16 (DiffSynth)."""
+        With `bf16_timestep_lookup` the timestep is first rounded to bfloat16 (DiffSynth).
+        The distances are computed in the dtype DiffSynth's `timesteps - timestep` has under
+        torch's promotion: a float or a 0-d tensor in the grid's dtype (float32; a timestep
+        halfway between two entries picks DiffSynth's), a `[B]` tensor in the promotion of both;
+        ties take the first entry."""
         if isinstance(timestep, bool) or not isinstance(timestep, (numbers.Real, Tensor)):
             raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
         if isinstance(timestep, Tensor):
-            if device is not None:
-                timestep = timestep.to(device, non_blocking=True)
-            t = timestep
+            t = timestep if device is None else timestep.to(device, non_blocking=True)
+            dev = t.device
         else:
-            t = torch.full((), float(timestep), dtype=torch.float64,
-                           device=torch.device("cpu") if device is None else device)
+            t = float(timestep)
+            dev = torch.device("cpu") if device is None else torch.device(device)
         if self.bf16_timestep_lookup:
-            t = t.to(torch.bfloat16)
-        dt = torch.float64 if t.dtype == torch.float64 else torch.float32
-        grid = self._on(t.device).timesteps.to(dt)
-        return (grid - t.to(dt).unsqueeze(-1)).abs().argmin(dim=-1)
+            t = torch.as_tensor(t, dtype=torch.float64, device=dev).to(torch.bfloat16)
+        grid = self._on(dev).timesteps
+        if isinstance(t, Tensor) and t.ndim > 0:
+            return (grid - t.unsqueeze(-1)).abs().argmin(dim=-1)
+        return (grid - t).abs().argmin(dim=-1)
 
     def _index(self, timestep, index, device: torch.device) -> Tensor:
         """The grid index for a step/add_noise call: `index` if given, else the lookup.
@@ -406,13 +410,15 @@ class FlowMatchScheduler:
 
     def training_weight(self, timestep: Optional[Timestep], *,
                         index: Union[int, Tensor, None] = None) -> Tensor:
-        """The weight-table entry of the nearest grid timestep (or of `index`): float32 of the
-        timestep's shape, on its device (a float's: the CPU)."""
+        """The weight-table entry of the nearest grid timestep (or of `index`), float32 on the
+        timestep's device (a float's: the CPU): 0-d for a float, a 0-d or a `[1]` timestep (as
+        DiffSynth's, whose loss then stays a scalar), `[B]` for `[B > 1]`."""
         w = self._require_table()
         dev = timestep.device if isinstance(timestep, Tensor) else (
             index.device if isinstance(index, Tensor) else w.device)
         idx = self._index(timestep, index, dev)
-        return self._on(dev).weights.take(idx)
+        out = self._on(dev).weights.take(idx)
+        return out.reshape(()) if out.numel() == 1 else out
 
     def step(self, model_output: Tensor, timestep: Optional[Timestep], sample: Tensor,
              to_final: bool = False, *, index: Union[int, Tensor, None] = None) -> Tensor:

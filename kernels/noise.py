@@ -74,6 +74,24 @@ def philox_normal4(seed, b, g, Q: tl.constexpr, FAST: tl.constexpr = False):
 
 
 @triton.jit
+def _rne_bf16(x):
+    """fp32 x rounded to the nearest bf16 (ties to even; NaN kept), as fp32: the GPU's cast,
+    written out because the interpreter's fp32 -> bf16 cast truncates."""
+    b = x.to(tl.uint32, bitcast=True)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, r)
+
+
+@triton.jit
+def _round_to(x, DT: tl.constexpr):
+    """fp32 x rounded to DT (round to nearest even), kept in fp32."""
+    if DT == tl.bfloat16:
+        return _rne_bf16(x)
+    else:
+        return x.to(DT).to(tl.float32)
+
+
+@triton.jit
 def udiv31(n, m, l):
     """floor(n / d) for uint32 n < 2^31 by the magic pair (m, l) = `magic31(d)`: a multiply-high
     and a shift instead of a ~20-instruction integer division."""
@@ -101,7 +119,8 @@ def load_bcast(ptr, val, b, j, m, bstride, T, R, mT, lT, mR, lR, MODE: tl.conste
 def _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
                     s_mT, s_lT, s_mR, s_lR, eps, b, j, inner,
                     SIGMA_MODE: tl.constexpr, HAS_NOISE: tl.constexpr,
-                    STORE_NOISE: tl.constexpr, STORE_TARGET: tl.constexpr, IDX64: tl.constexpr):
+                    STORE_NOISE: tl.constexpr, STORE_TARGET: tl.constexpr, IDX64: tl.constexpr,
+                    EAGER_ROUNDING: tl.constexpr):
     m = j < inner
     offs = b * inner + j
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -110,7 +129,13 @@ def _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bst
     s = load_bcast(s_ptr, s_val, b, j, m, s_bstride, s_T, s_R, s_mT, s_lT, s_mR, s_lR,
                    SIGMA_MODE, IDX64)
     ty = xt_ptr.dtype.element_ty
-    tl.store(xt_ptr + offs, ((1.0 - s) * x + s * eps).to(ty), mask=m)
+    if EAGER_ROUNDING:   # diffusers' scale_noise: `s * eps + (1 - s) * x` op by op in torch
+        xty = x_ptr.dtype.element_ty
+        s = _round_to(s, xty)
+        y = _round_to(_round_to(s * eps, ty) + _round_to(_round_to(1.0 - s, xty) * x, xty), ty)
+    else:
+        y = (1.0 - s) * x + s * eps
+    tl.store(xt_ptr + offs, y.to(ty), mask=m)
     if STORE_TARGET:
         tl.store(tgt_ptr + offs, (eps - x).to(ty), mask=m)
     if STORE_NOISE:
@@ -122,9 +147,14 @@ def _add_noise_kernel(x_ptr, n_ptr, seed_ptr, xt_ptr, tgt_ptr, nout_ptr,
                       s_ptr, s_val, s_bstride, s_T, s_R, s_mT, s_lT, s_mR, s_lR, inner, n_groups,
                       SIGMA_MODE: tl.constexpr, HAS_NOISE: tl.constexpr,
                       STORE_NOISE: tl.constexpr, STORE_TARGET: tl.constexpr,
-                      IDX64: tl.constexpr, Q: tl.constexpr, FAST: tl.constexpr):
+                      IDX64: tl.constexpr, Q: tl.constexpr, FAST: tl.constexpr,
+                      EAGER_ROUNDING: tl.constexpr = False):
     """x_t = (1 - sigma) x0 + sigma eps, target = eps - x0 (fp32 math, one rounding each;
     target skipped unless STORE_TARGET);
+    EAGER_ROUNDING (with loaded eps, no target): x_t rounded as torch rounds diffusers'
+    `sigma * eps + (1.0 - sigma) * x0` with sigma in x0's dtype: sigma, 1 - sigma and
+    (1 - sigma) x0 to x0's dtype, sigma eps and the sum to x_t's (torch's promotion of x0's and
+    eps's dtypes); launched without FMA contraction;
     eps loaded (HAS_NOISE) or Philox noise, stored to nout when STORE_NOISE.
     Grid: B * n_groups programs; program (b, g) covers within-sample indices [4Qg, 4Q(g+1))."""
     pid = tl.program_id(0).to(tl.int64)
@@ -139,16 +169,16 @@ def _add_noise_kernel(x_ptr, n_ptr, seed_ptr, xt_ptr, tgt_ptr, nout_ptr,
         n1, n2, n3, n4 = philox_normal4(tl.load(seed_ptr), b, g, Q, FAST)
     _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
                     s_mT, s_lT, s_mR, s_lR, n1, b, j0, inner, SIGMA_MODE, HAS_NOISE,
-                    STORE_NOISE, STORE_TARGET, IDX64)
+                    STORE_NOISE, STORE_TARGET, IDX64, EAGER_ROUNDING)
     _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
                     s_mT, s_lT, s_mR, s_lR, n2, b, j0 + Q, inner, SIGMA_MODE, HAS_NOISE,
-                    STORE_NOISE, STORE_TARGET, IDX64)
+                    STORE_NOISE, STORE_TARGET, IDX64, EAGER_ROUNDING)
     _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
                     s_mT, s_lT, s_mR, s_lR, n3, b, j0 + 2 * Q, inner, SIGMA_MODE, HAS_NOISE,
-                    STORE_NOISE, STORE_TARGET, IDX64)
+                    STORE_NOISE, STORE_TARGET, IDX64, EAGER_ROUNDING)
     _add_noise_lane(x_ptr, n_ptr, xt_ptr, tgt_ptr, nout_ptr, s_ptr, s_val, s_bstride, s_T, s_R,
                     s_mT, s_lT, s_mR, s_lR, n4, b, j0 + 3 * Q, inner, SIGMA_MODE, HAS_NOISE,
-                    STORE_NOISE, STORE_TARGET, IDX64)
+                    STORE_NOISE, STORE_TARGET, IDX64, EAGER_ROUNDING)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,12 +249,14 @@ def _layout(x: torch.Tensor):
 
 def add_noise(x0: torch.Tensor, sigma: Optional[torch.Tensor], sigma_value: float,
               noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], store_noise: bool,
-              store_target: bool = True):
+              store_target: bool = True, eager_rounding: bool = False):
     """(x_t, target, noise_out): x0 (and noise) contiguous `[B, ...]`; sigma a tensor
     broadcastable to x0 or None with `sigma_value`; seed a 0-d int64 tensor on x0's device when
     noise is None. noise_out is the generated noise in x0's dtype when store_noise, else empty;
-    target is empty unless store_target."""
-    x_t = torch.empty_like(x0)
+    target is empty unless store_target. eager_rounding (noise given, no target): x_t rounded
+    as torch rounds diffusers' scale_noise, in the promoted dtype of x0 and noise."""
+    x_t = torch.empty(x0.shape, device=x0.device, dtype=torch.promote_types(
+        x0.dtype, noise.dtype) if eager_rounding else x0.dtype)
     target = torch.empty_like(x0) if store_target else x0.new_empty(0)
     store = store_noise and noise is None
     nout = torch.empty_like(x0) if store else x0.new_empty(0)
@@ -239,7 +271,8 @@ def add_noise(x0: torch.Tensor, sigma: Optional[torch.Tensor], sigma_value: floa
         *s_args, inner, n_groups,
         SIGMA_MODE=mode, HAS_NOISE=noise is not None, STORE_NOISE=store,
         STORE_TARGET=store_target,
-        IDX64=inner >= IDX64_FROM, Q=NOISE_Q, FAST=fast_math(x0), num_warps=4)
+        IDX64=inner >= IDX64_FROM, Q=NOISE_Q, FAST=fast_math(x0), EAGER_ROUNDING=eager_rounding,
+        num_warps=4, enable_fp_fusion=not eager_rounding)
     return x_t, target, nout
 
 

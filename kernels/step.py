@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fmrt.kernels.noise import fast_math, philox_normal4
+from fmrt.kernels.noise import _round_to, fast_math, philox_normal4
 from fmrt.reference import NOISE_Q
 
 
@@ -27,24 +27,6 @@ def _load_sigma(ptr, scalar, stride, b, IS_TENSOR: tl.constexpr):
         return tl.load(ptr + b * stride).to(tl.float32)
     else:
         return scalar
-
-
-@triton.jit
-def _rne_bf16(x):
-    """fp32 x rounded to the nearest bf16 (ties to even; NaN kept), as fp32: the GPU's cast,
-    written out because the interpreter's fp32 -> bf16 cast truncates."""
-    b = x.to(tl.uint32, bitcast=True)
-    r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, r)
-
-
-@triton.jit
-def _round_to(x, DT: tl.constexpr):
-    """fp32 x rounded to DT (round to nearest even), kept in fp32."""
-    if DT == tl.bfloat16:
-        return _rne_bf16(x)
-    else:
-        return x.to(DT).to(tl.float32)
 
 
 @triton.jit

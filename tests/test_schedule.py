@@ -233,13 +233,42 @@ def test_add_noise_values_and_inverse():
 def test_training_weight_lookup_and_shapes():
     s = sched("Wan", 1000, training=True)
     w = s.linear_timesteps_weights
-    assert s.training_weight(s.timesteps[833]).ndim == 0
     close(s.training_weight(s.timesteps[833]), w[833], atol=0)
-    close(s.training_weight(s.timesteps[[833]]), w[[833]], atol=0)
     t = s.timesteps[[0, 1, 500, 999]]
     close(s.training_weight(t), w[[0, 1, 500, 999]], atol=0)
     close(s.training_weight(None, index=torch.tensor([3, 4])), w[[3, 4]], atol=0)
     close(s.training_weight(float(s.timesteps[250])), w[250], atol=0)
+    # DiffSynth's shape: a scalar for a 0-d and for a [1] timestep (its SFT loss passes [1]),
+    # so DiffSynth's `loss * training_weight(t)` stays a scalar; [B] for B > 1
+    want = GOLDEN["training_weight_shape"]
+    assert list(s.training_weight(s.timesteps[833]).shape) == want["0-d"] == []
+    assert list(s.training_weight(s.timesteps[[833]]).shape) == want["[1]"] == []
+    close(s.training_weight(s.timesteps[[833]]), w[833], atol=0)
+    assert s.training_weight(None, index=torch.tensor([7])).shape == ()
+    assert s.training_weight(float(s.timesteps[250])).shape == ()
+    assert s.training_weight(t).shape == (4,)
+
+
+@pytest.mark.parametrize("case", GOLDEN["halfway_lookup"], ids=lambda c: f"{c['template']}-{c['n']}")
+def test_halfway_float_timestep_picks_diffsynths_entry(case):
+    """A Python-float timestep halfway (in float64) between two grid entries: DiffSynth's
+    `timesteps - timestep` runs in float32, where the tie breaks the other way than in float64;
+    fmrt looks it up as DiffSynth does, in every call that takes a timestep."""
+    s = sched(case["template"], case["n"])
+    t = case["timestep"]
+    grid = s.timesteps.double()
+    d = (grid - t).abs()
+    near = d.argsort()[:2]
+    assert float(d[near[0]]) == float(d[near[1]])          # an exact float64 tie: the case
+    x0, noise = torch.zeros(1, 3), torch.ones(1, 3)
+    close(s.add_noise(x0, noise, t), torch.full((1, 3), case["sigma"]), atol=0)
+    i = int(s.timestep_index(t))
+    assert float(s.sigmas[i]) == case["sigma"]
+    assert int(s.timestep_index(torch.tensor(t))) == i          # a 0-d float32 tensor too
+    assert int(s.timestep_index(torch.tensor([t, t]))[1]) == i  # and a [B] one
+    v = torch.ones(1, 3)
+    close(s.step(v, t, x0), torch.full((1, 3), float(s.sigma_grid()[i + 1] - s.sigmas[i])),
+          atol=0)
 
 
 def test_no_host_reads_meta_device():

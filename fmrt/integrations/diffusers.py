@@ -28,6 +28,7 @@ import functools
 import numbers
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +37,7 @@ from fmrt.attention import BACKENDS, attention, backend_available
 
 from diffusers.models.transformers.transformer_wan import (WanAttention, WanAttnProcessor,
                                                            WanTransformer3DModel)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin as _SchedulerMixin
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
     FlowMatchEulerDiscreteScheduler as _DiffusersFlowMatchEuler,
     FlowMatchEulerDiscreteSchedulerOutput,
@@ -272,6 +274,12 @@ _INTEGER_TIMESTEP_MSG = (
     " one of the `scheduler.timesteps` as a timestep.")
 
 
+# Folders saved before fmrt recorded "diffusers" name this module as the scheduler's library:
+# diffusers then needs `SchedulerMixin` here to find the loading method (in a process that has
+# imported this module), and loads fmrt's scheduler from them.
+SchedulerMixin = _SchedulerMixin
+
+
 def _check_scheduler_config(config) -> None:
     """Reject the diffusers options fmrt's fused step cannot reproduce."""
     if config.stochastic_sampling:
@@ -306,15 +314,44 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
     model_output` with torch's promotion: dt and the product rounded to the model dtype, the
     sum to `model_output`'s dtype; `ops.euler_step(..., eager_rounding=True)`). `step_cfg` with
     a float scale and no rescale is the pipeline's eager combine + `step` bit for bit.
-    Unsupported (ValueError): `stochastic_sampling=True`, `per_token_timesteps`, more than one
-    timestep per step.
+    `scale_noise` is diffusers' rounding too (bit for bit, in diffusers' result dtype).
+    `step` with `per_token_timesteps` (LTXConditionPipeline) is diffusers' per-token step, on
+    the device. A looked-up timestep that is not on the schedule raises where that needs no
+    sync (see `_check_on_schedule`); a `shift_terminal` schedule that diffusers turns into NaN
+    raises in set_timesteps. Saved in a pipeline, this scheduler is recorded as diffusers' own
+    (`SAVED_LIBRARY`): the folder loads with stock diffusers.
+    Unsupported (ValueError): `stochastic_sampling=True`, more than one timestep per step.
     """
+
+    # What a pipeline's `model_index.json` records for this component. diffusers reads the
+    # component's `__module__` (`pipeline_loading_utils._fetch_class_library_tuple`): a class
+    # outside diffusers / transformers is recorded under its full module path, and loading then
+    # looks the base classes (`SchedulerMixin`, ...) up as attributes of that module and refuses
+    # a module the process has not imported itself. An instance naming "diffusers" is saved as
+    # diffusers' own `FlowMatchEulerDiscreteScheduler`: the same config, the same steps, a
+    # folder that stock diffusers loads anywhere.
+    SAVED_LIBRARY = "diffusers"
 
     @functools.wraps(_DiffusersFlowMatchEuler.__init__)
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _check_scheduler_config(self.config)
         self._tables: Optional[tuple] = None
+        self.__module__ = self.SAVED_LIBRARY   # the instance's, for save_pretrained (above)
+
+    def stretch_shift_to_terminal(self, t):
+        """diffusers' stretch to `shift_terminal`, refusing a schedule it turns into NaN (a last
+        sigma of 1, e.g. one step): diffusers' first step then raises (its timestep lookup
+        finds no NaN), or, from a begin_index, returns NaN latents. Checked on the host array
+        set_timesteps builds (no sync)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = super().stretch_shift_to_terminal(t)
+        if isinstance(out, np.ndarray) and not np.isfinite(out).all():
+            raise ValueError(
+                f"shift_terminal={self.config.shift_terminal} stretches this schedule to NaN: "
+                f"its last sigma before the stretch is {float(t[-1])!r} (1 - sigma is the "
+                f"divisor); use more inference steps or sigmas ending below 1")
+        return out
 
     # --- step index: an int, or a 0-d int64 device tensor after a device-side lookup ----------
 
@@ -351,9 +388,31 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
         want = nearest.sum(-1, keepdim=True).clamp(max=2)
         return (nearest.cumsum(-1) >= want).to(torch.int32).argmax(-1)
 
+    def _check_on_schedule(self, timestep: Union[float, Tensor]) -> None:
+        """diffusers raises (an IndexError from its empty `nonzero()` match) when a looked-up
+        timestep is not one of `timesteps`; fmrt raises a ValueError where the check reads no
+        device memory: a float or a CPU tensor against `timesteps` on the CPU, compared as
+        diffusers compares them (in float32). Pipelines pass elements of `timesteps` itself;
+        a timestep or a schedule on an accelerator is looked up unchecked (the nearest
+        entry): checking would read it back to the host."""
+        ts = self.timesteps
+        if ts.device.type != "cpu" or (isinstance(timestep, Tensor)
+                                       and timestep.device.type != "cpu"):
+            return
+        if isinstance(timestep, Tensor):
+            values = timestep.detach().to(torch.float32).reshape(-1).numpy()
+        else:
+            values = np.float32([timestep])
+        grid = ts.detach().to(torch.float32).numpy()
+        missing = [float(v) for v in values if not (grid == v).any()]
+        if missing:
+            raise ValueError(f"timestep {missing[0]!r} is not one of scheduler.timesteps: pass "
+                             f"an element of scheduler.timesteps, or set_begin_index first")
+
     def _first_index(self, timestep: Union[float, Tensor], device: torch.device):
         """The first step's index: begin_index, else the device-side lookup (0-d tensor)."""
         if self.begin_index is None:
+            self._check_on_schedule(timestep)
             return self._lookup(timestep, device).reshape(())
         return self._begin_index
 
@@ -405,16 +464,41 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
         diffusers rounds it, one fused kernel. model_output, sample: `[B, ...]` of one shape
         (dtypes may differ); timestep: one of `timesteps` (float or 1-element float tensor).
         s_churn, s_tmin, s_tmax, s_noise and generator are ignored, as in diffusers without
-        stochastic sampling; per_token_timesteps is not supported (ValueError)."""
-        if per_token_timesteps is not None:
-            raise ValueError("per_token_timesteps is not supported by fmrt's fused step; use "
-                             "diffusers' FlowMatchEulerDiscreteScheduler for it")
+        stochastic sampling.
+
+        per_token_timesteps (`[B, L]` for a `[B, L, C]` sample, LTXConditionPipeline): each
+        token steps from its own sigma `t / num_train_timesteps` to the largest schedule sigma
+        below it (by more than 1e-6; 0 where none), as diffusers does: `sample.float() + (sigma
+        - sigma_next) * model_output` (note the sign: the pipeline passes `-v`), fp32, not cast
+        back. The lookup runs on the device (torch ops, no host sync, not the fused kernel)."""
         ops.check_float_tensor("sample", sample)
         ops.check_float_tensor("model_output", model_output)
         ops.check_same("model_output", model_output, "sample", sample, dtype=False)
+        if per_token_timesteps is not None:
+            return self._per_token_step(model_output, timestep, sample, per_token_timesteps,
+                                        return_dict)
         sigma, sigma_next, idx = self._step_sigmas(timestep, sample)
         prev = ops.euler_step(sample, model_output, sigma, sigma_next,
                               out_dtype=model_output.dtype, eager_rounding=True)
+        return self._finish(prev, idx, return_dict)
+
+    def _per_token_step(self, model_output: Tensor, timestep, sample: Tensor,
+                        per_token_timesteps: Tensor, return_dict: bool):
+        ops.check_float_tensor("per_token_timesteps", per_token_timesteps)
+        if sample.ndim < 2 or tuple(per_token_timesteps.shape) != tuple(sample.shape[:-1]):
+            raise ValueError(f"per_token_timesteps must have the sample's shape without its last "
+                             f"dim {tuple(sample.shape[:-1])}, got "
+                             f"{tuple(per_token_timesteps.shape)}")
+        if per_token_timesteps.device != sample.device:
+            raise ValueError(f"per_token_timesteps is on {per_token_timesteps.device} but sample "
+                             f"is on {sample.device}")
+        _, _, idx = self._step_sigmas(timestep, sample)   # the step index, as diffusers keeps it
+        sigmas, _ = self._device_tables(sample.device)
+        sigma = per_token_timesteps / self.config.num_train_timesteps
+        grid = sigmas.view(-1, *([1] * sigma.ndim))
+        sigma_next = torch.where(grid < sigma - 1e-6, grid, 0.0).amax(0)
+        dt = (sigma - sigma_next).unsqueeze(-1)
+        prev = sample.to(torch.float32) + dt * model_output
         return self._finish(prev, idx, return_dict)
 
     def step_cfg(self, v_cond: Tensor, v_uncond: Tensor, guidance_scale: Union[float, Tensor],
@@ -445,8 +529,10 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
                     noise: Optional[Tensor] = None) -> Tensor:
         """The forward process `sigma * noise + (1 - sigma) * sample` at the timestep's sigma
         (diffusers' index rules: the lookup without begin_index, else step_index or
-        begin_index), fp32 math, sample's dtype. timestep: 0-d, `[1]` or `[B]`; noise: sample's
-        shape."""
+        begin_index), rounded as diffusers rounds it (sigma in the sample's dtype, each torch op
+        rounded: `ops.noised_sample(..., eager_rounding=True)`), so bit for bit diffusers'
+        result, in its dtype: the promotion of sample's and noise's dtypes (a bf16 sample with
+        fp32 noise gives fp32). timestep: 0-d, `[1]` or `[B]`; noise: sample's shape."""
         ops.check_float_tensor("sample", sample)
         ops.check_float_tensor("noise", noise)
         ops.check_same("noise", noise, "sample", sample, dtype=False)
@@ -457,10 +543,12 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
                              f"{tuple(timestep.shape)}")
         sigmas, _ = self._device_tables(sample.device)
         if self.begin_index is None:
+            self._check_on_schedule(timestep)
             idx = self._lookup(timestep, sample.device)
         elif self._step_index is not None:
             idx = self._step_index
         else:
             idx = self.begin_index
         sigma = sigmas.take(idx) if isinstance(idx, Tensor) else sigmas[idx]
-        return ops.noised_sample(sample, sigma, noise, None, return_target=False)[0]
+        return ops.noised_sample(sample, sigma, noise, None, return_target=False,
+                                 eager_rounding=True)[0]

@@ -77,6 +77,22 @@ def main(path, commit):
             ids.append(int(torch.argmin((s.timesteps - t).abs())))
         quirk[tpl] = ids
     out["bf16_lookup_index"] = quirk
+    # Python-float timesteps exactly halfway between two grid entries (in float64): DiffSynth's
+    # `timesteps - timestep` runs in the grid's float32; the sigma its add_noise picks.
+    halfway = []
+    for tpl, n, t in (("Wan", 2, 916.6666564941406), ("Wan", 4, 729.1666564941406),
+                      ("Wan", 7, 946.8338928222656)):
+        s = mod.FlowMatchScheduler(tpl)
+        s.set_timesteps(n)
+        sigma = s.add_noise(torch.zeros(1), torch.ones(1), t)
+        halfway.append({"template": tpl, "n": n, "timestep": t, "sigma": float(sigma[0])})
+    out["halfway_lookup"] = halfway
+    # training_weight's shape for a 0-d and a [1] timestep (a [B > 1] one fails there)
+    s = mod.FlowMatchScheduler("Wan")
+    s.set_timesteps(1000, training=True)
+    out["training_weight_shape"] = {
+        "0-d": list(s.training_weight(torch.tensor(500.0)).shape),
+        "[1]": list(s.training_weight(torch.tensor([500.0])).shape)}
     dst = os.path.join(os.path.dirname(os.path.abspath(__file__)), "diffsynth_flow_match.json")
     with open(dst, "w") as f:
         json.dump(out, f, separators=(",", ":"))

@@ -299,8 +299,10 @@ def test_rejected_configs_and_arguments():
     f.set_timesteps(N)
     x = torch.randn(2, 4)
     t = f.timesteps[0]
-    with pytest.raises(ValueError, match="per_token_timesteps"):
+    with pytest.raises(ValueError, match="per_token_timesteps"):   # [B, L] for [B, L, C]
         f.step(x, t, x, per_token_timesteps=torch.full((2, 4), 900.0))
+    with pytest.raises(TypeError, match="per_token_timesteps"):
+        f.step(x, t, x, per_token_timesteps=torch.full((2,), 900))
     with pytest.raises(ValueError, match="one value per step"):
         f.step(x, f.timesteps[:2], x)
     with pytest.raises(ValueError, match="shape"):
@@ -404,3 +406,148 @@ def test_whole_loop_bit_for_bit(name, dtype, backend, fused):
         got = guided_loop(f, x, _set(f, name), dtype, fused=fused)
     assert got.dtype == want.dtype == dtype
     assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# scale_noise bit for bit; timesteps off the schedule; degenerate schedules; per-token steps
+# ---------------------------------------------------------------------------------------------
+
+BF, HF, F32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtypes", [(BF, BF), (HF, HF), (F32, F32), (BF, F32), (F32, BF),
+                                    (HF, BF), (F32, HF)], ids=lambda d: "-".join(
+                                        str(t).replace("torch.", "") for t in d))
+@pytest.mark.parametrize("name", ["wan_shift5", "flux_dynamic_mu", "karras"])
+def test_scale_noise_bit_for_bit(name, dtypes, backend):
+    """diffusers' `sigma * noise + (1.0 - sigma) * sample` with sigma in the sample's dtype,
+    rounded op by op under torch's promotion: fmrt gives the same bits and the same dtype (a
+    bf16 sample with fp32 noise: fp32), per-sample timesteps, after begin_index and after a
+    step (inpainting), on the torch path and in the kernel."""
+    sd, nd = dtypes
+    d, f = pair(name)
+    for s in (d, f):
+        s.set_timesteps(**CONFIGS[name][1])
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 37, generator=g).to(sd)       # 148 elements per sample: odd tails
+    noise = torch.randn(3, 4, 37, generator=g).to(nd)
+    t = d.timesteps[torch.tensor([0, 4, N - 1])]
+    with use_backend(backend):
+        got = [f.scale_noise(x, t, noise), f.scale_noise(x, t[1:2], noise)]
+        f.set_begin_index(2)
+        got.append(f.scale_noise(x, t[:1], noise))
+        f.step(noise.float(), f.timesteps[2], x.float())
+        got.append(f.scale_noise(x, t[:1], noise))
+    want = [d.scale_noise(x, t, noise), d.scale_noise(x, t[1:2], noise)]
+    d.set_begin_index(2)
+    want.append(d.scale_noise(x, t[:1], noise))
+    d.step(noise.float(), d.timesteps[2], x.float())
+    want.append(d.scale_noise(x, t[:1], noise))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.promote_types(sd, nd)
+        assert torch.equal(a, b)
+
+
+def test_scale_noise_rounds_unlike_a_single_rounding():
+    """The cases above are not vacuous: in bf16, one fp32 rounding (fmrt's training add_noise)
+    differs from diffusers' op-by-op rounding on many elements."""
+    d = DiffusersScheduler(shift=5.0)
+    x, noise = torch.randn(4, 512).to(BF), torch.randn(4, 512).to(BF)
+    t = d.timesteps[torch.tensor([100, 300, 600, 900])]
+    once = ops.noised_sample(x, d.sigmas[[100, 300, 600, 900]], noise, None,
+                             return_target=False)[0]
+    assert (once != d.scale_noise(x, t, noise)).float().mean() > 0.1
+
+
+def test_timestep_off_the_schedule_raises_like_diffusers():
+    d, f = pair("wan_shift5")
+    for s in (d, f):
+        s.set_timesteps(N)
+    x = torch.randn(2, 4)
+    off = float(d.timesteps[3]) + 0.25
+    with pytest.raises(IndexError):                      # diffusers: an empty nonzero()
+        d.step(x, off, x)
+    with pytest.raises(ValueError, match="not one of scheduler.timesteps"):
+        f.step(x, off, x)
+    with pytest.raises(ValueError, match="not one of scheduler.timesteps"):
+        f.step_cfg(x, x, 2.0, torch.tensor(off), x)
+    with pytest.raises(IndexError):
+        d.scale_noise(x, torch.tensor([off, float(d.timesteps[0])]), x)
+    with pytest.raises(ValueError, match="not one of scheduler.timesteps"):
+        f.scale_noise(x, torch.tensor([float(f.timesteps[0]), off]), x)
+    assert f.step_index is None
+    # on the schedule, as a Python float or a float64 tensor (compared in float32 as diffusers
+    # does): both step the same
+    on = float(d.timesteps[3])
+    for t in (on, torch.tensor(on, dtype=torch.float64)):
+        for s in (d, f):
+            s.set_timesteps(N)
+        assert torch.equal(f.step(x, t, x).prev_sample, d.step(x, t, x).prev_sample)
+        assert f.step_index == d.step_index == 4
+    # with begin_index nothing is looked up, in either
+    for s in (d, f):
+        s.set_timesteps(N)
+        s.set_begin_index(0)
+    assert torch.equal(f.step(x, off, x).prev_sample, d.step(x, off, x).prev_sample)
+
+
+def test_degenerate_shift_terminal_schedule_raises():
+    """One step with shift_terminal: diffusers' stretch divides by 1 - sigma_last = 0 and
+    its schedule is NaN; its first step raises; fmrt refuses the schedule in set_timesteps."""
+    d, f = pair("ltx_shift_terminal")
+    d.set_timesteps(1, mu=1.6)
+    assert torch.isnan(d.sigmas[:1]).all()
+    with pytest.raises(IndexError):
+        d.step(torch.zeros(1, 4), d.timesteps[0], torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="shift_terminal"):
+        f.set_timesteps(1, mu=1.6)
+    f.set_timesteps(2, mu=1.6)                          # two steps are fine, as in diffusers
+    d.set_timesteps(2, mu=1.6)
+    assert torch.equal(f.sigmas, d.sigmas) and torch.isfinite(f.sigmas).all()
+
+
+def _ltx_condition_loop(sched, x, timesteps, mask, dtype):
+    """LTXConditionPipeline's loop: per-token timesteps `min(t, (1 - mask) * 1000)` (the
+    conditioning tokens are clean), the model output negated, fp32 latents kept."""
+    for t in timesteps:
+        tok = torch.min(t.expand(x.shape[0]).unsqueeze(-1).float(), (1 - mask) * 1000.0)
+        v = model(x.to(dtype), t, True)
+        x = sched.step(-v, t, x, per_token_timesteps=tok, return_dict=False)[0]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [F32, BF, HF])
+@pytest.mark.parametrize("name", ["ltx_shift_terminal", "wan_shift5"])
+def test_per_token_timesteps_bit_for_bit(name, dtype):
+    d, f = pair(name)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 7, 8, generator=g)
+    mask = (torch.rand(2, 7, generator=g) < 0.3).float()
+    mask[:, 0] = 1.0
+    outs = []
+    for s in (d, f):
+        s.set_timesteps(**CONFIGS[name][1])
+        outs.append(_ltx_condition_loop(s, x, s.timesteps, mask, dtype))
+    assert outs[0].dtype == outs[1].dtype == torch.float32
+    assert torch.equal(outs[1], outs[0])
+    assert f.step_index == d.step_index == N
+    # a token halfway between two grid sigmas steps to the one below, as in diffusers
+    for s in (d, f):
+        s.set_timesteps(**CONFIGS[name][1])
+    tok = (d.timesteps[2] + d.timesteps[3]).reshape(1, 1).expand(2, 7) / 2
+    v = torch.randn(2, 7, 8, generator=g)
+    assert torch.equal(f.step(v, f.timesteps[0], x, per_token_timesteps=tok).prev_sample,
+                       d.step(v, d.timesteps[0], x, per_token_timesteps=tok).prev_sample)
+
+
+def test_per_token_loop_never_reads_a_value():
+    """On meta tensors (no values: any read back raises) the per-token loop runs through."""
+    f = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    f.set_timesteps(N, device="meta")
+    x = torch.empty(2, 7, 8, device="meta")
+    mask = torch.empty(2, 7, device="meta")
+    for t in f.timesteps:
+        tok = torch.min(t.expand(2).unsqueeze(-1), (1 - mask) * 1000.0)
+        x = f.step(x.to(BF), t, x, per_token_timesteps=tok).prev_sample
+    assert x.device.type == "meta" and x.dtype == torch.float32

@@ -611,11 +611,14 @@ def _reuse_forward(x, c, ud, scale, sigma, sigma_next, prev, stats, refresh: boo
 
 class _RefreshStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, c, u, scale, sigma, sigma_next, prev, stats, triton):
-        out, d = _reuse_forward(x, c, u, scale, sigma, sigma_next, prev, stats, True, triton)
+    def forward(x, c, u, scale, sigma, sigma_next, prev, stats, triton):
+        return _reuse_forward(x, c, u, scale, sigma, sigma_next, prev, stats, True, triton)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, c, u, scale, sigma, sigma_next = inputs[:6]
         ctx.coefs = _reuse_coefs(x, scale, sigma, sigma_next)
         ctx.dtypes = (x.dtype, c.dtype, u.dtype)
-        return out, d
 
     @staticmethod
     def backward(ctx, g_out, g_d):
@@ -638,11 +641,14 @@ class _RefreshStep(torch.autograd.Function):
 
 class _ReuseStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, c, d, scale, sigma, sigma_next, prev, stats, triton):
-        out, _ = _reuse_forward(x, c, d, scale, sigma, sigma_next, prev, stats, False, triton)
+    def forward(x, c, d, scale, sigma, sigma_next, prev, stats, triton):
+        return _reuse_forward(x, c, d, scale, sigma, sigma_next, prev, stats, False, triton)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, c, d, scale, sigma, sigma_next = inputs[:6]
         ctx.coefs = _reuse_coefs(x, scale, sigma, sigma_next)
         ctx.dtypes = (x.dtype, c.dtype, d.dtype)
-        return out
 
     @staticmethod
     def backward(ctx, g_out):

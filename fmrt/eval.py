@@ -189,12 +189,13 @@ def generate_clips(model, meta: dict, labels: Tensor, *, steps: int = 20, solver
                    guidance_scale: float = 1.0, seed: int = 0, shift: Optional[float] = None,
                    device=None, dtype: Optional[torch.dtype] = None, recorder=None,
                    progress: bool = False, noise: Optional[Tensor] = None,
-                   clamp: bool = True) -> Tensor:
+                   clamp: bool = True, **policies) -> Tensor:
     """Sample clips of classes `labels` `[N]` from a class-conditional DiT loaded with
     `fmrt.train.load_model`: noise from `seed` (sample i is the i-th draw of one generator),
     the grid of the checkpoint's scheduler template and shift over `steps` steps, CFG against
     the null class when guidance_scale != 1 (`noise` `[N, C, T, H, W]`: use this noise instead).
-    Returns float32 `[N, C, T, H, W]`, clamped to [-1, 1] unless clamp=False."""
+    Returns float32 `[N, C, T, H, W]`, clamped to [-1, 1] unless clamp=False. policies:
+    `fmrt.sampling.sample`'s guidance_reuse / guidance_interval / cache."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     shape = tuple((meta.get("sample") or {}).get("sample_shape") or ())
     if len(shape) != 4:
@@ -219,7 +220,7 @@ def generate_clips(model, meta: dict, labels: Tensor, *, steps: int = 20, solver
     x = sampling.sample(net, noise.to(dt), sigmas=sigmas, solver=solver,
                         guidance_scale=guidance_scale, cond=labels,
                         uncond=uncond if guidance_scale != 1.0 else None, seed=seed,
-                        recorder=recorder, progress=progress)
+                        recorder=recorder, progress=progress, **policies)
     return x.float().clamp(-1, 1) if clamp else x.float()
 
 

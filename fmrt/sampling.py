@@ -364,9 +364,11 @@ class _Model:
             keep = torch.ones(T, device=noise.device, dtype=torch.float32)
             keep[0] = 0.0
             frame_sigmas = model_grid[:, None] * keep[None, :]  # [N + 1, T]
-            self.times = [frame_sigmas[i].expand(B * reps, T) for i in range(n + 1)]
+            times = frame_sigmas[:, None].expand(n + 1, B * reps, T)
         else:
-            self.times = [model_grid[i].expand(B * reps) for i in range(n + 1)]
+            times = model_grid[:, None].expand(n + 1, B * reps)
+        self.times = times.unbind(0)  # one op for all the per-step views
+        self.single = times[:, :B].unbind(0) if reps > 1 else self.times
         self.zero_star = cfg_zero_star
         self.states = states
         if cache is not None:
@@ -384,11 +386,15 @@ class _Model:
                  modes: tuple[str, str] = ("all", "all")):
         """(c, u) at grid index i, u None when `uncond` is False (meanflow: (r, t) = (grid[r],
         grid[i]))."""
-        args = (self.times[r], self.times[i]) if r is not None else (self.times[i],)
+        one = self.single
+        a = (one[r], one[i]) if r is not None else (one[i],)
         B = self.B
         if not uncond:
-            return self._one(x, [t[:B] for t in args], self.cond, "cond", modes[0]), None
+            if not self.states:
+                return _checked(self.model(x, *a, self.cond), x), None
+            return self._one(x, a, self.cond, "cond", modes[0]), None
         if self.batched:
+            args = (self.times[r], self.times[i]) if r is not None else (self.times[i],)
             out = self.model(torch.cat([x, x]), *args, self.cond2)
             if not isinstance(out, Tensor) or out.shape[0] != 2 * B:
                 raise ValueError(f"model must return [2B={2 * B}, ...] for the batched CFG "
@@ -396,7 +402,6 @@ class _Model:
             c, u = out.chunk(2)
             c, u = _checked(c, x), _checked(u, x)
         else:
-            a = [t[:B] for t in args]
             c = self._one(x, a, self.cond, "cond", modes[0])
             u = self._one(x, a, self.uncond, "uncond", modes[1])
         if self.zero_star:
@@ -546,12 +551,22 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
         orders = unipc_orders(n)
         m_prev = m_prev2 = x_prev = None
 
+    sig = grid.unbind(0)  # the per-step sigma views in one op
+    # The torch reference path on a CPU grid: the plain Euler step (guided by a float scale, or
+    # not) is the reference's math with its sigma difference as a host float: lerp + add.
+    host_h = None
+    if (not tri and grid.device.type == "cpu" and solver == "euler" and rescale == "none"
+            and reuse is None and not isinstance(guidance_scale, Tensor)
+            and dtype in (torch.float32, torch.float64)):
+        host_h = (grid[1:] - grid[:-1]).tolist()
+    g = float(guidance_scale) if not isinstance(guidance_scale, Tensor) else guidance_scale
+
     it = range(n)
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, total=n, desc=f"fmrt {solver}")
     for i in it:
-        s, sn = grid[i], grid[i + 1]
+        s, sn = sig[i], sig[i + 1]
         branch, modes = plan.branches[i], plan.blocks[i]
         with_u = reuse.wants_uncond(branch) if reuse is not None else branch == "cfg"
         stats = {} if (recorder is not None and with_u) else None
@@ -568,7 +583,9 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
                     if stats is not None:
                         combine(c, u, i, stats)
                     c, u = torch.zeros_like(c), None
-                if u is not None:
+                if host_h is not None and stats is None:
+                    x = x.add(c if u is None else torch.lerp(u, c, g), alpha=host_h[i])
+                elif u is not None:
                     x = ops._guided_euler_step(x, c, u, guidance_scale, s, sn, rescale,
                                                norm_dim, stats, row, tri)
                 else:

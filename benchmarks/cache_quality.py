@@ -72,8 +72,16 @@ def load_models(model_dir: str) -> Models:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    import dataclasses
+
     from fmrt.models.convert import load_dit
-    fm = load_dit(os.path.join(model_dir, "wan_dit_text.safetensors")).eval()
+    from fmrt.models.dit import DiTConfig
+    path = os.path.join(model_dir, "wan_dit_text.safetensors")
+    with safe_open(path, "pt") as f:   # fields of a newer DiTConfig this fmrt lacks: dropped
+        cfg = json.loads((f.metadata() or {}).get("fmrt_dit_config", "{}"))
+    names = {f.name for f in dataclasses.fields(DiTConfig)}
+    config = DiTConfig.from_dict({k: v for k, v in cfg.items() if k in names}) if cfg else None
+    fm = load_dit(path, config).eval()
     wan = WanTransformer3DModel.from_pretrained(os.path.join(model_dir, "wan_dit_diffusers"))
     path = os.path.join(model_dir, "wan_class_embeddings.safetensors")
     emb = load_file(path)["class_text"].float()

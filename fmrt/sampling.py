@@ -517,122 +517,153 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
         raise ValueError(f"plan must be a Plan of {n} steps (make_plan), got "
                          f"{type(plan).__name__}")
     tri = use_triton(noise)  # dispatch once; the steps below skip the per-op checks
-    row = noise.shape[-1] if (rescale == "norm" and norm_dim is not None) else 0
-    dev, dtype = noise.device, noise.dtype
     states = _cache_states if _cache_states is not None else {}
     evaluate = _Model(model, noise, model_grid, cond, uncond, guided=guided, batch_cfg=batch_cfg,
                       first_frame=first_frame, cfg_zero_star=cfg_zero_star, cache=cache,
                       states=states)
-    reuse = _Reuse(guidance_reuse) if guidance_reuse is not None else None
-
-    def combine(c, u, i, stats=None):
-        if u is None:
-            return c
-        return ops._cfg_combine(c, u, guidance_scale, rescale, norm_dim, stats,
-                                grid[i] if stats is not None else None, row, tri)
-
-    def pin(x: Tensor) -> Tensor:
-        if first_frame is None:
-            return x
-        x = x.clone() if x is noise or x is x_init else x
-        x[:, :, :1] = first_frame.to(dtype)
-        return x
-
-    # start
-    if x_init is not None:
-        x = ref.add_noise(x_init.to(dtype), grid[0], noise)[0]
-    else:
-        x = noise
-    x = pin(x)
-    if solver == "euler_maruyama":
-        seed_t = ops.seed_tensor(seed, dev)  # device seed: no host round trip per step
-    if solver == "unipc":
-        co = unipc_coefficients(grid)
-        orders = unipc_orders(n)
-        m_prev = m_prev2 = x_prev = None
-
-    sig = grid.unbind(0)  # the per-step sigma views in one op
-    # The torch reference path on a CPU grid: the plain Euler step (guided by a float scale, or
-    # not) is the reference's math with its sigma difference as a host float: lerp + add.
-    host_h = None
-    if (not tri and grid.device.type == "cpu" and solver == "euler" and rescale == "none"
-            and reuse is None and not isinstance(guidance_scale, Tensor)
-            and dtype in (torch.float32, torch.float64)):
-        host_h = (grid[1:] - grid[:-1]).tolist()
-    g = float(guidance_scale) if not isinstance(guidance_scale, Tensor) else guidance_scale
-
+    loop = _Loop(plan, grid, evaluate, noise, solver=solver, scale=guidance_scale,
+                 rescale=rescale, norm_dim=norm_dim, tri=tri, first_frame=first_frame,
+                 x_init=x_init, zero_steps=cfg_zero_init_steps if cfg_zero_star else 0,
+                 reuse=guidance_reuse, eta=eta, seed=seed)
+    x = loop.start()
     it = range(n)
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, total=n, desc=f"fmrt {solver}")
     for i in it:
-        s, sn = sig[i], sig[i + 1]
-        branch, modes = plan.branches[i], plan.blocks[i]
-        with_u = reuse.wants_uncond(branch) if reuse is not None else branch == "cfg"
-        stats = {} if (recorder is not None and with_u) else None
-        zeroed = cfg_zero_star and i < cfg_zero_init_steps
-        if solver in ("euler", "meanflow"):
-            c, u = evaluate(x, i, with_u, i + 1 if solver == "meanflow" else None, modes)
-            if reuse is not None and branch != "cond":
-                nxt = i + 1 < n and plan.branches[i + 1] == "adaptive"
-                if stats is not None:
-                    combine(c, u, i, stats)
-                x = reuse.step(x, c, u, guidance_scale, s, sn, nxt)
-            else:
-                if zeroed:  # CFG-Zero*'s zero-init step: x stays (the statistics still recorded)
-                    if stats is not None:
-                        combine(c, u, i, stats)
-                    c, u = torch.zeros_like(c), None
-                if host_h is not None and stats is None:
-                    x = x.add(c if u is None else torch.lerp(u, c, g), alpha=host_h[i])
-                elif u is not None:
-                    x = ops._guided_euler_step(x, c, u, guidance_scale, s, sn, rescale,
-                                               norm_dim, stats, row, tri)
-                else:
-                    x = ops._euler_step(x, c, s, sn, tri)
-        elif solver == "heun":
-            c, u = evaluate(x, i, with_u)
-            v1 = combine(c, u, i, stats)
-            v1 = torch.zeros_like(v1) if zeroed else v1
-            x_e = pin(ops._euler_step(x, v1, s, sn, tri))
-            if i < n - 1:
-                c2, u2 = evaluate(x_e, i + 1, plan.branches[i + 1] == "cfg")
-                v2 = torch.zeros_like(c2) if zeroed else combine(c2, u2, i + 1)
-                v_avg = (0.5 * (v1.float() + v2.float())).to(dtype)
-                x = ops._euler_step(x, v_avg, s, sn, tri)
-            else:
-                x = x_e
-        elif solver == "euler_maruyama":
-            c, u = evaluate(x, i, with_u, None, modes)
-            v = combine(c, u, i, stats)
-            v = torch.zeros_like(v) if zeroed else v
-            x = ops._sde_step(x, v, s, sn, float(eta), None, _step_seed(seed_t, i), False, tri)
-        else:  # unipc
-            c, u = evaluate(x, i, with_u, None, modes)
-            v = combine(c, u, i, stats)
-            v = torch.zeros_like(v) if zeroed else v
-            m = x.float() - s * v.float()  # flow prediction -> x0
-            if i > 0:  # corrector of x_i with the new model output
-                j = i - 1
-                xf = co["A"][j] * x_prev + co["K"][j] * m_prev
-                if orders[j] == 2:
-                    xf = xf + co["K"][j] * (co["c0"][j] * (m_prev2 - m_prev) / co["r"][j]
-                                            + co["c1"][j] * (m - m_prev))
-                else:
-                    xf = xf + co["K"][j] * 0.5 * (m - m_prev)
-                x = pin(xf.to(dtype))
-            m_prev2, m_prev = m_prev, m
-            x_prev = x.float()
-            xf = co["A"][i] * x_prev + co["K"][i] * m
-            if orders[i] == 2:
-                xf = xf + co["K"][i] * 0.5 * (m_prev2 - m) / co["r"][i]
-            x = xf.to(dtype)
-        x = pin(x)
+        stats = {} if (recorder is not None and loop.runs_uncond(i)) else None
+        x = loop.pin(loop.step(x, i, stats))
         if stats is not None:
             recorder.record(i, stats)
         if callback is not None:
             callback(i, x)
     return x
+
+
+class _Loop:
+    """Executes a plan: one solver step per grid index (`step`), the model calls through
+    `_Model`, guidance reuse through `_Reuse`, TI2V pinning. Nothing here reads the device back
+    except the adaptive policy's one scalar per step (and first-block caching's probe)."""
+
+    def __init__(self, plan: Plan, grid: Tensor, evaluate: _Model, noise: Tensor, *, solver,
+                 scale, rescale, norm_dim, tri, first_frame, x_init, zero_steps, reuse, eta,
+                 seed):
+        self.plan, self.grid, self.evaluate, self.noise = plan, grid, evaluate, noise
+        self.n = grid.numel() - 1
+        self.solver, self.scale, self.rescale, self.norm_dim, self.tri = (solver, scale, rescale,
+                                                                          norm_dim, tri)
+        self.row = noise.shape[-1] if (rescale == "norm" and norm_dim is not None) else 0
+        self.first_frame, self.x_init, self.zero_steps = first_frame, x_init, zero_steps
+        self.dtype = noise.dtype
+        self.reuse = _Reuse(reuse) if reuse is not None else None
+        self.eta = float(eta)
+        self.sig = grid.unbind(0)  # the per-step sigma views in one op
+        self._step = {"euler": self.euler, "meanflow": self.euler, "heun": self.heun,
+                      "euler_maruyama": self.sde, "unipc": self.unipc}[solver]
+        if solver == "euler_maruyama":
+            self.seed = ops.seed_tensor(seed, noise.device)  # no host round trip per step
+        if solver == "unipc":
+            self.co, self.orders = unipc_coefficients(grid), unipc_orders(self.n)
+            self.m_prev = self.m_prev2 = self.x_prev = None
+        # The torch reference path on a CPU grid: the plain Euler step (guided by a float scale,
+        # or not) is the reference's math with its sigma difference as a host float: lerp + add.
+        self.host_h = None
+        if (not tri and grid.device.type == "cpu" and solver == "euler" and rescale == "none"
+                and reuse is None and not isinstance(scale, Tensor)
+                and self.dtype in (torch.float32, torch.float64)):
+            self.host_h = (grid[1:] - grid[:-1]).tolist()
+            self.g = float(scale)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def start(self) -> Tensor:
+        x = self.noise
+        if self.x_init is not None:
+            x = ref.add_noise(self.x_init.to(self.dtype), self.grid[0], self.noise)[0]
+        return self.pin(x)
+
+    def pin(self, x: Tensor) -> Tensor:
+        if self.first_frame is None:
+            return x
+        x = x.clone() if x is self.noise or x is self.x_init else x
+        x[:, :, :1] = self.first_frame.to(self.dtype)
+        return x
+
+    def runs_uncond(self, i: int) -> bool:
+        b = self.plan.branches[i]
+        return self.reuse.wants_uncond(b) if self.reuse is not None else b == "cfg"
+
+    def combine(self, c, u, i, stats=None) -> Tensor:
+        if u is None:
+            return c
+        return ops._cfg_combine(c, u, self.scale, self.rescale, self.norm_dim, stats,
+                                self.grid[i] if stats is not None else None, self.row, self.tri)
+
+    def model(self, x, i, stats):
+        """The velocity at step i (zero in CFG-Zero*'s first steps; stats recorded anyway)."""
+        c, u = self.evaluate(x, i, self.runs_uncond(i), None, self.plan.blocks[i])
+        v = self.combine(c, u, i, stats)
+        return torch.zeros_like(v) if i < self.zero_steps else v
+
+    def step(self, x: Tensor, i: int, stats: Optional[dict]) -> Tensor:
+        return self._step(x, i, stats)
+
+    # -- solvers -------------------------------------------------------------------------------
+    def euler(self, x, i, stats):
+        s, sn = self.sig[i], self.sig[i + 1]
+        with_u = self.runs_uncond(i)
+        r = i + 1 if self.solver == "meanflow" else None
+        c, u = self.evaluate(x, i, with_u, r, self.plan.blocks[i])
+        if self.reuse is not None and self.plan.branches[i] != "cond":
+            nxt = i + 1 < self.n and self.plan.branches[i + 1] == "adaptive"
+            if stats is not None:
+                self.combine(c, u, i, stats)
+            return self.reuse.step(x, c, u, self.scale, s, sn, nxt)
+        if i < self.zero_steps:  # CFG-Zero*'s zero-init step: x stays (statistics recorded)
+            if stats is not None:
+                self.combine(c, u, i, stats)
+            c, u = torch.zeros_like(c), None
+        if self.host_h is not None and stats is None:
+            return x.add(c if u is None else torch.lerp(u, c, self.g), alpha=self.host_h[i])
+        if u is not None:
+            return ops._guided_euler_step(x, c, u, self.scale, s, sn, self.rescale,
+                                          self.norm_dim, stats, self.row, self.tri)
+        return ops._euler_step(x, c, s, sn, self.tri)
+
+    def heun(self, x, i, stats):
+        s, sn = self.sig[i], self.sig[i + 1]
+        v1 = self.model(x, i, stats)
+        x_e = self.pin(ops._euler_step(x, v1, s, sn, self.tri))
+        if i == self.n - 1:
+            return x_e
+        c2, u2 = self.evaluate(x_e, i + 1, self.runs_uncond(i + 1))
+        v2 = torch.zeros_like(c2) if i < self.zero_steps else self.combine(c2, u2, i + 1)
+        v_avg = (0.5 * (v1.float() + v2.float())).to(self.dtype)
+        return ops._euler_step(x, v_avg, s, sn, self.tri)
+
+    def sde(self, x, i, stats):
+        v = self.model(x, i, stats)
+        return ops._sde_step(x, v, self.sig[i], self.sig[i + 1], self.eta, None,
+                             _step_seed(self.seed, i), False, self.tri)
+
+    def unipc(self, x, i, stats):
+        co, orders = self.co, self.orders
+        v = self.model(x, i, stats)
+        m = x.float() - self.sig[i] * v.float()  # flow prediction -> x0
+        if i > 0:  # corrector of x_i with the new model output
+            j = i - 1
+            xf = co["A"][j] * self.x_prev + co["K"][j] * self.m_prev
+            if orders[j] == 2:
+                xf = xf + co["K"][j] * (co["c0"][j] * (self.m_prev2 - self.m_prev) / co["r"][j]
+                                        + co["c1"][j] * (m - self.m_prev))
+            else:
+                xf = xf + co["K"][j] * 0.5 * (m - self.m_prev)
+            x = self.pin(xf.to(self.dtype))
+        self.m_prev2, self.m_prev = self.m_prev, m
+        self.x_prev = x.float()
+        xf = co["A"][i] * self.x_prev + co["K"][i] * m
+        if orders[i] == 2:
+            xf = xf + co["K"][i] * 0.5 * (self.m_prev2 - m) / co["r"][i]
+        return xf.to(self.dtype)
 
 
 def _static_plan(noise: Tensor, kwargs: dict) -> Plan:

@@ -284,6 +284,71 @@ def _add_batch_args(p: argparse.ArgumentParser, *, batch_default: int, what: str
                    help="replace an existing output file that fmrt did not write")
 
 
+def _guidance_reuse_arg(s: str):
+    from fmrt.guidance import parse_guidance_reuse
+    try:
+        return parse_guidance_reuse(s)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_guidance_reuse_arg.__name__ = "policy"
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    """Fewer model evaluations (fmrt.guidance, fmrt.cache): flags mapping onto
+    `fmrt.sampling.sample`'s guidance_reuse / guidance_interval / cache (and accelerate_wan's
+    for --diffusers)."""
+    g = p.add_argument_group("fewer evaluations", "guidance reuse, guidance interval and step "
+                             "caching (solver euler for reuse)")
+    g.add_argument("--guidance-reuse", type=_guidance_reuse_arg, default=None, metavar="POLICY",
+                   help="off, static:EVERY[:FIRST[:LAST]] (uncond forward every EVERY steps, "
+                        "full CFG for the FIRST / LAST steps) or adaptive:TOL[:FIRST[:LAST"
+                        "[:MAX_REUSE]]] (refresh when c or d moved by more than TOL)")
+    g.add_argument("--guidance-interval", type=_float(0.0, 1.0), nargs=2, default=None,
+                   metavar=("LO", "HI"), help="guidance only where LO <= sigma <= HI (no uncond "
+                                              "forward outside)")
+    g.add_argument("--cache", default=None, metavar="POLICY",
+                   help="off, first-block:THRESHOLD or mag:THRESHOLD[:MAX_SKIP[:RETENTION]] "
+                        "(with --cache-ratios)")
+    g.add_argument("--cache-ratios", default=None, metavar="JSON",
+                   help="MagCache ratios: a JSON list, or {\"cond\": [...], \"uncond\": [...]}"
+                        " (fmrt.cache.calibrate_mag_ratios)")
+
+
+def _policies(args: argparse.Namespace) -> dict:
+    """The policy flags as sample() keyword arguments; CLIError for bad settings (before any
+    model is loaded)."""
+    from fmrt.cache import parse_cache
+    out = {}
+    if args.guidance_reuse is not None:
+        if getattr(args, "solver", "euler") != "euler":
+            raise CLIError("--guidance-reuse needs --solver euler")
+        out["guidance_reuse"] = args.guidance_reuse
+    if args.guidance_interval is not None:
+        lo, hi = args.guidance_interval
+        if lo > hi:
+            raise CLIError(f"--guidance-interval: LO must be <= HI, got {lo:g} {hi:g}")
+        out["guidance_interval"] = (lo, hi)
+    ratios = None
+    if args.cache_ratios is not None:
+        try:
+            with open(args.cache_ratios, encoding="utf-8") as f:
+                ratios = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CLIError(f"--cache-ratios: cannot read {args.cache_ratios}: {e}") from None
+    try:
+        cache = parse_cache(args.cache, ratios)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--cache: {e}") from None
+    if cache is not None:
+        if getattr(args, "solver", "euler") in ("heun", "meanflow"):
+            raise CLIError(f"--cache needs a one-evaluation-per-step solver, not "
+                           f"--solver {args.solver}")
+        out["cache"] = cache
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fmrt",
                 description="fmrt: flow-matching runtime (fused kernels, training, sampling)")
@@ -300,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "frame), .gif (animated), .npy (float frames [N, T, H, W, 3] "
                                    "in [0, 1]) or .mp4 (needs fmrt[video]).")
     _add_sampling_args(s)
+    _add_policy_args(s)
     s.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), default=None,
                    help="solver steps (default: the checkpoint's recommended, 20 for the "
                         "embedded model)")
@@ -411,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fmrt's clip classifier on them and the Frechet distance to "
                                    "real clips in its feature space.")
     _add_sampling_args(e)
+    _add_policy_args(e)
     e.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), nargs="+",
                    default=[1, 2, 4, 8, 50])
     e.add_argument("--guidance-scale", type=_float(0.0), nargs="+", default=None,
@@ -740,6 +807,7 @@ def generate_batched(model, meta: dict, labels, *, seed: int, batch_size: int, p
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
+    policies = _policies(args)
     if args.diffusers is not None:
         return sample_diffusers(args)
     t0 = time.time()
@@ -763,7 +831,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                  progress=not args.no_progress, desc="fmrt sample",
                                  recorder=recorder, steps=steps, solver=args.solver,
                                  guidance_scale=scale, shift=args.shift, device=device,
-                                 dtype=_dtype(args.dtype))
+                                 dtype=_dtype(args.dtype), **policies)
     save_clips(clips, args.out, class_names(labels))
     written = [args.out]
     if args.gif:
@@ -801,6 +869,10 @@ def _save_diagnostics(recorder, path: str) -> None:
 def sample_diffusers(args: argparse.Namespace) -> int:
     """`fmrt sample --diffusers PATH`: a local diffusers Wan pipeline, accelerated by fmrt."""
     import torch
+    policies = _policies(args)
+    if policies and args.no_accelerate:
+        raise CLIError("--guidance-reuse / --guidance-interval / --cache need fmrt's "
+                       "acceleration: drop --no-accelerate")
     t0 = time.time()
     device, dtype = _device(args.device), _dtype(args.dtype)
     try:
@@ -815,7 +887,7 @@ def sample_diffusers(args: argparse.Namespace) -> int:
     what = ["stock diffusers"]
     if not args.no_accelerate:
         from fmrt.integrations.diffusers import FlowMatchEulerDiscreteScheduler, accelerate_wan
-        n = accelerate_wan(pipe, backend=args.attention_backend)
+        n = accelerate_wan(pipe, backend=args.attention_backend, **policies)
         what = [f"fmrt attention on {n} modules"]
         sched = pipe.scheduler
         if args.scheduler == "fmrt" or (args.scheduler == "auto" and type(sched) is DiffusersEuler):
@@ -924,6 +996,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from fmrt.eval import CLASSIFIER_PATH, evaluate_clips, load_classifier
+    policies = _policies(args)
     model, meta, device = _load(args)
     clf, _ = load_classifier(args.classifier or CLASSIFIER_PATH)
     K = model.config.num_classes
@@ -950,7 +1023,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     model, meta, labels, seed=args.seed, batch_size=args.batch_size,
                     progress=not args.no_progress, desc=f"{args.solver} {steps} steps cfg "
                     f"{scale:g}", steps=steps, solver=args.solver, guidance_scale=scale,
-                    shift=args.shift, device=device, dtype=_dtype(args.dtype))
+                    shift=args.shift, device=device, dtype=_dtype(args.dtype), **policies)
             dt = time.time() - t0
             q = evaluate_clips(clips, labels, classifier=clf)
             rows.append(dict(solver=args.solver, steps=steps, guidance_scale=scale,

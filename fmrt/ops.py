@@ -787,6 +787,145 @@ def _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, n
     return out
 
 
+# guidance reuse (fmrt.guidance): a refresh step writes d = c - u in the guided step's pass, a
+# reuse step steps from x, c and d alone. Both are linear in their tensor inputs; one
+# autograd.Function per op serves the Triton and the torch path alike (gradients and forward-mode
+# tangents of x, v_cond, v_uncond / d; scale and the sigmas are constants of the step).
+
+def _check_reuse_args(x, v_cond, other, other_name, scale, sigma, sigma_next, prev, stats):
+    check_float_tensor("x", x)
+    check_float_tensor("v_cond", v_cond)
+    check_float_tensor(other_name, other)
+    check_same("v_cond", v_cond, "x", x, dtype=False)
+    check_same(other_name, other, "x", x, dtype=False)
+    if x.ndim < 1:
+        raise ValueError("x must be [B, ...], got a 0-d tensor")
+    check_scale("scale", scale, x)
+    check_sigma("sigma", sigma, x, per_sample_only=True)
+    check_sigma("sigma_next", sigma_next, x, per_sample_only=True)
+    if prev is not None:
+        check_float_tensor("prev", prev)
+        check_same("prev", prev, "x", x, dtype=False)
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be a dict (filled with [B] tensors) or None, "
+                        f"got {type(stats).__name__}")
+
+
+def _reuse_coefs(x: Tensor, scale, sigma, sigma_next) -> tuple[Tensor, Tensor]:
+    """(h, g) in fp32, broadcastable against x: h = sigma_next - sigma, g = scale."""
+    h = ref.broadcast_sigma(sigma_next, x) - ref.broadcast_sigma(sigma, x)
+    return h.float(), ref.broadcast_sigma(scale, x).float()
+
+
+def _reuse_forward(x, c, ud, scale, sigma, sigma_next, prev, stats, refresh: bool,
+                   triton: bool):
+    if triton:
+        from fmrt.kernels import step as K
+        out, d, part = K.reuse_step(x.contiguous(), c.contiguous(), ud.contiguous(), scale,
+                                    sigma, sigma_next, refresh=refresh,
+                                    prev=None if prev is None else prev.contiguous(),
+                                    stats=stats is not None)
+        if stats is not None:
+            sq = part.clamp_min(0).sqrt()
+            stats.update(cond_norm=sq[:, 0], d_norm=sq[:, 1], change=sq[:, 2])
+        return out, d
+    if refresh:
+        out, d = ref.guided_euler_step_refresh(x, c, ud, scale, sigma, sigma_next)
+    else:
+        out, d = ref.reused_guided_euler_step(x, c, ud, scale, sigma, sigma_next), None
+    if stats is not None:
+        stats.update(ref.reuse_stats(c, d if refresh else ud, prev, refresh))
+    return out, d
+
+
+class _RefreshStep(torch.autograd.Function):
+    @staticmethod
+    def forward(x, c, u, scale, sigma, sigma_next, prev, stats, triton):
+        return _reuse_forward(x, c, u, scale, sigma, sigma_next, prev, stats, True, triton)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, c, u, scale, sigma, sigma_next = inputs[:6]
+        ctx.coefs = _reuse_coefs(x, scale, sigma, sigma_next)
+        ctx.dtypes = (x.dtype, c.dtype, u.dtype)
+
+    @staticmethod
+    def backward(ctx, g_out, g_d):
+        h, g = ctx.coefs
+        go = g_out.float()
+        gd = torch.zeros_like(go) if g_d is None else g_d.float()
+        gx, gc, gu = go, h * g * go + gd, h * (1 - g) * go - gd
+        dx, dc, du = ctx.dtypes
+        return gx.to(dx), gc.to(dc), gu.to(du), None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tx, tc, tu, *_):
+        h, g = ctx.coefs
+        tx = torch.zeros(()) if tx is None else tx.float()
+        tc = torch.zeros(()) if tc is None else tc.float()
+        tu = torch.zeros(()) if tu is None else tu.float()
+        td = tc - tu
+        return (tx + h * (tu + g * td)).to(ctx.dtypes[0]), td.float()
+
+
+class _ReuseStep(torch.autograd.Function):
+    @staticmethod
+    def forward(x, c, d, scale, sigma, sigma_next, prev, stats, triton):
+        return _reuse_forward(x, c, d, scale, sigma, sigma_next, prev, stats, False, triton)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, c, d, scale, sigma, sigma_next = inputs[:6]
+        ctx.coefs = _reuse_coefs(x, scale, sigma, sigma_next)
+        ctx.dtypes = (x.dtype, c.dtype, d.dtype)
+
+    @staticmethod
+    def backward(ctx, g_out):
+        h, g = ctx.coefs
+        go = g_out.float()
+        dx, dc, dd = ctx.dtypes
+        return (go.to(dx), (h * go).to(dc), (h * (g - 1) * go).to(dd), None, None, None, None,
+                None, None)
+
+    @staticmethod
+    def jvp(ctx, tx, tc, td, *_):
+        h, g = ctx.coefs
+        tx = torch.zeros(()) if tx is None else tx.float()
+        tc = torch.zeros(()) if tc is None else tc.float()
+        td = torch.zeros(()) if td is None else td.float()
+        return (tx + h * (tc + (g - 1) * td)).to(ctx.dtypes[0])
+
+
+def guided_euler_step_refresh(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma: Sigma,
+                              sigma_next: Sigma, *, prev: Optional[Tensor] = None,
+                              stats: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    """Guided Euler step that also writes `d = v_cond - v_uncond` for guidance reuse, in one pass:
+    returns `(x + (sigma_next - sigma) * (u + scale * d), d)`, x' in x's dtype, d float32.
+
+    x, v_cond, v_uncond: same shape `[B, ...]` (float dtypes may differ); scale: float, 0-d or
+    `[B]`; sigmas: floats, 0-d or `[B]` tensors. Reads x, c, u, writes x' and d (4 N e + 4 N
+    bytes). stats: a dict receiving float32 `[B]` device tensors cond_norm = ||c||,
+    d_norm = ||d|| and change = ||d - prev|| (prev: the previous d, read only when given; 0
+    otherwise), from the same pass. Differentiable in x, v_cond, v_uncond (reverse and
+    forward mode); scale and sigmas are constants.
+    """
+    _check_reuse_args(x, v_cond, v_uncond, "v_uncond", scale, sigma, sigma_next, prev, stats)
+    return _RefreshStep.apply(x, v_cond, v_uncond, scale, sigma, sigma_next, prev, stats,
+                              use_triton(x, v_cond, v_uncond))
+
+
+def reused_guided_euler_step(x: Tensor, v_cond: Tensor, d: Tensor, scale, sigma: Sigma,
+                             sigma_next: Sigma, *, prev: Optional[Tensor] = None,
+                             stats: Optional[dict] = None) -> Tensor:
+    """Guided Euler step reusing d = c - u of an earlier step (no unconditional output):
+    `x + (sigma_next - sigma) * (v_cond + (scale - 1) * d)`, in x's dtype, one pass (reads x, c,
+    d; writes x'). stats: cond_norm = ||c||, d_norm = ||d||, change = ||c - prev|| (prev: the
+    cond output of the last refresh; 0 without). Differentiable in x, v_cond, d."""
+    _check_reuse_args(x, v_cond, d, "d", scale, sigma, sigma_next, prev, stats)
+    return _ReuseStep.apply(x, v_cond, d, scale, sigma, sigma_next, prev, stats,
+                            use_triton(x, v_cond, d))
+
+
 def cfg_zero_star_scale(v_cond: Tensor, v_uncond: Tensor) -> Tensor:
     """CFG-Zero*'s optimised scale `<c, u> / (||u||^2 + 1e-8)` per sample: float32 `[B]`.
     Guide with `cfg_combine(v_cond, alpha * v_uncond, scale)`."""

@@ -514,3 +514,46 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = No
     out = attention(q, k, v, scale, mask)
     B, S_q, H, _ = out.shape
     return out * alive.expand(B, H, S_q, 1).transpose(1, 2).to(out.dtype)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# guidance reuse: refresh and reuse steps (see fmrt.guidance, kernels/step.py _reuse_kernel)
+# ---------------------------------------------------------------------------------------------
+
+def guided_euler_step_refresh(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma: Sigma,
+                              sigma_next: Sigma) -> tuple[Tensor, Tensor]:
+    """A guided Euler step that also returns d = v_cond - v_uncond (float32) for later reuse:
+    x' = x + (sigma_next - sigma) * (u + scale * d), fp32 math, one rounding to x's dtype."""
+    dt = compute_dtype(x.dtype)
+    c, u = v_cond.to(dt), v_uncond.to(dt)
+    d = c - u
+    h = broadcast_sigma(sigma_next, x) - broadcast_sigma(sigma, x)
+    v = u + broadcast_sigma(scale, x) * d
+    return (x.to(dt) + h * v).to(x.dtype), d.float()
+
+
+def reused_guided_euler_step(x: Tensor, v_cond: Tensor, d: Tensor, scale, sigma: Sigma,
+                             sigma_next: Sigma) -> Tensor:
+    """A guided Euler step from the cond output and a reused d = c - u (no v_uncond):
+    v = c + (scale - 1) * d (= u + scale * (c - u) when d is the current c - u),
+    x' = x + (sigma_next - sigma) * v, fp32 math, one rounding to x's dtype."""
+    dt = compute_dtype(x.dtype)
+    h = broadcast_sigma(sigma_next, x) - broadcast_sigma(sigma, x)
+    v = v_cond.to(dt) + (broadcast_sigma(scale, x) - 1.0) * d.to(dt)
+    return (x.to(dt) + h * v).to(x.dtype)
+
+
+def reuse_stats(v_cond: Tensor, d: Tensor, prev: Optional[Tensor], refresh: bool) -> dict:
+    """Per-sample float32 `[B]` statistics of a refresh / reuse step: cond_norm = ||c||,
+    d_norm = ||d||, change = ||d - prev|| (refresh: prev = the previous d) or ||c - prev||
+    (reuse: prev = the cond output of the last refresh); 0 without prev."""
+    B = v_cond.shape[0]
+    c = v_cond.reshape(B, -1).double()
+    dd = d.reshape(B, -1).double()
+    out = {"cond_norm": c.norm(dim=1), "d_norm": dd.norm(dim=1)}
+    if prev is None:
+        out["change"] = torch.zeros(B, dtype=torch.float64, device=c.device)
+    else:
+        out["change"] = ((dd if refresh else c) - prev.reshape(B, -1).double()).norm(dim=1)
+    return {k: v.float() for k, v in out.items()}

@@ -21,6 +21,7 @@ Solvers:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -29,6 +30,9 @@ from torch import Tensor
 from fmrt import ops
 from fmrt import reference as ref
 from fmrt._dispatch import use_triton
+from fmrt.cache import BranchCache, check_cacheable, check_policy
+from fmrt.guidance import (AdaptiveGuidanceReuse, GuidanceReuse, check_interval,
+                           guidance_branches)
 
 SOLVERS = ("euler", "heun", "unipc", "euler_maruyama", "meanflow")
 _SEED_MIX = 0x9E3779B1
@@ -182,12 +186,63 @@ def unipc_coefficients(grid: Tensor) -> dict[str, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
+# the plan: which branch (cond, uncond, reuse) and which blocks each step runs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    """What a sampling call runs, decided before the loop.
+
+    branches[i]: "cfg" (cond + uncond forwards), "reuse" (cond only, v = c + (s - 1) d),
+    "adaptive" (one of the two, decided in the loop) or "cond" (cond only, no guidance); see
+    fmrt.guidance. blocks[i] = (cond, uncond) block modes under step caching: "all" (every block),
+    "skip" (no block: the cached residual), "probe" (block 0, then the cache decides), "-" (the
+    branch does not run at this step; for "adaptive" the uncond entry is the mode it runs with
+    when the loop refreshes)."""
+    branches: tuple[str, ...]
+    blocks: tuple[tuple[str, str], ...]
+
+    def __len__(self) -> int:
+        return len(self.branches)
+
+    @property
+    def static(self) -> bool:
+        """True when the loop needs no host decision (capturable in a CUDA graph)."""
+        return ("adaptive" not in self.branches
+                and not any("probe" in b for b in self.blocks))
+
+    def model_calls(self) -> dict[str, int]:
+        """Forward calls per branch, counting "adaptive" steps as refreshes (an upper bound)."""
+        return {"cond": len(self.branches),
+                "uncond": sum(b in ("cfg", "adaptive") for b in self.branches)}
+
+
+def make_plan(n: int, sigmas: Optional[Sequence[float]] = None, *, guided: bool = True,
+              guidance_interval: Optional[tuple[float, float]] = None,
+              guidance_reuse=None, cache=None) -> Plan:
+    """The plan of an n-step call (see `Plan`). sigmas: the grid's first n sigmas on the host
+    (needed only with a guidance interval)."""
+    interval = check_interval(guidance_interval)
+    if interval is not None and (sigmas is None or len(sigmas) < n):
+        raise ValueError("a guidance interval needs the grid's sigmas on the host")
+    branches = guidance_branches(n, sigmas, guided=guided, interval=interval,
+                                 reuse=guidance_reuse)
+    if cache is None:
+        cmodes = umodes = ["all"] * n
+    else:
+        cmodes, umodes = cache.modes(n, "cond"), cache.modes(n, "uncond")
+    blocks = tuple((cmodes[i], umodes[i] if b in ("cfg", "adaptive") else "-")
+                   for i, b in enumerate(branches))
+    return Plan(tuple(branches), blocks)
+
+
+# ---------------------------------------------------------------------------------------------
 # the sampling loop
 # ---------------------------------------------------------------------------------------------
 
 def _check_args(model, noise, steps, solver, guidance_scale, eta, recorder, denoising_strength,
                 x_init, first_frame, cond, uncond, rescale, norm_dim, guidance_interval,
-                cfg_zero_init_steps, callback=None) -> None:
+                cfg_zero_init_steps, callback, guidance_reuse, cache) -> None:
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
     ops.check_float_tensor("noise", noise)
@@ -223,16 +278,25 @@ def _check_args(model, noise, steps, solver, guidance_scale, eta, recorder, deno
         raise ValueError(f"rescale must be one of {ref.RESCALES}, got {rescale!r}")
     if norm_dim is not None and norm_dim not in (-1, noise.ndim - 1):
         raise ValueError(f"norm_dim must be None or -1, got {norm_dim}")
-    if guidance_interval is not None:
-        if (not isinstance(guidance_interval, (tuple, list)) or len(guidance_interval) != 2
-                or not all(isinstance(v, (int, float)) for v in guidance_interval)):
-            raise TypeError("guidance_interval must be a (sigma_low, sigma_high) pair of floats")
-        if not guidance_interval[0] <= guidance_interval[1]:
-            raise ValueError(f"guidance_interval must have low <= high, got {guidance_interval}")
+    check_interval(guidance_interval)
     if isinstance(cfg_zero_init_steps, bool) or not isinstance(cfg_zero_init_steps, int):
         raise TypeError("cfg_zero_init_steps must be an int")
     if cfg_zero_init_steps < 0:
         raise ValueError(f"cfg_zero_init_steps must be >= 0, got {cfg_zero_init_steps}")
+    if guidance_reuse is not None:
+        if not isinstance(guidance_reuse, (GuidanceReuse, AdaptiveGuidanceReuse)):
+            raise TypeError(f"guidance_reuse must be None, GuidanceReuse or "
+                            f"AdaptiveGuidanceReuse, got {type(guidance_reuse).__name__}")
+        if solver != "euler":
+            raise ValueError(f"guidance_reuse needs solver='euler', got {solver!r}")
+        if rescale != "none":
+            raise ValueError("guidance_reuse needs rescale='none'")
+    check_policy(cache)
+    if cache is not None:
+        check_cacheable(model)
+        if solver in ("heun", "meanflow"):
+            raise ValueError(f"step caching needs a one-evaluation-per-step solver (euler, unipc,"
+                             f" euler_maruyama), got {solver!r}")
 
 
 def _model_grid(scheduler, grid: Tensor) -> Tensor:
@@ -283,6 +347,107 @@ def _step_seed(seed: Tensor, i: int) -> Tensor:
     return (seed * 1_000_003 + (i + 1) * _SEED_MIX) % (2 ** 62)
 
 
+class _Model:
+    """The model calls of one sampling call: time inputs per grid index (views of the grid, no
+    sync), batched or separate CFG forwards, CFG-Zero*'s uncond scaling, the step caches."""
+
+    def __init__(self, model, noise, model_grid, cond, uncond, *, guided, batch_cfg,
+                 first_frame, cfg_zero_star, cache, states):
+        B, n = noise.shape[0], model_grid.numel() - 1
+        self.model, self.cond, self.uncond, self.B = model, cond, uncond, B
+        self.batched = (guided and batch_cfg and cache is None and isinstance(cond, Tensor)
+                        and isinstance(uncond, Tensor) and cond.shape == uncond.shape)
+        self.cond2 = torch.cat([cond, uncond]) if self.batched else None
+        reps = 2 if self.batched else 1
+        if first_frame is not None:
+            T = noise.shape[2]
+            keep = torch.ones(T, device=noise.device, dtype=torch.float32)
+            keep[0] = 0.0
+            frame_sigmas = model_grid[:, None] * keep[None, :]  # [N + 1, T]
+            times = frame_sigmas[:, None].expand(n + 1, B * reps, T)
+        else:
+            times = model_grid[:, None].expand(n + 1, B * reps)
+        self.times = times.unbind(0)  # one op for all the per-step views
+        self.single = times[:, :B].unbind(0) if reps > 1 else self.times
+        self.zero_star = cfg_zero_star
+        self.states = states
+        if cache is not None:
+            for key in ("cond", "uncond"):
+                states[key] = BranchCache(cache)
+
+    def _one(self, x, args, cond, branch: str, mode: str) -> Tensor:
+        if branch in self.states:
+            st = self.states[branch]
+            st.mode = mode
+            return _checked(self.model(x, *args, cond, cache=st), x)
+        return _checked(self.model(x, *args, cond), x)
+
+    def __call__(self, x: Tensor, i: int, uncond: bool, r: Optional[int] = None,
+                 modes: tuple[str, str] = ("all", "all")):
+        """(c, u) at grid index i, u None when `uncond` is False (meanflow: (r, t) = (grid[r],
+        grid[i]))."""
+        one = self.single
+        a = (one[r], one[i]) if r is not None else (one[i],)
+        B = self.B
+        if not uncond:
+            if not self.states:
+                return _checked(self.model(x, *a, self.cond), x), None
+            return self._one(x, a, self.cond, "cond", modes[0]), None
+        if self.batched:
+            args = (self.times[r], self.times[i]) if r is not None else (self.times[i],)
+            out = self.model(torch.cat([x, x]), *args, self.cond2)
+            if not isinstance(out, Tensor) or out.shape[0] != 2 * B:
+                raise ValueError(f"model must return [2B={2 * B}, ...] for the batched CFG "
+                                 f"input, got {getattr(out, 'shape', type(out).__name__)}")
+            c, u = out.chunk(2)
+            c, u = _checked(c, x), _checked(u, x)
+        else:
+            c = self._one(x, a, self.cond, "cond", modes[0])
+            u = self._one(x, a, self.uncond, "uncond", modes[1])
+        if self.zero_star:
+            alpha = ops.cfg_zero_star_scale(c, u).to(x.dtype)
+            u = u * alpha.view(-1, *([1] * (u.ndim - 1)))
+        return c, u
+
+
+class _Reuse:
+    """Guidance-reuse state of one call: d (float32), the cond output of the last refresh, and
+    the adaptive decision for the next step (one scalar read back per adaptive step)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.d = self.c_ref = None
+        self.refresh_next = True
+        self.reused = 0
+
+    def wants_uncond(self, branch: str) -> bool:
+        if branch == "adaptive":
+            return self.refresh_next or self.reused >= self.policy.max_reuse
+        return branch == "cfg"
+
+    def step(self, x, c, u, scale, s, sn, adaptive_next: bool) -> Tensor:
+        st = {} if adaptive_next else None
+        if u is not None:
+            prev = self.d
+            x, self.d = ops.guided_euler_step_refresh(x, c, u, scale, s, sn, prev=prev, stats=st)
+            self.c_ref, self.reused = c, 0
+            base = "d_norm"
+            moved_default = prev is None
+        else:
+            x = ops.reused_guided_euler_step(x, c, self.d, scale, s, sn, prev=self.c_ref,
+                                             stats=st)
+            self.reused += 1
+            base = "cond_norm"
+            moved_default = False
+        if st is not None:
+            if moved_default:
+                self.refresh_next = True
+            else:
+                rel = (st["change"] / st[base].clamp_min(1e-12)).max()
+                self.refresh_next = bool(rel > self.policy.tol)   # the one host read per step
+        return x
+
+
 def sample(model: Callable, noise: Tensor, *, scheduler=None,
            sigmas: Optional[Union[Tensor, Sequence[float]]] = None, steps: int = 50,
            solver: str = "euler", guidance_scale: Union[float, Tensor] = 1.0, cond=None,
@@ -294,7 +459,9 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
            x_init: Optional[Tensor] = None, denoising_strength: float = 1.0,
            seed: Optional[int] = None, recorder: Optional[DiagnosticsRecorder] = None,
            progress: bool = False,
-           callback: Optional[Callable[[int, Tensor], None]] = None) -> Tensor:
+           callback: Optional[Callable[[int, Tensor], None]] = None,
+           guidance_reuse=None, cache=None, plan: Optional[Plan] = None,
+           _cache_states: Optional[dict] = None) -> Tensor:
     """Integrate a flow model from `noise` (sigma = grid[0]) to the grid's last sigma.
 
     model: `model(x, sigma[B] (or [B, T] with first_frame), cond) -> v` (solver "meanflow":
@@ -305,19 +472,27 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
     else `linspace(denoising_strength, 0, steps + 1)` with `shift`.
     Guidance (when `uncond` is given or guidance_scale is not 1): `v = u + s (c - u)` with
     `rescale` / `norm_dim` as `ops.cfg_combine`; one batched forward over `cat([cond, uncond])`
-    when both are tensors of the same shape and `batch_cfg`, two forwards otherwise.
-    cfg_zero_star: CFG-Zero*'s optimised scale (uncond scaled by <c,u>/(||u||^2+1e-8)) and the
-    first `cfg_zero_init_steps` steps with zero velocity. guidance_interval=(lo, hi): guidance
-    only where lo <= sigma <= hi (scale 1 elsewhere; masked on the device, both branches still
-    run). x_init: img2img / video2video, the start is `(1 - s0) x_init + s0 noise`.
+    when both are tensors of the same shape and `batch_cfg` (and no step cache), two forwards
+    otherwise. cfg_zero_star: CFG-Zero*'s optimised scale (uncond scaled by <c,u>/(||u||^2+1e-8))
+    and the first `cfg_zero_init_steps` steps with zero velocity.
+    guidance_interval=(lo, hi), 0 <= lo <= hi <= 1: guidance only where lo <= sigma <= hi;
+    outside it the unconditional forward is not run (decided on the host from the grid before
+    the loop: one read of the grid, no per-step sync). guidance_reuse: a
+    `fmrt.guidance.GuidanceReuse` / `AdaptiveGuidanceReuse` (solver "euler", rescale "none"):
+    the unconditional forward only on refresh steps, `v = c + (s - 1) d` in between. cache: a
+    `fmrt.cache.FirstBlockCache` / `MagCache` step cache (the model must take `cache=`, as
+    fmrt's DiT does); each branch keeps its own state. plan: a precomputed `make_plan` result
+    (CapturedSampler passes one; it must match the other arguments).
+    x_init: img2img / video2video, the start is `(1 - s0) x_init + s0 noise`.
     first_frame `[B, C, 1, H, W]`: TI2V, frame 0 pinned to it before the loop and after every
     step, and the model gets per-frame sigmas `[B, T]` with frame 0 at 0. eta, seed: the SDE
-    ("euler_maruyama"). recorder: receives each step's guidance statistics. progress: tqdm.
-    callback(i, x): called after step i with the new x (a device tensor; not read back).
+    ("euler_maruyama"). recorder: receives the guidance statistics of each step that runs both
+    branches. progress: tqdm. callback(i, x): called after step i with the new x (a device
+    tensor; not read back).
     """
     _check_args(model, noise, steps, solver, guidance_scale, eta, recorder, denoising_strength,
                 x_init, first_frame, cond, uncond, rescale, norm_dim, guidance_interval,
-                cfg_zero_init_steps, callback)
+                cfg_zero_init_steps, callback, guidance_reuse, cache)
     if scheduler is not None and sigmas is not None:
         raise ValueError("give scheduler or sigmas, not both")
     if (scheduler is not None or sigmas is not None) and denoising_strength != 1.0:
@@ -329,148 +504,183 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
               or float(guidance_scale) != 1.0)
     if recorder is not None and not guided:
         raise ValueError("recorder needs guidance (an uncond or a guidance_scale != 1)")
+    if (guidance_reuse is not None or cache is not None) and cfg_zero_star:
+        raise ValueError("cfg_zero_star does not combine with guidance_reuse or cache")
     grid = _grid(noise, scheduler, sigmas, steps, shift, denoising_strength)
     model_grid = _model_grid(scheduler, grid) if sigmas is None else grid
     n = grid.numel() - 1
+    if plan is None:
+        host = grid[:n].tolist() if guidance_interval is not None else None  # one read
+        plan = make_plan(n, host, guided=guided, guidance_interval=guidance_interval,
+                         guidance_reuse=guidance_reuse, cache=cache)
+    elif not isinstance(plan, Plan) or len(plan) != n:
+        raise ValueError(f"plan must be a Plan of {n} steps (make_plan), got "
+                         f"{type(plan).__name__}")
     tri = use_triton(noise)  # dispatch once; the steps below skip the per-op checks
-    row = noise.shape[-1] if (rescale == "norm" and norm_dim is not None) else 0
-    B = noise.shape[0]
-    dev, dtype = noise.device, noise.dtype
-
-    # per-step guidance scales [N, B] (or one float for every step)
-    scales: list = [guidance_scale] * n
-    if guided and guidance_interval is not None:
-        g = (guidance_scale.to(device=dev, dtype=torch.float32).expand(B)
-             if isinstance(guidance_scale, Tensor)
-             else torch.full((B,), float(guidance_scale), device=dev))
-        inside = (grid[:n] >= guidance_interval[0]) & (grid[:n] <= guidance_interval[1])
-        table = torch.where(inside[:, None], g[None, :], torch.ones_like(g)[None, :])
-        scales = [table[i] for i in range(n)]
-
-    # model inputs: times per step as views of the grid (no sync, no host copy)
-    batched = (guided and batch_cfg and isinstance(cond, Tensor) and isinstance(uncond, Tensor)
-               and cond.shape == uncond.shape)
-    cond2 = torch.cat([cond, uncond]) if batched else None
-    reps = 2 if batched else 1
-    if first_frame is not None:
-        T = noise.shape[2]
-        keep = torch.ones(T, device=dev, dtype=torch.float32)
-        keep[0] = 0.0
-        frame_sigmas = model_grid[:, None] * keep[None, :]  # [N + 1, T]
-        times = [frame_sigmas[i].expand(B * reps, T) for i in range(n + 1)]
-    else:
-        times = [model_grid[i].expand(B * reps) for i in range(n + 1)]
-
-    def evaluate(x: Tensor, i: int, r: Optional[int] = None):
-        """(c, u) or (v, None) at grid index i (meanflow: (r, t) = (grid[r], grid[i]))."""
-        args = (times[r], times[i]) if r is not None else (times[i],)
-        if not guided:
-            v = _checked(model(x, *[t[:B] for t in args], cond), x)
-            return v, None
-        if batched:
-            out = model(torch.cat([x, x]), *args, cond2)
-            if not isinstance(out, Tensor) or out.shape[0] != 2 * B:
-                raise ValueError(f"model must return [2B={2 * B}, ...] for the batched CFG "
-                                 f"input, got {getattr(out, 'shape', type(out).__name__)}")
-            c, u = out.chunk(2)
-            c, u = _checked(c, x), _checked(u, x)
-        else:
-            a = [t[:B] for t in args]
-            c = _checked(model(x, *a, cond), x)
-            u = _checked(model(x, *a, uncond), x)
-        if cfg_zero_star:
-            alpha = ops.cfg_zero_star_scale(c, u).to(dtype)
-            u = u * alpha.view(-1, *([1] * (u.ndim - 1)))
-        return c, u
-
-    def combine(c, u, i, stats=None):
-        if u is None:
-            return c
-        return ops._cfg_combine(c, u, scales[i], rescale, norm_dim, stats,
-                                grid[i] if stats is not None else None, row, tri)
-
-    def pin(x: Tensor) -> Tensor:
-        if first_frame is None:
-            return x
-        x = x.clone() if x is noise or x is x_init else x
-        x[:, :, :1] = first_frame.to(dtype)
-        return x
-
-    # start
-    if x_init is not None:
-        x = ref.add_noise(x_init.to(dtype), grid[0], noise)[0]
-    else:
-        x = noise
-    x = pin(x)
-    if solver == "euler_maruyama":
-        seed_t = ops.seed_tensor(seed, dev)  # device seed: no host round trip per step
-    if solver == "unipc":
-        co = unipc_coefficients(grid)
-        orders = unipc_orders(n)
-        m_prev = m_prev2 = x_prev = None
-
+    states = _cache_states if _cache_states is not None else {}
+    evaluate = _Model(model, noise, model_grid, cond, uncond, guided=guided, batch_cfg=batch_cfg,
+                      first_frame=first_frame, cfg_zero_star=cfg_zero_star, cache=cache,
+                      states=states)
+    loop = _Loop(plan, grid, evaluate, noise, solver=solver, scale=guidance_scale,
+                 rescale=rescale, norm_dim=norm_dim, tri=tri, first_frame=first_frame,
+                 x_init=x_init, zero_steps=cfg_zero_init_steps if cfg_zero_star else 0,
+                 reuse=guidance_reuse, eta=eta, seed=seed)
+    x = loop.start()
     it = range(n)
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, total=n, desc=f"fmrt {solver}")
     for i in it:
-        s, sn = grid[i], grid[i + 1]
-        stats = {} if recorder is not None else None
-        zeroed = cfg_zero_star and i < cfg_zero_init_steps
-        if solver in ("euler", "meanflow"):
-            c, u = evaluate(x, i, i + 1) if solver == "meanflow" else evaluate(x, i)
-            if zeroed:  # CFG-Zero*'s zero-init step: x stays (the statistics still recorded)
-                if stats is not None:
-                    combine(c, u, i, stats)
-                c, u = torch.zeros_like(c), None
-            if u is not None:
-                x = ops._guided_euler_step(x, c, u, scales[i], s, sn, rescale, norm_dim, stats,
-                                           row, tri)
-            else:
-                x = ops._euler_step(x, c, s, sn, tri)
-        elif solver == "heun":
-            c, u = evaluate(x, i)
-            v1 = combine(c, u, i, stats)
-            v1 = torch.zeros_like(v1) if zeroed else v1
-            x_e = pin(ops._euler_step(x, v1, s, sn, tri))
-            if i < n - 1:
-                c2, u2 = evaluate(x_e, i + 1)
-                v2 = torch.zeros_like(c2) if zeroed else combine(c2, u2, i + 1)
-                v_avg = (0.5 * (v1.float() + v2.float())).to(dtype)
-                x = ops._euler_step(x, v_avg, s, sn, tri)
-            else:
-                x = x_e
-        elif solver == "euler_maruyama":
-            c, u = evaluate(x, i)
-            v = combine(c, u, i, stats)
-            v = torch.zeros_like(v) if zeroed else v
-            x = ops._sde_step(x, v, s, sn, float(eta), None, _step_seed(seed_t, i), False, tri)
-        else:  # unipc
-            c, u = evaluate(x, i)
-            v = combine(c, u, i, stats)
-            v = torch.zeros_like(v) if zeroed else v
-            m = x.float() - s * v.float()  # flow prediction -> x0
-            if i > 0:  # corrector of x_i with the new model output
-                j = i - 1
-                xf = co["A"][j] * x_prev + co["K"][j] * m_prev
-                if orders[j] == 2:
-                    xf = xf + co["K"][j] * (co["c0"][j] * (m_prev2 - m_prev) / co["r"][j]
-                                            + co["c1"][j] * (m - m_prev))
-                else:
-                    xf = xf + co["K"][j] * 0.5 * (m - m_prev)
-                x = pin(xf.to(dtype))
-            m_prev2, m_prev = m_prev, m
-            x_prev = x.float()
-            xf = co["A"][i] * x_prev + co["K"][i] * m
-            if orders[i] == 2:
-                xf = xf + co["K"][i] * 0.5 * (m_prev2 - m) / co["r"][i]
-            x = xf.to(dtype)
-        x = pin(x)
-        if recorder is not None:
+        stats = {} if (recorder is not None and loop.runs_uncond(i)) else None
+        x = loop.pin(loop.step(x, i, stats))
+        if stats is not None:
             recorder.record(i, stats)
         if callback is not None:
             callback(i, x)
     return x
+
+
+class _Loop:
+    """Executes a plan: one solver step per grid index (`step`), the model calls through
+    `_Model`, guidance reuse through `_Reuse`, TI2V pinning. Nothing here reads the device back
+    except the adaptive policy's one scalar per step (and first-block caching's probe)."""
+
+    def __init__(self, plan: Plan, grid: Tensor, evaluate: _Model, noise: Tensor, *, solver,
+                 scale, rescale, norm_dim, tri, first_frame, x_init, zero_steps, reuse, eta,
+                 seed):
+        self.plan, self.grid, self.evaluate, self.noise = plan, grid, evaluate, noise
+        self.n = grid.numel() - 1
+        self.solver, self.scale, self.rescale, self.norm_dim, self.tri = (solver, scale, rescale,
+                                                                          norm_dim, tri)
+        self.row = noise.shape[-1] if (rescale == "norm" and norm_dim is not None) else 0
+        self.first_frame, self.x_init, self.zero_steps = first_frame, x_init, zero_steps
+        self.dtype = noise.dtype
+        self.reuse = _Reuse(reuse) if reuse is not None else None
+        self.eta = float(eta)
+        self.sig = grid.unbind(0)  # the per-step sigma views in one op
+        self._step = {"euler": self.euler, "meanflow": self.euler, "heun": self.heun,
+                      "euler_maruyama": self.sde, "unipc": self.unipc}[solver]
+        if solver == "euler_maruyama":
+            self.seed = ops.seed_tensor(seed, noise.device)  # no host round trip per step
+        if solver == "unipc":
+            self.co, self.orders = unipc_coefficients(grid), unipc_orders(self.n)
+            self.m_prev = self.m_prev2 = self.x_prev = None
+        # The torch reference path on a CPU grid: the plain Euler step (guided by a float scale,
+        # or not) is the reference's math with its sigma difference as a host float: lerp + add.
+        self.host_h = None
+        if (not tri and grid.device.type == "cpu" and solver == "euler" and rescale == "none"
+                and reuse is None and not isinstance(scale, Tensor)
+                and self.dtype in (torch.float32, torch.float64)):
+            self.host_h = (grid[1:] - grid[:-1]).tolist()
+            self.g = float(scale)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def start(self) -> Tensor:
+        x = self.noise
+        if self.x_init is not None:
+            x = ref.add_noise(self.x_init.to(self.dtype), self.grid[0], self.noise)[0]
+        return self.pin(x)
+
+    def pin(self, x: Tensor) -> Tensor:
+        if self.first_frame is None:
+            return x
+        x = x.clone() if x is self.noise or x is self.x_init else x
+        x[:, :, :1] = self.first_frame.to(self.dtype)
+        return x
+
+    def runs_uncond(self, i: int) -> bool:
+        b = self.plan.branches[i]
+        return self.reuse.wants_uncond(b) if self.reuse is not None else b == "cfg"
+
+    def combine(self, c, u, i, stats=None) -> Tensor:
+        if u is None:
+            return c
+        return ops._cfg_combine(c, u, self.scale, self.rescale, self.norm_dim, stats,
+                                self.grid[i] if stats is not None else None, self.row, self.tri)
+
+    def model(self, x, i, stats):
+        """The velocity at step i (zero in CFG-Zero*'s first steps; stats recorded anyway)."""
+        c, u = self.evaluate(x, i, self.runs_uncond(i), None, self.plan.blocks[i])
+        v = self.combine(c, u, i, stats)
+        return torch.zeros_like(v) if i < self.zero_steps else v
+
+    def step(self, x: Tensor, i: int, stats: Optional[dict]) -> Tensor:
+        return self._step(x, i, stats)
+
+    # -- solvers -------------------------------------------------------------------------------
+    def euler(self, x, i, stats):
+        s, sn = self.sig[i], self.sig[i + 1]
+        with_u = self.runs_uncond(i)
+        r = i + 1 if self.solver == "meanflow" else None
+        c, u = self.evaluate(x, i, with_u, r, self.plan.blocks[i])
+        if self.reuse is not None and self.plan.branches[i] != "cond":
+            nxt = i + 1 < self.n and self.plan.branches[i + 1] == "adaptive"
+            if stats is not None:
+                self.combine(c, u, i, stats)
+            return self.reuse.step(x, c, u, self.scale, s, sn, nxt)
+        if i < self.zero_steps:  # CFG-Zero*'s zero-init step: x stays (statistics recorded)
+            if stats is not None:
+                self.combine(c, u, i, stats)
+            c, u = torch.zeros_like(c), None
+        if self.host_h is not None and stats is None:
+            return x.add(c if u is None else torch.lerp(u, c, self.g), alpha=self.host_h[i])
+        if u is not None:
+            return ops._guided_euler_step(x, c, u, self.scale, s, sn, self.rescale,
+                                          self.norm_dim, stats, self.row, self.tri)
+        return ops._euler_step(x, c, s, sn, self.tri)
+
+    def heun(self, x, i, stats):
+        s, sn = self.sig[i], self.sig[i + 1]
+        v1 = self.model(x, i, stats)
+        x_e = self.pin(ops._euler_step(x, v1, s, sn, self.tri))
+        if i == self.n - 1:
+            return x_e
+        c2, u2 = self.evaluate(x_e, i + 1, self.runs_uncond(i + 1))
+        v2 = torch.zeros_like(c2) if i < self.zero_steps else self.combine(c2, u2, i + 1)
+        v_avg = (0.5 * (v1.float() + v2.float())).to(self.dtype)
+        return ops._euler_step(x, v_avg, s, sn, self.tri)
+
+    def sde(self, x, i, stats):
+        v = self.model(x, i, stats)
+        return ops._sde_step(x, v, self.sig[i], self.sig[i + 1], self.eta, None,
+                             _step_seed(self.seed, i), False, self.tri)
+
+    def unipc(self, x, i, stats):
+        co, orders = self.co, self.orders
+        v = self.model(x, i, stats)
+        m = x.float() - self.sig[i] * v.float()  # flow prediction -> x0
+        if i > 0:  # corrector of x_i with the new model output
+            j = i - 1
+            xf = co["A"][j] * self.x_prev + co["K"][j] * self.m_prev
+            if orders[j] == 2:
+                xf = xf + co["K"][j] * (co["c0"][j] * (self.m_prev2 - self.m_prev) / co["r"][j]
+                                        + co["c1"][j] * (m - self.m_prev))
+            else:
+                xf = xf + co["K"][j] * 0.5 * (m - self.m_prev)
+            x = self.pin(xf.to(self.dtype))
+        self.m_prev2, self.m_prev = self.m_prev, m
+        self.x_prev = x.float()
+        xf = co["A"][i] * self.x_prev + co["K"][i] * m
+        if orders[i] == 2:
+            xf = xf + co["K"][i] * 0.5 * (self.m_prev2 - m) / co["r"][i]
+        return xf.to(self.dtype)
+
+
+def _static_plan(noise: Tensor, kwargs: dict) -> Plan:
+    """The plan of `sample(model, noise, **kwargs)` for a captured loop (static only)."""
+    grid = kwargs["sigmas"]
+    scale = kwargs.get("guidance_scale", 1.0)
+    guided = (kwargs.get("uncond") is not None or isinstance(scale, Tensor)
+              or float(scale) != 1.0)
+    interval = kwargs.get("guidance_interval")
+    n = grid.numel() - 1
+    plan = make_plan(n, grid[:n].tolist() if interval is not None else None, guided=guided,
+                     guidance_interval=interval, guidance_reuse=kwargs.get("guidance_reuse"),
+                     cache=kwargs.get("cache"))
+    if not plan.static:
+        raise ValueError("CapturedSampler needs a static plan: adaptive guidance reuse and "
+                         "first-block caching decide on the host at every step")
+    return plan
 
 
 class CapturedSampler:
@@ -497,6 +707,7 @@ class CapturedSampler:
         for key in ("progress", "recorder", "callback"):
             if kwargs.get(key):
                 raise ValueError(f"{key} cannot be used inside a captured sampling loop")
+        kwargs["plan"] = _static_plan(noise, kwargs)  # decided here: no host read in capture
         self.noise = noise.clone()
         stream = torch.cuda.Stream(device=noise.device)
         stream.wait_stream(torch.cuda.current_stream(noise.device))

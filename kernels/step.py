@@ -406,3 +406,91 @@ def sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, logp: bool):
                              HAS_NOISE=noise is not None, S_TENSOR=s_t, SN_TENSOR=sn_t,
                              LOGP=logp, Q=NOISE_Q, FAST=fast_math(x), num_warps=4)
     return out, (part.double().sum(1) if logp else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# guidance reuse (fmrt.guidance): refresh step writes d, reuse step steps from c and d
+# ---------------------------------------------------------------------------------------------
+
+NSTAT_REUSE = 4  # partial sums per program: c^2, d^2, (d - prev)^2 or (c - prev)^2, pad
+
+
+@triton.jit
+def _reuse_kernel(x_ptr, c_ptr, ud_ptr, prev_ptr, out_ptr, d_ptr, g_ptr, g_val, g_st,
+                  s_ptr, s_val, s_st, sn_ptr, sn_val, sn_st, part_ptr, inner, n_chunks,
+                  REFRESH: tl.constexpr, HAS_PREV: tl.constexpr, STATS: tl.constexpr,
+                  G_TENSOR: tl.constexpr, S_TENSOR: tl.constexpr, SN_TENSOR: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """Guided Euler step with guidance reuse, one block of one sample (grid = (chunks, B)).
+
+    REFRESH:  ud = u;  d = c - u (stored, fp32);  v = u + g * d
+    reuse:    ud = d;  v = c + (g - 1) * d                  (no u read)
+    out = x + (sigma_next - sigma) * v                      (fp32 math, one rounding)
+    STATS: partial sums of c^2, d^2 and (d - prev)^2 (REFRESH, prev = the previous d) or
+    (c - prev)^2 (reuse, prev = the cond output of the last refresh; HAS_PREV) to
+    part[b, chunk, :].
+    """
+    chunk = tl.program_id(0)
+    b = tl.program_id(1)
+    local = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = local < inner
+    offs = b.to(tl.int64) * inner + local
+    g = _load_sigma(g_ptr, g_val, g_st, b, G_TENSOR)
+    s = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
+    sn = _load_sigma(sn_ptr, sn_val, sn_st, b, SN_TENSOR)
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    ud = tl.load(ud_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if REFRESH:
+        d = c - ud
+        v = ud + g * d
+        tl.store(d_ptr + offs, d, mask=m)
+    else:
+        d = ud
+        v = c + (g - 1.0) * d
+    tl.store(out_ptr + offs, (x + (sn - s) * v).to(out_ptr.dtype.element_ty), mask=m)
+    if STATS:
+        p = part_ptr + (b.to(tl.int64) * n_chunks + chunk) * 4
+        tl.store(p + 0, tl.sum(c * c, axis=0))
+        tl.store(p + 1, tl.sum(d * d, axis=0))
+        if HAS_PREV:
+            q = tl.load(prev_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            if REFRESH:
+                e = d - q
+            else:
+                e = c - q
+            tl.store(p + 2, tl.sum(e * e, axis=0))
+        else:
+            tl.store(p + 2, 0.0)
+
+
+def reuse_step(x, c, ud, scale, sigma, sigma_next, *, refresh: bool, prev=None,
+               stats: bool = False):
+    """Refresh (ud = u: returns x', d fp32) or reuse (ud = d: returns x', None) step, plus the
+    per-sample statistics `[B, 3]` float32 (||c||^2, ||d||^2, ||change||^2) when `stats`.
+    x, c, ud (and prev) contiguous with the same shape `[B, ...]`.
+
+    Bytes (N elements of e bytes; d fp32): refresh reads x, c, u, writes x' and d:
+    4 N e + 4 N (+ 4 N reading the previous d with stats); reuse reads x, c, d and writes x':
+    3 N e + 4 N (+ N e reading c_ref with stats)."""
+    out = torch.empty_like(x)
+    d = torch.empty(c.shape, dtype=torch.float32, device=c.device) if refresh else None
+    B = c.shape[0]
+    n = c.numel()
+    inner = n // B if B else 0
+    if n == 0:
+        return out, d, (torch.zeros(B, 3, device=c.device) if stats else None)
+    block = min(4096, max(128, _pow2(inner)))
+    chunks = triton.cdiv(inner, block)
+    g_args = sigma_args(scale, c, B)
+    s_args = sigma_args(sigma, c, B)
+    sn_args = sigma_args(sigma_next, c, B)
+    part = torch.empty(B, chunks, NSTAT_REUSE, dtype=torch.float32, device=c.device) \
+        if stats else c
+    _reuse_kernel[(chunks, B)](x, c, ud, prev if prev is not None else c, out,
+                               d if d is not None else c, *g_args[:3], *s_args[:3],
+                               *sn_args[:3], part, inner, chunks, REFRESH=refresh,
+                               HAS_PREV=prev is not None, STATS=stats, G_TENSOR=g_args[3],
+                               S_TENSOR=s_args[3], SN_TENSOR=sn_args[3], BLOCK=block,
+                               num_warps=8 if block >= 4096 else 4)
+    return out, d, (part.sum(1)[:, :3] if stats else None)

@@ -515,3 +515,150 @@ def test_wan_official_unipc_matches_diffusers_unipc():
     assert seen == pytest.approx([t / 1000 for t in ref_s.timesteps.tolist()], abs=1e-7)
     for i, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan (fmrt.guidance policies, step caching) and the loop that executes it
+# ---------------------------------------------------------------------------------------------
+
+from fmrt.cache import FirstBlockCache, MagCache  # noqa: E402
+from fmrt.guidance import AdaptiveGuidanceReuse, GuidanceReuse  # noqa: E402
+from fmrt.sampling import Plan, make_plan  # noqa: E402
+
+
+def test_exact_plans():
+    p = make_plan(8, guidance_reuse=GuidanceReuse(every=3, first=2, last=1))
+    assert p.branches == ("cfg", "cfg", "reuse", "reuse", "cfg", "reuse", "reuse", "cfg")
+    assert p.blocks == tuple(("all", "all" if b == "cfg" else "-") for b in p.branches)
+    assert p.model_calls() == {"cond": 8, "uncond": 4} and p.static
+    assert make_plan(4, guidance_reuse=GuidanceReuse(every=1)).branches == ("cfg",) * 4
+    assert make_plan(3, guided=False).branches == ("cond",) * 3
+    # interval: outside [lo, hi] no uncond forward; a reuse right after it refreshes first
+    sig = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    p = make_plan(8, sig, guidance_interval=(0.35, 0.85), guidance_reuse=GuidanceReuse(2))
+    assert p.branches == ("cond", "cond", "cfg", "reuse", "cfg", "reuse", "cfg", "cond")
+    assert p.model_calls() == {"cond": 8, "uncond": 3}
+    p = make_plan(5, guidance_reuse=AdaptiveGuidanceReuse(0.1, first=2, last=1))
+    assert p.branches == ("cfg", "cfg", "adaptive", "adaptive", "cfg") and not p.static
+    # step caching: first-block probes every call after the first; MagCache is static
+    p = make_plan(4, cache=FirstBlockCache(0.1), guidance_reuse=GuidanceReuse(2))
+    assert p.blocks == (("all", "all"), ("probe", "-"), ("probe", "probe"), ("probe", "-"))
+    assert not p.static
+    mag = MagCache([1.0, 1.0, 0.99, 1.02, 0.97, 1.0, 1.0, 1.1], threshold=0.05, max_skip=2,
+                   retention=0.25)
+    p = make_plan(8, cache=mag)
+    # t < 2 kept; t=2: err .01 skip; t=3: prod .9898, err .0202 skip; t=4: 3rd in a row -> all;
+    # t=5: 1.0 skip; t=6: skip (2 in a row); t=7: reset -> all
+    assert [b[0] for b in p.blocks] == ["all", "all", "skip", "skip", "all", "skip", "skip",
+                                        "all"]
+    assert p.static
+
+
+def test_plan_bad_settings_are_errors_before_any_work():
+    model = CountingModel()
+    noise = torch.randn(2, 3, 4)
+    kw = dict(steps=4, guidance_scale=3.0, cond=torch.ones(2), uncond=torch.zeros(2))
+    with pytest.raises(ValueError, match="every"):
+        GuidanceReuse(every=0)
+    with pytest.raises(ValueError, match="first"):
+        GuidanceReuse(first=0)
+    with pytest.raises(ValueError, match="tol"):
+        AdaptiveGuidanceReuse(tol=-0.1)
+    with pytest.raises(ValueError, match="threshold"):
+        FirstBlockCache(-1.0)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sample(model, noise, guidance_interval=(0.8, 0.2), **kw)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sample(model, noise, guidance_interval=(-0.1, 0.5), **kw)
+    with pytest.raises(TypeError, match="guidance_reuse"):
+        sample(model, noise, guidance_reuse="static", **kw)
+    with pytest.raises(ValueError, match="euler"):
+        sample(model, noise, guidance_reuse=GuidanceReuse(), solver="heun", **kw)
+    with pytest.raises(ValueError, match="cannot be cached"):
+        sample(model, noise, cache=FirstBlockCache(), **kw)
+    with pytest.raises(TypeError, match="cache"):
+        sample(model, noise, cache="first-block", **kw)
+    assert model.calls == []
+
+
+def _reuse_manual(model, noise, grid, scale, cond, uncond, branches):
+    """The plan executed by hand: refresh steps measure d, reuse steps use c + (s - 1) d."""
+    x, d = noise, None
+    for i, b in enumerate(branches):
+        s, sn = grid[i], grid[i + 1]
+        t = s.expand(noise.shape[0])
+        c = model(x, t, cond)
+        if b == "cfg":
+            d = c - model(x, t, uncond)
+        v = c + (scale - 1) * d
+        x = x + (sn - s) * v
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_static_reuse_runs_the_plan(backend):
+    noise = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(21))
+    cond, uncond = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.25])
+    grid = default_sigma_grid(7, shift=3.0)
+    policy = GuidanceReuse(every=3, first=1, last=1)
+    plan = make_plan(7, guidance_reuse=policy)
+    m = CountingModel()
+    with use_backend(backend):
+        out = sample(m, noise, sigmas=grid, guidance_scale=4.0, cond=cond, uncond=uncond,
+                     guidance_reuse=policy)
+    # batched [cond; uncond] forwards on refresh steps, cond-only forwards on reuse steps
+    assert m.calls == [4 if b == "cfg" else 2 for b in plan.branches]
+    want = _reuse_manual(CountingModel(), noise, grid, 4.0, cond, uncond, plan.branches)
+    assert_close(out, want, scale=4)
+    # every=1 is full CFG
+    with use_backend(backend):
+        full = sample(CountingModel(), noise, sigmas=grid, guidance_scale=4.0, cond=cond,
+                      uncond=uncond, guidance_reuse=GuidanceReuse(every=1))
+    assert_close(full, _manual_guided_euler(CountingModel(), noise, grid, 4.0, cond, uncond),
+                 scale=4)
+
+
+def test_interval_skips_the_uncond_forward():
+    noise = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(22))
+    cond, uncond = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.25])
+    grid = default_sigma_grid(6)
+    m = CountingModel()
+    sample(m, noise, sigmas=grid, guidance_scale=3.0, cond=cond, uncond=uncond,
+           guidance_interval=(0.3, 0.8))
+    inside = [0.3 <= grid[i].item() <= 0.8 for i in range(6)]
+    assert m.calls == [4 if k else 2 for k in inside]
+
+
+class _DriftModel(CountingModel):
+    """Constant outputs, except that the uncond one drifts with sigma: d moves by `rate` per
+    unit sigma."""
+
+    def __init__(self, rate):
+        super().__init__()
+        self.rate = rate
+
+    def __call__(self, x, sigma, cond):
+        self.calls.append(x.shape[0])
+        out = x * 0 + cond.view(-1, *([1] * (x.ndim - 1)))   # c: still
+        if float(cond[0]) == 0.5:   # the uncond batch
+            out = out + self.rate * sigma.view(-1, *([1] * (x.ndim - 1)))
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adaptive_reuse_refreshes_when_d_moves(backend):
+    noise = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(23))
+    cond, uncond = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.25])
+    grid = default_sigma_grid(8)
+    counts = {}
+    for rate in (0.0, 50.0):
+        m = _DriftModel(rate)
+        with use_backend(backend):
+            sample(m, noise, sigmas=grid, guidance_scale=3.0, cond=cond, uncond=uncond,
+                   batch_cfg=False, guidance_reuse=AdaptiveGuidanceReuse(0.05, max_reuse=3))
+        counts[rate] = len(m.calls) - 8   # uncond forwards
+    # c and d still: refresh at steps 0 and 1 (no previous d at 0), then reuse up to
+    # max_reuse = 3 steps in a row: refresh at 5
+    assert counts[0.0] == 3
+    # d moving fast: refreshed at every step
+    assert counts[50.0] == 8

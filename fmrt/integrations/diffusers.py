@@ -24,6 +24,7 @@ together with a rotary table or to a fused self-attention module, a module it do
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
 from typing import Any, Optional, Union
@@ -237,31 +238,239 @@ def _swap(module: WanAttention, processor: Any) -> None:
     module.set_processor(processor)
 
 
-def accelerate_wan(model: Any, *, backend: str = "auto") -> int:
+def accelerate_wan(model: Any, *, backend: str = "auto", guidance_reuse=None,
+                   guidance_interval: Optional[tuple[float, float]] = None, cache=None,
+                   attention: bool = True) -> int:
     """Set `FmrtWanAttnProcessor(backend)` on every `WanAttention` of `model`: a diffusers
     `WanTransformer3DModel`, or a pipeline with `.transformer` (and optional `.transformer_2`).
     Every module is checked first; ValueError naming the modules and what is unsupported, with
-    nothing patched, if one cannot be computed exactly. Returns how many modules were set."""
+    nothing patched, if one cannot be computed exactly. Returns how many modules were set.
+
+    Fewer evaluations (a pipeline that calls its transformer under `cache_context("cond")` then
+    `("uncond")` per step, as `WanPipeline` does), see `WanStepRunner`:
+    guidance_reuse (`fmrt.guidance.GuidanceReuse` / `AdaptiveGuidanceReuse`): the "uncond" call
+    runs only on refresh steps; guidance_interval=(lo, hi): no "uncond" call where sigma lies
+    outside [lo, hi]; cache (`fmrt.cache.FirstBlockCache` / `MagCache`): step caching of the
+    transformer blocks with separate cond / uncond state. attention=False keeps diffusers'
+    attention processors (only the evaluation policies are installed)."""
     _check_backend(backend)
     modules = _wan_attention_modules(model)
     problems = [f"{name}: {p}" for name, m in modules if (p := _unsupported(m)) is not None]
     if problems:
         raise ValueError("accelerate_wan: unsupported attention modules (nothing patched): "
                          + "; ".join(problems))
+    policies = guidance_reuse is not None or guidance_interval is not None or cache is not None
+    if policies:
+        runner = WanStepRunner(model, guidance_reuse=guidance_reuse,
+                               guidance_interval=guidance_interval, cache=cache)
+    if not attention:
+        modules = []
     for _, m in modules:
         _swap(m, FmrtWanAttnProcessor(backend))
+    if policies:
+        runner.install()
     return len(modules)
 
 
 def restore_wan(model: Any) -> int:
     """Put diffusers' `WanAttnProcessor` back on every `WanAttention` of `model` (as for
-    `accelerate_wan`) that runs `FmrtWanAttnProcessor`; returns how many were restored."""
+    `accelerate_wan`) that runs `FmrtWanAttnProcessor`, and remove the evaluation policies of
+    `accelerate_wan(..., guidance_reuse=, guidance_interval=, cache=)`; returns how many
+    attention modules were restored."""
+    for _, t in _transformers(model):
+        runner = t.__dict__.get("_fmrt_runner")
+        if runner is not None:
+            runner.uninstall()
     n = 0
     for _, m in _wan_attention_modules(model):
         if isinstance(m.processor, FmrtWanAttnProcessor):
             _swap(m, WanAttnProcessor())
             n += 1
     return n
+
+
+# ---------------------------------------------------------------------------------------------
+# fewer evaluations for WanPipeline: guidance reuse, guidance interval, step caching
+# ---------------------------------------------------------------------------------------------
+
+class WanStepRunner:
+    """Evaluation policies for a pipeline that calls its Wan transformer(s) twice per step,
+    under `cache_context("cond", step_index=i, ...)` then `cache_context("uncond", ...)`, and
+    combines `uncond + s * (cond - uncond)` (diffusers' `WanPipeline` as it is).
+
+    Installed by `accelerate_wan`: each transformer's `cache_context` and `forward` are wrapped
+    (instance attributes; `uninstall` / `restore_wan` remove them). At step 0 of a run the plan
+    is made (`fmrt.sampling.make_plan`, with the pipeline scheduler's sigmas when an interval is
+    given). An "uncond" call the plan does not run returns, without running the transformer,
+    `c - d` (reuse: d = the last measured cond - uncond, so the pipeline's combine gives
+    `c + (s - 1) d`) or `c` (outside the interval: the combine gives c). Adaptive reuse
+    refreshes when `||c - c_ref|| / ||c_ref||` or the last refresh's `||d - d_prev|| / ||d||`
+    exceeds the tolerance (one scalar read per step), or after `max_reuse` reuses.
+    Step caching runs the block list through a `fmrt.cache.BranchCache` per context name:
+    block 0's forward runs the whole stack (cached or not), the other blocks pass through.
+    `calls` counts the transformer forwards that really ran, per context name."""
+
+    def __init__(self, model: Any, *, guidance_reuse=None, guidance_interval=None, cache=None):
+        from fmrt.cache import check_policy
+        from fmrt.guidance import AdaptiveGuidanceReuse, GuidanceReuse, check_interval
+        if guidance_reuse is not None and not isinstance(
+                guidance_reuse, (GuidanceReuse, AdaptiveGuidanceReuse)):
+            raise TypeError(f"guidance_reuse must be None, GuidanceReuse or "
+                            f"AdaptiveGuidanceReuse, got {type(guidance_reuse).__name__}")
+        self.interval = check_interval(guidance_interval)
+        check_policy(cache)
+        self.transformers = [t for _, t in _transformers(model)]
+        for t in self.transformers:
+            if "_fmrt_runner" in t.__dict__:
+                raise ValueError("accelerate_wan: evaluation policies are already installed "
+                                 "(restore_wan first)")
+        self.scheduler = getattr(model, "scheduler", None)
+        if self.interval is not None and self.scheduler is None:
+            raise ValueError("guidance_interval needs the pipeline (its scheduler's sigmas), "
+                             "not a bare transformer")
+        self.reuse, self.cache = guidance_reuse, cache
+        self.plan = None
+        self.calls: dict[str, int] = {}
+        self._ctx: Optional[tuple[str, dict]] = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.d = self.d_moved = self.c = self.c_ref = self.owner = None
+        self.reused = 0
+        self.states: dict = {}
+
+    # -- install ---------------------------------------------------------------------------
+    def install(self) -> None:
+        for t in self.transformers:
+            t._fmrt_runner = self
+            t.cache_context = functools.partial(self._cache_context, t,
+                                                type(t).cache_context.__get__(t))
+            t.forward = functools.partial(self._forward, t, type(t).forward.__get__(t))
+            if self.cache is not None:
+                blocks = list(t.blocks)
+                blocks[0].forward = functools.partial(self._run_blocks, t, blocks)
+                for b in blocks[1:]:
+                    b.forward = _pass_through
+
+    def uninstall(self) -> None:
+        for t in self.transformers:
+            for name in ("_fmrt_runner", "cache_context", "forward"):
+                t.__dict__.pop(name, None)
+            for b in t.blocks:
+                b.__dict__.pop("forward", None)
+
+    # -- the wrapped methods ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _cache_context(self, t, orig, name: str, **kwargs):
+        self._ctx = (name, kwargs)
+        try:
+            with orig(name, **kwargs):
+                yield
+        finally:
+            self._ctx = None
+
+    def _step(self, name: str, kwargs: dict, t) -> int:
+        i = kwargs.get("step_index")
+        if i is None:
+            raise ValueError("accelerate_wan's evaluation policies need cache_context(name, "
+                             "step_index=i, ...) around every transformer call (WanPipeline)")
+        if name == "cond" and i == 0:
+            self._start(kwargs, t)
+        if self.plan is None:
+            raise ValueError("accelerate_wan: a run must start with the 'cond' call of step 0")
+        if i >= len(self.plan):
+            raise ValueError(f"step_index {i} past the plan's {len(self.plan)} steps")
+        return i
+
+    def _start(self, kwargs: dict, t) -> None:
+        from fmrt.sampling import make_plan
+        n = kwargs.get("num_inference_steps")
+        if n is None:
+            raise ValueError("cache_context needs num_inference_steps")
+        sig = None
+        if self.interval is not None:
+            sig = [float(s) for s in self.scheduler.sigmas[:n]]   # one host read per run
+        self.plan = make_plan(int(n), sig, guidance_interval=self.interval,
+                              guidance_reuse=self.reuse, cache=self.cache)
+        self._reset()
+        self.calls = {}
+
+    def _run_real(self, t, orig, name, args, kwargs):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return orig(*args, **kwargs)
+
+    def _forward(self, t, orig, *args, **kwargs):
+        if self._ctx is None:
+            if self.cache is not None:
+                raise ValueError("accelerate_wan(cache=...): call the transformer under "
+                                 "cache_context(name, step_index=...)")
+            return orig(*args, **kwargs)
+        name, ctx = self._ctx
+        i = self._step(name, ctx, t)
+        branch = self.plan.branches[i]
+        self._mode = self.plan.blocks[i][0 if name != "uncond" else 1]
+        if name != "uncond":
+            out = self._run_real(t, orig, name, args, kwargs)
+            self.c = out[0] if isinstance(out, tuple) else out.sample
+            return out
+        if self.c is None:
+            raise ValueError("accelerate_wan: the 'uncond' call must follow the 'cond' call")
+        c = self.c
+        if branch == "cond":
+            fake = c
+        elif self._refresh(branch, c, t):
+            out = self._run_real(t, orig, name, args, kwargs)
+            u = out[0] if isinstance(out, tuple) else out.sample
+            d = c.float() - u.float()
+            if self.d is not None and self.owner is t and isinstance(
+                    self.reuse, _adaptive_type()):
+                rel = (d - self.d).norm() / d.norm().clamp_min(1e-12)
+                self.d_moved = float(rel) > self.reuse.tol   # one scalar read
+            else:
+                self.d_moved = True
+            self.d, self.c_ref, self.owner, self.reused = d, c, t, 0
+            return out
+        else:
+            self.reused += 1
+            fake = (c.float() - self.d).to(c.dtype)
+        if kwargs.get("return_dict", True):
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+            return Transformer2DModelOutput(sample=fake)
+        return (fake,)
+
+    def _refresh(self, branch: str, c: Tensor, t) -> bool:
+        """Run the uncond forward at this step?"""
+        if branch == "cfg" or self.d is None or self.owner is not t:
+            return True
+        if branch == "reuse":
+            return False
+        if self.reused >= self.reuse.max_reuse or self.d_moved:
+            return True
+        rel = (c.float() - self.c_ref.float()).norm() / self.c_ref.float().norm().clamp_min(1e-12)
+        return float(rel) > self.reuse.tol   # one scalar read per adaptive step
+
+    def _run_blocks(self, t, blocks, hidden_states, *args, **kwargs):
+        from fmrt.cache import BranchCache
+        name = self._ctx[0] if self._ctx is not None else None
+        if name is None:
+            raise ValueError("accelerate_wan(cache=...): call the transformer under "
+                             "cache_context(name, step_index=...)")
+        st = self.states.get(name)
+        if st is None:
+            st = self.states[name] = BranchCache(self.cache)
+        st.mode = self._mode
+        return st.run(blocks, hidden_states,
+                      lambda b, h: type(b).forward(b, h, *args, **kwargs))
+
+
+def _pass_through(hidden_states, *args, **kwargs):
+    """A later block while block 0 runs the whole (cached) stack."""
+    return hidden_states
+
+
+def _adaptive_type():
+    from fmrt.guidance import AdaptiveGuidanceReuse
+    return AdaptiveGuidanceReuse
 
 
 # ---------------------------------------------------------------------------------------------

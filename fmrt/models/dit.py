@@ -421,14 +421,17 @@ class DiT(nn.Module):
             e = e + self.time_embedding_h(timestep_embedding(1000.0 * h, cfg.freq_dim).to(dtype))
         return e
 
+    supports_step_cache = True  # forward takes cache= (fmrt.cache.BranchCache)
+
     def forward(self, x: Tensor, sigma: Time, cond: Optional[Tensor] = None, *,
-                r: Optional[Time] = None) -> Tensor:
+                r: Optional[Time] = None, cache=None) -> Tensor:
         """x `[B, C, T, H, W]`; sigma in [0, 1] (1 = noise): float, `[B]`, or `[B, T]` per frame
         (every token of frame f gets sigma[:, f]); cond: class labels `[B]` (None = null class),
         text embeddings `[B, L, text_dim]`, or None for an unconditional model; r (MeanFlow
         models only): the second time, same forms as sigma, None = sigma (h = 0).
         Returns `[B, out_channels, T, H, W]` in x's dtype (the velocity, or MeanFlow's average
-        velocity u(x, r, t))."""
+        velocity u(x, r, t)). cache: a `fmrt.cache.BranchCache` (step caching: the block loop
+        runs through it and may reuse the blocks' cached residual; see fmrt.cache)."""
         cfg = self.config
         f, h, w = self._check_x(x)
         B = x.shape[0]
@@ -449,7 +452,10 @@ class DiT(nn.Module):
         # would recompute the blocks without the tangents and fail.
         use_ckpt = (self.gradient_checkpointing and torch.is_grad_enabled()
                     and not _forward_ad_active(tokens, e0, context))
-        for block in self.blocks:
+        if cache is not None:
+            tokens = cache.run(self.blocks, tokens,
+                               lambda block, h: block(h, context, e0, cos, sin))
+        for block in (self.blocks if cache is None else ()):
             if use_ckpt:
                 tokens = checkpoint(block, tokens, context, e0, cos, sin, use_reentrant=False)
             else:

@@ -30,7 +30,8 @@ def _norm(name: str) -> str:
 
 
 def _imported_modules() -> dict:
-    """Top-level modules imported by tests/, benchmarks/ and conftest.py -> a file importing it."""
+    """Third-party top-level modules imported by tests/, benchmarks/ and conftest.py -> a file
+    importing it."""
     files = [os.path.join(ROOT, "conftest.py")]
     for d in ("tests", "benchmarks"):
         for dirpath, _, fs in os.walk(os.path.join(ROOT, d)):
@@ -44,8 +45,11 @@ def _imported_modules() -> dict:
                 found = [node.module]
             else:
                 continue
-            for m in found:
-                mods.setdefault(m.split(".")[0], os.path.relpath(path, ROOT))
+            for m in (m.split(".")[0] for m in found):
+                here = (ROOT, os.path.dirname(path))     # the repository's own modules
+                if not any(os.path.exists(os.path.join(d, m + ".py"))
+                           or os.path.isdir(os.path.join(d, m)) for d in here):
+                    mods.setdefault(m, os.path.relpath(path, ROOT))
     return mods
 
 
@@ -53,10 +57,9 @@ def test_every_imported_package_is_required():
     base, extras = _requirements()
     wanted = base | extras["test"]
     dists = importlib.metadata.packages_distributions()
-    local = {"fmrt", "tests", "benchmarks", "kernels", "aot_compile"}
     missing = []
     for mod, where in sorted(_imported_modules().items()):
-        if mod in sys.stdlib_module_names or mod in local:
+        if mod in sys.stdlib_module_names:
             continue
         names = {_norm(d) for d in dists.get(mod, [mod])}
         if not names & wanted:

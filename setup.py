@@ -33,6 +33,7 @@ setup(
             "matplotlib>=3.7",
             "peft>=0.12",
             "transformers>=4.45",  # the tiny Wan pipelines of the `fmrt sample --diffusers` tests
+            "tokenizers",          # (tests/tiny_wan.py builds their tokenizer)
             "ftfy",                # diffusers' Wan image-to-video pipeline cleans prompts with it
             "scipy",               # diffusers' beta sigmas (tests/integrations/*scheduler*)
             # Triton 3.6's interpreter (what the CPU tests run on; torch 2.11 pins triton 3.6)

@@ -277,8 +277,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _add_batch_args(p: argparse.ArgumentParser, *, batch_default: int, what: str) -> None:
     p.add_argument("--batch-size", type=_int_at_least(1), default=batch_default,
-                   help=f"{what} per model batch (default {batch_default}); the results do not "
-                        f"depend on it (except euler_maruyama's step noise)")
+                   help=f"{what} per model batch (default {batch_default}); the noise does not "
+                        f"depend on it, the results only to float rounding (euler_maruyama: "
+                        f"each batch draws its own step noise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar over batches")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file that fmrt did not write")
@@ -485,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-per-class", type=_int_at_least(2, MAX_EVAL_PER_CLASS), default=32)
     e.add_argument("--classifier", default=None, help="classifier weights (default: shipped)")
     e.add_argument("--json", default=None, help="also write the results as JSON (.json)")
-    _add_batch_args(e, batch_default=64, what="clips")
+    _add_batch_args(e, batch_default=256, what="clips")
     e.set_defaults(func=cmd_eval)
 
     # -- reflow -------------------------------------------------------------------------------
@@ -787,7 +788,9 @@ def generate_batched(model, meta: dict, labels, *, seed: int, batch_size: int, p
     """`generate_clips` over batches of `batch_size` clips, a progress bar over the batches.
     The noise of all clips is drawn first, as one call draws it (clip i: the i-th draw of one
     generator seeded with `seed`), so every batch size gives the same clips with the ODE
-    solvers; `recorder` sees the first batch only. Returns float32 `[N, C, T, H, W]` (CPU)."""
+    solvers, up to the float rounding of the model's batched kernels; euler_maruyama's step
+    noise is seeded per batch (batch 0: `seed`). `recorder` sees the first batch only.
+    Returns float32 `[N, C, T, H, W]` (CPU)."""
     import torch
     from tqdm.auto import tqdm
 

@@ -4,9 +4,12 @@ import subprocess
 import sys
 
 TIMEOUT_S = 600
+# A fresh interpreter puts its working directory first on sys.path: never the folder holding the
+# clone (there `fmrt` would be the clone folder, an empty namespace package: see the README).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_fmrt(*argv, cwd=None) -> subprocess.CompletedProcess:
+def run_fmrt(*argv, cwd=ROOT) -> subprocess.CompletedProcess:
     """`python -m fmrt.cli ARGV` (the console script's code) in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "fmrt.cli", *map(str, argv)], cwd=cwd,
                           capture_output=True, text=True, timeout=TIMEOUT_S)

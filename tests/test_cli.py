@@ -23,9 +23,9 @@ def test_help_lists_subcommands(capsys):
         assert cmd in out
 
 
-def test_version_and_console_script():
+def test_version_and_console_script(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fmrt.cli", "--version"], capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, cwd=tmp_path).stdout
     assert fmrt.__version__ in out
 
 

@@ -186,7 +186,7 @@ def test_mp4_needs_the_video_extra(model, tmp_path, monkeypatch, capsys):
 
 def test_mp4(model, tmp_path):
     pytest.importorskip("imageio_ffmpeg")
-    import imageio.v2 as imageio
+    imageio = pytest.importorskip("imageio.v2")
     r = run_fmrt("sample", "--checkpoint", model, "--out", "v.mp4", *FAST, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     with imageio.get_reader(str(tmp_path / "v.mp4"), format="FFMPEG") as rd:

@@ -7,6 +7,7 @@ import pytest
 
 import fmrt
 from fmrt import cli
+from tests.cli_run import ROOT
 
 PROBE = """
 import sys
@@ -20,7 +21,7 @@ sys.exit(code)
 """
 
 
-def _probe(*argv, cwd=None):
+def _probe(*argv, cwd=ROOT):
     return subprocess.run([sys.executable, "-c", PROBE, *map(str, argv)], capture_output=True,
                           text=True, timeout=120, cwd=cwd)
 
@@ -71,7 +72,8 @@ def test_no_torch_before_the_arguments_are_checked(argv, code, needle, model, tm
 
 def test_import_fmrt_is_light_and_lazy():
     r = subprocess.run([sys.executable, "-c", "import sys, fmrt; print(fmrt.__version__, "
-                        "'torch' in sys.modules)"], capture_output=True, text=True, timeout=120)
+                        "'torch' in sys.modules)"], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
     assert r.stdout.split() == [fmrt.__version__, "False"], r.stderr
     # the public names still come with `import fmrt`, loaded on first use
     from fmrt._dispatch import use_backend

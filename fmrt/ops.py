@@ -1143,12 +1143,15 @@ def _check_flash_args(q, k, v, scale, key_padding_mask, mask) -> Optional[float]
     return scale
 
 
-@torch.library.custom_op("fmrt::flash_attention_fwd", mutates_args=())
-def _flash_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+def _flash_fwd_impl(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
                   mask: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
     from fmrt.kernels import attention as K
     o, _, lse = K.attention_fwd(q, k, v, scale, key_padding_mask, mask)
     return o, lse
+
+
+_flash_fwd_op = torch.library.custom_op("fmrt::flash_attention_fwd", _flash_fwd_impl,
+                                       mutates_args=())
 
 
 @_flash_fwd_op.register_fake
@@ -1173,12 +1176,15 @@ def _flash_jvp_fake(q, k, v, tq, tk, tv, key_padding_mask, mask, scale):
             q.new_empty((B, H, S_q), dtype=torch.float32))
 
 
-@torch.library.custom_op("fmrt::flash_attention_tangent", mutates_args=())
-def _flash_tangent_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, tq: Tensor,
+def _flash_tangent_impl(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, tq: Tensor,
                       tk: Tensor, tv: Tensor, key_padding_mask: Optional[Tensor],
                       mask: Optional[Tensor], scale: float) -> Tensor:
     from fmrt.kernels import attention as K
     return K.attention_tangent(q, k, v, o, lse, (tq, tk, tv), scale, key_padding_mask, mask)
+
+
+_flash_tangent_op = torch.library.custom_op("fmrt::flash_attention_tangent",
+                                           _flash_tangent_impl, mutates_args=())
 
 
 @_flash_tangent_op.register_fake
@@ -1186,12 +1192,15 @@ def _flash_tangent_fake(q, k, v, o, lse, tq, tk, tv, key_padding_mask, mask, sca
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("fmrt::flash_attention_bwd", mutates_args=())
-def _flash_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+def _flash_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                   key_padding_mask: Optional[Tensor], mask: Optional[Tensor],
                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
     from fmrt.kernels import attention as K
     return K.attention_bwd(do, q, k, v, o, lse, scale, key_padding_mask, mask)
+
+
+_flash_bwd_op = torch.library.custom_op("fmrt::flash_attention_bwd", _flash_bwd_impl,
+                                       mutates_args=())
 
 
 @_flash_bwd_op.register_fake
@@ -1199,6 +1208,16 @@ def _flash_bwd_fake(do, q, k, v, o, lse, key_padding_mask, mask, scale):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _flash_call(op, impl, *tensors):
+    """The custom op while something traces (make_fx, export, fake modes) or for
+    torch.func-wrapped tensors (the jvp rule under a reverse-mode level: the dispatcher unwraps
+    them), else its launcher directly: the custom-op wrapper costs ~100 us of host time per
+    call, and this Function runs eagerly anyway (`_flash_apply` is a graph break)."""
+    if tracing() or any(_is_wrapped(t) for t in tensors if t is not None):
+        return op
+    return impl
 
 
 def _zero_tangent(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -1211,7 +1230,8 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, key_padding_mask, mask, scale):
-        return _flash_fwd_op(q, k, v, key_padding_mask, mask, scale)
+        fwd = _flash_call(_flash_fwd_op, _flash_fwd_impl, q, k, v)
+        return fwd(q, k, v, key_padding_mask, mask, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -1225,7 +1245,8 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, key_padding_mask, mask = ctx.saved_tensors
-        dq, dk, dv = _flash_bwd_op(do, q, k, v, o, lse, key_padding_mask, mask, ctx.scale)
+        bwd = _flash_call(_flash_bwd_op, _flash_bwd_impl, do, q, k, v)
+        dq, dk, dv = bwd(do, q, k, v, o, lse, key_padding_mask, mask, ctx.scale)
         return dq, dk, dv, None, None, None
 
     @staticmethod
@@ -1238,8 +1259,9 @@ class _FlashAttention(torch.autograd.Function):
                 "only the model's forward / backward or wrap the jvp in "
                 "torch.compiler.disable")
         q, k, v, o, lse, key_padding_mask, mask = ctx.saved_tensors
-        t_out = _flash_tangent_op(q, k, v, o, lse, _zero_tangent(tq, q), _zero_tangent(tk, k),
-                                  _zero_tangent(tv, v), key_padding_mask, mask, ctx.scale)
+        tangent = _flash_call(_flash_tangent_op, _flash_tangent_impl, q, k, v, tq, tk, tv)
+        t_out = tangent(q, k, v, o, lse, _zero_tangent(tq, q), _zero_tangent(tk, k),
+                        _zero_tangent(tv, v), key_padding_mask, mask, ctx.scale)
         return t_out, None
 
 

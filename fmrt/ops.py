@@ -120,8 +120,8 @@ def host_values(t: Tensor) -> Optional[list]:
     sync; None for CUDA (or other device) tensors, large ones, and while tracing or under a
     torch.func transform: those values are not checked (reading a CUDA tensor back would
     sync the device and break CUDA-graph capture)."""
-    if not t.is_cpu or t.numel() > HOST_CHECK_LIMIT or tracing() or \
-            _functorch_level() is not None:
+    if not t.is_cpu or t.numel() > HOST_CHECK_LIMIT or torch.compiler.is_compiling() or \
+            torch._C._len_torch_dispatch_stack() or _functorch_level() is not None:
         return None
     v = t.tolist() if t.ndim <= 1 else t.reshape(-1).tolist()
     return v if isinstance(v, list) else [v]
@@ -142,10 +142,9 @@ def check_sigma(name: str, sigma, x: Tensor, *, per_sample_only: bool = False) -
         raise TypeError(f"{name} must be a floating-point tensor, got {sigma.dtype}")
     if sigma.device != x.device:
         raise ValueError(f"{name} is on {sigma.device} but the data is on {x.device}")
-    vals = host_values(sigma)
-    if vals is not None and not all(0.0 <= v <= 1.0 for v in vals):
-        bad = next(v for v in vals if not 0.0 <= v <= 1.0)
-        raise ValueError(f"{name} must lie in [0, 1], got a value {bad}")
+    for v in host_values(sigma) or ():
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got a value {v}")
     if sigma.ndim == 0:
         return
     batch = x.shape[0] if x.ndim else 1
@@ -679,9 +678,10 @@ def _cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim, stats, sigma, row: 
     want_stats = stats is not None
 
     def launch(c, u, g):
-        out, part = K.guided_step(None, c.contiguous(), u.contiguous(), g, None, None,
-                                  rescale=rescale, row=row, stats=want_stats)
-        return (out, part) if want_stats else out
+        out, st = K.guided_step(None, c.contiguous(), u.contiguous(), g, None, None,
+                                rescale=rescale, row=row, stats=want_stats,
+                                stats_sigma=1.0 if sigma is None else sigma)
+        return (out, st) if want_stats else out
 
     if not wants_autograd(v_cond, v_uncond, scale):
         res = launch(v_cond, v_uncond, scale)
@@ -691,10 +691,8 @@ def _cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim, stats, sigma, row: 
             v_cond, v_uncond, scale)
     if not want_stats:
         return res
-    out, part = res
-    st = K.finish_stats(part, v_cond.numel() // v_cond.shape[0],
-                         1.0 if sigma is None else sigma)
-    _fill_stats(stats, st, sigma is not None)
+    out, st = res
+    _fill_stats(stats, dict(zip(K.STAT_KEYS, st.unbind(0))), sigma is not None)
     return out
 
 
@@ -757,10 +755,10 @@ def _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, n
     want_stats = stats is not None
 
     def launch(x, c, u, g, s, sn):
-        out, part = K.guided_step(x.contiguous(), c.contiguous(), u.contiguous(), g, s, sn,
-                                  rescale=rescale, row=row, stats=want_stats,
-                                  out_dtype=out_dtype, eager_rounding=eager_rounding)
-        return (out, part) if want_stats else out
+        out, st = K.guided_step(x.contiguous(), c.contiguous(), u.contiguous(), g, s, sn,
+                                rescale=rescale, row=row, stats=want_stats,
+                                out_dtype=out_dtype, eager_rounding=eager_rounding)
+        return (out, st) if want_stats else out
 
     if not wants_autograd(x, v_cond, v_uncond, scale, sigma, sigma_next):
         res = launch(x, v_cond, v_uncond, scale, sigma, sigma_next)
@@ -772,8 +770,8 @@ def _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, n
             1, x, v_cond, v_uncond, scale, sigma, sigma_next)
     if not want_stats:
         return res
-    out, part = res
-    stats.update(K.finish_stats(part, x.numel() // x.shape[0], sigma))
+    out, st = res
+    stats.update(zip(K.STAT_KEYS, st.unbind(0)))   # views of one [11, B] tensor
     return out
 
 

@@ -120,8 +120,8 @@ def host_values(t: Tensor) -> Optional[list]:
     sync; None for CUDA (or other device) tensors, large ones, and while tracing or under a
     torch.func transform: those values are not checked (reading a CUDA tensor back would
     sync the device and break CUDA-graph capture)."""
-    if not t.is_cpu or t.numel() > HOST_CHECK_LIMIT or tracing() or \
-            _functorch_level() is not None:
+    if not t.is_cpu or t.numel() > HOST_CHECK_LIMIT or torch.compiler.is_compiling() or \
+            torch._C._len_torch_dispatch_stack() or _functorch_level() is not None:
         return None
     v = t.tolist() if t.ndim <= 1 else t.reshape(-1).tolist()
     return v if isinstance(v, list) else [v]
@@ -142,10 +142,9 @@ def check_sigma(name: str, sigma, x: Tensor, *, per_sample_only: bool = False) -
         raise TypeError(f"{name} must be a floating-point tensor, got {sigma.dtype}")
     if sigma.device != x.device:
         raise ValueError(f"{name} is on {sigma.device} but the data is on {x.device}")
-    vals = host_values(sigma)
-    if vals is not None and not all(0.0 <= v <= 1.0 for v in vals):
-        bad = next(v for v in vals if not 0.0 <= v <= 1.0)
-        raise ValueError(f"{name} must lie in [0, 1], got a value {bad}")
+    for v in host_values(sigma) or ():
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got a value {v}")
     if sigma.ndim == 0:
         return
     batch = x.shape[0] if x.ndim else 1
@@ -689,9 +688,10 @@ def _cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim, stats, sigma, row: 
     want_stats = stats is not None
 
     def launch(c, u, g):
-        out, part = K.guided_step(None, c.contiguous(), u.contiguous(), g, None, None,
-                                  rescale=rescale, row=row, stats=want_stats)
-        return (out, part) if want_stats else out
+        out, st = K.guided_step(None, c.contiguous(), u.contiguous(), g, None, None,
+                                rescale=rescale, row=row, stats=want_stats,
+                                stats_sigma=1.0 if sigma is None else sigma)
+        return (out, st) if want_stats else out
 
     if not wants_autograd(v_cond, v_uncond, scale):
         res = launch(v_cond, v_uncond, scale)
@@ -701,10 +701,8 @@ def _cfg_combine(v_cond, v_uncond, scale, rescale, norm_dim, stats, sigma, row: 
             v_cond, v_uncond, scale)
     if not want_stats:
         return res
-    out, part = res
-    st = K.finish_stats(part, v_cond.numel() // v_cond.shape[0],
-                         1.0 if sigma is None else sigma)
-    _fill_stats(stats, st, sigma is not None)
+    out, st = res
+    _fill_stats(stats, dict(zip(K.STAT_KEYS, st.unbind(0))), sigma is not None)
     return out
 
 
@@ -767,10 +765,10 @@ def _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, n
     want_stats = stats is not None
 
     def launch(x, c, u, g, s, sn):
-        out, part = K.guided_step(x.contiguous(), c.contiguous(), u.contiguous(), g, s, sn,
-                                  rescale=rescale, row=row, stats=want_stats,
-                                  out_dtype=out_dtype, eager_rounding=eager_rounding)
-        return (out, part) if want_stats else out
+        out, st = K.guided_step(x.contiguous(), c.contiguous(), u.contiguous(), g, s, sn,
+                                rescale=rescale, row=row, stats=want_stats,
+                                out_dtype=out_dtype, eager_rounding=eager_rounding)
+        return (out, st) if want_stats else out
 
     if not wants_autograd(x, v_cond, v_uncond, scale, sigma, sigma_next):
         res = launch(x, v_cond, v_uncond, scale, sigma, sigma_next)
@@ -782,8 +780,8 @@ def _guided_euler_step(x, v_cond, v_uncond, scale, sigma, sigma_next, rescale, n
             1, x, v_cond, v_uncond, scale, sigma, sigma_next)
     if not want_stats:
         return res
-    out, part = res
-    stats.update(K.finish_stats(part, x.numel() // x.shape[0], sigma))
+    out, st = res
+    stats.update(zip(K.STAT_KEYS, st.unbind(0)))   # views of one [11, B] tensor
     return out
 
 
@@ -1292,12 +1290,15 @@ def _check_flash_args(q, k, v, scale, key_padding_mask, mask) -> Optional[float]
     return scale
 
 
-@torch.library.custom_op("fmrt::flash_attention_fwd", mutates_args=())
-def _flash_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+def _flash_fwd_impl(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
                   mask: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
     from fmrt.kernels import attention as K
     o, _, lse = K.attention_fwd(q, k, v, scale, key_padding_mask, mask)
     return o, lse
+
+
+_flash_fwd_op = torch.library.custom_op("fmrt::flash_attention_fwd", _flash_fwd_impl,
+                                       mutates_args=())
 
 
 @_flash_fwd_op.register_fake
@@ -1322,12 +1323,15 @@ def _flash_jvp_fake(q, k, v, tq, tk, tv, key_padding_mask, mask, scale):
             q.new_empty((B, H, S_q), dtype=torch.float32))
 
 
-@torch.library.custom_op("fmrt::flash_attention_tangent", mutates_args=())
-def _flash_tangent_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, tq: Tensor,
+def _flash_tangent_impl(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, tq: Tensor,
                       tk: Tensor, tv: Tensor, key_padding_mask: Optional[Tensor],
                       mask: Optional[Tensor], scale: float) -> Tensor:
     from fmrt.kernels import attention as K
     return K.attention_tangent(q, k, v, o, lse, (tq, tk, tv), scale, key_padding_mask, mask)
+
+
+_flash_tangent_op = torch.library.custom_op("fmrt::flash_attention_tangent",
+                                           _flash_tangent_impl, mutates_args=())
 
 
 @_flash_tangent_op.register_fake
@@ -1335,12 +1339,15 @@ def _flash_tangent_fake(q, k, v, o, lse, tq, tk, tv, key_padding_mask, mask, sca
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("fmrt::flash_attention_bwd", mutates_args=())
-def _flash_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+def _flash_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                   key_padding_mask: Optional[Tensor], mask: Optional[Tensor],
                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
     from fmrt.kernels import attention as K
     return K.attention_bwd(do, q, k, v, o, lse, scale, key_padding_mask, mask)
+
+
+_flash_bwd_op = torch.library.custom_op("fmrt::flash_attention_bwd", _flash_bwd_impl,
+                                       mutates_args=())
 
 
 @_flash_bwd_op.register_fake
@@ -1348,6 +1355,16 @@ def _flash_bwd_fake(do, q, k, v, o, lse, key_padding_mask, mask, scale):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _flash_call(op, impl, *tensors):
+    """The custom op while something traces (make_fx, export, fake modes) or for
+    torch.func-wrapped tensors (the jvp rule under a reverse-mode level: the dispatcher unwraps
+    them), else its launcher directly: the custom-op wrapper costs ~100 us of host time per
+    call, and this Function runs eagerly anyway (`_flash_apply` is a graph break)."""
+    if tracing() or any(_is_wrapped(t) for t in tensors if t is not None):
+        return op
+    return impl
 
 
 def _zero_tangent(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -1360,7 +1377,8 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, key_padding_mask, mask, scale):
-        return _flash_fwd_op(q, k, v, key_padding_mask, mask, scale)
+        fwd = _flash_call(_flash_fwd_op, _flash_fwd_impl, q, k, v)
+        return fwd(q, k, v, key_padding_mask, mask, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -1374,7 +1392,8 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, key_padding_mask, mask = ctx.saved_tensors
-        dq, dk, dv = _flash_bwd_op(do, q, k, v, o, lse, key_padding_mask, mask, ctx.scale)
+        bwd = _flash_call(_flash_bwd_op, _flash_bwd_impl, do, q, k, v)
+        dq, dk, dv = bwd(do, q, k, v, o, lse, key_padding_mask, mask, ctx.scale)
         return dq, dk, dv, None, None, None
 
     @staticmethod
@@ -1387,8 +1406,9 @@ class _FlashAttention(torch.autograd.Function):
                 "only the model's forward / backward or wrap the jvp in "
                 "torch.compiler.disable")
         q, k, v, o, lse, key_padding_mask, mask = ctx.saved_tensors
-        t_out = _flash_tangent_op(q, k, v, o, lse, _zero_tangent(tq, q), _zero_tangent(tk, k),
-                                  _zero_tangent(tv, v), key_padding_mask, mask, ctx.scale)
+        tangent = _flash_call(_flash_tangent_op, _flash_tangent_impl, q, k, v, tq, tk, tv)
+        t_out = tangent(q, k, v, o, lse, _zero_tangent(tq, q), _zero_tangent(tk, k),
+                        _zero_tangent(tv, v), key_padding_mask, mask, ctx.scale)
         return t_out, None
 
 

@@ -194,6 +194,18 @@ def magic31(d: int) -> tuple[int, int]:
     return -(-(1 << (31 + l)) // d), l
 
 
+_MAGIC_1 = magic31(1) + magic31(1)
+_DUMMIES: dict = {}
+
+
+def _dummy(device) -> torch.Tensor:
+    """A 1-element pointer argument the kernel never reads (made once per device)."""
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = _DUMMIES[device] = torch.empty(1, device=device)
+    return t
+
+
 def bcast_args(t: Optional[torch.Tensor], value: float, shape, device, *,
                per_sample_1d: bool = True):
     """Kernel arguments (ptr, value, bstride, T, R, mT, lT, mR, lR, MODE) of a broadcast operand
@@ -202,8 +214,11 @@ def bcast_args(t: Optional[torch.Tensor], value: float, shape, device, *,
     With per_sample_1d a 1-D `[B]` tensor is per sample (sigma); else torch's right-aligned
     broadcasting applies (mask)."""
     if t is None:
-        return (torch.empty(1, device=device), float(value), 0, 1, 1) + magic31(1) + \
-            magic31(1) + (0,)
+        return (_dummy(device), float(value), 0, 1, 1) + _MAGIC_1 + (0,)
+    if per_sample_1d and t.ndim <= 1 and t.dtype is torch.float32 and t.is_contiguous() and \
+            t.device == device and (t.ndim == 0 or t.shape[0] in (1, shape[0])):
+        # host fast path (a float32 0-d / [1] / [B] sigma): what the general path returns
+        return (t, 0.0, int(t.ndim == 1 and t.shape[0] != 1), 1, 1) + _MAGIC_1 + (1,)
     nd = len(shape)
     if per_sample_1d and t.ndim == 1 and nd >= 2 and t.shape[0] == shape[0] and shape[0] != 1:
         t = t.view(-1, *([1] * (nd - 1)))                     # [B] sigma: per sample

@@ -68,8 +68,10 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
     RESCALE 1:  v *= ratio[b]                        (per-sample ||c|| / ||v||, from pass 1)
     RESCALE 2:  v *= ||c_row|| / ||v_row||           (per token: rows of C elements; 1 if 0)
     out = x + (sigma_next - sigma) * v  if STEP else v      (fp32 math, one rounding)
-    STATS: this program's partial sums of c, c^2, u, u^2, d, d^2, v^2 (v before any rescale)
-    go to part[b, chunk, :]; the host finishes the per-sample statistics from them.
+    STATS 1: this program's partial sums of c, c^2, u, u^2, d, d^2, v^2 (v before any rescale)
+    go to part[b, chunk, :] (`_stats_kernel` finishes the statistics from them); STATS 2 (one
+    chunk per sample, STEP): the program's sums are the sample's, and it writes the finished
+    statistics (`_write_stats`) to part = out [11, B] itself.
     EAGER_ROUNDING (RESCALE 0): d, g * d, v, dt and dt * v each rounded to the model (c's)
     dtype, as eager torch evaluates a pipeline's combine and diffusers' scheduler step.
     The tile is [ROWS, BLOCK_C] rows of length C; the flat (per-sample) layout is ROWS = 1,
@@ -96,7 +98,7 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
     else:
         d = c - u
         v = u + g * d
-    if STATS:
+    if STATS == 1:
         p = part_ptr + (b.to(tl.int64) * n_chunks + chunk) * 8
         tl.store(p + 0, tl.sum(tl.sum(c, axis=1), axis=0))
         tl.store(p + 1, tl.sum(tl.sum(c * c, axis=1), axis=0))
@@ -105,6 +107,17 @@ def _guided_kernel(x_ptr, c_ptr, u_ptr, out_ptr, g_ptr, g_val, g_st, s_ptr, s_va
         tl.store(p + 4, tl.sum(tl.sum(d, axis=1), axis=0))
         tl.store(p + 5, tl.sum(tl.sum(d * d, axis=1), axis=0))
         tl.store(p + 6, tl.sum(tl.sum(v * v, axis=1), axis=0))
+    if STATS == 2:
+        f64 = tl.float64
+        _write_stats(part_ptr, tl.num_programs(1), b.to(tl.int64),
+                     tl.sum(tl.sum(c, axis=1), axis=0).to(f64),
+                     tl.sum(tl.sum(c * c, axis=1), axis=0).to(f64),
+                     tl.sum(tl.sum(u, axis=1), axis=0).to(f64),
+                     tl.sum(tl.sum(u * u, axis=1), axis=0).to(f64),
+                     tl.sum(tl.sum(d, axis=1), axis=0).to(f64),
+                     tl.sum(tl.sum(d * d, axis=1), axis=0).to(f64),
+                     tl.sum(tl.sum(v * v, axis=1), axis=0).to(f64), inner,
+                     _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR))
     if WRITE:
         if RESCALE == 1:
             v = v * tl.load(ratio_ptr + b)
@@ -148,37 +161,17 @@ def _ratio_kernel(part_ptr, ratio_ptr, n_chunks, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(part_ptr, out_ptr, s_ptr, s_val, s_st, n_chunks, n, B,
-                  S_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
-    """Seed 000's guidance diagnostics of sample b from the guided kernel's partial sums
-    (grid = (B,)), summed over the chunks in fp64 (a fixed order: deterministic):
-    t = sum_k part[b, k, :] = (sum c, sum c^2, sum u, sum u^2, sum d, sum d^2, sum v^2);
-    mean = t_i / n, std = sqrt((t_i+1 - t_i^2 / n) / (n - 1)) (unbiased; NaN for n = 1);
-    ||d|| = sqrt(t_5); vel_diff_norm = x0_diff_norm = |sigma| ||d||;
-    rescale_ratio = sqrt(t_1 / t_6) (1 where ||v|| = 0).
-    out[i, b] for the rows of `STAT_KEYS`: sigma, c mean/std, u mean/std, d mean/std, ||d||,
-    vel_diff_norm, x0_diff_norm, rescale_ratio."""
-    b = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, 8)
-    acc = tl.zeros((BLOCK, 8), tl.float64)
-    for start in range(0, n_chunks, BLOCK):
-        k = start + tl.arange(0, BLOCK)
-        ptrs = part_ptr + (b * n_chunks + k)[:, None] * 8 + cols[None, :]
-        m = (k < n_chunks)[:, None] & (cols < 7)[None, :]
-        acc += tl.load(ptrs, mask=m, other=0.0).to(tl.float64)
-    t = tl.sum(acc, axis=0)
+def _write_stats(out_ptr, B, b, t0, t1, t2, t3, t4, t5, t6, n, sig):
+    """Seed 000's guidance diagnostics of sample b from its fp64 sums t = (sum c, sum c^2,
+    sum u, sum u^2, sum d, sum d^2, sum v^2) over n elements, to out[i, b] for the rows of
+    `STAT_KEYS`: sigma, c mean/std, u mean/std, d mean/std, ||d||, vel_diff_norm,
+    x0_diff_norm, rescale_ratio. mean = t_i / n, std = sqrt((t_i+1 - t_i^2 / n) / (n - 1))
+    (unbiased; NaN for n = 1); ||d|| = sqrt(t_5); vel_diff_norm = x0_diff_norm = |sigma| ||d||;
+    rescale_ratio = sqrt(t_1 / t_6) (1 where ||v|| = 0)."""
     nf = n.to(tl.float64)
-    t0 = tl.sum(tl.where(cols == 0, t, 0.0))
-    t1 = tl.sum(tl.where(cols == 1, t, 0.0))
-    t2 = tl.sum(tl.where(cols == 2, t, 0.0))
-    t3 = tl.sum(tl.where(cols == 3, t, 0.0))
-    t4 = tl.sum(tl.where(cols == 4, t, 0.0))
-    t5 = tl.sum(tl.where(cols == 5, t, 0.0))
-    t6 = tl.sum(tl.where(cols == 6, t, 0.0))
     one = n > 1
     den = tl.where(one, nf - 1.0, 1.0)
     nan = float("nan")
-    sig = _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR)
     dn = tl.sqrt(t5)
     vel = tl.abs(sig).to(tl.float64) * dn
     ok = t6 > 0.0
@@ -197,6 +190,28 @@ def _stats_kernel(part_ptr, out_ptr, s_ptr, s_val, s_st, n_chunks, n, B,
     tl.store(out_ptr + 8 * B + b, vel.to(tl.float32))
     tl.store(out_ptr + 9 * B + b, vel.to(tl.float32))
     tl.store(out_ptr + 10 * B + b, ratio.to(tl.float32))
+
+
+@triton.jit
+def _stats_kernel(part_ptr, out_ptr, s_ptr, s_val, s_st, n_chunks, n, B,
+                  S_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    """The statistics of sample b (`_write_stats`) from the guided kernel's partial sums
+    part[b, :, :] (grid = (B,)), summed over the chunks in fp64 in a fixed order
+    (deterministic)."""
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, 8)
+    acc = tl.zeros((BLOCK, 8), tl.float64)
+    for start in range(0, n_chunks, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        ptrs = part_ptr + (b * n_chunks + k)[:, None] * 8 + cols[None, :]
+        m = (k < n_chunks)[:, None] & (cols < 7)[None, :]
+        acc += tl.load(ptrs, mask=m, other=0.0).to(tl.float64)
+    t = tl.sum(acc, axis=0)
+    _write_stats(out_ptr, B, b, tl.sum(tl.where(cols == 0, t, 0.0)),
+                 tl.sum(tl.where(cols == 1, t, 0.0)), tl.sum(tl.where(cols == 2, t, 0.0)),
+                 tl.sum(tl.where(cols == 3, t, 0.0)), tl.sum(tl.where(cols == 4, t, 0.0)),
+                 tl.sum(tl.where(cols == 5, t, 0.0)), tl.sum(tl.where(cols == 6, t, 0.0)), n,
+                 _load_sigma(s_ptr, s_val, s_st, b, S_TENSOR))
 
 
 @triton.jit
@@ -228,7 +243,8 @@ def _sde_kernel(x_ptr, v_ptr, z_ptr, out_ptr, s_ptr, s_val, s_st, sn_ptr, sn_val
     z = noise, or fmrt's seeded Philox noise (kernels/noise.py's offset scheme: program (g, b)
     owns elements [4Qg, 4Q(g+1)) of sample b in four lanes of Q, one Philox call per 4
     elements; FAST: the hardware log/sin/cos of compiled CUDA kernels), so the same seed gives
-    the same noise as `ops.add_noise`. eta = 0 is exactly Euler. LOGP: the program's sum of z^2 to part[b, g].
+    the same noise as `ops.add_noise`. eta = 0 is exactly Euler. LOGP: the program's sum of
+    z^2 to part[b, g].
     """
     g = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -317,17 +333,17 @@ STAT_KEYS = ("sigma", "cond_mean", "cond_std", "uncond_mean", "uncond_std", "cfg
              "cfg_diff_std", "cfg_diff_norm", "vel_diff_norm", "x0_diff_norm", "rescale_ratio")
 
 
-def finish_stats(part: torch.Tensor, n: int, sigma) -> dict:
-    """Per-sample statistics `[B]` (float32, on the device; keys `STAT_KEYS`) from the guided
-    kernel's partial sums `part [B, chunks, NSTAT]` over n elements per sample: one launch of
-    `_stats_kernel`, no host sync; the dict holds views of one `[11, B]` tensor."""
+def finish_stats(part: torch.Tensor, n: int, sigma) -> torch.Tensor:
+    """Per-sample statistics, float32 `[11, B]` on the device (rows: `STAT_KEYS`), from the
+    guided kernel's partial sums `part [B, chunks, NSTAT]` over n elements per sample: one
+    launch of `_stats_kernel`, no host sync."""
     B, chunks = part.shape[0], part.shape[1]
-    out = torch.empty(len(STAT_KEYS), B, dtype=torch.float32, device=part.device)
+    out = torch.empty((len(STAT_KEYS), B), dtype=torch.float32, device=part.device)
     if B:
         s_ptr, s_val, s_st, s_t = sigma_args(sigma, part, B)
         _stats_kernel[(B,)](part, out, s_ptr, s_val, s_st, chunks, n, B, S_TENSOR=s_t,
                             BLOCK=_stats_block(chunks), num_warps=1)
-    return dict(zip(STAT_KEYS, out.unbind(0)))
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -336,18 +352,21 @@ def _stats_block(chunks: int) -> int:
 
 
 def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, stats: bool,
-                out_dtype=None, eager_rounding: bool = False):
+                stats_sigma=None, out_dtype=None, eager_rounding: bool = False):
     """CFG combine (+ norm rescale) (+ Euler step when x is not None) (+ statistics).
 
     c, u (and x) contiguous with the same shape `[B, ...]` (x may have another float dtype);
     row > 0: per-token rescale over rows of `row` elements (the last dim). The result is in
     out_dtype (default: x's dtype for a step, c's otherwise).
-    Returns (out, partial sums [B, chunks, NSTAT] or None).
+    Returns (out, statistics float32 `[11, B]` (rows `STAT_KEYS`; sigma = stats_sigma, default
+    sigma) or None).
 
     Bytes moved (N elements of size e): rescale "none" or per token: one pass, reads x, c, u and
     writes out: 4 N e (cfg_combine: 3 N e). Per-sample rescale: pass 1 reads c, u (2 N e) and
     writes the partial norms; pass 2 reads x, c, u and writes out: 6 N e (cfg_combine 5 N e).
-    Statistics add only the partial sums (8 floats per program).
+    Statistics add only the partial sums (8 floats per program) and one tiny finishing kernel;
+    a step whose samples fit one program each (small latents, where the host cost matters)
+    writes the finished statistics from that program (no partial sums, no second launch).
     """
     step = x is not None
     xx = x if step else c
@@ -355,8 +374,11 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
     B = c.shape[0]
     n = c.numel()
     inner = n // B if B else 0
+    if stats_sigma is None:
+        stats_sigma = sigma
     if n == 0:
-        return out, (torch.zeros(B, 1, NSTAT, device=c.device) if stats else None)
+        zeros = torch.zeros(B, 1, NSTAT, device=c.device)
+        return out, (finish_stats(zeros, inner, stats_sigma) if stats else None)
     token = rescale == "norm" and row > 0
     per_sample = rescale == "norm" and not token
     rows, bc, C, chunks, warps = _tile(inner, row if token else 0)
@@ -364,14 +386,19 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
     s_ptr, s_val, s_st, s_t = sigma_args(sigma, c, B) if step else (c, 0.0, 0, False)
     sn_ptr, sn_val, sn_st, sn_t = sigma_args(sigma_next, c, B) if step else (c, 0.0, 0, False)
     grid = (chunks, B)
-    part = torch.empty((B, chunks, NSTAT), dtype=torch.float32, device=c.device) \
-        if stats or per_sample else c
+    fused = stats and step and chunks == 1 and not per_sample and stats_sigma is sigma
+    if fused:   # the kernel writes the finished statistics
+        part = torch.empty((len(STAT_KEYS), B), dtype=torch.float32, device=c.device)
+    elif stats or per_sample:
+        part = torch.empty((B, chunks, NSTAT), dtype=torch.float32, device=c.device)
+    else:
+        part = c
     ratio = c
     if per_sample:
         _guided_kernel[grid](xx, c, u, out, g_ptr, g_val, g_st, s_ptr, s_val, s_st, sn_ptr,
                              sn_val, sn_st, ratio, part, inner, C, chunks, STEP=False,
                              WRITE=False, G_TENSOR=g_t, S_TENSOR=s_t, SN_TENSOR=sn_t,
-                             RESCALE=0, STATS=True, TOKEN=token, EAGER_ROUNDING=False,
+                             RESCALE=0, STATS=1, TOKEN=token, EAGER_ROUNDING=False,
                              ROWS=rows, BLOCK_C=bc, num_warps=warps)
         ratio = torch.empty((B,), dtype=torch.float32, device=c.device)
         _ratio_kernel[(B,)](part, ratio, chunks, BLOCK=min(1024, max(32, _pow2(chunks))),
@@ -380,10 +407,12 @@ def guided_step(x, c, u, scale, sigma, sigma_next, *, rescale: str, row: int, st
                          sn_st, ratio, part, inner, C, chunks, STEP=step, WRITE=True,
                          G_TENSOR=g_t, S_TENSOR=s_t, SN_TENSOR=sn_t,
                          RESCALE=1 if per_sample else (2 if token else 0),
-                         STATS=stats and not per_sample, TOKEN=token,
-                         EAGER_ROUNDING=eager_rounding, ROWS=rows, BLOCK_C=bc, num_warps=warps,
-                         enable_fp_fusion=not eager_rounding)
-    return out, (part if stats else None)
+                         STATS=0 if not stats or per_sample else (2 if fused else 1),
+                         TOKEN=token, EAGER_ROUNDING=eager_rounding, ROWS=rows, BLOCK_C=bc,
+                         num_warps=warps, enable_fp_fusion=not eager_rounding)
+    if not stats:
+        return out, None
+    return out, (part if fused else finish_stats(part, inner, stats_sigma))
 
 
 def sde_step(x, v, sigma, sigma_next, eta: float, noise, seed, logp: bool):

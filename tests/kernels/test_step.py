@@ -295,9 +295,10 @@ def _stats_oracle(c, u, scale, sigma):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("mode", RESCALE_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_guided_stats_match_definitions(backend, mode, dtype):
+@pytest.mark.parametrize("shape", [(3, 2, 4100), (3, 5, 60)])  # split sums / one program each
+def test_guided_stats_match_definitions(backend, mode, dtype, shape):
     rescale, norm_dim = mode
-    x, c, u, scale, s, sn = _make_guided((3, 2, 4100), dtype, "tensor", "tensor", seed=5)()
+    x, c, u, scale, s, sn = _make_guided(shape, dtype, "tensor", "tensor", seed=5)()
     c = c + 0.3  # non-zero means
     stats = {}
     with use_backend(backend):
@@ -639,6 +640,7 @@ out = {
     "flat": comp(K._guided_kernel, g, base, 8),
     "token": comp(K._guided_kernel, g, dict(base, RESCALE=2, TOKEN=True, ROWS=64, BLOCK_C=64), 8),
     "norm_pass1": comp(K._guided_kernel, g, dict(base, STEP=False, WRITE=False), 8),
+    "fused_stats": comp(K._guided_kernel, g, dict(base, STATS=2), 8),
 }
 s = {n: "*bf16" for n in ("x_ptr", "v_ptr", "z_ptr", "out_ptr")}
 for n in ("s", "sn"):
@@ -651,6 +653,12 @@ ratio = triton.compile(ASTSource(fn=K._ratio_kernel, signature={"part_ptr": "*fp
                        constexprs={"BLOCK": 32}), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 1})
 assert "ld.global" in ratio.asm["ptx"]
+stats = triton.compile(ASTSource(fn=K._stats_kernel, signature={
+    "part_ptr": "*fp32", "out_ptr": "*fp32", "s_ptr": "*fp32", "s_val": "fp32", "s_st": "i32",
+    "n_chunks": "i32", "n": "i32", "B": "i32", "S_TENSOR": "constexpr", "BLOCK": "constexpr"},
+    constexprs={"S_TENSOR": True, "BLOCK": 32}), target=GPUTarget("cuda", 90, 32),
+    options={"num_warps": 1})
+assert "st.global" in stats.asm["ptx"]
 print(json.dumps(out))
 '''
 

@@ -42,6 +42,7 @@ PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
        torch.int64: "*i64", torch.int32: "*i32", torch.uint8: "*u8", torch.int8: "*i8",
        torch.bool: "*i1"}
 MAX_SHARED = {90: 232448, 100: 232448, 80: 166912}  # opt-in shared memory per block, bytes
+SM_COUNT = 132                                       # H100 SXM and H200
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 
@@ -153,18 +154,25 @@ def _dtype_scenarios(dt: torch.dtype, run) -> list:
     for H, D in ((12, 128), (40, 128), (2, 64)):
         out.append((f"qk_norm_rope/H{H}xD{D}/{d}", run(_rope(dt, H, D))))
     for D in (64, 128):
-        fwd_bwd, jvp = _flash(dt, D)
+        fwd_bwd, jvp, func_jvp = _flash(dt, D)
         out += [(f"flash_attention_fwd_bwd/D{D}/{d}", run(fwd_bwd)),
-                (f"flash_attention_jvp/D{D}/{d}", run(jvp))]
+                (f"flash_attention_jvp/D{D}/{d}", run(jvp)),
+                (f"flash_attention_func_jvp/D{D}/{d}", run(func_jvp))]
     return out
+
+
+# Rows per tensor of the q/k-norm + RoPE scenarios: enough that every backward program loops
+# over many rows (an integer argument equal to 1 would be specialised to a constant and the
+# row loop compiled away, which is how its register cost went unseen before).
+ROPE_S = 2048
 
 
 def _rope(dt, H, D):
     from fmrt import ops
-    q = torch.randn(1, 8, H, D).to(dt).requires_grad_()
-    k = torch.randn(1, 8, H, D).to(dt).requires_grad_()
+    q = torch.randn(1, ROPE_S, H, D).to(dt).requires_grad_()
+    k = torch.randn(1, ROPE_S, H, D).to(dt).requires_grad_()
     wq, wk = torch.ones(H * D, requires_grad=True), torch.ones(H * D, requires_grad=True)
-    cos, sin = torch.ones(8, D // 2), torch.zeros(8, D // 2)
+    cos, sin = torch.ones(ROPE_S, D // 2), torch.zeros(ROPE_S, D // 2)
 
     def f():
         a, b = ops.qk_norm_rope(q, k, wq, wk, cos, sin, norm="across_heads")
@@ -182,7 +190,11 @@ def _flash(dt, D):
 
     def jvp():
         ops.flash_attention_jvp(q.detach(), k.detach(), v.detach(), tq, tk, tv)
-    return fwd_bwd, jvp
+
+    def func_jvp():  # MeanFlow's path: the primal forward, then the tangent kernel from its LSE
+        torch.func.jvp(lambda a, b, c: ops.flash_attention(a, b, c),
+                       (q.detach(), k.detach(), v.detach()), (tq, tk, tv))
+    return fwd_bwd, jvp, func_jvp
 
 
 def scenarios():
@@ -207,10 +219,14 @@ def main(argv=None) -> int:
     import fmrt.kernels.attention as KA
     import fmrt.kernels.loss as KL
     import fmrt.kernels.noise as KN
+    import fmrt.kernels.rope as KR
     import fmrt.kernels.step as KS
     import fmrt._dispatch as dispatch
     dispatch.interpreter_enabled = lambda: True  # let the ops launch kernels on CPU tensors
     KA._interpreted = lambda t: False         # GPU tile configurations
+    KR._sm_count = lambda index: SM_COUNT     # the q/k-norm backward's grid, as on an H100 / H200
+    real_programs = KR._backward_programs
+    KR._backward_programs = lambda n, dev, nw: real_programs(n, torch.device("cuda", 0), nw)
     for m in (KN, KL, KS):                     # fast hardware math, as on a GPU
         if hasattr(m, "fast_math"):
             m.fast_math = lambda t: True

@@ -69,3 +69,20 @@ def test_harness_rejects_what_the_gpu_compiler_rejects(tmp_path):
     bad.write_text(f"ROOT = {str(ROOT)!r}\n" + BAD)
     res = _run(str(bad))
     assert "rejected CompilationError" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def test_meanflow_tangent_and_rope_backward_fit_with_margin(tmp_path):
+    """The two launches the first report missed: the tangent kernel torch.func.jvp over
+    ops.flash_attention runs (fp32 D = 128 sat 3 KB under the shared-memory limit) and the
+    q/k-norm backward with its real row loop at Wan 14B's 40 heads (it spilled)."""
+    out = tmp_path / "aot.json"
+    res = _run("benchmarks/aot_compile.py", "-k", "func_jvp/D128/float32", "--json", str(out))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    shared = [r["shared"] for r in json.loads(out.read_text())["results"]]
+    assert len(shared) == 2 and max(shared) <= 232448 - 32 * 1024   # >= 32 KB to spare
+    res = _run("benchmarks/aot_compile.py", "-k", "qk_norm_rope/H40xD128/float32", "--json",
+               str(out))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    bwd = [r for r in json.loads(out.read_text())["results"]
+           if r["kernel"] == "_qk_norm_rope_bwd_kernel"]
+    assert len(bwd) == 1 and bwd[0]["stack"] == 0 and bwd[0]["local"] == 0, bwd

@@ -343,11 +343,12 @@ def _config(q: torch.Tensor, kind: str):
         "dkdv": ((64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 8, 1)),
         "dq": ((64, 64, 4, 2), (64, 64, 8, 2), (32, 32, 8, 1)),
     }[kind][i]
-    if f32:  # fp32 tiles take twice the registers and shared memory: the jvp's at D = 128
-        # would need 260 KB of shared memory with BLOCK_N 32 (the H100 has 227 KB per block;
-        # checked with benchmarks/aot_compile.py)
+    if f32:  # fp32 tiles take twice the registers and shared memory: with BLOCK_N 32 at
+        # D = 128 the jvp's would need 260 KB of shared memory and the tangent's 224 KB, 3 KB
+        # under the H100 / H200's 227 KB per block (checked with benchmarks/aot_compile.py):
+        # both take BLOCK_N 16 there
         bm = min(bm, 32 if kind == "dkdv" else 64)
-        bn, w = min(bn, 16 if kind == "jvp" and BD >= 128 else 32), 8
+        bn, w = min(bn, 16 if kind in ("jvp", "tangent") and BD >= 128 else 32), 8
     return bm, bn, BD, w, st, f32, prec
 
 

@@ -129,7 +129,8 @@ def _qk_norm_rope_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, wq_ptr, wk_ptr, cos_p
 def _bwd_load(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh, g_sd, cos_ptr, sin_ptr,
               c_ss, c_sp, s_ss, s_sp, row, S, H, D, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
               BLOCK_D: tl.constexpr):
-    """Everything row `row` needs: (x (or d out when NORM 0: x is not read), d out, cos, sin)."""
+    """Everything row `row` needs: (x (or d out when NORM 0: x is not read), d out, cos, sin),
+    x and d out in their storage dtype (a prefetched bf16 row takes half the registers)."""
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     m = (h[:, None] < H) & (d[None, :] < D)
@@ -140,12 +141,12 @@ def _bwd_load(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh, g_sd, cos_
     c = tl.load(cos_ptr + t * c_ss + p * c_sp, mask=pm, other=1.0).to(tl.float32)[None, :]
     s = tl.load(sin_ptr + t * s_ss + p * s_sp, mask=pm, other=0.0).to(tl.float32)[None, :]
     go = tl.load(g_ptr + b * g_sb + t * g_ss + h[:, None] * g_sh + d[None, :] * g_sd,
-                 mask=m, other=0.0).to(tl.float32)
+                 mask=m, other=0.0)
     if NORM == 0:
         x = go
     else:
         x = tl.load(x_ptr + b * x_sb + t * x_ss + h[:, None] * x_sh + d[None, :] * x_sd,
-                    mask=m, other=0.0).to(tl.float32)
+                    mask=m, other=0.0)
     return x, go, c, s
 
 
@@ -153,34 +154,43 @@ def _bwd_load(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh, g_sd, cos_
 def _bwd_rows(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh, g_sd, dx_ptr, w_ptr,
               part_ptr, cos_ptr, sin_ptr, c_ss, c_sp, s_ss, s_sp, row0, row1, S, H, D, eps,
               NORM: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr,
-              BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+              BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr):
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     m = (h[:, None] < H) & (d[None, :] < D)
     w = 1.0
-    if NORM != 0:
-        if HAS_W:
+    if NORM == 2:
+        if HAS_W:  # [1, BLOCK_D]: kept in registers
             w = _load_weight(w_ptr, h, d, m, D, NORM)
     acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
     x, go, c, s = _bwd_load(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh, g_sd,
                             cos_ptr, sin_ptr, c_ss, c_sp, s_ss, s_sp, row0, S, H, D, NORM,
                             BLOCK_H, BLOCK_D)
     for row in range(row0, row1):
-        # the next row's loads go out before this row's math (the last row re-loads itself)
-        x_n, go_n, c_n, s_n = _bwd_load(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh,
-                                        g_sd, cos_ptr, sin_ptr, c_ss, c_sp, s_ss, s_sp,
-                                        tl.minimum(row + 1, row1 - 1), S, H, D, NORM, BLOCK_H,
-                                        BLOCK_D)
-        g = _rotate(go, c, -s, BLOCK_H, BLOCK_D // 2)  # rotary transpose: d out / d n
+        if PREFETCH:  # the next row's loads go out before this row's math (the last row
+            # re-loads itself)
+            x_n, go_n, c_n, s_n = _bwd_load(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss,
+                                            g_sh, g_sd, cos_ptr, sin_ptr, c_ss, c_sp, s_ss,
+                                            s_sp, tl.minimum(row + 1, row1 - 1), S, H, D, NORM,
+                                            BLOCK_H, BLOCK_D)
+        else:
+            x, go, c, s = _bwd_load(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh,
+                                    g_sd, cos_ptr, sin_ptr, c_ss, c_sp, s_ss, s_sp, row, S, H, D,
+                                    NORM, BLOCK_H, BLOCK_D)
+        g = _rotate(go.to(tl.float32), c, -s, BLOCK_H, BLOCK_D // 2)  # rotary transpose
         if NORM == 0:
             dx = g
         else:
-            rstd = _rstd(x, H, D, eps, NORM)
-            xhat = x * rstd
+            xf = x.to(tl.float32)
+            rstd = _rstd(xf, H, D, eps, NORM)
+            xhat = xf * rstd
             if HAS_W:
                 if NEED_DW:
                     acc += g * xhat
-                gw = g * w
+                if NORM == 1:  # [H*D]: re-read per row (an L1 hit) rather than held in
+                    gw = g * _load_weight(w_ptr, h, d, m, D, NORM)  # registers all along
+                else:
+                    gw = g * w
             else:
                 gw = g
             if NORM == 1:
@@ -190,7 +200,8 @@ def _bwd_rows(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh, g_sd, dx_p
             dx = rstd * (gw - xhat * dot)
         tl.store(dx_ptr + row * H * D + h[:, None] * D + d[None, :],
                  dx.to(dx_ptr.dtype.element_ty), mask=m)
-        x, go, c, s = x_n, go_n, c_n, s_n
+        if PREFETCH:
+            x, go, c, s = x_n, go_n, c_n, s_n
     if NEED_DW:
         if NORM == 1:
             tl.store(part_ptr + h[:, None] * D + d[None, :], acc, mask=m)
@@ -206,7 +217,7 @@ def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, wq_pt
                              c_ss, c_sp, s_ss, s_sp, part_n, eps, NORM: tl.constexpr,
                              HAS_WQ: tl.constexpr, HAS_WK: tl.constexpr,
                              NEED_DW: tl.constexpr, BLOCK_H: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
+                             BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr):
     """Rows [p * R, (p + 1) * R) of q (axis 1 = 0) or k (1); with g = rot^T(d out):
 
     NORM 0: dx = g
@@ -222,11 +233,11 @@ def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, wq_pt
     if which == 0:
         _bwd_rows(q_ptr, q_sb, q_ss, q_sh, q_sd, gq_ptr, gq_sb, gq_ss, gq_sh, gq_sd, dq_ptr, wq_ptr,
                   part_ptr + pid * part_n, cos_ptr, sin_ptr, c_ss, c_sp, s_ss, s_sp, row0, row1,
-                  S, H, D, eps, NORM, HAS_WQ, NEED_DW, BLOCK_H, BLOCK_D)
+                  S, H, D, eps, NORM, HAS_WQ, NEED_DW, BLOCK_H, BLOCK_D, PREFETCH)
     else:
         _bwd_rows(k_ptr, k_sb, k_ss, k_sh, k_sd, gk_ptr, gk_sb, gk_ss, gk_sh, gk_sd, dk_ptr, wk_ptr,
                   part_ptr + (n_progs + pid) * part_n, cos_ptr, sin_ptr, c_ss, c_sp, s_ss, s_sp,
-                  row0, row1, S, H, D, eps, NORM, HAS_WK, NEED_DW, BLOCK_H, BLOCK_D)
+                  row0, row1, S, H, D, eps, NORM, HAS_WK, NEED_DW, BLOCK_H, BLOCK_D, PREFETCH)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,20 +259,26 @@ def _fwd_blocks(H: int, D: int) -> tuple[int, int, int, int]:
     return BLOCK_H, BLOCK_D, n_chunks, num_warps
 
 
-def _bwd_blocks(H: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_D, num_warps) of the backward: the whole row as one padded tile (the
-    weight-gradient partial of every head stays in registers across rows), ~16 fp32 elements of
-    it per thread: 4 warps up to 2048 elements, 8 for 4096, 16 for Wan 14B's 64 x 128 (what
-    keeps the sm_90 build under 128 registers with the next row prefetched: aot_compile.py)."""
+def _bwd_blocks(H: int, D: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_H, BLOCK_D, num_warps, PREFETCH) of the backward: the whole row as one padded tile
+    (the weight-gradient partial of every head stays in registers across rows), 8 fp32 elements
+    of it per thread (4 warps for 1024 elements, 8 from 2048 (Wan 1.3B's 16 x 128), 32 for Wan
+    14B's 64 x 128), the next row prefetched where a thread may hold 128 registers (<= 16 warps).
+    At 32 warps (64 registers a thread, one program per SM) the prefetched row would spill (48 /
+    104 bytes of stack in bf16 / fp32), and at 16 warps even the plain loop spills in fp32: Wan
+    14B's backward runs 32 warps without the prefetch, its 32 warps' loads of one row in flight
+    per SM. Checked by compiling for sm_90 (benchmarks/aot_compile.py: no spills at Wan's
+    shapes); whether it reaches the bandwidth goal is for a GPU run to say."""
     BLOCK_H = triton.next_power_of_2(H)
     BLOCK_D = max(triton.next_power_of_2(D), 2)
-    num_warps = min(max((BLOCK_H * BLOCK_D) // 512, 1), 16)
-    return BLOCK_H, BLOCK_D, num_warps
+    num_warps = min(max((BLOCK_H * BLOCK_D) // 256, 1), 32)
+    return BLOCK_H, BLOCK_D, num_warps, num_warps <= 16
 
 
-# registers per thread the backward's sm_90 builds stay under (benchmarks/aot_compile.py reports
-# them): what its occupancy, and so its grid, is sized from
-BWD_REGS = 128
+def _bwd_regs(num_warps: int) -> int:
+    """Registers per thread the backward's sm_90 builds stay under: 128, or what 64 K registers
+    leave for one program of that many threads (64 at 32 warps)."""
+    return min(128, 65536 // (32 * num_warps))
 
 
 @functools.lru_cache(maxsize=None)
@@ -271,12 +288,13 @@ def _sm_count(index: int) -> int:
 
 def _backward_programs(n_rows: int, device: torch.device, num_warps: int) -> int:
     """Programs per tensor (q, k) in the backward on CUDA: as many as fit on the device at once
-    (registers: 64 K per SM / (BWD_REGS x threads per program); at most 64 warps and 32 programs
-    per SM), halved for q and k: one resident wave and no tail, each program looping over
+    (registers: 64 K per SM / (`_bwd_regs` x threads per program); at most 64 warps and 32
+    programs per SM), halved for q and k: one resident wave and no tail, each program looping over
     ~n_rows / programs rows with its weight-gradient partial in registers. 8 under the
     interpreter."""
     if device.type == "cuda":
-        per_sm = max(min(65536 // (BWD_REGS * 32 * num_warps), 64 // num_warps, 32), 1)
+        per_sm = max(min(65536 // (_bwd_regs(num_warps) * 32 * num_warps), 64 // num_warps,
+                         32), 1)
         index = device.index if device.index is not None else torch.cuda.current_device()
         target = max(_sm_count(index) * per_sm // 2, 1)
     else:
@@ -320,7 +338,7 @@ def qk_norm_rope_bwd(gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: tor
     wn = {1: H * D, 2: D}.get(code, 0)
     need_dw = need_dw and code != 0 and (q_weight is not None or k_weight is not None)
     n_rows = B * S
-    BLOCK_H, BLOCK_D, nw = _bwd_blocks(H, D)
+    BLOCK_H, BLOCK_D, nw, prefetch = _bwd_blocks(H, D)
     n_progs = _backward_programs(n_rows, dev, nw)
     rows_per_prog = triton.cdiv(max(n_rows, 1), n_progs)
     n_progs = triton.cdiv(max(n_rows, 1), rows_per_prog)
@@ -332,7 +350,7 @@ def qk_norm_rope_bwd(gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: tor
             n_progs, S, H, D, *q.stride(), *k.stride(), *gq.stride(), *gk.stride(),
             *cos.stride(), *sin.stride(), wn, float(eps), NORM=code,
             HAS_WQ=q_weight is not None, HAS_WK=k_weight is not None, NEED_DW=need_dw,
-            BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, num_warps=nw)
+            BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, PREFETCH=prefetch, num_warps=nw)
     def dw(i, w):  # separate tensors: custom-op outputs must not alias each other
         if not need_dw or w is None:
             return q.new_empty(0, dtype=torch.float32)

@@ -63,13 +63,25 @@ def test_head_chunks(norm, H):
     check_against_reference(ops.qk_norm_rope, _ref, _make(2, (1, 2, 1), H, 8, torch.float32, norm))
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_backward_without_prefetch(norm, monkeypatch):
+    # the loop Wan 14B's backward compiles to (no room for the prefetched row)
+    from fmrt.kernels import rope as K
+    real = K._bwd_blocks
+    monkeypatch.setattr(K, "_bwd_blocks", lambda H, D: real(H, D)[:3] + (False,))
+    check_against_reference(ops.qk_norm_rope, _ref, _make(3, (1, 3, 2), 3, 16, torch.float32,
+                                                          norm))
+
+
 def test_block_choice():
     from fmrt.kernels import rope as K
     assert K._fwd_blocks(12, 128) == (4, 128, 3, 2)      # 512-element chunks, 2 warps
     assert K._fwd_blocks(40, 128) == (8, 128, 5, 4)      # 1024-element chunks, 4 warps
     assert K._fwd_blocks(17, 128)[:3] == (32, 128, 1)    # padded fallback
     assert K._fwd_blocks(3, 12)[:3] == (1, 16, 3)
-    assert K._bwd_blocks(12, 128) == (16, 128, 4) and K._bwd_blocks(40, 128) == (64, 128, 16)
+    assert K._bwd_blocks(12, 128) == (16, 128, 8, True)     # 8 warps, next row prefetched
+    assert K._bwd_blocks(40, 128) == (64, 128, 32, False)    # 64 registers: no room to prefetch
+    assert K._bwd_blocks(2, 64) == (2, 64, 1, True)
 
 
 def test_backward_grid_fills_the_device_once(monkeypatch):
@@ -78,7 +90,8 @@ def test_backward_grid_fills_the_device_once(monkeypatch):
     cuda = torch.device("cuda", 0)
     # 4 warps x 128 registers: 4 programs per SM, q and k share them -> 264 per tensor
     assert K._backward_programs(32760, cuda, 4) == 264
-    assert K._backward_programs(32760, cuda, 16) == 66       # 512 threads: one per SM
+    assert K._backward_programs(32760, cuda, 8) == 132       # 256 threads: two per SM
+    assert K._backward_programs(32760, cuda, 32) == 66       # 1024 x 64 registers: one per SM
     assert K._backward_programs(10, cuda, 4) == 10           # never more than rows
     assert K._backward_programs(32760, torch.device("cpu"), 4) == 8
 
@@ -253,10 +266,10 @@ for case, H in (("wan1.3b", 12), ("wan14b", 40)):
     BH, BD, NC, W = K._fwd_blocks(H, 128)
     out["fwd_" + case] = comp(K._qk_norm_rope_fwd_kernel, fp32,
                               dict(common, BLOCK_H=BH, BLOCK_D=BD, N_CHUNKS=NC), W)
-    BH, BD, W = K._bwd_blocks(H, 128)
+    BH, BD, W, PF = K._bwd_blocks(H, 128)
     out["bwd_" + case] = comp(K._qk_norm_rope_bwd_kernel, fp32,
                               dict(common, BLOCK_H=BH, BLOCK_D=BD, gq_sd=1, gk_sd=1,
-                                   NEED_DW=True), W)
+                                   NEED_DW=True, PREFETCH=PF), W)
 print(json.dumps(out))
 '''
 

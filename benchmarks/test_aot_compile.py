@@ -69,3 +69,13 @@ def test_harness_rejects_what_the_gpu_compiler_rejects(tmp_path):
     bad.write_text(f"ROOT = {str(ROOT)!r}\n" + BAD)
     res = _run(str(bad))
     assert "rejected CompilationError" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def test_scale_noise_rounding_is_built_without_fma(tmp_path):
+    """add_noise(eager_rounding=True) (diffusers' scale_noise) rounds sigma * eps on its own in
+    fp32 too: no fused multiply-add in its sm_90 build."""
+    out = tmp_path / "aot.json"
+    res = _run("benchmarks/aot_compile.py", "-k", "noise", "--json", str(out))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    fma = {r["scenario"]: r["fma"] for r in json.loads(out.read_text())["results"]}
+    assert fma["scale_noise_eager/float32"] == fma["scale_noise_eager/bfloat16"] == 0

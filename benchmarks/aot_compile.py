@@ -133,6 +133,8 @@ def _dtype_scenarios(dt: torch.dtype, run) -> list:
     out = [
         (f"add_noise/{d}", run(lambda: ops.add_noise(x, s, seed=1))),
         (f"add_noise_frames/{d}", run(lambda: ops.add_noise(x, frame_sigma, seed=1))),
+        (f"scale_noise_eager/{d}", run(lambda: ops.noised_sample(   # diffusers' scale_noise
+            x, s, v.float(), None, return_target=False, eager_rounding=True))),
         (f"fm_loss/{d}", run(lambda: loss(weight=s))),
         (f"fm_loss_mask/{d}", run(lambda: loss(mask=mask))),
         (f"euler_step/{d}", run(lambda: ops.euler_step(x, v, s, sn))),

@@ -86,3 +86,13 @@ def test_meanflow_tangent_and_rope_backward_fit_with_margin(tmp_path):
     bwd = [r for r in json.loads(out.read_text())["results"]
            if r["kernel"] == "_qk_norm_rope_bwd_kernel"]
     assert len(bwd) == 1 and bwd[0]["stack"] == 0 and bwd[0]["local"] == 0, bwd
+
+
+def test_scale_noise_rounding_is_built_without_fma(tmp_path):
+    """add_noise(eager_rounding=True) (diffusers' scale_noise) rounds sigma * eps on its own in
+    fp32 too: no fused multiply-add in its sm_90 build."""
+    out = tmp_path / "aot.json"
+    res = _run("benchmarks/aot_compile.py", "-k", "noise", "--json", str(out))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    fma = {r["scenario"]: r["fma"] for r in json.loads(out.read_text())["results"]}
+    assert fma["scale_noise_eager/float32"] == fma["scale_noise_eager/bfloat16"] == 0

@@ -195,3 +195,21 @@ def test_bad_input():
     with pytest.raises(ValueError, match="model_fn"):
         FlowMatchSFTLoss(bad, input_latents=x0)
     assert not pipe.calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_diffsynth_loss_with_fmrt_scheduler_stays_a_scalar(dtype):
+    """DiffSynth's FlowMatchSFTLoss ends in `loss * pipe.scheduler.training_weight(timestep)`
+    with a `[1]` timestep (`timesteps[randint(.., (1,))]` cast to the pipe dtype): with fmrt's
+    scheduler swapped in the loss is a scalar, as with DiffSynth's, and the weight is the entry
+    DiffSynth's `argmin(|timesteps - timestep|)` picks."""
+    sched = FlowMatchScheduler("Wan")
+    sched.set_timesteps(1000, training=True)
+    torch.manual_seed(0)
+    for _ in range(5):
+        timestep = sched.timesteps[torch.randint(0, 1000, (1,))].to(dtype)
+        w = sched.training_weight(timestep)
+        loss = F.mse_loss(torch.randn(2, 3), torch.randn(2, 3)) * w
+        assert w.shape == () and loss.shape == ()
+        idx = torch.argmin((sched.timesteps - timestep).abs())
+        assert torch.equal(w, sched.linear_timesteps_weights[idx])

@@ -96,7 +96,7 @@ def test_fmrt_loading_gives_fmrt_scheduler_back(fmrt_pipe, saved):
 def test_variant_and_dtype_dict_round_trip(fmrt_pipe, tmp_path):
     """diffusers' test_loading_with_variants / test_torch_dtype_dict on the fmrt pipeline."""
     fmrt_pipe.save_pretrained(tmp_path, variant="fp16")
-    pipe = WanPipeline.from_pretrained(tmp_path, variant="fp16", torch_dtype={
+    pipe = WanPipeline.from_pretrained(tmp_path, variant="fp16", dtype={
         "transformer": torch.bfloat16, "default": torch.float32})
     assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32
     assert type(pipe.scheduler) is DiffusersScheduler
@@ -126,3 +126,15 @@ def test_swapping_the_scheduler_in_records_diffusers_too():
     assert type(pipe.scheduler).__module__ == "fmrt.integrations.diffusers"
     pipe2 = WanPipeline(**{k: v for k, v in pipe.components.items()})
     assert pipe2.config.scheduler == ("diffusers", "FlowMatchEulerDiscreteScheduler")
+
+
+def test_fmrt_sample_runs_the_saved_folder_with_fmrt_scheduler(saved, tmp_path, capsys):
+    """`fmrt sample --diffusers` (fmrt's own loading) on the saved folder: diffusers' scheduler
+    is loaded and fmrt's swapped back in."""
+    from fmrt.cli import main
+    out = tmp_path / "v.npy"
+    argv = ["sample", "--diffusers", str(saved), "--prompt", "a red cat runs", "--height", "16",
+            "--width", "16", "--frames", "5", "--steps", "2", "--seed", "0", "--out", str(out)]
+    assert main(argv) == 0
+    assert "fmrt Euler scheduler" in capsys.readouterr().out
+    assert out.stat().st_size > 0

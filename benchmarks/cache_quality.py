@@ -18,8 +18,10 @@ Every row samples the same `--per-class` clips per class from the same noise wit
   sub-module (self-attention, cross-attention, FFN; counted by hooks on their first linear
   layer, which runs only when the sub-module really computes) adds its FLOP share of a block;
   pct_blocks: of full CFG at `--steps`.
-- time_ratio: wall time of the sampling call over full CFG's at `--steps`, measured in the same
-  run on this machine (on a CPU: a CPU ratio, not GPU speed).
+- time_ratio: wall time of the sampling call over the same implementation's full CFG at
+  `--steps` (fmrt rows: fmrt's DiT and loop; diffusers rows: the diffusers Wan loop), measured
+  in the same run on this machine (on a CPU: a CPU ratio, not GPU speed; a shared machine's
+  load moves it).
 - psnr_db: against full CFG at `--steps` from the same noise (clips in [-1, 1]: peak-to-peak 2).
 - accuracy, fd: `fmrt eval`'s classifier accuracy and Frechet distance (fmrt.eval).
 Writes benchmarks/results/cache_quality.json and .md and docs/cache_quality.png.
@@ -362,7 +364,8 @@ def run_rows(M: Models, rows: list[Row], labels: Tensor, steps: int) -> list[dic
     tokens = math.prod(s // p for s, p in zip(M.shape[1:], M.fmrt.config.patch_size))
     shares = _flop_shares(M.fmrt.config.dim, M.fmrt.config.ffn_dim, tokens, M.emb.shape[1])
     n = labels.shape[0]
-    full = ref_time = None
+    full = None
+    ref_time: dict[str, float] = {}
     out = []
     for r in rows:
         leaves = fmrt_leaves(M.fmrt) if r.counter == "fmrt" else wan_leaves(M.wan)
@@ -373,12 +376,14 @@ def run_rows(M: Models, rows: list[Row], labels: Tensor, steps: int) -> list[dic
         dt = time.perf_counter() - t0
         cnt.close()
         if full is None:
-            full, ref_time = clips, dt
+            full = clips
             ref_evals = cnt.evals / n
+        if r.family == "full CFG" and r.settings == rows[0].settings:
+            ref_time[r.counter] = dt   # each implementation's own full CFG at --steps
         q = evaluate_clips(clips.clamp(-1, 1), labels, classifier=clf)
         res = dict(family=r.family, policy=r.name, settings=r.settings,
                    block_evals=cnt.evals / n, pct_blocks=100 * cnt.evals / n / ref_evals,
-                   time_ratio=dt / ref_time, seconds=dt, psnr_db=psnr(clips, full),
+                   time_ratio=dt / ref_time[r.counter], seconds=dt, psnr_db=psnr(clips, full),
                    accuracy=q["accuracy"], fd=q["fd"])
         out.append(res)
         print(f"{r.family:<9} {r.name[:42]:<42} {r.settings[:38]:<38} "
@@ -478,8 +483,9 @@ def main(argv=None) -> int:
     results = run_rows(M, rows, labels, args.steps)
     verdict = judge(results)
     note = (f"Model: {M.what}. {len(labels)} clips ({args.per_class} per class), Euler, CFG "
-            f"{args.guidance_scale:g}, {args.steps} steps on linspace(1, 0); PSNR and time ratio "
-            f"against full CFG at {args.steps} steps from the same noise; time ratio measured on "
+            f"{args.guidance_scale:g}, {args.steps} steps on linspace(1, 0); PSNR against full CFG at "
+            f"{args.steps} steps from the same noise; time ratio against the same "
+            f"implementation's full CFG at {args.steps} steps, measured in the same run on "
             f"this CPU ({os.cpu_count()} cores, shared), not a GPU. Made by `python -m "
             f"benchmarks.cache_quality {' '.join(argv if argv is not None else [])}`.")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -662,3 +662,32 @@ def test_adaptive_reuse_refreshes_when_d_moves(backend):
     assert counts[0.0] == 3
     # d moving fast: refreshed at every step
     assert counts[50.0] == 8
+
+
+def test_captured_sampler_needs_a_static_plan():
+    from fmrt.sampling import _static_plan
+    grid = default_sigma_grid(4)
+    kw = dict(sigmas=grid, guidance_scale=3.0, uncond=torch.zeros(2), cond=torch.ones(2))
+    assert _static_plan(torch.randn(2, 3), dict(kw, guidance_reuse=GuidanceReuse(2))).static
+    p = _static_plan(torch.randn(2, 3), dict(kw, guidance_interval=(0.3, 0.8)))
+    assert p.branches == tuple("cfg" if 0.3 <= s <= 0.8 else "cond" for s in grid[:4].tolist())
+    with pytest.raises(ValueError, match="static plan"):
+        _static_plan(torch.randn(2, 3), dict(kw, guidance_reuse=AdaptiveGuidanceReuse()))
+
+
+@pytest.mark.gpu
+def test_static_reuse_and_interval_capture_in_a_cuda_graph():
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    W = torch.randn(8, 8, device=dev) * 0.1
+
+    def model(x, s, cond):
+        return x @ W + s.view(-1, 1, 1) * cond.view(-1, 1, 1)
+
+    noise = torch.randn(2, 16, 8, device=dev)
+    kw = dict(sigmas=default_sigma_grid(8, shift=3.0, device=dev), guidance_scale=4.0,
+              cond=torch.tensor([1.0, 2.0], device=dev), uncond=torch.zeros(2, device=dev),
+              guidance_reuse=GuidanceReuse(every=3, first=1, last=1),
+              guidance_interval=(0.05, 0.95))
+    sampler = CapturedSampler(model, noise, **kw)
+    torch.testing.assert_close(sampler(noise), sample(model, noise, **kw))

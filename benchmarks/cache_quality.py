@@ -459,6 +459,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+@torch.no_grad()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_mutually_exclusive_group(required=True)
@@ -474,7 +475,6 @@ def main(argv=None) -> int:
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "cache_quality.png"))
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    torch.set_grad_enabled(False)
     M = tiny_models(args.seed) if args.tiny else load_models(args.model_dir)
     labels = torch.arange(M.num_classes).repeat_interleave(args.per_class)
     noise = torch.randn((len(labels), *M.shape),

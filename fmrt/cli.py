@@ -541,6 +541,10 @@ def prepare_sample_diffusers(args: argparse.Namespace) -> None:
                            f"Euler / scheduler loop run)")
     if not args.prompt:
         raise CLIError("--diffusers needs --prompt")
+    if args.no_accelerate and any(v is not None for v in (args.guidance_reuse,
+                                                          args.guidance_interval, args.cache)):
+        raise CLIError("--guidance-reuse / --guidance-interval / --cache need fmrt's "
+                       "acceleration: drop --no-accelerate")
     if not os.path.isfile(os.path.join(args.diffusers, "model_index.json")):
         raise CLIError(f"{args.diffusers}: not a diffusers pipeline folder (no model_index.json)")
     inputs = []
@@ -873,9 +877,6 @@ def sample_diffusers(args: argparse.Namespace) -> int:
     """`fmrt sample --diffusers PATH`: a local diffusers Wan pipeline, accelerated by fmrt."""
     import torch
     policies = _policies(args)
-    if policies and args.no_accelerate:
-        raise CLIError("--guidance-reuse / --guidance-interval / --cache need fmrt's "
-                       "acceleration: drop --no-accelerate")
     t0 = time.time()
     device, dtype = _device(args.device), _dtype(args.dtype)
     try:

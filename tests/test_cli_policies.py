@@ -63,9 +63,10 @@ def test_eval_takes_the_policies(tiny_model, tmp_path, forwards):
     assert main(["eval", "--checkpoint", tiny_model, "--steps", "4", "--guidance-scale", "3",
                  "--num-per-class", "2", "--json", str(js), "--guidance-interval", "0.3",
                  "0.9"]) == 0
-    from fmrt.train import load_model
+    from fmrt.checkpoint import load_model
+    from fmrt.sampling import checkpoint_sigma_grid
     _, meta = load_model(tiny_model)[:2]
-    sig = fmrt.eval._grid_sigmas(meta, 4, None, "cpu")[1][:4].tolist()
+    sig = checkpoint_sigma_grid(meta, 4, None, "cpu")[:4].tolist()
     n = 12   # 6 classes x 2
     assert [b for b, _ in forwards] == [2 * n if 0.3 <= s <= 0.9 else n for s in sig]
     assert {b for b, _ in forwards} == {n, 2 * n}   # both kinds of step occur

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from diffusers import FlowMatchEulerDiscreteScheduler as DiffusersScheduler  # noqa: E402

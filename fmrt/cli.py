@@ -32,7 +32,8 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_CHECKPOINT = os.path.join(ASSETS, "default_dit.safetensors")
 DTYPES = ("float32", "bfloat16", "float16")
 # The CLI's vocabulary, kept here so that arguments are checked without importing torch;
-# tests/test_cli_startup.py checks them against fmrt.sampling.SOLVERS and fmrt.data.CLASS_NAMES.
+# tests/test_cli_startup.py checks it against the library's (SOLVERS, CLASS_NAMES, the seed
+# range, the checkpoint formats).
 SOLVERS = ("euler", "heun", "unipc", "euler_maruyama", "meanflow")
 CLASS_NAMES = ("square-right", "disc-fall", "triangle-rotate", "cross-pulse", "ring-bounce",
                "diamond-drift")
@@ -45,6 +46,7 @@ MAX_EVAL_PER_CLASS = 4096
 MAX_REFLOW_NUM = 10 ** 6
 MAX_ERROR_CHARS = 300               # one readable line, whatever the exception carried
 MARK = f"fmrt {__version__}"       # written into fmrt's images and JSON: see _written_by_fmrt
+MODEL_FORMATS = ("fmrt.dit", "fmrt.train_state")     # an exported model, a training checkpoint
 
 
 class CLIError(Exception):
@@ -166,7 +168,7 @@ def _safetensors_format(path: str) -> Optional[str]:
 def _model_file(path: str) -> Optional[str]:
     """Why `path` must never be overwritten by sample/eval/reflow (an fmrt model, a training
     checkpoint, or the .json metadata of one), else None."""
-    if _safetensors_format(path) in ("fmrt.dit", "fmrt.train_state"):
+    if _safetensors_format(path) in MODEL_FORMATS:
         return "an fmrt model or training checkpoint"
     if path.endswith(".json") and os.path.isfile(path[: -len(".json")] + ".safetensors"):
         return f"the metadata of the model {path[: -len('.json')]}.safetensors"

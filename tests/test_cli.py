@@ -191,3 +191,19 @@ def test_reflow_then_train_on_couplings(tiny_model, tmp_path, capsys):
     assert main(["train", "--couplings", str(c), "--out-dir", str(out), "--steps", "2",
                  "--init", tiny_model, *flags]) == 0
     assert (out / "model.safetensors").exists()
+
+
+def test_training_checkpoints_are_never_overwritten(tiny_model, tmp_path):
+    """A training checkpoint (fmrt.train_state) is protected like a model, even with
+    --overwrite; checked byte for byte."""
+    from tests.cli_run import assert_one_line_error, assert_unchanged, run_fmrt, snapshot
+    ckpts = os.path.join(os.path.dirname(tiny_model), "checkpoints")
+    step = sorted(f for f in os.listdir(ckpts) if f.endswith(".safetensors"))[-1]
+    path = os.path.join(ckpts, step)
+    before = snapshot(path, path[: -len(".safetensors")] + ".json")
+    r = run_fmrt("reflow", "--out", path, "--overwrite", cwd=tmp_path)
+    assert_one_line_error(r, step, "fmrt model or training checkpoint")
+    r = run_fmrt("eval", "--json", path[: -len(".safetensors")] + ".json", "--overwrite",
+                 cwd=tmp_path)
+    assert_one_line_error(r, "metadata of the model")
+    assert_unchanged(before)

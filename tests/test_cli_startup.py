@@ -93,3 +93,8 @@ def test_cli_vocabulary_is_the_library_s():
     assert cli.SOLVERS == tuple(SOLVERS)
     assert cli.CLASS_NAMES == tuple(CLASS_NAMES)
     assert cli.SEED_MAX == SEED_LIMIT - 1
+    try:                                    # (model I/O moves from fmrt.train to fmrt.checkpoint)
+        from fmrt.checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT
+    except ImportError:
+        from fmrt.train import CHECKPOINT_FORMAT, MODEL_FORMAT
+    assert cli.MODEL_FORMATS == (MODEL_FORMAT, CHECKPOINT_FORMAT)

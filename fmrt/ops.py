@@ -1311,15 +1311,17 @@ def flash_attention_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor,
                         scale: Optional[float] = None, key_padding_mask: Optional[Tensor] = None,
                         mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """`(flash_attention(q, k, v), its directional derivative along (tq, tk, tv))` in one pass
-    of one kernel (no autograd: for explicit JVPs and benchmarks). tq, tk, tv: shaped like q, k,
-    v, same dtype. Returns two contiguous `[B, S_q, H, D]` tensors of q's dtype."""
+    of one kernel (no autograd on either path, the outputs never require grad: for explicit
+    JVPs and benchmarks). tq, tk, tv: shaped like q, k, v, same dtype. Returns two contiguous
+    `[B, S_q, H, D]` tensors of q's dtype."""
     scale, triton = _flash_ready(q, k, v, scale, key_padding_mask, mask)
     for name, t, like, like_name in (("tq", tq, q, "q"), ("tk", tk, k, "k"), ("tv", tv, v, "v")):
         check_float_tensor(name, t)
         check_same(name, t, like_name, like)
-    if not triton:
-        return torch.func.jvp(
-            lambda a, b, c: ref.flash_attention(a, b, c, scale, key_padding_mask, mask),
-            (q, k, v), (tq, tk, tv))
-    o, t, _ = _flash_jvp_op(q, k, v, tq, tk, tv, key_padding_mask, mask, scale)
-    return o, t
+    with torch.no_grad():   # no autograd on either path (outputs never require grad)
+        if not triton:
+            return torch.func.jvp(
+                lambda a, b, c: ref.flash_attention(a, b, c, scale, key_padding_mask, mask),
+                (q, k, v), (tq, tk, tv))
+        o, t, _ = _flash_jvp_op(q, k, v, tq, tk, tv, key_padding_mask, mask, scale)
+        return o, t

@@ -143,6 +143,7 @@ def _all_ops(x, c, u, s, sn):
         "flow_matching_loss": lambda: ops.flow_matching_loss(x, c, seed=3, weight=s),
         "qk_norm_rope": lambda: ops.qk_norm_rope(q, q, None, None, cs, cs * 0),
         "flash_attention": lambda: ops.flash_attention(q, q, q),
+        "flash_attention_jvp": lambda: ops.flash_attention_jvp(q, q, q, q, q, q),
     }
 
 

@@ -573,6 +573,8 @@ def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *,
     the add, as torch's type promotion does in diffusers' `FlowMatchEulerDiscreteScheduler.step`
     (`sample.float() + dt * model_output`, dt a 0-d fp32 tensor): with
     `out_dtype=model_output.dtype` that is diffusers' step bit for bit (fp32 too: no FMA).
+    Differentiable (reverse mode and torch.func.jvp) in x, v and tensor sigmas, alike on both
+    paths; a call where nothing requires grad runs no autograd code.
     """
     check_float_tensor("x", x)
     check_float_tensor("v", v)
@@ -655,7 +657,8 @@ def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale, *, rescale: str = "none
     token over the last dim (norm_dim=-1, diffusers' Qwen-Image on packed `[B, L, C]`); the
     factor is 1 where ||v|| = 0. stats: optional dict, filled with the per-sample diagnostics
     (see guided_euler_step; the sigma-dependent entries only when `sigma` is given).
-    Returns a new tensor of v_cond's dtype.
+    Returns a new tensor of v_cond's dtype. Differentiable in v_cond, v_uncond and a tensor
+    scale (also with the norm rescale), alike on both paths; the statistics never are.
     """
     row = _check_guidance(v_cond, v_uncond, scale, rescale, norm_dim, stats)
     if sigma is not None:
@@ -715,8 +718,9 @@ def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma:
     0-d or `[B]` tensors. One pass (reads x, v_cond, v_uncond, writes x': 4 N e bytes for N
     elements of e bytes), also with the per-token rescale (the token's row in registers). The
     per-sample rescale needs the norms before the step: a split reduction (pass 1 reads v_cond,
-    v_uncond into per-program partial norms; pass 2 combines and steps): 6 N e bytes. stats: a dict that receives float32 `[B]` device tensors (no host
-    sync) computed in the same pass: sigma, cond_mean, cond_std, uncond_mean, uncond_std,
+    v_uncond into per-program partial norms; pass 2 combines and steps): 6 N e bytes.
+    stats: a dict that receives float32 `[B]` device tensors (no host sync, not
+    differentiable) computed in the same pass: sigma, cond_mean, cond_std, uncond_mean, uncond_std,
     cfg_diff_mean, cfg_diff_std, cfg_diff_norm, vel_diff_norm (||sigma * cfg_diff||),
     x0_diff_norm (||x0_cond - x0_uncond||), rescale_ratio (||v_cond|| / ||v||, v unrescaled).
     x may have another float dtype than v_cond / v_uncond; the result is `out_dtype` (default
@@ -724,6 +728,8 @@ def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma:
     `scale * (...)` and `v_uncond + ...` to the model dtype, as a pipeline's eager combine does,
     then steps as `euler_step(..., eager_rounding=True)`: with `out_dtype=v_cond.dtype`, a
     diffusers pipeline's combine + scheduler step bit for bit.
+    Differentiable (reverse mode and torch.func.jvp) in x, v_cond, v_uncond and tensor scale /
+    sigmas, alike on both paths (the Triton path differentiates the reference).
     """
     check_float_tensor("x", x)
     row = _check_guidance(v_cond, v_uncond, scale, rescale, norm_dim, stats)

@@ -462,8 +462,9 @@ import math  # noqa: E402  (kept inside this section for clean merges)
 
 
 # Derivatives on the Triton path. A call that needs none (wants_autograd False: sampling) calls
-# the launcher directly. Otherwise the launch runs inside `_RefDerivatives`, whose backward and
-# jvp differentiate the op's reference (recomputed from the saved inputs, first order): the
+# the launcher directly. Otherwise the launch runs inside `_RefGradJvp` (`_RefGrad` while
+# compiling), whose backward and jvp differentiate the op's reference (recomputed from the
+# saved inputs, with torch.func.vjp / jvp; first order): the
 # Triton and torch paths then differentiate alike, in every input the reference differentiates
 # (x, v, v_cond, v_uncond, noise, and scale / sigma tensors), also for the non-linear norm
 # rescale and the SDE log-prob.
@@ -852,7 +853,8 @@ def sde_log_prob(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, prev_sam
     """Flow-GRPO's log-probability of a given step result `prev_sample` (one stored while
     sampling) under the SDE step from x with velocity v: log N(prev_sample; mean(x, v),
     std_dt^2) averaged over each sample's elements, float32 `[B]` (see `sde_step`;
-    `sde_log_prob(x, v, s, sn, x', eta=eta)` equals the log_prob `sde_step` returned with x').
+    `sde_log_prob(x, v, s, sn, x', eta=eta)` is the log_prob `sde_step` returned with x', up
+    to x' having been rounded to its dtype).
     Differentiable in x and v (and tensor sigmas); prev_sample is a constant. A per-sample
     reduction in torch on both backends (the same code: no Triton kernel)."""
     _check_sde_args(x, v, sigma, sigma_next, eta, True)

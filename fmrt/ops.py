@@ -472,8 +472,9 @@ import math  # noqa: E402  (kept inside this section for clean merges)
 
 
 # Derivatives on the Triton path. A call that needs none (wants_autograd False: sampling) calls
-# the launcher directly. Otherwise the launch runs inside `_RefDerivatives`, whose backward and
-# jvp differentiate the op's reference (recomputed from the saved inputs, first order): the
+# the launcher directly. Otherwise the launch runs inside `_RefGradJvp` (`_RefGrad` while
+# compiling), whose backward and jvp differentiate the op's reference (recomputed from the
+# saved inputs, with torch.func.vjp / jvp; first order): the
 # Triton and torch paths then differentiate alike, in every input the reference differentiates
 # (x, v, v_cond, v_uncond, noise, and scale / sigma tensors), also for the non-linear norm
 # rescale and the SDE log-prob.
@@ -583,6 +584,8 @@ def euler_step(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, *,
     the add, as torch's type promotion does in diffusers' `FlowMatchEulerDiscreteScheduler.step`
     (`sample.float() + dt * model_output`, dt a 0-d fp32 tensor): with
     `out_dtype=model_output.dtype` that is diffusers' step bit for bit (fp32 too: no FMA).
+    Differentiable (reverse mode and torch.func.jvp) in x, v and tensor sigmas, alike on both
+    paths; a call where nothing requires grad runs no autograd code.
     """
     check_float_tensor("x", x)
     check_float_tensor("v", v)
@@ -665,7 +668,8 @@ def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale, *, rescale: str = "none
     token over the last dim (norm_dim=-1, diffusers' Qwen-Image on packed `[B, L, C]`); the
     factor is 1 where ||v|| = 0. stats: optional dict, filled with the per-sample diagnostics
     (see guided_euler_step; the sigma-dependent entries only when `sigma` is given).
-    Returns a new tensor of v_cond's dtype.
+    Returns a new tensor of v_cond's dtype. Differentiable in v_cond, v_uncond and a tensor
+    scale (also with the norm rescale), alike on both paths; the statistics never are.
     """
     row = _check_guidance(v_cond, v_uncond, scale, rescale, norm_dim, stats)
     if sigma is not None:
@@ -725,8 +729,9 @@ def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma:
     0-d or `[B]` tensors. One pass (reads x, v_cond, v_uncond, writes x': 4 N e bytes for N
     elements of e bytes), also with the per-token rescale (the token's row in registers). The
     per-sample rescale needs the norms before the step: a split reduction (pass 1 reads v_cond,
-    v_uncond into per-program partial norms; pass 2 combines and steps): 6 N e bytes. stats: a dict that receives float32 `[B]` device tensors (no host
-    sync) computed in the same pass: sigma, cond_mean, cond_std, uncond_mean, uncond_std,
+    v_uncond into per-program partial norms; pass 2 combines and steps): 6 N e bytes.
+    stats: a dict that receives float32 `[B]` device tensors (no host sync, not
+    differentiable) computed in the same pass: sigma, cond_mean, cond_std, uncond_mean, uncond_std,
     cfg_diff_mean, cfg_diff_std, cfg_diff_norm, vel_diff_norm (||sigma * cfg_diff||),
     x0_diff_norm (||x0_cond - x0_uncond||), rescale_ratio (||v_cond|| / ||v||, v unrescaled).
     x may have another float dtype than v_cond / v_uncond; the result is `out_dtype` (default
@@ -734,6 +739,8 @@ def guided_euler_step(x: Tensor, v_cond: Tensor, v_uncond: Tensor, scale, sigma:
     `scale * (...)` and `v_uncond + ...` to the model dtype, as a pipeline's eager combine does,
     then steps as `euler_step(..., eager_rounding=True)`: with `out_dtype=v_cond.dtype`, a
     diffusers pipeline's combine + scheduler step bit for bit.
+    Differentiable (reverse mode and torch.func.jvp) in x, v_cond, v_uncond and tensor scale /
+    sigmas, alike on both paths (the Triton path differentiates the reference).
     """
     check_float_tensor("x", x)
     row = _check_guidance(v_cond, v_uncond, scale, rescale, norm_dim, stats)
@@ -995,7 +1002,8 @@ def sde_log_prob(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, prev_sam
     """Flow-GRPO's log-probability of a given step result `prev_sample` (one stored while
     sampling) under the SDE step from x with velocity v: log N(prev_sample; mean(x, v),
     std_dt^2) averaged over each sample's elements, float32 `[B]` (see `sde_step`;
-    `sde_log_prob(x, v, s, sn, x', eta=eta)` equals the log_prob `sde_step` returned with x').
+    `sde_log_prob(x, v, s, sn, x', eta=eta)` is the log_prob `sde_step` returned with x', up
+    to x' having been rounded to its dtype).
     Differentiable in x and v (and tensor sigmas); prev_sample is a constant. A per-sample
     reduction in torch on both backends (the same code: no Triton kernel)."""
     _check_sde_args(x, v, sigma, sigma_next, eta, True)
@@ -1460,15 +1468,17 @@ def flash_attention_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor,
                         scale: Optional[float] = None, key_padding_mask: Optional[Tensor] = None,
                         mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """`(flash_attention(q, k, v), its directional derivative along (tq, tk, tv))` in one pass
-    of one kernel (no autograd: for explicit JVPs and benchmarks). tq, tk, tv: shaped like q, k,
-    v, same dtype. Returns two contiguous `[B, S_q, H, D]` tensors of q's dtype."""
+    of one kernel (no autograd on either path, the outputs never require grad: for explicit
+    JVPs and benchmarks). tq, tk, tv: shaped like q, k, v, same dtype. Returns two contiguous
+    `[B, S_q, H, D]` tensors of q's dtype."""
     scale, triton = _flash_ready(q, k, v, scale, key_padding_mask, mask)
     for name, t, like, like_name in (("tq", tq, q, "q"), ("tk", tk, k, "k"), ("tv", tv, v, "v")):
         check_float_tensor(name, t)
         check_same(name, t, like_name, like)
-    if not triton:
-        return torch.func.jvp(
-            lambda a, b, c: ref.flash_attention(a, b, c, scale, key_padding_mask, mask),
-            (q, k, v), (tq, tk, tv))
-    o, t, _ = _flash_jvp_op(q, k, v, tq, tk, tv, key_padding_mask, mask, scale)
-    return o, t
+    with torch.no_grad():   # no autograd on either path (outputs never require grad)
+        if not triton:
+            return torch.func.jvp(
+                lambda a, b, c: ref.flash_attention(a, b, c, scale, key_padding_mask, mask),
+                (q, k, v), (tq, tk, tv))
+        o, t, _ = _flash_jvp_op(q, k, v, tq, tk, tv, key_padding_mask, mask, scale)
+        return o, t

@@ -88,6 +88,7 @@ def test_bench_qk_norm_rope(benchmark, case, dtype, provider):
               dtype=dtype, provider=provider, nbytes=4 * ne + _table_bytes(cos), tensor_bytes=ne)
 
 
+@pytest.mark.goal
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", BENCH_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case", list(SHAPES))

@@ -52,6 +52,7 @@ def _tflops(flops: float, benchmark):
         benchmark.extra_info["tflops"] = flops / (ms * 1e-3) / 1e12
 
 
+@pytest.mark.goal
 @pytest.mark.parametrize("provider", ["fmrt", "fmrt_1pass", "math"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_bench_attention_jvp(benchmark, case, provider):
@@ -76,6 +77,7 @@ def test_bench_attention_jvp(benchmark, case, provider):
     _tflops(12.0 * B * H * S * S * D, benchmark)
 
 
+@pytest.mark.goal
 @pytest.mark.parametrize("provider", ["fmrt", "sdpa_flash", "flash_attn"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_bench_attention_forward(benchmark, case, provider):

@@ -41,8 +41,13 @@ class Row:
 
 
 def load(path: str | Path) -> tuple[dict, list[Row]]:
-    """(header, rows) of a pytest-benchmark JSON written with `--benchmark-json`."""
-    data = json.loads(Path(path).read_text())
+    """(header, rows) of a pytest-benchmark JSON written with `--benchmark-json`, or of the
+    JSON-lines file the suite streams to `$FMRT_BENCH_JSONL` (one benchmark per line)."""
+    text = Path(path).read_text()
+    if str(path).endswith(".jsonl"):
+        data = dict(benchmarks=[json.loads(line) for line in text.splitlines() if line.strip()])
+    else:
+        data = json.loads(text)
     rows = []
     for b in data.get("benchmarks", []):
         info = dict(b.get("extra_info") or {})

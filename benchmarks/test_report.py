@@ -1,6 +1,8 @@
 """benchmarks/report.py: on a JSON the suite really wrote (CPU, a few tiny cases) and on
 hand-made JSON whose goal verdicts are known."""
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,14 +141,20 @@ def test_suite_records_the_bytes_each_goal_counts(tmp_path):
     q/k norm + RoPE fwd+bwd 10 N e + the tables twice, guided step 4 N e), the tensor size the
     ">= 64 MB" goals judge, and both times (device time = synced time on a CPU)."""
     out = tmp_path / "cpu.json"
+    stream = tmp_path / "cpu.jsonl"
     sel = ("fmrt and float32 and (sft_step and wan_tiny or qk_norm_rope_fwd_bwd "
            "or guided_euler_step-b8_tiny)")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           "benchmarks/bench_training.py", "benchmarks/bench_attention.py",
                           "benchmarks/bench_sampling.py", "-k", sel, "--benchmark-enable",
-                          f"--benchmark-json={out}"], cwd=ROOT, capture_output=True, text=True)
+                          f"--benchmark-json={out}"], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, FMRT_BENCH_JSONL=str(stream)))
     assert res.returncode == 0, res.stdout[-2000:]
     _, rows = report.load(out)
+    # the records streamed as each benchmark finished are the same rows
+    _, streamed = report.load(stream)
+    assert sorted((r.op, r.nbytes, r.ms) for r in streamed) == \
+        sorted((r.op, r.nbytes, r.ms) for r in rows)
     by_op = {r.op: r for r in rows}
     assert set(by_op) == {"add_noise+loss_fwd_bwd", "qk_norm_rope_fwd_bwd", "guided_euler_step"}
     sft = by_op["add_noise+loss_fwd_bwd"]
@@ -177,3 +185,29 @@ def test_several_files_merge(tmp_path):
     assert v["DiT CFG sampling step >= 1.15x diffusers"] == "met"
     assert v["MeanFlow training step <= 2.5x a flow-matching step"] == "short"
     assert v["DiT training step >= 1.1x diffusers"] == "not measured"
+
+
+def test_first_gpu_call_selects_every_kernel_level_goal_case():
+    """`run_gpu.sh first` runs `pytest -m goal` over the fused-op benchmark files: each
+    kernel-level goal of report.GOALS has its cases there, and nothing else is."""
+    files = ["benchmarks/bench_training.py", "benchmarks/bench_sampling.py",
+             "benchmarks/bench_attention.py", "benchmarks/bench_flash_attention.py"]
+    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                          "-p", "no:cacheprovider", "-m", "goal", *files], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-2000:]
+    ids = [line for line in res.stdout.splitlines() if "::" in line]
+    funcs = {i.split("::")[1].split("[")[0] for i in ids}
+    assert funcs == {"test_bench_add_noise", "test_bench_sft_step", "test_bench_sampling_op",
+                     "test_bench_loop_host_overhead", "test_bench_qk_norm_rope_fwd_bwd",
+                     "test_bench_attention_jvp", "test_bench_attention_forward"}
+    sampling = {i.split("[")[1].split("-")[0] for i in ids if "test_bench_sampling_op" in i}
+    assert sampling == {"guided_euler_step"}
+    # every provider of a judged case is there (fmrt, eager, compile)
+    for f in ("test_bench_add_noise", "test_bench_sft_step", "test_bench_qk_norm_rope_fwd_bwd"):
+        assert {i.rsplit("-", 1)[1].rstrip("]") for i in ids if f + "[" in i} == \
+            {"fmrt", "eager", "compile"}
+    ops_judged = {"add_noise", "add_noise+loss_fwd_bwd", "guided_euler_step", "sampling_loop",
+                  "qk_norm_rope_fwd_bwd", "flash_attention_jvp", "flash_attention_fwd"}
+    kernel_goals = [g for g in report.GOALS if any(re.fullmatch(g.op, o) for o in ops_judged)]
+    assert len(kernel_goals) >= 14

@@ -1129,6 +1129,11 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
         args = (q, k, qw, kw, cos, sin, float(eps), "none" if norm is None else norm)
         if torch.compiler.is_compiling():  # no forward mode inside compiled graphs
             return _qk_norm_rope_op(*args)
+        if not torch._C._are_functorch_transforms_active():
+            # what Function.apply does then, minus its inspect.signature binding of the (here
+            # complete, positional) arguments: ~30 % of the op's remaining host cost
+            args = torch._functorch.utils.unwrap_dead_wrappers(args)
+            return super(torch.autograd.Function, _QKNormRope).apply(*args)
         return _QKNormRope.apply(*args)
     # cos / sin are constants on both paths (the Triton path gives them no gradient)
     return ref.qk_norm_rope(q, k, q_weight, k_weight, cos.detach(), sin.detach(), eps, norm)
@@ -1145,13 +1150,24 @@ def _norm_arg(norm: str) -> Optional[str]:
     return None if norm == "none" else norm
 
 
-@torch.library.custom_op("fmrt::qk_norm_rope", mutates_args=())
-def _qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
-                     cos: Tensor, sin: Tensor, eps: float, norm: str) -> tuple[Tensor, Tensor]:
+def _qk_norm_rope_launch(q, k, q_weight, k_weight, cos, sin, eps, norm):
     from fmrt.kernels import rope as K
     return K.qk_norm_rope_fwd(q, k, None if q_weight is None else q_weight.contiguous(),
                               None if k_weight is None else k_weight.contiguous(), cos, sin, eps,
                               _norm_arg(norm))
+
+
+def _qk_norm_rope_bwd_launch(gq, gk, q, k, q_weight, k_weight, cos, sin, eps, norm, need_dw):
+    from fmrt.kernels import rope as K
+    return K.qk_norm_rope_bwd(gq, gk, q, k, None if q_weight is None else q_weight.contiguous(),
+                              None if k_weight is None else k_weight.contiguous(), cos, sin, eps,
+                              _norm_arg(norm), need_dw)
+
+
+@torch.library.custom_op("fmrt::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+                     cos: Tensor, sin: Tensor, eps: float, norm: str) -> tuple[Tensor, Tensor]:
+    return _qk_norm_rope_launch(q, k, q_weight, k_weight, cos, sin, eps, norm)
 
 
 @_qk_norm_rope_op.register_fake
@@ -1164,10 +1180,9 @@ def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, eps, norm):
 def _qk_norm_rope_bwd_op(gq: Tensor, gk: Tensor, q: Tensor, k: Tensor, q_weight: Optional[Tensor],
                          k_weight: Optional[Tensor], cos: Tensor, sin: Tensor, eps: float,
                          norm: str, need_dw: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from fmrt.kernels import rope as K
-    return K.qk_norm_rope_bwd(gq, gk, q, k, None if q_weight is None else q_weight.contiguous(),
-                              None if k_weight is None else k_weight.contiguous(), cos, sin, eps,
-                              _norm_arg(norm), need_dw)
+    dq, dk, dwq, dwk = _qk_norm_rope_bwd_launch(gq, gk, q, k, q_weight, k_weight, cos, sin, eps,
+                                                norm, need_dw)
+    return dq, dk, dwq.clone(), dwk.clone()  # custom-op outputs must not alias each other
 
 
 @_qk_norm_rope_bwd_op.register_fake
@@ -1187,11 +1202,24 @@ def _qk_norm_rope_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
 
 
+def _plain(*ts) -> bool:
+    """All plain eager tensors (no FakeTensor, no functorch wrapper, not tracing): the launchers
+    may then be called directly, skipping the custom op's dispatch (most of the op's host cost:
+    ~60 % of the stubbed-launch time per fwd+bwd, benchmarks/bench_host_overhead_rope.py). Anything
+    else goes through the custom ops, which trace and compile."""
+    if torch.compiler.is_compiling():
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return all(t is None or (type(t) is Tensor and not wrapped(t)) for t in ts)
+
+
 def _qk_norm_rope_backward(ctx, gq, gk):
     q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
     need_dw = any(ctx.needs_input_grad[2:4])
-    dq, dk, dwq, dwk = _qk_norm_rope_bwd_op(gq, gk, q, k, q_weight, k_weight, cos, sin, ctx.eps,
-                                            ctx.norm, need_dw)
+    args = (gq, gk, q, k, q_weight, k_weight, cos, sin, ctx.eps, ctx.norm, need_dw)
+    bwd = _qk_norm_rope_bwd_launch if _plain(gq, gk, q, k, q_weight, k_weight) else \
+        _qk_norm_rope_bwd_op
+    dq, dk, dwq, dwk = bwd(*args)
     wq_dt, wk_dt = ctx.w_dtypes
     dwq = dwq.to(wq_dt) if ctx.needs_input_grad[2] and dwq.numel() else None
     dwk = dwk.to(wk_dt) if ctx.needs_input_grad[3] and dwk.numel() else None
@@ -1210,7 +1238,8 @@ class _QKNormRope(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, q_weight, k_weight, cos, sin, eps, norm):
-        return _qk_norm_rope_op(q, k, q_weight, k_weight, cos, sin, eps, norm)
+        fwd = _qk_norm_rope_launch if _plain(q, k, q_weight, k_weight) else _qk_norm_rope_op
+        return fwd(q, k, q_weight, k_weight, cos, sin, eps, norm)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -2,8 +2,8 @@
 
 Forward: one program per token row of q or k (grid axis 1 picks q (0) or k (1), so both go in one
 launch). The row of H*D elements (up to 40 x 128 = 5120 for Wan 14B) is walked in chunks of
-BLOCK_H heads x BLOCK_D, BLOCK_H the largest power of two dividing H (4 for Wan 1.3B's 12 heads, 8
-for 14B's 40), so no lane is padded (a single `next_pow2(H)` tile would waste 25 % / 37 % of its
+BLOCK_H heads x BLOCK_D, BLOCK_H the largest power of two dividing H (up to 512 elements: 4 for
+Wan's 12 and 40 heads at D = 128), so no lane is padded (a single `next_pow2(H)` tile would waste 25 % / 37 % of its
 lanes there); for the norm across heads a first pass sums the squares, the second re-reads the
 row (an L1 hit) to normalise, rotate and store. Loads use the caller's strides (q and k are
 usually views of a fused qkv projection: never copied); each chunk is split into the even/odd
@@ -183,21 +183,22 @@ def _bwd_rows(x_ptr, x_sb, x_ss, x_sh, x_sd, g_ptr, g_sb, g_ss, g_sh, g_sd, dx_p
         else:
             xf = x.to(tl.float32)
             rstd = _rstd(xf, H, D, eps, NORM)
-            xhat = xf * rstd
             if HAS_W:
                 if NEED_DW:
-                    acc += g * xhat
+                    acc += g * (xf * rstd)
                 if NORM == 1:  # [H*D]: re-read per row (an L1 hit) rather than held in
                     gw = g * _load_weight(w_ptr, h, d, m, D, NORM)  # registers all along
                 else:
                     gw = g * w
             else:
                 gw = g
+            # mean(gw * xhat) over the norm group with xhat = x * rstd never held as a tile
+            # (one fewer row-sized temporary: the 64-register build at 32 warps does not spill)
             if NORM == 1:
-                dot = tl.sum(tl.sum(gw * xhat, axis=1), axis=0) / (H * D)
+                dot = tl.sum(tl.sum(gw * xf, axis=1), axis=0) * rstd / (H * D)
             else:
-                dot = (tl.sum(gw * xhat, axis=1) / D)[:, None]
-            dx = rstd * (gw - xhat * dot)
+                dot = (tl.sum(gw * xf, axis=1) / D)[:, None] * rstd
+            dx = rstd * gw - (rstd * rstd * dot) * xf   # = rstd (gw - xhat dot)
         tl.store(dx_ptr + row * H * D + h[:, None] * D + d[None, :],
                  dx.to(dx_ptr.dtype.element_ty), mask=m)
         if PREFETCH:
@@ -244,21 +245,29 @@ def _qk_norm_rope_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, wq_pt
 # host launchers
 # ---------------------------------------------------------------------------------------------
 
+def _pow2(n: int) -> int:
+    """The next power of two >= n (triton.next_power_of_2 without its call overhead)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
 def _fwd_blocks(H: int, D: int) -> tuple[int, int, int, int]:
     """(BLOCK_H, BLOCK_D, N_CHUNKS, num_warps) of the forward: chunks of BLOCK_H heads, the
-    largest power of two dividing H up to 1024 elements per chunk (no padded lanes: Wan's 12
-    heads in 3 chunks of 4, 40 in 5 of 8); a padded single chunk only where that would take more
-    than 16 chunks (H with a small power-of-two part, e.g. 17). ~8 elements per thread: 16-byte
-    bf16 accesses."""
-    BLOCK_D = max(triton.next_power_of_2(D), 2)
-    BLOCK_H = min(H & -H, max(1024 // BLOCK_D, 1))
+    largest power of two dividing H up to 512 elements per chunk (no padded lanes: Wan's 12
+    heads in 3 chunks of 4, 40 in 10 of 4; triton 3.6's sm_90 build of 1024-element chunks of 40
+    heads used 8 bytes of stack); a padded single chunk only where that would take more than 16
+    chunks (H with a small power-of-two part, e.g. 17). ~8 elements per thread: 16-byte bf16
+    accesses."""
+    BLOCK_D = max(_pow2(D), 2)
+    BLOCK_H = min(H & -H, max(512 // BLOCK_D, 1))
     if H // BLOCK_H > 16:
-        BLOCK_H = triton.next_power_of_2(H)
-    n_chunks = triton.cdiv(H, BLOCK_H)
+        BLOCK_H = _pow2(H)
+    n_chunks = -(-H // BLOCK_H)
     num_warps = min(max((BLOCK_H * BLOCK_D) // 256, 1), 8)
     return BLOCK_H, BLOCK_D, n_chunks, num_warps
 
 
+@functools.lru_cache(maxsize=None)
 def _bwd_blocks(H: int, D: int) -> tuple[int, int, int, bool]:
     """(BLOCK_H, BLOCK_D, num_warps, PREFETCH) of the backward: the whole row as one padded tile
     (the weight-gradient partial of every head stays in registers across rows), 8 fp32 elements
@@ -269,8 +278,8 @@ def _bwd_blocks(H: int, D: int) -> tuple[int, int, int, bool]:
     14B's backward runs 32 warps without the prefetch, its 32 warps' loads of one row in flight
     per SM. Checked by compiling for sm_90 (benchmarks/aot_compile.py: no spills at Wan's
     shapes); whether it reaches the bandwidth goal is for a GPU run to say."""
-    BLOCK_H = triton.next_power_of_2(H)
-    BLOCK_D = max(triton.next_power_of_2(D), 2)
+    BLOCK_H = _pow2(H)
+    BLOCK_D = max(_pow2(D), 2)
     num_warps = min(max((BLOCK_H * BLOCK_D) // 256, 1), 32)
     return BLOCK_H, BLOCK_D, num_warps, num_warps <= 16
 
@@ -328,7 +337,8 @@ def qk_norm_rope_bwd(gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: tor
                      cos: torch.Tensor, sin: torch.Tensor, eps: float, norm: Optional[str],
                      need_dw: bool):
     """(dq, dk, dq_weight, dk_weight): dq, dk contiguous in q's / k's dtype; weight gradients
-    float32 of the weights' shapes (empty when not need_dw or the weight is None). The upstream
+    float32 of the weights' shapes (empty when not need_dw or the weight is None; two rows of one
+    tensor when both are there). The upstream
     gradients gq, gk may have any strides (stride 0 included)."""
     B, S, H, D = q.shape
     dev = q.device
@@ -340,9 +350,10 @@ def qk_norm_rope_bwd(gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: tor
     n_rows = B * S
     BLOCK_H, BLOCK_D, nw, prefetch = _bwd_blocks(H, D)
     n_progs = _backward_programs(n_rows, dev, nw)
-    rows_per_prog = triton.cdiv(max(n_rows, 1), n_progs)
-    n_progs = triton.cdiv(max(n_rows, 1), rows_per_prog)
-    part = torch.zeros((2, n_progs, wn) if need_dw else (1,), dtype=torch.float32, device=dev)
+    rows_per_prog = -(-max(n_rows, 1) // n_progs)
+    n_progs = -(-max(n_rows, 1) // rows_per_prog)
+    # every program stores its whole partial once: no zero fill needed
+    part = torch.empty((2, n_progs, wn) if need_dw else (1,), dtype=torch.float32, device=dev)
     if n_rows and H * D:
         _qk_norm_rope_bwd_kernel[(n_progs, 2)](
             q, k, gq, gk, dq, dk, q_weight if q_weight is not None else q,
@@ -351,8 +362,10 @@ def qk_norm_rope_bwd(gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: tor
             *cos.stride(), *sin.stride(), wn, float(eps), NORM=code,
             HAS_WQ=q_weight is not None, HAS_WK=k_weight is not None, NEED_DW=need_dw,
             BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, PREFETCH=prefetch, num_warps=nw)
-    def dw(i, w):  # separate tensors: custom-op outputs must not alias each other
+    sums = part.sum(1) if need_dw else None  # [2, wn]: both weights' partials in one reduction
+
+    def dw(i, w):  # rows of one tensor: a custom op returning them must clone them
         if not need_dw or w is None:
             return q.new_empty(0, dtype=torch.float32)
-        return part[i].sum(0)
+        return sums[i]
     return dq, dk, dw(0, q_weight), dw(1, k_weight)

@@ -58,8 +58,8 @@ def test_one_head_and_padded_head_dim(dtype):
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("H", [12, 40, 17])
 def test_head_chunks(norm, H):
-    # the forward walks 12 heads in 3 chunks of 4 and 40 in 5 of 8 (no padded lanes); 17 heads
-    # would take 17 chunks of 1: one padded chunk of 32 instead
+    # the forward walks 12 heads in 3 chunks of 4 and 40 in 5 of 8 at D = 8 (no padded lanes); 17
+    # heads would take 17 chunks of 1: one padded chunk of 32 instead
     check_against_reference(ops.qk_norm_rope, _ref, _make(2, (1, 2, 1), H, 8, torch.float32, norm))
 
 
@@ -76,7 +76,8 @@ def test_backward_without_prefetch(norm, monkeypatch):
 def test_block_choice():
     from fmrt.kernels import rope as K
     assert K._fwd_blocks(12, 128) == (4, 128, 3, 2)      # 512-element chunks, 2 warps
-    assert K._fwd_blocks(40, 128) == (8, 128, 5, 4)      # 1024-element chunks, 4 warps
+    assert K._fwd_blocks(40, 128) == (4, 128, 10, 2)     # 10 chunks of 4 heads
+    assert K._fwd_blocks(40, 8) == (8, 8, 5, 1)
     assert K._fwd_blocks(17, 128)[:3] == (32, 128, 1)    # padded fallback
     assert K._fwd_blocks(3, 12)[:3] == (1, 16, 3)
     assert K._bwd_blocks(12, 128) == (16, 128, 8, True)     # 8 warps, next row prefetched

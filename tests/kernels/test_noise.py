@@ -381,3 +381,38 @@ def test_fast_math_noise_is_finite_over_2_30_draws():
     loss.backward()
     assert torch.isfinite(loss) and abs(loss.item() - 1) < 1e-3
     assert torch.isfinite(pred.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("xd, nd", [(torch.bfloat16, torch.bfloat16), (torch.float16,
+                                     torch.float16), (torch.float32, torch.float32),
+                                    (torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.float16)])
+@pytest.mark.parametrize("sigma_kind", ["float", "per_sample", "per_frame"])
+def test_add_noise_eager_rounding_is_torch_promotion_bit_for_bit(backend, xd, nd, sigma_kind):
+    """eager_rounding against torch evaluating diffusers' scale_noise expression itself,
+    `s * noise + (1.0 - s) * x0` with s a tensor in x0's dtype: same bits, same dtype (the
+    promotion of x0's and noise's), odd sizes, per-sample and per-frame sigma."""
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.randn(3, 2, 5, 3, 7, generator=g).to(xd)
+    noise = torch.randn(3, 2, 5, 3, 7, generator=g).to(nd)
+    sigma = {"float": 0.3141,
+             "per_sample": torch.rand(3, generator=g),
+             "per_frame": torch.rand(3, 1, 5, 1, 1, generator=g)}[sigma_kind]
+    s = ref.broadcast_sigma(sigma, x0).to(xd)
+    s = s.reshape(-1, *[1] * (x0.ndim - 1)) if s.ndim == 0 else s   # a tensor with dims
+    want = s * noise + (1.0 - s) * x0
+    with use_backend(backend):
+        got = ops.noised_sample(x0, sigma, noise, None, return_target=False,
+                                eager_rounding=True)[0]
+    assert got.dtype == want.dtype == torch.promote_types(xd, nd)
+    assert torch.equal(got, want)
+
+
+def test_add_noise_eager_rounding_needs_noise_and_no_target():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="eager_rounding"):
+        ops.noised_sample(x, 0.5, None, torch.tensor(1), return_target=False,
+                          eager_rounding=True)
+    with pytest.raises(ValueError, match="eager_rounding"):
+        ops.noised_sample(x, 0.5, x, None, eager_rounding=True)

@@ -375,10 +375,10 @@ class _Model:
             for key in ("cond", "uncond"):
                 states[key] = BranchCache(cache)
 
-    def _one(self, x, args, cond, branch: str, mode: str) -> Tensor:
+    def _one(self, x, args, cond, branch: str, mode: str, i: int) -> Tensor:
         if branch in self.states:
             st = self.states[branch]
-            st.mode = mode
+            st.mode, st.step = mode, i
             return _checked(self.model(x, *args, cond, cache=st), x)
         return _checked(self.model(x, *args, cond), x)
 
@@ -392,7 +392,7 @@ class _Model:
         if not uncond:
             if not self.states:
                 return _checked(self.model(x, *a, self.cond), x), None
-            return self._one(x, a, self.cond, "cond", modes[0]), None
+            return self._one(x, a, self.cond, "cond", modes[0], i), None
         if self.batched:
             args = (self.times[r], self.times[i]) if r is not None else (self.times[i],)
             out = self.model(torch.cat([x, x]), *args, self.cond2)
@@ -402,8 +402,8 @@ class _Model:
             c, u = out.chunk(2)
             c, u = _checked(c, x), _checked(u, x)
         else:
-            c = self._one(x, a, self.cond, "cond", modes[0])
-            u = self._one(x, a, self.uncond, "uncond", modes[1])
+            c = self._one(x, a, self.cond, "cond", modes[0], i)
+            u = self._one(x, a, self.uncond, "uncond", modes[1], i)
         if self.zero_star:
             alpha = ops.cfg_zero_star_scale(c, u).to(x.dtype)
             u = u * alpha.view(-1, *([1] * (u.ndim - 1)))

@@ -462,14 +462,17 @@ def plot(results: list[dict], path: str, title: str) -> None:
         ax.scatter([r["pct_blocks"] for r in rs], [min(r["psnr_db"], cap) for r in rs],
                    marker=mk, color=col, label=fam if fam != "full CFG" else
                    "full CFG (fewer steps)", alpha=0.8)
-    fm = sorted((r for r in results if r["family"] == "fmrt"), key=lambda r: r["pct_blocks"])
-    front, best = [], -1.0
-    for r in fm:
-        if min(r["psnr_db"], cap) > best:
-            best = min(r["psnr_db"], cap)
-            front.append((r["pct_blocks"], best))
-    if front:
-        ax.step(*zip(*front), where="post", color="tab:blue", alpha=0.5, label="fmrt frontier")
+    for fam, col, ls in (("fmrt", "tab:blue", "-"), ("diffusers", "tab:red", "--")):
+        rs = sorted((r for r in results if r["family"] == fam), key=lambda r: r["pct_blocks"])
+        front, best = [], -1.0
+        for r in rs:
+            if min(r["psnr_db"], cap) > best:
+                best = min(r["psnr_db"], cap)
+                front.append((r["pct_blocks"], best))
+        if front:
+            ax.step(*zip(*front), where="post", color=col, ls=ls, alpha=0.5,
+                    label=f"{fam} frontier")
+    ax.set_xlim(0, 105)   # full CFG at more steps than the reference lies off to the right
     ax.axhline(30, ls=":", color="gray")
     ax.axvline(50, ls=":", color="gray")
     ax.set_xlabel("block evaluations, % of full CFG")

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -513,7 +514,7 @@ def main(argv=None) -> int:
             f"{args.steps} steps from the same noise; time ratio against the same "
             f"implementation's full CFG at {args.steps} steps, measured in the same run on "
             f"this CPU ({os.cpu_count()} cores, shared), not a GPU. Made by `python -m "
-            f"benchmarks.cache_quality {' '.join(argv if argv is not None else [])}`.")
+            f"benchmarks.cache_quality {' '.join(argv if argv is not None else sys.argv[1:])}`.")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w", encoding="utf-8") as f:
         json.dump(dict(note=note, torch=torch.__version__, results=results, verdict=verdict),

@@ -223,6 +223,11 @@ def make_plan(n: int, sigmas: Optional[Sequence[float]] = None, *, guided: bool 
     """The plan of an n-step call (see `Plan`). sigmas: the grid's first n sigmas on the host
     (needed only with a guidance interval)."""
     interval = check_interval(guidance_interval)
+    if guidance_reuse is not None and not isinstance(guidance_reuse,
+                                                     (GuidanceReuse, AdaptiveGuidanceReuse)):
+        raise TypeError(f"guidance_reuse must be None, GuidanceReuse or AdaptiveGuidanceReuse, "
+                        f"got {type(guidance_reuse).__name__}")
+    check_policy(cache)
     if interval is not None and (sigmas is None or len(sigmas) < n):
         raise ValueError("a guidance interval needs the grid's sigmas on the host")
     branches = guidance_branches(n, sigmas, guided=guided, interval=interval,

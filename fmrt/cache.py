@@ -42,14 +42,23 @@ def _check_float(name: str, value, lo: float = 0.0) -> None:
         raise ValueError(f"{name} must be a finite float >= {lo}, got {value}")
 
 
+def _check_order(order) -> None:
+    if isinstance(order, bool) or order not in (0, 1):
+        raise ValueError(f"order must be 0 (reuse the residual) or 1 (extrapolate it linearly "
+                         f"from the last two computed steps), got {order!r}")
+
+
 @dataclass(frozen=True)
 class FirstBlockCache:
     """Skip blocks 1.. when block 0's residual moved less than `threshold` (relative mean abs)
-    since the last computed call."""
+    since the last computed call. order 1: the skipped residual is extrapolated linearly in the
+    step index from the last two computed calls (TaylorSeer's first order, on the residual)."""
     threshold: float = 0.05
+    order: int = 0
 
     def __post_init__(self):
         _check_float("threshold", self.threshold)
+        _check_order(self.order)
 
     def modes(self, n: int, branch: str) -> list[str]:
         return ["all"] + ["probe"] * (n - 1)
@@ -75,9 +84,11 @@ class MagCache:
     threshold: float = 0.06
     max_skip: int = 3
     retention: float = 0.2
+    order: int = 0
 
     def __post_init__(self):
         _check_float("threshold", self.threshold)
+        _check_order(self.order)
         if isinstance(self.max_skip, bool) or not isinstance(self.max_skip, int):
             raise TypeError("max_skip must be an int")
         if self.max_skip < 1:
@@ -121,6 +132,7 @@ class MagCache:
 @dataclass(frozen=True)
 class Calibrate:
     """Run every block and record the per-step residual-norm ratios (`calibrate_mag_ratios`)."""
+    order: int = 0
 
     def modes(self, n: int, branch: str) -> list[str]:
         return ["all"] * n
@@ -143,16 +155,17 @@ def check_cacheable(model) -> None:
 
 
 def parse_cache(spec: Optional[str], ratios=None):
-    """The CLI's `--cache` string: "off", "first-block:THRESHOLD" or
-    "mag:THRESHOLD[:MAX_SKIP[:RETENTION]]" (needs `ratios`, e.g. from a JSON file)."""
+    """The CLI's `--cache` string: "off", "first-block:THRESHOLD[:ORDER]" or
+    "mag:THRESHOLD[:MAX_SKIP[:RETENTION[:ORDER]]]" (needs `ratios`, e.g. from a JSON file)."""
     if spec is None or spec == "off":
         return None
     kind, _, rest = spec.partition(":")
     parts = rest.split(":") if rest else []
     try:
-        if kind == "first-block" and len(parts) <= 1:
-            return FirstBlockCache(*(float(p) for p in parts))
-        if kind == "mag" and len(parts) <= 3:
+        if kind == "first-block" and len(parts) <= 2:
+            return FirstBlockCache(*(float(parts[0]),) if parts else (),
+                                   *(int(parts[1]),) if len(parts) > 1 else ())
+        if kind == "mag" and len(parts) <= 4:
             if ratios is None:
                 raise ValueError("mag caching needs calibrated ratios (--cache-ratios FILE)")
             args = [float(parts[0])] if parts else []
@@ -160,21 +173,24 @@ def parse_cache(spec: Optional[str], ratios=None):
                 args.append(int(parts[1]))
             if len(parts) > 2:
                 args.append(float(parts[2]))
+            if len(parts) > 3:
+                args.append(int(parts[3]))
             return MagCache(ratios, *args)
     except ValueError as e:
         raise ValueError(f"bad cache {spec!r}: {e}") from None
-    raise ValueError(f"unknown cache {spec!r}: expected off, first-block:THRESHOLD or "
-                     f"mag:THRESHOLD[:MAX_SKIP[:RETENTION]]")
+    raise ValueError(f"unknown cache {spec!r}: expected off, first-block:THRESHOLD[:ORDER] or "
+                     f"mag:THRESHOLD[:MAX_SKIP[:RETENTION[:ORDER]]]")
 
 
 @dataclass
 class BranchCache:
     """Runtime state of one branch (cond or uncond) over one sampling call. The loop sets
-    `mode` ("all", "skip", "probe") before each model call; the model runs its block list
-    through `run`. Counters: `calls`, `blocks_run` (block evaluations), `skipped` (calls whose
-    blocks after the probe were skipped)."""
+    `mode` ("all", "skip", "probe") and `step` (the step index) before each model call; the
+    model runs its block list through `run`. Counters: `calls`, `blocks_run` (block
+    evaluations), `skipped` (calls whose blocks after the probe were skipped)."""
     policy: Policy
     mode: str = "all"
+    step: Optional[int] = None
     calls: int = 0
     blocks_run: int = 0
     skipped: int = 0
@@ -183,6 +199,20 @@ class BranchCache:
     _r0: Optional[Tensor] = None       # first block's residual at the last computed call
     _tail: Optional[Tensor] = None     # tail_out - out0 (first-block) at the last computed call
     _res: Optional[Tensor] = None      # tail_out - block-0 input at the last computed call
+    _prev: Optional[tuple] = None      # (step, residual) of the computed call before (order 1)
+    _at: Optional[int] = None          # step of the last computed call
+
+    def _now(self) -> int:
+        return self.step if self.step is not None else self.calls
+
+    def _cached(self, r: Tensor) -> Tensor:
+        """The cached residual r (order 0) or its linear extrapolation to this step (order 1)."""
+        if self.policy.order == 0 or self._prev is None:
+            return r
+        t0, r0 = self._prev
+        if self._at == t0:
+            return r
+        return r + (r - r0) * ((self._now() - self._at) / (self._at - t0))
 
     def run(self, blocks: Sequence, h: Tensor, call: Callable[[object, Tensor], Tensor]) -> Tensor:
         """Run `blocks` on tokens h (`call(block, h) -> h`), or reuse the cached residual."""
@@ -193,7 +223,7 @@ class BranchCache:
                 raise RuntimeError("step cache: a skipped call before any computed call")
             self.skipped += 1
             self.decisions.append(False)
-            return (h.float() + self._res).to(h.dtype)
+            return (h.float() + self._cached(self._res)).to(h.dtype)
         if mode == "probe" and len(blocks) > 1 and self._r0 is not None:
             out0 = call(blocks[0], h)
             self.blocks_run += 1
@@ -202,7 +232,7 @@ class BranchCache:
             if float(rel) < self.policy.threshold:  # one scalar read per call (documented)
                 self.skipped += 1
                 self.decisions.append(False)
-                return (out0.float() + self._tail).to(h.dtype)
+                return (out0.float() + self._cached(self._tail)).to(h.dtype)
             return self._compute(blocks, h, call, out0=out0, r0=r0)
         return self._compute(blocks, h, call)
 
@@ -218,6 +248,10 @@ class BranchCache:
             self.blocks_run += 1
             if j == 0:
                 out0 = x
+        kept = self._tail if isinstance(self.policy, FirstBlockCache) else self._res
+        if kept is not None and self.policy.order:
+            self._prev = (self._at, kept)
+        self._at = self._now()
         if isinstance(self.policy, FirstBlockCache):
             self._r0 = r0 if r0 is not None else out0.float() - h.float()
             self._tail = x.float() - out0.float()

@@ -223,6 +223,11 @@ def make_plan(n: int, sigmas: Optional[Sequence[float]] = None, *, guided: bool 
     """The plan of an n-step call (see `Plan`). sigmas: the grid's first n sigmas on the host
     (needed only with a guidance interval)."""
     interval = check_interval(guidance_interval)
+    if guidance_reuse is not None and not isinstance(guidance_reuse,
+                                                     (GuidanceReuse, AdaptiveGuidanceReuse)):
+        raise TypeError(f"guidance_reuse must be None, GuidanceReuse or AdaptiveGuidanceReuse, "
+                        f"got {type(guidance_reuse).__name__}")
+    check_policy(cache)
     if interval is not None and (sigmas is None or len(sigmas) < n):
         raise ValueError("a guidance interval needs the grid's sigmas on the host")
     branches = guidance_branches(n, sigmas, guided=guided, interval=interval,
@@ -375,10 +380,10 @@ class _Model:
             for key in ("cond", "uncond"):
                 states[key] = BranchCache(cache)
 
-    def _one(self, x, args, cond, branch: str, mode: str) -> Tensor:
+    def _one(self, x, args, cond, branch: str, mode: str, i: int) -> Tensor:
         if branch in self.states:
             st = self.states[branch]
-            st.mode = mode
+            st.mode, st.step = mode, i
             return _checked(self.model(x, *args, cond, cache=st), x)
         return _checked(self.model(x, *args, cond), x)
 
@@ -392,7 +397,7 @@ class _Model:
         if not uncond:
             if not self.states:
                 return _checked(self.model(x, *a, self.cond), x), None
-            return self._one(x, a, self.cond, "cond", modes[0]), None
+            return self._one(x, a, self.cond, "cond", modes[0], i), None
         if self.batched:
             args = (self.times[r], self.times[i]) if r is not None else (self.times[i],)
             out = self.model(torch.cat([x, x]), *args, self.cond2)
@@ -402,8 +407,8 @@ class _Model:
             c, u = out.chunk(2)
             c, u = _checked(c, x), _checked(u, x)
         else:
-            c = self._one(x, a, self.cond, "cond", modes[0])
-            u = self._one(x, a, self.uncond, "uncond", modes[1])
+            c = self._one(x, a, self.cond, "cond", modes[0], i)
+            u = self._one(x, a, self.uncond, "uncond", modes[1], i)
         if self.zero_star:
             alpha = ops.cfg_zero_star_scale(c, u).to(x.dtype)
             u = u * alpha.view(-1, *([1] * (u.ndim - 1)))

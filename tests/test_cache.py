@@ -93,6 +93,8 @@ def test_nearest_interp_and_parsers():
     assert nearest_interp([1.0, 2.0, 3.0], 5) == [1.0, 1.0, 2.0, 3.0, 3.0]
     assert nearest_interp([1.0, 2.0], 1) == [2.0]
     assert parse_cache("first-block:0.1") == FirstBlockCache(0.1)
+    assert parse_cache("first-block:0.1:1") == FirstBlockCache(0.1, order=1)
+    assert parse_cache("mag:0.1:2:0.3:1", ratios=[1.0]) == MagCache([1.0], 0.1, 2, 0.3, 1)
     assert parse_cache("mag:0.1:2", ratios=[1.0, 1.0]) == MagCache([1.0, 1.0], 0.1, 2)
     assert parse_cache("off") is None
     with pytest.raises(ValueError, match="ratios"):
@@ -104,3 +106,31 @@ def test_nearest_interp_and_parsers():
         parse_guidance_reuse("static:0")
     with pytest.raises(ValueError, match="unknown guidance reuse"):
         parse_guidance_reuse("sometimes")
+
+
+@pytest.mark.parametrize("policy", [MagCache([1.0], 0.1), FirstBlockCache(1e9)])
+def test_order_one_extrapolates_the_residual_linearly(policy):
+    """Blocks whose total residual is t * v at step t: order 0 reuses the last computed
+    residual, order 1 extrapolates it exactly from the last two computed steps."""
+    import dataclasses
+    v = torch.arange(6.0).view(1, 2, 3)
+    h = torch.ones(1, 2, 3)
+    now = {"t": 0}
+    blocks = [lambda x: x + 0.5 * now["t"] * v, lambda x: x + 0.5 * now["t"] * v]
+    outs = {}
+    for order in (0, 1):
+        st = BranchCache(dataclasses.replace(policy, order=order))
+        for t, mode in ((0, "all"), (1, "all"), (3, "skip" if isinstance(policy, MagCache)
+                                                  else "probe")):
+            now["t"], st.mode, st.step = t, mode, t
+            out = st.run(blocks, h, lambda b, x: b(x))
+        outs[order] = out
+        assert st.decisions == [True, True, False]
+    if isinstance(policy, MagCache):
+        torch.testing.assert_close(outs[0], h + 1 * v)
+        torch.testing.assert_close(outs[1], h + 3 * v)
+    else:   # first-block: block 0 runs (0.5 * 3 v), the tail residual (0.5 t v) extrapolated
+        torch.testing.assert_close(outs[0], h + 1.5 * v + 0.5 * v)
+        torch.testing.assert_close(outs[1], h + 1.5 * v + 1.5 * v)
+    with pytest.raises(ValueError, match="order"):
+        dataclasses.replace(policy, order=2)

@@ -458,7 +458,7 @@ class WanStepRunner:
         st = self.states.get(name)
         if st is None:
             st = self.states[name] = BranchCache(self.cache)
-        st.mode = self._mode
+        st.mode, st.step = self._mode, self._ctx[1].get("step_index")
         return st.run(blocks, hidden_states,
                       lambda b, h: type(b).forward(b, h, *args, **kwargs))
 

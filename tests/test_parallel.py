@@ -271,7 +271,7 @@ def test_torchrun_fmrt_sample_sp(tmp_path):
                           str(tmp_path / "one.npy")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     sp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                         "--master-port", str(_free_port()), "-m", "fmrt.cli", *common,
+                         "--master-port", str(_free_port()), "-m", "fmrt.cli", "--", *common,
                          "--sp", "2", "--out", str(tmp_path / "sp.npy")],
                         env=env, capture_output=True, text=True)
     assert sp.returncode == 0, sp.stderr[-3000:]
@@ -281,3 +281,33 @@ def test_torchrun_fmrt_sample_sp(tmp_path):
                           str(tmp_path / "bad.npy")], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "torchrun --nproc-per-node 2" in bad.stderr
     assert not (tmp_path / "bad.npy").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers: accelerate_wan's processor under ContextParallelConfig(ulysses_degree=N)
+# ---------------------------------------------------------------------------------------------
+
+def _diffusers_cp(rank: int, world: int) -> None:
+    from diffusers import ContextParallelConfig
+    from fmrt.integrations.diffusers import FmrtWanAttnProcessor, accelerate_wan
+    from tests.integrations.test_diffusers import _inputs, _model, _processors
+    # diffusers picks rank % accelerator.device_count() as the device: 0 on a CPU build
+    torch.accelerator.device_count = lambda: 1
+    ref = _model(12, 2, layers=2)(**_inputs(False), return_dict=False)[0]
+    for accelerate in (False, True):
+        model = _model(12, 2, layers=2)
+        if accelerate:
+            accelerate_wan(model)
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+        out = model(**_inputs(False), return_dict=False)[0]
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    ps = [p for p in _processors(model) if isinstance(p, FmrtWanAttnProcessor)]
+    assert len(ps) == 4
+    assert sum(p.fmrt_calls for p in ps) == 4 and sum(p.fallback_calls for p in ps) == 0
+
+
+def test_diffusers_ulysses_context_parallel_runs_fmrt_processor():
+    """Stock diffusers with CP, and accelerate_wan + CP, equal the stock single-process output;
+    every attention call (self under Ulysses, cross) ran fmrt's path, none fell back."""
+    pytest.importorskip("diffusers")
+    _spawn(_diffusers_cp, 2)

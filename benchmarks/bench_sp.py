@@ -5,8 +5,8 @@ guided Euler step) of the Wan2.1-1.3B DiT at 480p x 81 frames (latent [1, 16, 21
 timed repeats) and peak memory per rank (torch.cuda.max_memory_allocated).
 
     pytest benchmarks/bench_sp.py -m gpu -s        # launches torchrun for each N the node has
-    torchrun --nproc-per-node 2 -m benchmarks.bench_sp --out result.json   # one N by hand
-    python -m torch.distributed.run --nproc-per-node 2 -m benchmarks.bench_sp --tiny  # CPU smoke
+    torchrun --nproc-per-node 2 -m benchmarks.bench_sp -- --out result.json   # one N by hand
+    torchrun --nproc-per-node 2 -m benchmarks.bench_sp -- --tiny --repeats 1   # CPU smoke run
 
 Results: benchmarks/results/<gpu>_sp.json. No GPU result is committed yet.
 """
@@ -128,8 +128,9 @@ def test_bench_sp(tmp_path):
             break
         path = tmp_path / f"sp{n}.json"
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                            str(n), "-m", "benchmarks.bench_sp", "--out", str(path)],
-                           capture_output=True, text=True)
+                            str(n), "-m", "benchmarks.bench_sp", "--", "--out", str(path)],
+                           capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         assert r.returncode == 0, r.stderr[-4000:]
         rows.append(json.loads(path.read_text()))
         print(json.dumps(rows[-1]))

@@ -197,14 +197,15 @@ def _train_sp(rank: int, world: int, runs: list) -> None:
     from tests.test_train import tiny_config
     from fmrt.train import train
     for out_dir, kw in runs:
-        train(tiny_config(out_dir, sp=world, **kw))
+        train(tiny_config(out_dir, **dict(dict(sp=world), **kw)))
 
 
-def _assert_same_weights(a, b, atol=2e-5):
+def _assert_same_weights(a, b, atol=2e-5, optim=True):
     from safetensors.torch import load_file
     sa, sb = load_file(a), load_file(b)
     keys = [k for k in sa if k.split(".")[0] in ("model", "ema", "optim")]
-    assert any(k.startswith("optim.") for k in keys) and set(keys) <= set(sb)
+    assert any(k.startswith("model.") for k in keys) and set(keys) <= set(sb)
+    assert any(k.startswith("optim.") for k in keys) == optim     # FSDP runs save none
     for k in keys:
         torch.testing.assert_close(sa[k], sb[k], atol=atol, rtol=1e-4, msg=lambda m: f"{k}: {m}")
 
@@ -224,6 +225,16 @@ def test_train_sp_matches_one_process_and_resumes_on_another_layout(tmp_path, ob
     assert out["step"] == 3
     ck3 = "checkpoints/step-0000003.safetensors"
     _assert_same_weights(tmp_path / "sp" / ck3, tmp_path / "one" / ck3)
+
+
+def test_train_dp2_sp2_fsdp_matches_dp2(tmp_path):
+    """4 processes as (dp 2, sp 2) with FSDP2 over dp train as 2 data-parallel processes do
+    (same batches, seeds and global batch)."""
+    kw = dict(steps=2, lr=1e-3, fsdp=True)
+    _spawn(_train_sp, 4, [(str(tmp_path / "sp"), dict(kw, sp=2))])
+    _spawn(_train_sp, 2, [(str(tmp_path / "dp"), dict(kw, sp=1))])
+    ck = "checkpoints/step-0000002.safetensors"
+    _assert_same_weights(tmp_path / "sp" / ck, tmp_path / "dp" / ck, optim=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -322,3 +322,11 @@ def test_diffusers_ulysses_context_parallel_runs_fmrt_processor():
     every attention call (self under Ulysses, cross) ran fmrt's path, none fell back."""
     pytest.importorskip("diffusers")
     _spawn(_diffusers_cp, 2)
+
+
+def test_fmrt_train_sp_without_torchrun_is_a_clear_error(tmp_path):
+    from tests.cli_run import assert_one_line_error, run_fmrt
+    r = run_fmrt("train", "--sp", "2", "--out-dir", tmp_path / "run", "--steps", "1",
+                 "--device", "cpu", "--no-progress")
+    assert_one_line_error(r, "torchrun")
+    assert not (tmp_path / "run").exists()

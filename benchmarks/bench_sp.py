@@ -45,7 +45,8 @@ def _timed(fn, cuda: bool, repeats: int) -> float:
         fn()
         _sync(cuda)
         times.append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    t = torch.tensor([statistics.median(times)], dtype=torch.float64,
+                     device="cuda" if cuda else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
@@ -92,7 +93,8 @@ def run(case: dict, repeats: int) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         seconds = _timed(fn, cuda, repeats)
-        peak = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0], dtype=torch.int64)
+        peak = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0], dtype=torch.int64,
+                            device=dev)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         res[name] = dict(seconds=seconds, peak_mem_bytes_per_rank=int(peak))
     out = dict(device=torch.cuda.get_device_name() if cuda else "cpu (smoke run, not a timing)",

@@ -238,14 +238,16 @@ def disable_sequence_parallel(model: nn.Module) -> None:
 
 
 def _check_same_weights(model: nn.Module, sp: SequenceParallel) -> None:
-    """One float64 checksum of the local parameter tensors, compared over the group."""
+    """One float64 checksum of the local parameter tensors, compared over the group (on the
+    device the group's backend communicates from: CUDA for NCCL)."""
+    dev = (torch.device("cuda", torch.cuda.current_device())
+           if dist.get_backend(sp.group) == "nccl" else torch.device("cpu"))
     with torch.no_grad():
-        s = torch.zeros(2, dtype=torch.float64)
+        s = torch.zeros(2, dtype=torch.float64, device=dev)
         for p in model.parameters():
             t = p.to_local() if hasattr(p, "to_local") else p
-            t = t.detach().double().cpu()
-            s[0] += t.sum()
-            s[1] += (t * t).sum()
+            t = t.detach().to(dev, torch.float64)
+            s += torch.stack([t.sum(), (t * t).sum()])
         lo, hi = s.clone(), s.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=sp.group)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=sp.group)

@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--diagnostics", default=None, metavar="PATH",
                    help="write the CFG diagnostics plot (.png) of seed 000 (needs guidance != 1 "
                         "and matplotlib)")
+    s.add_argument("--sp", type=_int_at_least(1), default=1,
+                   help="sequence-parallel degree: run each model call over N processes "
+                        "(torchrun --nproc-per-node N fmrt sample --sp N ...; rank 0 writes)")
     _add_batch_args(s, batch_default=64, what="clips")
     d = s.add_argument_group(
         "diffusers pipeline", "with --diffusers PATH, sample a local diffusers Wan pipeline "
@@ -467,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", type=_device_name, default="auto")
     t.add_argument("--mixed-precision", default="auto", choices=("auto", "bf16", "no"))
     t.add_argument("--fsdp", action="store_true", help="FSDP2 under torchrun (big models)")
+    t.add_argument("--sp", type=_int_at_least(1), default=1,
+                   help="sequence-parallel degree under torchrun (Ulysses; it must divide the "
+                        "head count and the number of processes; data parallel across the rest)")
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--sample-steps", type=_int_at_least(1), default=20,
@@ -816,12 +822,47 @@ def generate_batched(model, meta: dict, labels, *, seed: int, batch_size: int, p
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-    policies = _policies(args)
     if args.diffusers is not None:
+        if args.sp > 1:
+            raise CLIError("--sp runs fmrt's own DiT; with --diffusers use diffusers' "
+                           "ContextParallelConfig (see the README)")
         return sample_diffusers(args)
+    policies = _policies(args)      # bad settings fail before any model loads
     t0 = time.time()
+    if args.sp > 1:
+        _sp_setup(args)
     model, meta, device = _load(args)
+    if args.sp > 1:
+        import torch.distributed as dist
+
+        from fmrt import parallel
+        mesh = parallel.make_mesh(args.sp, device.type)
+        parallel.enable_sequence_parallel(model, mesh["sp"].get_group())
+        try:
+            return _sample_clips(args, model, meta, device, t0, policies,
+                                 main=dist.get_rank() == 0)
+        finally:
+            dist.destroy_process_group()
+    return _sample_clips(args, model, meta, device, t0, policies)
+
+
+def _sp_setup(args: argparse.Namespace) -> None:
+    """`fmrt sample --sp N` under torchrun: exactly N processes, one device each."""
+    import torch
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.sp:
+        raise CLIError(f"--sp {args.sp} runs one model over {args.sp} processes: launch with "
+                       f"torchrun --nproc-per-node {args.sp} (this is {world} process(es))")
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def _sample_clips(args, model, meta, device, t0, policies: dict, main: bool = True) -> int:
+    import torch
     rec = meta.get("sample", {}) or {}
     steps = args.steps or int(rec.get("steps") or 20)
     scale = args.guidance_scale if args.guidance_scale is not None else \
@@ -842,6 +883,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                  recorder=recorder, steps=steps, solver=args.solver,
                                  guidance_scale=scale, shift=args.shift, device=device,
                                  dtype=_dtype(args.dtype), **policies)
+    if not main:        # sequence-parallel ranks > 0 computed the same clips
+        return 0
     save_clips(clips, args.out, class_names(labels))
     written = [args.out]
     if args.gif:
@@ -979,7 +1022,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         resume=args.resume, overwrite=args.overwrite, log_every=args.log_every,
         seed=args.seed, device=args.device,
-        mixed_precision=args.mixed_precision, fsdp=args.fsdp,
+        mixed_precision=args.mixed_precision, fsdp=args.fsdp, sp=args.sp,
         gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress,
         sample_steps=args.sample_steps, sample_guidance=args.sample_guidance)
     try:

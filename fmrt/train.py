@@ -136,6 +136,7 @@ class TrainConfig:
     device: str = "auto"                      # "auto", "cpu", "cuda", "cuda:1", ...
     mixed_precision: str = "auto"             # "auto" (bf16 on CUDA), "bf16", "no"
     fsdp: bool = False                        # FSDP2 (fully_shard) instead of DDP under torchrun
+    sp: int = 1                               # sequence-parallel degree (Ulysses, fmrt.parallel)
     gradient_checkpointing: bool = False
     progress: bool = True
     # recorded in model.json: what `fmrt sample` uses when not told
@@ -155,6 +156,7 @@ class TrainConfig:
         pos("log_every", self.log_every)
         pos("warmup_steps", self.warmup_steps, zero_ok=True)
         pos("lora_rank", self.lora_rank, zero_ok=True)
+        pos("sp", self.sp)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -433,8 +435,10 @@ def _broadcast_module(model: torch.nn.Module) -> None:
 
 
 def _average_grads(params: list, world: int) -> None:
-    """All-reduce the gradients (one flat buffer per dtype) and divide by the world size, as
-    DDP does; a parameter without a gradient on this rank takes part as zeros."""
+    """All-reduce the gradients over all processes (one flat buffer per dtype) and divide by
+    `world`: the world size, as DDP does, or the data-parallel size under sequence
+    parallelism (a group's ranks hold parts of one sample's gradient: summed); a parameter
+    without a gradient on this rank takes part as zeros."""
     import torch.distributed as dist
     by_dtype: dict = {}
     for p in params:
@@ -494,7 +498,7 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
 RESUME_MAY_CHANGE = frozenset({
     "out_dir", "resume", "overwrite", "steps", "checkpoint_every", "keep_checkpoints",
     "log_every", "progress", "sample_steps", "sample_guidance", "device", "init",
-    "gradient_checkpointing",
+    "gradient_checkpointing", "sp",
     "model", "model_overrides", "data", "couplings", "frames", "size", "num_classes",
     "data_seed"})
 
@@ -559,7 +563,7 @@ def _open_run(config: TrainConfig, main: bool) -> tuple[Optional[str], list[str]
     return resume_path, created
 
 
-def _check_resume(path: str, saved: dict, run: dict, config: TrainConfig, world: int) -> None:
+def _check_resume(path: str, saved: dict, run: dict, config: TrainConfig, dp: int) -> None:
     """Refuse (ValueError naming the field) to resume from `path` (meta `saved`) a run whose
     configuration (`run`: this run's meta, `config`) differs in what fixes the weights'
     trajectory: see RESUME_MAY_CHANGE."""
@@ -578,9 +582,11 @@ def _check_resume(path: str, saved: dict, run: dict, config: TrainConfig, world:
     if config.lr_schedule == "cosine" and old_train.get("steps", config.steps) != config.steps:
         refuse("steps", old_train["steps"], config.steps,
                " (the cosine schedule spans steps: changing them bends it mid-run)")
-    if saved.get("world_size", world) != world:
-        refuse("the number of processes", saved["world_size"], world,
-               " (batch_size is per process: the global batch would change)")
+    # the data-parallel size fixes the global batch; the sequence-parallel degree does not
+    old_dp = saved.get("dp_size", saved.get("world_size", dp))
+    if old_dp != dp:
+        refuse("the number of data-parallel processes (world / sp)", old_dp, dp,
+               " (batch_size is per data-parallel rank: the global batch would change)")
 
 
 def _rewind_run(out_dir: str, step: int) -> None:
@@ -744,16 +750,26 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
         raise ValueError("no trainable parameters")
     params = [p for _, p in named]
 
-    # parallelism
+    # parallelism: a (dp, sp) mesh under --sp (fmrt.parallel); data parallel over dp
+    dp, dp_rank, sp = di.world, di.rank, None
+    if config.sp > 1:
+        from fmrt import parallel
+        mesh = parallel.make_mesh(config.sp, device.type)
+        dp, dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
+        _broadcast_module(model)
+        sp = parallel.enable_sequence_parallel(model, mesh["sp"].get_group())
     fsdp = config.fsdp and di.world > 1
     wrapped = model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
+        dp_mesh = {} if sp is None else dict(mesh=mesh["dp"])
         for block in getattr(model, "blocks", []):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **dp_mesh)
+        fully_shard(model, **dp_mesh)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
+    elif sp is not None:
+        pass    # rank 0's weights everywhere (above); gradients by _average_grads over dp
     elif di.world > 1 and config.objective == "meanflow":
         # torch.func.jvp cannot run through DDP's forward (its reducer touches the storage of
         # functorch's dual tensors): data parallel by hand, rank 0's weights to every rank and
@@ -762,7 +778,7 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
     elif di.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    manual_dp = di.world > 1 and not fsdp and config.objective == "meanflow"
+    manual_dp = di.world > 1 and not fsdp and (config.objective == "meanflow" or sp is not None)
 
     opt = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas),
                             weight_decay=config.weight_decay)
@@ -784,7 +800,7 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
                          "not gathered): resume without --fsdp, or start again")
     if resume_path:
         ts = load_train_state(resume_path)
-        _check_resume(resume_path, ts.meta, meta_base, config, di.world)
+        _check_resume(resume_path, ts.meta, meta_base, config, dp)
         if fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                                  set_model_state_dict)
@@ -801,7 +817,7 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
             torch.cuda.set_rng_state(ts.rng["cuda"], device)
         step = ts.step
 
-    batches = _Batches(ds, config.batch_size, di.world, di.rank, config.seed)
+    batches = _Batches(ds, config.batch_size, dp, dp_rank, config.seed)
     use_bf16 = device.type == "cuda" and config.mixed_precision in ("auto", "bf16")
     null_class = mcfg.num_classes
 
@@ -828,7 +844,8 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
         rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
-        save_train_state(path, TrainState(step=at, meta=dict(meta_base, world_size=di.world),
+        save_train_state(path, TrainState(step=at, meta=dict(meta_base, world_size=di.world,
+                                                                   dp_size=dp),
                                           model=state, ema=ema_full,
                                           optim=optim, optim_groups=groups, rng=rng))
         prune_checkpoints(out_dir, config.keep_checkpoints)
@@ -846,7 +863,7 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
         interrupted = stop.requested(di.world, device)
         if interrupted:
             break
-        gen = torch.Generator(device=device).manual_seed(_mix(config.seed, di.rank, step))
+        gen = torch.Generator(device=device).manual_seed(_mix(config.seed, dp_rank, step))
         batch = batches(step)
         x0, cond = batch[0].to(device, non_blocking=True), batch[1]
         noise = batch[2].to(device) if len(batch) > 2 else None
@@ -869,7 +886,9 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if manual_dp:
-            _average_grads(params, di.world)
+            _average_grads(params, dp)
+        elif fsdp and sp is not None:
+            parallel.reduce_gradients(params, sp)
         gnorm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
         gnorm = float(_local(gnorm))
         if not math.isfinite(gnorm):

@@ -16,8 +16,12 @@ patches nothing. The processor computes
   through the module's own RMSNorms, then `fmrt.attention.attention`;
 - the I2V image branch (`add_k_proj`): the context split as diffusers does (image tokens first,
   the last 512 text), image keys through `norm_added_k`, a second attention, summed.
+Under diffusers' context parallelism (`enable_parallelism(config=ContextParallelConfig(
+ulysses_degree=N))`) self-attention runs fmrt's path on the local tokens with Ulysses
+all-to-alls over diffusers' Ulysses group (`fmrt.parallel`) when the config is pure Ulysses
+(ring_degree 1, no ulysses_anything) and N divides the heads.
 It hands to diffusers' `WanAttnProcessor` only what it cannot compute: an attention mask,
-context parallelism (self-attention), float64 activations, a rotary table that is not one
+other context parallelism (Ring, USP, uneven shards), float64 activations, a rotary table that is not one
 `[S, D]` table for all batch items, an I2V context of 512 tokens or fewer, a context given
 together with a rotary table or to a fused self-attention module, a module it does not support.
 `fmrt_calls` / `fallback_calls` on each processor count its eager calls of each kind.
@@ -141,9 +145,10 @@ class FmrtWanAttnProcessor:
         args = (attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         is_self = encoder_hidden_states is None
         fused = getattr(attn, "fused_projections", False)
+        sp = _ulysses(self._parallel_config, attn.heads) if is_self else None
         if (attention_mask is not None or hidden_states.dtype not in ops.FLOAT_DTYPES
                 or _unsupported(attn) is not None
-                or (is_self and self._parallel_config is not None)
+                or (is_self and self._parallel_config is not None and sp is None)
                 or (not is_self and (rotary_emb is not None
                                      or (fused and not attn.is_cross_attention)))):
             return self._fall_back(*args)
@@ -160,7 +165,7 @@ class FmrtWanAttnProcessor:
             image, context = context[:, :n_img], context[:, n_img:]
         if not torch.compiler.is_compiling():
             self.fmrt_calls += 1
-        return self._compute(attn, hidden_states, context, image, rope)
+        return self._compute(attn, hidden_states, context, image, rope, sp)
 
     def _fall_back(self, *args) -> Tensor:
         if not torch.compiler.is_compiling():
@@ -170,9 +175,11 @@ class FmrtWanAttnProcessor:
         return fb(*args)
 
     def _compute(self, attn: WanAttention, x: Tensor, context: Optional[Tensor],
-                 image: Optional[Tensor], rope: Optional[tuple[Tensor, Tensor]]) -> Tensor:
+                 image: Optional[Tensor], rope: Optional[tuple[Tensor, Tensor]],
+                 sp=None) -> Tensor:
         """x `[B, S, C]`, context `[B, L, C]` or None (self-attention), image `[B, L_img, C]` or
-        None, rope (cos, sin) `[S, D/2]` or None -> `[B, S, C]`."""
+        None, rope (cos, sin) `[S, D/2]` or None -> `[B, S, C]`. sp: a
+        `fmrt.parallel.SequenceParallel` (x, rope: this rank's equal share of the tokens)."""
         H = attn.heads
         fused = getattr(attn, "fused_projections", False)
         if fused and not attn.is_cross_attention:  # (the caller sends no context here)
@@ -187,7 +194,12 @@ class FmrtWanAttnProcessor:
                                     eps=float(attn.norm_q.eps), norm="across_heads")
         else:
             q, k = _heads(attn.norm_q(q), H), _heads(attn.norm_k(k), H)
-        out = attention(q, k, _heads(v, H), backend=self.backend).flatten(2, 3).type_as(q)
+        if sp is None:
+            out = attention(q, k, _heads(v, H), backend=self.backend)
+        else:
+            out = sp.attention(q, k, _heads(v, H), sp.size * x.shape[1],
+                               functools.partial(attention, backend=self.backend))
+        out = out.flatten(2, 3).type_as(q)
         if image is not None:
             if fused:
                 k_img, v_img = attn.to_added_kv(image).chunk(2, dim=-1)
@@ -197,6 +209,20 @@ class FmrtWanAttnProcessor:
             out_img = attention(q, k_img, _heads(v_img, H), backend=self.backend)
             out = out + out_img.flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _ulysses(config: Any, heads: int):
+    """A `fmrt.parallel.SequenceParallel` over diffusers' Ulysses group when `config` (a
+    diffusers ParallelConfig) is pure Ulysses with equal shards and a degree dividing `heads`;
+    None otherwise (diffusers' processor then runs the call)."""
+    cp = getattr(config, "context_parallel_config", None)
+    mesh = getattr(cp, "_ulysses_mesh", None)
+    if (mesh is None or getattr(cp, "ring_degree", None) != 1
+            or getattr(cp, "ulysses_anything", True) or not cp.ulysses_degree > 1
+            or heads % cp.ulysses_degree):
+        return None
+    from fmrt.parallel import SequenceParallel
+    return SequenceParallel.of(mesh.get_group())
 
 
 def _transformers(model: Any) -> list[tuple[str, WanTransformer3DModel]]:

@@ -22,7 +22,10 @@ class WanSelfAttention(nn.Module):
     `qk_norm`: "across_heads" (Wan, weights `norm_q` / `norm_k` of [dim]), "per_head"
     (FLUX / SD3, [head_dim]) or None (no norm, `norm_q` / `norm_k` are None).
     `backend`: an `fmrt.attention` backend name ("auto" honours `backend_override`).
+    `sequence_parallel` (set by `fmrt.parallel.enable_sequence_parallel`): x holds this rank's
+    rows of the sequence, cos / sin the full tables; attention runs Ulysses over the group.
     """
+    sequence_parallel = None
 
     def __init__(self, dim: int, num_heads: int, *, qk_norm: Optional[str] = "across_heads",
                  eps: float = 1e-6, backend: str = "auto"):
@@ -45,8 +48,15 @@ class WanSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, S, _ = x.shape
+        sp, length = self.sequence_parallel, cos.shape[0]
+        if sp is not None:   # this rank's rows of the tables (padding rows: the identity)
+            cos, sin = sp.shard(cos, length, 0, fill=1.0), sp.shard(sin, length, 0)
         q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = ops.qk_norm_rope(q, k, self.norm_q, self.norm_k, cos, sin, eps=self.eps,
                                 norm=self.qk_norm)
-        out = attention(q, k, v, backend=self.backend)
+        if sp is None:
+            out = attention(q, k, v, backend=self.backend)
+        else:
+            out = sp.attention(q, k, v, length,
+                               lambda q_, k_, v_: attention(q_, k_, v_, backend=self.backend))
         return self.o(out.reshape(B, S, self.dim))

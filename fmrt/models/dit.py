@@ -267,7 +267,10 @@ class Head(nn.Module):
 class DiT(nn.Module):
     """Wan-style 3D DiT. `dit(x [B, C, T, H, W], sigma, cond=None, *, r=None)` returns
     `[B, out_channels, T, H, W]` in x's dtype. State-dict keys follow Wan2.1's except the fused
-    `self_attn.qkv` and the bare `norm_q`/`norm_k` parameters (see `fmrt.models.convert`)."""
+    `self_attn.qkv` and the bare `norm_q`/`norm_k` parameters (see `fmrt.models.convert`).
+    `sequence_parallel`: see `fmrt.parallel.enable_sequence_parallel` (blocks run on this
+    rank's rows of the tokens; the output is gathered)."""
+    sequence_parallel = None
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -447,6 +450,10 @@ class DiT(nn.Module):
         e = self.embed_time(t, r)                                                 # [B, F, dim]
         e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim))                  # [B, F, 6, dim]
         cos, sin = rope_3d_tables(cfg.head_dim, (f, h, w), cfg.rope_theta, device=x.device)
+        sp, length = self.sequence_parallel, tokens.shape[1]
+        if sp is not None:   # this rank's rows; per-frame modulation row by row
+            tokens = sp.shard(tokens, length)
+            e, e0 = sp.shard_frames(e, length), sp.shard_frames(e0, length)
 
         # Checkpointing is skipped under forward-mode AD (MeanFlow's JVP): the backward pass
         # would recompute the blocks without the tangents and fail.
@@ -462,6 +469,8 @@ class DiT(nn.Module):
                 tokens = block(tokens, context, e0, cos, sin)
 
         out = self.head(tokens, e)
+        if sp is not None:
+            out = sp.gather(out, length)
         pt, ph, pw = cfg.patch_size
         out = rearrange(out, "b (f h w) (x y z c) -> b c (f x) (h y) (w z)", f=f, h=h, w=w,
                         x=pt, y=ph, z=pw)

@@ -1,0 +1,432 @@
+"""fmrt attention processors for diffusers' flow-matching DiTs beyond Wan, and the per-family table
+that `fmrt.integrations.diffusers.accelerate` dispatches on.
+
+Each processor has its diffusers twin's call signature, computes q/k RMSNorm + rotary in one
+`fmrt.ops.qk_norm_rope` and attention with `fmrt.attention.attention`, and hands to the twin
+(counted in `fallback_calls`) only what it cannot compute exactly: an attention mask, context
+parallelism, float64 activations, norm weights of another dtype than the activations, a rotary
+table of another shape, a module changed after patching. `fmrt_calls` counts the rest.
+
+Rotary conventions, all expressed through the one interleaved-pairs op:
+- FLUX.1 (`FluxPosEmbed`): real cos/sin `[S, D]`, each value repeated for the two members of a
+  pair (`repeat_interleave_real=True`); diffusers' rotation reads cos[2i], cos[2i+1] (equal) and
+  sin[2i], sin[2i+1] (equal), so the op's `[S, D/2]` tables are the even columns of cos and the
+  odd of sin (the same columns Wan's processor reads). RoPE covers the joint [text, image]
+  sequence; text and image q/k have separate norm weights, so the op runs once per stream on
+  the matching rows of the table.
+- Qwen-Image (`QwenEmbedRope`): complex `[S, D/2]` tables multiplied into interleaved pairs
+  viewed as complex numbers: cos = real part, sin = imaginary part, exactly; separate tables
+  for text and image tokens.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from fmrt import ops
+from fmrt.attention import attention
+from fmrt.integrations import diffusers as _wan
+
+from diffusers.models.attention_processor import Attention
+from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
+from diffusers.models.transformers import transformer_flux as _flux
+from diffusers.models.transformers import transformer_qwenimage as _qwen
+from diffusers.models.transformers import transformer_skyreels_v2 as _sky
+from diffusers.models.transformers import transformer_wan as _wanm
+from diffusers.models.transformers import transformer_wan_vace as _vace
+
+__all__ = ["FmrtFluxAttnProcessor", "FmrtQwenDoubleStreamAttnProcessor",
+           "FmrtSkyReelsV2AttnProcessor", "FAMILIES", "Family", "family_of"]
+
+
+def _plain(name: str, norm: Any) -> Optional[str]:
+    """Why `norm` (a module) cannot be read as weight + eps: hooks or a replaced forward."""
+    if norm._forward_hooks or norm._forward_pre_hooks or "forward" in vars(norm):
+        return f"{name} has forward hooks or a replaced forward"
+    return None
+
+
+def _per_head_norm_problem(name: str, norm: Any, head_dim: int,
+                           cls: type = torch.nn.RMSNorm) -> Optional[str]:
+    """Why `norm` is not an RMSNorm of class `cls` over the head dim with an explicit eps and no
+    bias, else None."""
+    if type(norm) is not cls:
+        return f"{name} is {type(norm).__name__}, not a {cls.__module__}.{cls.__name__}"
+    shape = norm.normalized_shape if cls is torch.nn.RMSNorm else norm.dim
+    if tuple(shape) != (head_dim,):
+        return f"{name} normalises over {tuple(shape)}, not per head ({head_dim},)"
+    if norm.eps is None:
+        return f"{name} has eps=None (dtype-dependent eps)"
+    if getattr(norm, "bias", None) is not None:
+        return f"{name} has a bias"
+    return _plain(name, norm)
+
+
+def _norm_pair_problem(attn: Any, names: tuple[str, str], head_dim: int,
+                       cls: type = torch.nn.RMSNorm) -> Optional[str]:
+    for name in names:
+        problem = _per_head_norm_problem(name, getattr(attn, name, None), head_dim, cls)
+        if problem:
+            return problem
+    a, b = (getattr(attn, n) for n in names)
+    if a.eps != b.eps:
+        return f"{names[0]} eps {a.eps} != {names[1]} eps {b.eps}"
+    return None
+
+
+def _weight(norm: Any) -> Optional[Tensor]:
+    return norm.weight
+
+
+def _weights_match(x: Tensor, *norms: Any) -> bool:
+    """Norm weights (where present) in x's dtype: the fused op rounds once, as diffusers does
+    then; a mixed-dtype module (fp32 weights, bf16 activations) goes to diffusers."""
+    return all(n.weight is None or n.weight.dtype == x.dtype for n in norms)
+
+
+class _Counted:
+    """`fmrt_calls` / `fallback_calls` (eager calls only, not while torch.compile traces) and the
+    fallback to diffusers' processor, carrying diffusers' backend and parallel config."""
+
+    _attention_backend = None  # diffusers' set_attention_backend / enable_parallelism set these;
+    _parallel_config = None    # both are forwarded to the fallback
+    _stock: type = type(None)
+
+    def __init__(self, backend: str = "auto"):
+        _wan._check_backend(backend)
+        self.backend = backend
+        self.fmrt_calls = 0
+        self.fallback_calls = 0
+        self._fallback = self._stock()
+
+    def _count(self) -> None:
+        if not torch.compiler.is_compiling():
+            self.fmrt_calls += 1
+
+    def _fall_back(self, *args, **kwargs) -> Any:
+        if not torch.compiler.is_compiling():
+            self.fallback_calls += 1
+        fb = self._fallback
+        fb._attention_backend, fb._parallel_config = self._attention_backend, self._parallel_config
+        return fb(*args, **kwargs)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """`[B, S, H, D]` each -> `[B, S, H*D]` in q's dtype."""
+        return attention(q, k, v, backend=self.backend).flatten(2, 3).type_as(q)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX.1: FluxAttention (double-stream blocks: text + image; single-stream: one joint sequence)
+# ---------------------------------------------------------------------------------------------
+
+def _flux_unsupported(attn: Any) -> Optional[str]:
+    """What in `attn` FmrtFluxAttnProcessor cannot compute exactly (a phrase), or None."""
+    if not isinstance(attn, _flux.FluxAttention):
+        return f"is {type(attn).__name__}, not a diffusers FluxAttention"
+    D, H = attn.head_dim, attn.heads
+    if D % 2:
+        return f"head dim {D} is odd (the rotary rotates pairs)"
+    if H * D != attn.inner_dim:
+        return f"inner dim {attn.inner_dim} != heads {H} x head dim {D}"
+    problem = _norm_pair_problem(attn, ("norm_q", "norm_k"), D)
+    if problem is None and attn.added_kv_proj_dim is not None:
+        problem = _norm_pair_problem(attn, ("norm_added_q", "norm_added_k"), D)
+    return problem
+
+
+def _pair_columns(rotary: Any, S: int, D: int) -> Optional[tuple[Tensor, Tensor]]:
+    """FLUX's real (cos, sin) `[S, D]` (each angle repeated over its pair) -> the op's `[S, D/2]`
+    (cos at even, sin at odd columns), or None for another shape."""
+    if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
+        return None
+    cos, sin = rotary
+    if not (isinstance(cos, Tensor) and isinstance(sin, Tensor)) or (
+            tuple(cos.shape) != (S, D) or tuple(sin.shape) != (S, D)):
+        return None
+    return cos[:, 0::2], sin[:, 1::2]
+
+
+class FmrtFluxAttnProcessor(_Counted):
+    """Attention processor for diffusers' `FluxAttention` (same call as `FluxAttnProcessor`):
+    per-head q/k RMSNorm + interleaved RoPE fused (`ops.qk_norm_rope(norm="per_head")`, once
+    for the text stream with the `norm_added_*` weights and once for the image stream) and
+    `fmrt.attention.attention` over the joint [text, image] sequence."""
+
+    _stock = _flux.FluxAttnProcessor
+    unsupported = staticmethod(_flux_unsupported)
+
+    def __call__(self, attn: Any, hidden_states: Tensor,
+                 encoder_hidden_states: Optional[Tensor] = None,
+                 attention_mask: Optional[Tensor] = None,
+                 image_rotary_emb: Optional[tuple[Tensor, Tensor]] = None) -> Any:
+        """hidden_states `[B, S, C]` (image, or the joint sequence in single-stream blocks);
+        encoder_hidden_states `[B, L, C]` (text, double-stream blocks); image_rotary_emb
+        (cos, sin) `[L + S, D]` -> `(image out, text out)` or `[B, S, C]` (single-stream)."""
+        args = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        joint = encoder_hidden_states is not None
+        if (attention_mask is not None or self._parallel_config is not None
+                or hidden_states.dtype not in ops.FLOAT_DTYPES
+                or _flux_unsupported(attn) is not None
+                or (joint and (attn.added_kv_proj_dim is None
+                               or encoder_hidden_states.dtype != hidden_states.dtype))
+                or (not joint and not attn.pre_only)):
+            return self._fall_back(*args)
+        norms = [attn.norm_q, attn.norm_k] + (
+            [attn.norm_added_q, attn.norm_added_k] if joint else [])
+        if not _weights_match(hidden_states, *norms):
+            return self._fall_back(*args)
+        L = encoder_hidden_states.shape[1] if joint else 0
+        rope = None
+        if image_rotary_emb is not None:
+            rope = _pair_columns(image_rotary_emb, L + hidden_states.shape[1], attn.head_dim)
+            if rope is None:
+                return self._fall_back(*args)
+        self._count()
+        return self._compute(attn, hidden_states, encoder_hidden_states, rope)
+
+    def _compute(self, attn: Any, x: Tensor, ctx: Optional[Tensor],
+                 rope: Optional[tuple[Tensor, Tensor]]) -> Any:
+        D = attn.head_dim
+        fused = getattr(attn, "fused_projections", False)
+        if fused:
+            q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        q, k, v = (t.unflatten(-1, (-1, D)) for t in (q, k, v))
+        L = 0
+        if ctx is not None:
+            L = ctx.shape[1]
+            if fused and hasattr(attn, "to_added_qkv"):
+                eq, ek, ev = attn.to_added_qkv(ctx).chunk(3, dim=-1)
+            else:
+                eq, ek, ev = attn.add_q_proj(ctx), attn.add_k_proj(ctx), attn.add_v_proj(ctx)
+            eq, ek, ev = (t.unflatten(-1, (-1, D)) for t in (eq, ek, ev))
+            eq, ek = self._norm_rope(eq, ek, attn.norm_added_q, attn.norm_added_k, rope, 0, L)
+        q, k = self._norm_rope(q, k, attn.norm_q, attn.norm_k, rope, L, L + x.shape[1])
+        if ctx is not None:
+            q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        out = self._attend(q, k, v)
+        if ctx is None:
+            return out
+        txt, img = out[:, :L], out[:, L:]
+        img = attn.to_out[1](attn.to_out[0](img.contiguous()))
+        return img, attn.to_add_out(txt.contiguous())
+
+    @staticmethod
+    def _norm_rope(q: Tensor, k: Tensor, norm_q: Any, norm_k: Any,
+                   rope: Optional[tuple[Tensor, Tensor]], lo: int, hi: int
+                   ) -> tuple[Tensor, Tensor]:
+        """Per-head RMSNorm (module weights and eps) + RoPE on table rows [lo, hi)."""
+        if rope is None:
+            return norm_q(q), norm_k(k)
+        return ops.qk_norm_rope(q, k, norm_q.weight, norm_k.weight, rope[0][lo:hi],
+                                rope[1][lo:hi], eps=float(norm_q.eps), norm="per_head")
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen-Image: Attention + QwenDoubleStreamAttnProcessor2_0 (text + image, complex RoPE)
+# ---------------------------------------------------------------------------------------------
+
+def _qwen_unsupported(attn: Any) -> Optional[str]:
+    if type(attn) is not Attention:
+        return f"is {type(attn).__name__}, not a diffusers Attention"
+    H = attn.heads
+    if H <= 0 or attn.inner_dim % H:
+        return f"inner dim {attn.inner_dim} does not split into {H} heads"
+    D = attn.inner_dim // H
+    if D % 2:
+        return f"head dim {D} is odd (the rotary rotates pairs)"
+    if attn.inner_kv_dim != attn.inner_dim:
+        return f"key/value inner dim {attn.inner_kv_dim} != query inner dim {attn.inner_dim}"
+    if attn.add_q_proj is None or attn.add_k_proj is None or attn.add_v_proj is None:
+        return "has no add_q_proj / add_k_proj / add_v_proj (not a double-stream module)"
+    for pair in (("norm_q", "norm_k"), ("norm_added_q", "norm_added_k")):
+        problem = _norm_pair_problem(attn, pair, D, DiffusersRMSNorm)
+        if problem:
+            return problem
+    if getattr(attn, "fused_projections", False):
+        return "has fused projections (diffusers' Qwen processor does not read them either)"
+    return None
+
+
+def _complex_table(freqs: Any, S: int, D: int) -> Optional[tuple[Tensor, Tensor]]:
+    """A complex `[S, D/2]` table -> (real, imag) views, or None for anything else."""
+    if not isinstance(freqs, Tensor) or not freqs.is_complex() or (
+            tuple(freqs.shape) != (S, D // 2)) or freqs.dtype != torch.complex64:
+        return None
+    ri = torch.view_as_real(freqs)
+    return ri[..., 0], ri[..., 1]
+
+
+class FmrtQwenDoubleStreamAttnProcessor(_Counted):
+    """Attention processor for Qwen-Image's joint attention (same call as diffusers'
+    `QwenDoubleStreamAttnProcessor2_0`): per-head q/k RMSNorm + RoPE fused per stream (the
+    complex tables' real and imaginary parts as cos / sin), `fmrt.attention.attention` over
+    [text, image]. A text mask (`encoder_hidden_states_mask`) goes to diffusers."""
+
+    _stock = _qwen.QwenDoubleStreamAttnProcessor2_0
+    unsupported = staticmethod(_qwen_unsupported)
+
+    def __call__(self, attn: Any, hidden_states: Tensor,
+                 encoder_hidden_states: Optional[Tensor] = None,
+                 encoder_hidden_states_mask: Optional[Tensor] = None,
+                 attention_mask: Optional[Tensor] = None,
+                 image_rotary_emb: Optional[tuple[Tensor, Tensor]] = None) -> Any:
+        """hidden_states `[B, S, C]` (image), encoder_hidden_states `[B, L, C]` (text),
+        image_rotary_emb (image freqs `[S, D/2]`, text freqs `[L, D/2]`, complex64) ->
+        (image out, text out)."""
+        args = (attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                attention_mask, image_rotary_emb)
+        if (encoder_hidden_states is None or attention_mask is not None
+                or encoder_hidden_states_mask is not None or self._parallel_config is not None
+                or hidden_states.dtype not in ops.FLOAT_DTYPES
+                or encoder_hidden_states.dtype != hidden_states.dtype
+                or _qwen_unsupported(attn) is not None
+                or not _weights_match(hidden_states, attn.norm_q, attn.norm_k,
+                                      attn.norm_added_q, attn.norm_added_k)):
+            return self._fall_back(*args)
+        D = attn.inner_dim // attn.heads
+        rope = None
+        if image_rotary_emb is not None:
+            if not isinstance(image_rotary_emb, (tuple, list)) or len(image_rotary_emb) != 2:
+                return self._fall_back(*args)
+            img = _complex_table(image_rotary_emb[0], hidden_states.shape[1], D)
+            txt = _complex_table(image_rotary_emb[1], encoder_hidden_states.shape[1], D)
+            if img is None or txt is None:
+                return self._fall_back(*args)
+            rope = (img, txt)
+        self._count()
+        return self._compute(attn, hidden_states, encoder_hidden_states, rope, D)
+
+    def _compute(self, attn: Any, x: Tensor, ctx: Tensor, rope: Any, D: int) -> Any:
+        q, k, v = (p(x).unflatten(-1, (-1, D)) for p in (attn.to_q, attn.to_k, attn.to_v))
+        eq, ek, ev = (p(ctx).unflatten(-1, (-1, D))
+                      for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if rope is None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+        else:
+            (ic, is_), (tc, ts) = rope
+            q, k = ops.qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, ic, is_,
+                                    eps=float(attn.norm_q.eps), norm="per_head")
+            eq, ek = ops.qk_norm_rope(eq, ek, attn.norm_added_q.weight, attn.norm_added_k.weight,
+                                      tc, ts, eps=float(attn.norm_added_q.eps), norm="per_head")
+        L = ctx.shape[1]
+        out = self._attend(torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1))
+        img = attn.to_out[0](out[:, L:].contiguous())
+        if len(attn.to_out) > 1:
+            img = attn.to_out[1](img)
+        return img, attn.to_add_out(out[:, :L].contiguous())
+
+
+# ---------------------------------------------------------------------------------------------
+# SkyReels-V2: a copy of Wan's attention under other class names
+# ---------------------------------------------------------------------------------------------
+
+class FmrtSkyReelsV2AttnProcessor(_wan.FmrtWanAttnProcessor):
+    """`FmrtWanAttnProcessor` for `SkyReelsV2Attention` (Wan's math under another class name).
+    diffusers' SkyReels processor passes the parallel config to cross- and image attention too,
+    so under context parallelism every call goes to diffusers."""
+
+    _attention_cls = _sky.SkyReelsV2Attention
+    _stock = _sky.SkyReelsV2AttnProcessor
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):
+        if self._parallel_config is not None:
+            return self._fall_back(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                   rotary_emb)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                rotary_emb)
+
+
+# ---------------------------------------------------------------------------------------------
+# the families `accelerate` recognises
+# ---------------------------------------------------------------------------------------------
+
+class Family(NamedTuple):
+    """One transformer family: the model classes, the attention module class whose processor is
+    replaced, diffusers' processor class for it (what `restore` puts back and what the module
+    must run before `accelerate`), and fmrt's processor class."""
+    name: str
+    models: tuple[type, ...]
+    attention: type
+    stock: type
+    fmrt: type
+
+    def unsupported(self, module: Any) -> Optional[str]:
+        return self.fmrt.unsupported(module)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("Wan", (_wanm.WanTransformer3DModel, _vace.WanVACETransformer3DModel),
+           _wanm.WanAttention, _wanm.WanAttnProcessor, _wan.FmrtWanAttnProcessor),
+    Family("SkyReels-V2", (_sky.SkyReelsV2Transformer3DModel,), _sky.SkyReelsV2Attention,
+           _sky.SkyReelsV2AttnProcessor, FmrtSkyReelsV2AttnProcessor),
+    Family("FLUX.1", (_flux.FluxTransformer2DModel,), _flux.FluxAttention,
+           _flux.FluxAttnProcessor, FmrtFluxAttnProcessor),
+    Family("Qwen-Image", (_qwen.QwenImageTransformer2DModel,),
+           Attention,
+           _qwen.QwenDoubleStreamAttnProcessor2_0, FmrtQwenDoubleStreamAttnProcessor),
+)
+
+
+def family_of(model: Any) -> Optional[Family]:
+    """The family whose model classes include type(model) exactly (a subclass may change the
+    forward), or None."""
+    for fam in FAMILIES:
+        if type(model) in fam.models:
+            return fam
+    return None
+
+
+def transformers(model: Any) -> list[tuple[str, Any, Family]]:
+    """The supported transformers in `model` (itself, or a pipeline's `.transformer` and
+    `.transformer_2`) with their labels and families; ValueError for anything else."""
+    supported = ", ".join(c.__name__ for f in FAMILIES for c in f.models)
+    if family_of(model) is not None:
+        found = [("model", model)]
+    elif isinstance(model, torch.nn.Module) or not hasattr(model, "transformer"):
+        raise ValueError(f"expected a diffusers transformer ({supported}) or a pipeline with a "
+                         f".transformer that is one, got {type(model).__name__}")
+    else:
+        found = [(name, getattr(model, name)) for name in ("transformer", "transformer_2")
+                 if getattr(model, name, None) is not None]
+        if not found:
+            raise ValueError("the pipeline's .transformer and .transformer_2 are None: no "
+                             "transformer to patch")
+    out = []
+    for label, t in found:
+        fam = family_of(t)
+        if fam is None:
+            raise ValueError(f"{label} is {type(t).__name__}, which fmrt does not support "
+                             f"(supported: {supported})")
+        if getattr(getattr(t, "_parallel_config", None), "tensor_parallel_config", None):
+            raise ValueError(f"{label} uses tensor parallelism, which fmrt's processors do not "
+                             f"support")
+        out.append((label, t, fam))
+    return out
+
+
+def attention_modules(model: Any) -> list[tuple[str, Any, Family]]:
+    """(qualified name, module, family) of every attention module `accelerate` would patch."""
+    return [(("" if label == "model" else label + ".") + name, m, fam)
+            for label, t, fam in transformers(model)
+            for name, m in t.named_modules() if type(m) is fam.attention]
+
+
+def problems(modules: list[tuple[str, Any, Family]]) -> list[str]:
+    """'name: why' for every module fmrt's processor cannot compute exactly, or whose current
+    processor is neither diffusers' default for it nor fmrt's (an IP-adapter or custom
+    processor would be lost)."""
+    out = []
+    for name, m, fam in modules:
+        p = fam.unsupported(m)
+        if p is None and type(m.processor) not in (fam.stock, fam.fmrt):
+            p = (f"runs {type(m.processor).__name__}, not diffusers' {fam.stock.__name__} "
+                 f"(replacing it would drop what it does)")
+        if p is not None:
+            out.append(f"{name}: {p}")
+    return out

@@ -438,3 +438,40 @@ def test_subclass_and_tensor_parallel_refused_bad_backend():
     with pytest.raises(ValueError, match="backend"):
         M.FmrtQwenDoubleStreamAttnProcessor("cudnn")
     assert _stock_only(model)
+
+
+# --- Qwen-Image's true CFG through fmrt's scheduler --------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen_true_cfg_step_is_the_pipelines(backend, dtype):
+    """QwenImagePipeline's guided step (pipeline_qwenimage.py: comb = neg + s (cond - neg);
+    comb * ||cond|| / ||comb|| per token over the 64 packed channels; scheduler.step) as one
+    `step_cfg(..., rescale="norm", norm_dim=-1)` of fmrt's scheduler: fp32 to 2e-6; bf16 (the
+    pipeline rounds each op to bf16, fmrt keeps the guided velocity in fp32) within bf16
+    tolerance of the pipeline's result."""
+    from diffusers import FlowMatchEulerDiscreteScheduler as Stock
+    from fmrt.integrations.diffusers import FlowMatchEulerDiscreteScheduler as Fused
+    d = Stock(shift=3.0, use_dynamic_shifting=True)
+    f = Fused.from_config(d.config)
+    for s in (d, f):
+        s.set_timesteps(3, mu=0.8)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 15, 64, generator=g)  # latents are prompt_embeds' dtype in the pipeline
+    x_d = x_f = x.to(dtype)
+    scale = 4.0
+    with use_backend(backend):
+        for t in d.timesteps:
+            cond, neg = (torch.randn(2, 15, 64, generator=g).to(dtype) for _ in range(2))
+            comb = neg + scale * (cond - neg)
+            v = comb * (torch.norm(cond, dim=-1, keepdim=True)
+                        / torch.norm(comb, dim=-1, keepdim=True))
+            x_d = d.step(v, t, x_d, return_dict=False)[0]
+            x_f = f.step_cfg(cond, neg, scale, t, x_f, rescale="norm", norm_dim=-1,
+                             return_dict=False)[0]
+            assert x_f.dtype == x_d.dtype == dtype
+            if dtype == torch.float32:
+                torch.testing.assert_close(x_f, x_d, atol=2e-6, rtol=2e-6)
+            else:
+                torch.testing.assert_close(x_f.float(), x_d.float(), **tol(torch.bfloat16, 2))
+            x_f = x_d  # compare one step at a time

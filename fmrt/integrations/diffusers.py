@@ -272,8 +272,9 @@ def accelerate(model: Any, *, backend: str = "auto") -> int:
     """fmrt's attention processor (`backend` for attention) on every attention module of
     `model`: a supported diffusers transformer or a pipeline with `.transformer` (and optional
     `.transformer_2`). Supported: Wan (WanTransformer3DModel, WanVACETransformer3DModel),
-    SkyReelsV2Transformer3DModel, FluxTransformer2DModel, QwenImageTransformer2DModel (the
-    processors are in `fmrt.integrations.diffusers_models`). Every module is checked first;
+    SkyReelsV2Transformer3DModel, FluxTransformer2DModel, Flux2Transformer2DModel,
+    QwenImageTransformer2DModel (the processors and the table of families are in
+    `fmrt.integrations.diffusers_models`). Every module is checked first;
     ValueError naming the modules and what cannot be computed exactly, with nothing patched.
     Returns how many modules were set."""
     from fmrt.integrations import diffusers_models as M
@@ -283,8 +284,8 @@ def accelerate(model: Any, *, backend: str = "auto") -> int:
     if problems:
         raise ValueError("accelerate: unsupported attention modules (nothing patched): "
                          + "; ".join(problems))
-    for _, m, fam in modules:
-        _swap(m, fam.fmrt(backend))
+    for _, m, patch in modules:
+        _swap(m, patch.fmrt(backend))
     return len(modules)
 
 
@@ -293,9 +294,9 @@ def restore(model: Any) -> int:
     fmrt's; returns how many were restored."""
     from fmrt.integrations import diffusers_models as M
     n = 0
-    for _, m, fam in M.attention_modules(model):
-        if isinstance(m.processor, fam.fmrt):
-            _swap(m, fam.stock())
+    for _, m, patch in M.attention_modules(model):
+        if isinstance(m.processor, patch.fmrt):
+            _swap(m, patch.stock())
             n += 1
     return n
 

@@ -32,13 +32,15 @@ from fmrt.integrations import diffusers as _wan
 from diffusers.models.attention_processor import Attention
 from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from diffusers.models.transformers import transformer_flux as _flux
+from diffusers.models.transformers import transformer_flux2 as _flux2
 from diffusers.models.transformers import transformer_qwenimage as _qwen
 from diffusers.models.transformers import transformer_skyreels_v2 as _sky
 from diffusers.models.transformers import transformer_wan as _wanm
 from diffusers.models.transformers import transformer_wan_vace as _vace
 
-__all__ = ["FmrtFluxAttnProcessor", "FmrtQwenDoubleStreamAttnProcessor",
-           "FmrtSkyReelsV2AttnProcessor", "FAMILIES", "Family", "family_of"]
+__all__ = ["FmrtFluxAttnProcessor", "FmrtFlux2AttnProcessor", "FmrtFlux2ParallelSelfAttnProcessor",
+           "FmrtQwenDoubleStreamAttnProcessor", "FmrtSkyReelsV2AttnProcessor", "FAMILIES",
+           "Family", "Patch", "family_of"]
 
 
 def _plain(name: str, norm: Any) -> Optional[str]:
@@ -121,17 +123,18 @@ class _Counted:
 # FLUX.1: FluxAttention (double-stream blocks: text + image; single-stream: one joint sequence)
 # ---------------------------------------------------------------------------------------------
 
-def _flux_unsupported(attn: Any) -> Optional[str]:
-    """What in `attn` FmrtFluxAttnProcessor cannot compute exactly (a phrase), or None."""
-    if not isinstance(attn, _flux.FluxAttention):
-        return f"is {type(attn).__name__}, not a diffusers FluxAttention"
+def _flux_unsupported(attn: Any, cls: type = _flux.FluxAttention) -> Optional[str]:
+    """What in `attn` (a FluxAttention, or FLUX.2's `cls`) the FLUX processors cannot compute
+    exactly (a phrase), or None."""
+    if type(attn) is not cls:
+        return f"is {type(attn).__name__}, not a diffusers {cls.__name__}"
     D, H = attn.head_dim, attn.heads
     if D % 2:
         return f"head dim {D} is odd (the rotary rotates pairs)"
     if H * D != attn.inner_dim:
         return f"inner dim {attn.inner_dim} != heads {H} x head dim {D}"
     problem = _norm_pair_problem(attn, ("norm_q", "norm_k"), D)
-    if problem is None and attn.added_kv_proj_dim is not None:
+    if problem is None and getattr(attn, "added_kv_proj_dim", None) is not None:
         problem = _norm_pair_problem(attn, ("norm_added_q", "norm_added_k"), D)
     return problem
 
@@ -155,7 +158,12 @@ class FmrtFluxAttnProcessor(_Counted):
     `fmrt.attention.attention` over the joint [text, image] sequence."""
 
     _stock = _flux.FluxAttnProcessor
-    unsupported = staticmethod(_flux_unsupported)
+    _attention_cls: type = _flux.FluxAttention
+
+    @classmethod
+    def unsupported(cls, attn: Any) -> Optional[str]:
+        """What in `attn` this processor cannot compute exactly (a phrase), or None."""
+        return _flux_unsupported(attn, cls._attention_cls)
 
     def __call__(self, attn: Any, hidden_states: Tensor,
                  encoder_hidden_states: Optional[Tensor] = None,
@@ -168,10 +176,10 @@ class FmrtFluxAttnProcessor(_Counted):
         joint = encoder_hidden_states is not None
         if (attention_mask is not None or self._parallel_config is not None
                 or hidden_states.dtype not in ops.FLOAT_DTYPES
-                or _flux_unsupported(attn) is not None
+                or self.unsupported(attn) is not None
                 or (joint and (attn.added_kv_proj_dim is None
                                or encoder_hidden_states.dtype != hidden_states.dtype))
-                or (not joint and not attn.pre_only)):
+                or (not joint and not self._single_ok(attn))):
             return self._fall_back(*args)
         norms = [attn.norm_q, attn.norm_k] + (
             [attn.norm_added_q, attn.norm_added_k] if joint else [])
@@ -209,10 +217,20 @@ class FmrtFluxAttnProcessor(_Counted):
             q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
         out = self._attend(q, k, v)
         if ctx is None:
-            return out
+            return self._single_out(attn, out)
         txt, img = out[:, :L], out[:, L:]
         img = attn.to_out[1](attn.to_out[0](img.contiguous()))
         return img, attn.to_add_out(txt.contiguous())
+
+    @staticmethod
+    def _single_ok(attn: Any) -> bool:
+        """FLUX.1 without a text stream: only the single-stream (pre_only) modules (diffusers'
+        FLUX.1 processor returns the raw attention output there)."""
+        return attn.pre_only
+
+    @staticmethod
+    def _single_out(attn: Any, out: Tensor) -> Tensor:
+        return out
 
     @staticmethod
     def _norm_rope(q: Tensor, k: Tensor, norm_q: Any, norm_k: Any,
@@ -223,6 +241,67 @@ class FmrtFluxAttnProcessor(_Counted):
             return norm_q(q), norm_k(k)
         return ops.qk_norm_rope(q, k, norm_q.weight, norm_k.weight, rope[0][lo:hi],
                                 rope[1][lo:hi], eps=float(norm_q.eps), norm="per_head")
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX.2: Flux2Attention (double-stream blocks) and Flux2ParallelSelfAttention (single-stream:
+# fused qkv + SwiGLU MLP projection, one output linear over [attention, MLP])
+# ---------------------------------------------------------------------------------------------
+
+class FmrtFlux2AttnProcessor(FmrtFluxAttnProcessor):
+    """`FmrtFluxAttnProcessor` for FLUX.2's double-stream `Flux2Attention` (same math; without a
+    text stream diffusers' FLUX.2 processor applies `to_out`). The KV-cache processors of the
+    Klein-KV pipeline are not replaced (`accelerate` refuses modules running them)."""
+
+    _stock = _flux2.Flux2AttnProcessor
+    _attention_cls = _flux2.Flux2Attention
+
+    @staticmethod
+    def _single_ok(attn: Any) -> bool:
+        return True
+
+    @staticmethod
+    def _single_out(attn: Any, out: Tensor) -> Tensor:
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class FmrtFlux2ParallelSelfAttnProcessor(_Counted):
+    """Processor for FLUX.2's single-stream `Flux2ParallelSelfAttention` (same call as diffusers'
+    `Flux2ParallelSelfAttnProcessor`): the fused projection split into q, k, v (strided views,
+    read in place by the fused per-head q/k norm + RoPE) and the MLP half, fmrt attention, the
+    module's SwiGLU, one output linear over [attention, MLP]."""
+
+    _stock = _flux2.Flux2ParallelSelfAttnProcessor
+
+    @staticmethod
+    def unsupported(attn: Any) -> Optional[str]:
+        return _flux_unsupported(attn, _flux2.Flux2ParallelSelfAttention)
+
+    def __call__(self, attn: Any, hidden_states: Tensor,
+                 attention_mask: Optional[Tensor] = None,
+                 image_rotary_emb: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """hidden_states `[B, S, C]` (the joint [text, image] sequence), image_rotary_emb
+        (cos, sin) `[S, D]` -> `[B, S, C]`."""
+        args = (attn, hidden_states, attention_mask, image_rotary_emb)
+        if (attention_mask is not None or self._parallel_config is not None
+                or hidden_states.dtype not in ops.FLOAT_DTYPES
+                or self.unsupported(attn) is not None
+                or not _weights_match(hidden_states, attn.norm_q, attn.norm_k)):
+            return self._fall_back(*args)
+        rope = None
+        if image_rotary_emb is not None:
+            rope = _pair_columns(image_rotary_emb, hidden_states.shape[1], attn.head_dim)
+            if rope is None:
+                return self._fall_back(*args)
+        self._count()
+        D, inner = attn.head_dim, attn.inner_dim
+        h = attn.to_qkv_mlp_proj(hidden_states)
+        qkv, mlp = h.split([3 * inner, h.shape[-1] - 3 * inner], dim=-1)
+        q, k, v = (t.unflatten(-1, (-1, D)) for t in qkv.chunk(3, dim=-1))
+        q, k = FmrtFluxAttnProcessor._norm_rope(q, k, attn.norm_q, attn.norm_k, rope, 0,
+                                                hidden_states.shape[1])
+        out = self._attend(q, k, v)
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,12 +425,9 @@ class FmrtSkyReelsV2AttnProcessor(_wan.FmrtWanAttnProcessor):
 # the families `accelerate` recognises
 # ---------------------------------------------------------------------------------------------
 
-class Family(NamedTuple):
-    """One transformer family: the model classes, the attention module class whose processor is
-    replaced, diffusers' processor class for it (what `restore` puts back and what the module
-    must run before `accelerate`), and fmrt's processor class."""
-    name: str
-    models: tuple[type, ...]
+class Patch(NamedTuple):
+    """One attention module class, diffusers' processor class for it (what `restore` puts back
+    and what the module must run before `accelerate`) and fmrt's processor class."""
     attention: type
     stock: type
     fmrt: type
@@ -360,16 +436,34 @@ class Family(NamedTuple):
         return self.fmrt.unsupported(module)
 
 
+class Family(NamedTuple):
+    """One transformer family: its model classes and the attention modules it patches."""
+    name: str
+    models: tuple[type, ...]
+    patches: tuple[Patch, ...]
+
+    def patch_for(self, module: Any) -> Optional[Patch]:
+        for p in self.patches:
+            if type(module) is p.attention:
+                return p
+        return None
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("Wan", (_wanm.WanTransformer3DModel, _vace.WanVACETransformer3DModel),
-           _wanm.WanAttention, _wanm.WanAttnProcessor, _wan.FmrtWanAttnProcessor),
-    Family("SkyReels-V2", (_sky.SkyReelsV2Transformer3DModel,), _sky.SkyReelsV2Attention,
-           _sky.SkyReelsV2AttnProcessor, FmrtSkyReelsV2AttnProcessor),
-    Family("FLUX.1", (_flux.FluxTransformer2DModel,), _flux.FluxAttention,
-           _flux.FluxAttnProcessor, FmrtFluxAttnProcessor),
+           (Patch(_wanm.WanAttention, _wanm.WanAttnProcessor, _wan.FmrtWanAttnProcessor),)),
+    Family("SkyReels-V2", (_sky.SkyReelsV2Transformer3DModel,),
+           (Patch(_sky.SkyReelsV2Attention, _sky.SkyReelsV2AttnProcessor,
+                  FmrtSkyReelsV2AttnProcessor),)),
+    Family("FLUX.1", (_flux.FluxTransformer2DModel,),
+           (Patch(_flux.FluxAttention, _flux.FluxAttnProcessor, FmrtFluxAttnProcessor),)),
+    Family("FLUX.2", (_flux2.Flux2Transformer2DModel,),
+           (Patch(_flux2.Flux2Attention, _flux2.Flux2AttnProcessor, FmrtFlux2AttnProcessor),
+            Patch(_flux2.Flux2ParallelSelfAttention, _flux2.Flux2ParallelSelfAttnProcessor,
+                  FmrtFlux2ParallelSelfAttnProcessor))),
     Family("Qwen-Image", (_qwen.QwenImageTransformer2DModel,),
-           Attention,
-           _qwen.QwenDoubleStreamAttnProcessor2_0, FmrtQwenDoubleStreamAttnProcessor),
+           (Patch(Attention, _qwen.QwenDoubleStreamAttnProcessor2_0,
+                  FmrtQwenDoubleStreamAttnProcessor),)),
 )
 
 
@@ -410,22 +504,23 @@ def transformers(model: Any) -> list[tuple[str, Any, Family]]:
     return out
 
 
-def attention_modules(model: Any) -> list[tuple[str, Any, Family]]:
-    """(qualified name, module, family) of every attention module `accelerate` would patch."""
-    return [(("" if label == "model" else label + ".") + name, m, fam)
+def attention_modules(model: Any) -> list[tuple[str, Any, Patch]]:
+    """(qualified name, module, its Patch) of every attention module `accelerate` would
+    patch."""
+    return [(("" if label == "model" else label + ".") + name, m, fam.patch_for(m))
             for label, t, fam in transformers(model)
-            for name, m in t.named_modules() if type(m) is fam.attention]
+            for name, m in t.named_modules() if fam.patch_for(m) is not None]
 
 
-def problems(modules: list[tuple[str, Any, Family]]) -> list[str]:
+def problems(modules: list[tuple[str, Any, Patch]]) -> list[str]:
     """'name: why' for every module fmrt's processor cannot compute exactly, or whose current
     processor is neither diffusers' default for it nor fmrt's (an IP-adapter or custom
     processor would be lost)."""
     out = []
-    for name, m, fam in modules:
-        p = fam.unsupported(m)
-        if p is None and type(m.processor) not in (fam.stock, fam.fmrt):
-            p = (f"runs {type(m.processor).__name__}, not diffusers' {fam.stock.__name__} "
+    for name, m, patch in modules:
+        p = patch.unsupported(m)
+        if p is None and type(m.processor) not in (patch.stock, patch.fmrt):
+            p = (f"runs {type(m.processor).__name__}, not diffusers' {patch.stock.__name__} "
                  f"(replacing it would drop what it does)")
         if p is not None:
             out.append(f"{name}: {p}")

@@ -17,6 +17,7 @@ from tests.helpers import tol
 
 import diffusers
 from diffusers.models.transformers import transformer_flux as F
+from diffusers.models.transformers import transformer_flux2 as F2
 from diffusers.models.transformers import transformer_qwenimage as Q
 
 FP32 = dict(atol=2e-5, rtol=1e-5)
@@ -50,6 +51,25 @@ def _flux_inputs(g, B=1):
                 encoder_hidden_states=torch.randn(B, L, 16, generator=g),
                 pooled_projections=torch.randn(B, 16, generator=g),
                 timestep=torch.full((B,), 0.6), img_ids=img_ids, txt_ids=torch.zeros(L, 3))
+
+
+def _flux2(D, H):
+    axes = {6: (0, 2, 2, 2), 8: (2, 2, 2, 2), 10: (2, 2, 2, 4), 12: (2, 2, 4, 4)}[D]
+    return F2.Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1,
+                                      num_single_layers=2, attention_head_dim=D,
+                                      num_attention_heads=H, joint_attention_dim=16,
+                                      timestep_guidance_channels=16, axes_dims_rope=axes)
+
+
+def _flux2_inputs(g, B=1):
+    h, w, L = 3, 5, 7  # ids as the pipeline makes them: image (0, h, w, 0), text (0, 0, 0, l)
+    z = torch.zeros(h * w)
+    img_ids = torch.stack([z, torch.arange(h * w) // w, torch.arange(h * w) % w, z], 1)
+    txt_ids = torch.stack([torch.zeros(L)] * 3 + [torch.arange(L).float()], 1)
+    return dict(hidden_states=torch.randn(B, h * w, 4, generator=g),
+                encoder_hidden_states=torch.randn(B, L, 16, generator=g),
+                timestep=torch.full((B,), 0.6), guidance=torch.full((B,), 3.5),
+                img_ids=img_ids, txt_ids=txt_ids)
 
 
 def _qwen(D, H):
@@ -92,13 +112,14 @@ def _sky(D, H):
 
 CASES = {
     "flux": (_flux, _flux_inputs),
+    "flux2": (_flux2, _flux2_inputs),
     "qwen": (_qwen, _qwen_inputs),
     "vace": (_vace, functools.partial(_wan_inputs, vace=True)),
     "skyreels": (_sky, _wan_inputs),
 }
 # attention modules per tiny model: FLUX 1 double + 2 single; Qwen 2 blocks; VACE 2 blocks + 1
 # vace block, SkyReels 2 blocks, each with self + cross attention
-N_MODULES = {"flux": 3, "qwen": 2, "vace": 6, "skyreels": 4}
+N_MODULES = {"flux": 3, "flux2": 3, "qwen": 2, "vace": 6, "skyreels": 4}
 
 
 def _model(case, D, H, dtype=torch.float32):
@@ -109,7 +130,7 @@ def _model(case, D, H, dtype=torch.float32):
 def _inputs(case, dtype, B=1):
     kw = CASES[case][1](torch.Generator().manual_seed(1), B)
     return {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
-                and k not in ("timestep", "img_ids", "txt_ids") else v) for k, v in kw.items()}
+                and k not in ("timestep", "guidance", "img_ids", "txt_ids") else v) for k, v in kw.items()}
 
 
 def _run(model, case, grad=True, B=1, **extra):
@@ -151,7 +172,8 @@ def _rel_err(a, b) -> float:
 # --- exactness against diffusers ----------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("case,D,H", [("flux", 8, 2), ("flux", 6, 3), ("qwen", 10, 2),
+@pytest.mark.parametrize("case,D,H", [("flux", 8, 2), ("flux", 6, 3), ("flux2", 10, 3),
+                                      ("flux2", 8, 2), ("qwen", 10, 2),
                                       ("qwen", 12, 3), ("vace", 12, 2), ("skyreels", 12, 3)])
 def test_matches_diffusers(case, D, H, backend):
     want, want_grads = _oracle(case, D, H)
@@ -170,7 +192,7 @@ def test_matches_diffusers(case, D, H, backend):
     assert len(live) >= len(norms) - 1 and all(got_grads[k].abs().sum() > 0 for k in live)
 
 
-@pytest.mark.parametrize("case", ["flux", "qwen"])
+@pytest.mark.parametrize("case", ["flux", "flux2", "qwen"])
 def test_batch_of_two_and_fmrt_flash_attention(case):
     """B = 2 and backend="triton": fmrt's own flash attention (interpreter) on the joint
     sequence."""
@@ -184,7 +206,7 @@ def test_batch_of_two_and_fmrt_flash_attention(case):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("case", ["flux", "qwen"])
+@pytest.mark.parametrize("case", ["flux", "flux2", "qwen"])
 def test_bf16_within_diffusers_bf16_error(case, backend):
     """A bf16 model: output and gradients no further from the fp32 result than diffusers' own
     bf16 run: 1.5x, plus a floor of two bf16 ulps for gradients (tiny norm-weight gradients of
@@ -196,7 +218,10 @@ def test_bf16_within_diffusers_bf16_error(case, backend):
     with use_backend(backend):
         got, got_grads = _run(model, case)
     assert _calls(model) == (N_MODULES[case], 0)
-    torch.testing.assert_close(got.float(), want, **tol(torch.bfloat16, 2))
+    # elementwise and overall, no further from fp32 than diffusers' own bf16 run (FLUX.2's tiny
+    # model is 4% off in bf16 in diffusers itself, so no fixed bf16 tolerance would do)
+    max_err = lambda a: (a.float() - want).abs().max().item()  # noqa: E731
+    assert max_err(got) <= 1.5 * max_err(ref) + tol(torch.bfloat16)["atol"]
     assert _rel_err(got, want) <= 1.5 * _rel_err(ref, want) + 1e-3
     for name in want_grads:
         if not want_grads[name].any():  # a parameter feeding only an unused output
@@ -230,6 +255,12 @@ def test_fused_op_and_fmrt_attention_run_per_stream(monkeypatch):
     model = _model("flux", 8, 2)
     accelerate(model)
     _run(model, "flux", grad=False)
+    assert calls == [("rope", 7, "per_head"), ("rope", 15, "per_head"), ("attn", 22)] + [
+        ("rope", 22, "per_head"), ("attn", 22)] * 2
+    calls.clear()
+    model = _model("flux2", 8, 2)  # the same plan; single blocks read q/k from the fused proj
+    accelerate(model)
+    _run(model, "flux2", grad=False)
     assert calls == [("rope", 7, "per_head"), ("rope", 15, "per_head"), ("attn", 22)] + [
         ("rope", 22, "per_head"), ("attn", 22)] * 2
     calls.clear()
@@ -284,7 +315,7 @@ def test_qwen_text_mask_goes_to_diffusers_counted():
     assert _calls(model) == (0, 2)
 
 
-@pytest.mark.parametrize("case", ["flux", "qwen", "skyreels"])
+@pytest.mark.parametrize("case", ["flux", "flux2", "qwen", "skyreels"])
 def test_context_parallel_goes_to_diffusers(case):
     model = _model(case, 8 if case != "skyreels" else 12, 2)
     want, _ = _run(model, case, grad=False)
@@ -392,6 +423,14 @@ def test_unsupported_flux_module_patches_nothing(breaker, where, match):
         accelerate(pipe)
     assert f"transformer_2.{where}" in str(e.value) and "nothing patched" in str(e.value)
     assert _stock_only(qwen) and _stock_only(flux)
+
+
+def test_flux2_kv_cache_processors_are_not_replaced():
+    model = _model("flux2", 8, 2)
+    model.transformer_blocks[0].attn.set_processor(F2.Flux2KVAttnProcessor())
+    with pytest.raises(ValueError, match="transformer_blocks.0.attn: runs Flux2KVAttnProcessor"):
+        accelerate(model)
+    assert _stock_only(model)
 
 
 def test_unsupported_qwen_module_and_odd_head_dim():

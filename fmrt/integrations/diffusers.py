@@ -273,7 +273,7 @@ def accelerate(model: Any, *, backend: str = "auto") -> int:
     `model`: a supported diffusers transformer or a pipeline with `.transformer` (and optional
     `.transformer_2`). Supported: Wan (WanTransformer3DModel, WanVACETransformer3DModel),
     SkyReelsV2Transformer3DModel, FluxTransformer2DModel, Flux2Transformer2DModel,
-    QwenImageTransformer2DModel (the processors and the table of families are in
+    QwenImageTransformer2DModel, HunyuanVideoTransformer3DModel (the processors and the table of families are in
     `fmrt.integrations.diffusers_models`). Every module is checked first;
     ValueError naming the modules and what cannot be computed exactly, with nothing patched.
     Returns how many modules were set."""

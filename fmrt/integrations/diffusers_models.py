@@ -33,13 +33,15 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from diffusers.models.transformers import transformer_flux as _flux
 from diffusers.models.transformers import transformer_flux2 as _flux2
+from diffusers.models.transformers import transformer_hunyuan_video as _hunyuan
 from diffusers.models.transformers import transformer_qwenimage as _qwen
 from diffusers.models.transformers import transformer_skyreels_v2 as _sky
 from diffusers.models.transformers import transformer_wan as _wanm
 from diffusers.models.transformers import transformer_wan_vace as _vace
 
 __all__ = ["FmrtFluxAttnProcessor", "FmrtFlux2AttnProcessor", "FmrtFlux2ParallelSelfAttnProcessor",
-           "FmrtQwenDoubleStreamAttnProcessor", "FmrtSkyReelsV2AttnProcessor", "FAMILIES",
+           "FmrtQwenDoubleStreamAttnProcessor", "FmrtSkyReelsV2AttnProcessor",
+           "FmrtHunyuanVideoAttnProcessor", "FAMILIES",
            "Family", "Patch", "family_of"]
 
 
@@ -114,9 +116,20 @@ class _Counted:
         fb._attention_backend, fb._parallel_config = self._attention_backend, self._parallel_config
         return fb(*args, **kwargs)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """`[B, S, H, D]` each -> `[B, S, H*D]` in q's dtype."""
-        return attention(q, k, v, backend=self.backend).flatten(2, 3).type_as(q)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+        """`[B, S, H, D]` each -> `[B, S, H*D]` in q's dtype. keep: bool `[B, S_k]` key padding
+        mask (True = attend), which fmrt.attention.attention does not take: with it, backend
+        "triton" runs fmrt's flash attention with `key_padding_mask`, any other torch SDPA with
+        the mask (diffusers' native backend)."""
+        if keep is None:
+            out = attention(q, k, v, backend=self.backend)
+        elif self.backend == "triton":
+            out = ops.flash_attention(q, k, v, key_padding_mask=keep)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=keep[:, None, None, :]).transpose(1, 2)
+        return out.flatten(2, 3).type_as(q)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +414,102 @@ class FmrtQwenDoubleStreamAttnProcessor(_Counted):
 
 
 # ---------------------------------------------------------------------------------------------
+# HunyuanVideo: Attention + HunyuanVideoAttnProcessor2_0 ([image, text]; RoPE on image tokens)
+# ---------------------------------------------------------------------------------------------
+
+def _hunyuan_unsupported(attn: Any) -> Optional[str]:
+    if type(attn) is not Attention:
+        return f"is {type(attn).__name__}, not a diffusers Attention"
+    H = attn.heads
+    if H <= 0 or attn.inner_dim % H:
+        return f"inner dim {attn.inner_dim} does not split into {H} heads"
+    D = attn.inner_dim // H
+    if D % 2:
+        return f"head dim {D} is odd (the rotary rotates pairs)"
+    if attn.inner_kv_dim != attn.inner_dim:
+        return f"key/value inner dim {attn.inner_kv_dim} != query inner dim {attn.inner_dim}"
+    problem = _norm_pair_problem(attn, ("norm_q", "norm_k"), D, DiffusersRMSNorm)
+    if problem is None and attn.add_q_proj is not None:
+        if attn.add_k_proj is None or attn.add_v_proj is None:
+            return "has add_q_proj but no add_k_proj / add_v_proj"
+        for name in ("norm_added_q", "norm_added_k"):  # run as modules (no RoPE on text)
+            norm = getattr(attn, name, None)
+            if norm is None or type(norm) is not DiffusersRMSNorm:
+                return f"{name} is {type(norm).__name__}, not a diffusers RMSNorm"
+    if problem is None and getattr(attn, "fused_projections", False):
+        return "has fused projections (diffusers' HunyuanVideo processor does not read them)"
+    return problem
+
+
+def _key_padding(mask: Optional[Tensor], B: int, S: int) -> Any:
+    """HunyuanVideo's bool `[B, 1, 1, S]` mask -> `[B, S]`; None -> None; anything else ->
+    False (not a key padding mask fmrt takes)."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or tuple(mask.shape) != (B, 1, 1, S):
+        return False
+    return mask[:, 0, 0, :]
+
+
+class FmrtHunyuanVideoAttnProcessor(_Counted):
+    """Attention processor for HunyuanVideo's `Attention` modules (same call as diffusers'
+    `HunyuanVideoAttnProcessor2_0`): image tokens first, text appended. The image q/k get the
+    fused per-head RMSNorm + RoPE (real cos/sin `[S_img, D]`, pairs as FLUX.1's); text q/k only
+    their RMSNorm (the module's own: `norm_added_*` in double-stream blocks, `norm_q/k` on the
+    text rows of single-stream blocks). The model always passes its text padding mask (`[B, 1,
+    1, S]` bool, keys only): attention takes it as a key padding mask (see `_Counted._attend`)."""
+
+    _stock = _hunyuan.HunyuanVideoAttnProcessor2_0
+    unsupported = staticmethod(_hunyuan_unsupported)
+
+    def __call__(self, attn: Any, hidden_states: Tensor,
+                 encoder_hidden_states: Optional[Tensor] = None,
+                 attention_mask: Optional[Tensor] = None,
+                 image_rotary_emb: Optional[tuple[Tensor, Tensor]] = None) -> Any:
+        """hidden_states `[B, S, C]` (video), encoder_hidden_states `[B, L, C]` (text),
+        attention_mask bool `[B, 1, 1, S + L]`, image_rotary_emb (cos, sin) `[S, D]` ->
+        (video out, text out)."""
+        args = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if (encoder_hidden_states is None or image_rotary_emb is None
+                or self._parallel_config is not None
+                or hidden_states.dtype not in ops.FLOAT_DTYPES
+                or encoder_hidden_states.dtype != hidden_states.dtype
+                or self.unsupported(attn) is not None
+                or not _weights_match(hidden_states, attn.norm_q, attn.norm_k,
+                                      *((attn.norm_added_q, attn.norm_added_k)
+                                        if attn.add_q_proj is not None else ()))):
+            return self._fall_back(*args)
+        B, S, L = hidden_states.shape[0], hidden_states.shape[1], encoder_hidden_states.shape[1]
+        keep = _key_padding(attention_mask, B, S + L)
+        D = attn.inner_dim // attn.heads
+        rope = _pair_columns(image_rotary_emb, S, D)
+        if keep is False or rope is None:
+            return self._fall_back(*args)
+        self._count()
+        single = attn.add_q_proj is None
+        x = torch.cat([hidden_states, encoder_hidden_states], 1) if single else hidden_states
+        q, k, v = (p(x).unflatten(2, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
+        qi, ki = ops.qk_norm_rope(q[:, :S], k[:, :S], attn.norm_q.weight, attn.norm_k.weight,
+                                  rope[0], rope[1], eps=float(attn.norm_q.eps), norm="per_head")
+        if single:
+            qt, kt, vt = attn.norm_q(q[:, S:]), attn.norm_k(k[:, S:]), v[:, S:]
+            v = v[:, :S]
+        else:
+            ctx = encoder_hidden_states
+            qt, kt, vt = (p(ctx).unflatten(2, (attn.heads, -1))
+                          for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            qt, kt = attn.norm_added_q(qt), attn.norm_added_k(kt)
+        out = self._attend(torch.cat([qi, qt], 1), torch.cat([ki, kt], 1),
+                           torch.cat([v, vt], 1), keep)
+        img, txt = out[:, :S], out[:, S:]
+        if getattr(attn, "to_out", None) is not None:
+            img = attn.to_out[1](attn.to_out[0](img))
+        if getattr(attn, "to_add_out", None) is not None:
+            txt = attn.to_add_out(txt)
+        return img, txt
+
+
+# ---------------------------------------------------------------------------------------------
 # SkyReels-V2: a copy of Wan's attention under other class names
 # ---------------------------------------------------------------------------------------------
 
@@ -431,6 +540,10 @@ class Patch(NamedTuple):
     attention: type
     stock: type
     fmrt: type
+    # diffusers' generic `Attention` also serves other parts of a model (HunyuanVideo's text
+    # token refiner, with diffusers' AttnProcessor2_0): with only_stock, modules running another
+    # processor than `stock` (or fmrt's) are not this family's and are left alone
+    only_stock: bool = False
 
     def unsupported(self, module: Any) -> Optional[str]:
         return self.fmrt.unsupported(module)
@@ -444,7 +557,8 @@ class Family(NamedTuple):
 
     def patch_for(self, module: Any) -> Optional[Patch]:
         for p in self.patches:
-            if type(module) is p.attention:
+            if type(module) is p.attention and (not p.only_stock or type(
+                    getattr(module, "processor", None)) in (p.stock, p.fmrt)):
                 return p
         return None
 
@@ -461,6 +575,9 @@ FAMILIES: tuple[Family, ...] = (
            (Patch(_flux2.Flux2Attention, _flux2.Flux2AttnProcessor, FmrtFlux2AttnProcessor),
             Patch(_flux2.Flux2ParallelSelfAttention, _flux2.Flux2ParallelSelfAttnProcessor,
                   FmrtFlux2ParallelSelfAttnProcessor))),
+    Family("HunyuanVideo", (_hunyuan.HunyuanVideoTransformer3DModel,),
+           (Patch(Attention, _hunyuan.HunyuanVideoAttnProcessor2_0,
+                  FmrtHunyuanVideoAttnProcessor, only_stock=True),)),
     Family("Qwen-Image", (_qwen.QwenImageTransformer2DModel,),
            (Patch(Attention, _qwen.QwenDoubleStreamAttnProcessor2_0,
                   FmrtQwenDoubleStreamAttnProcessor),)),

@@ -87,6 +87,27 @@ def _qwen_inputs(g, B=1):
                 timestep=torch.full((B,), 0.6), img_shapes=[(1, h, w)] * B)
 
 
+def _hunyuan(D, H):
+    axes = {6: (2, 2, 2), 8: (2, 2, 4), 10: (2, 4, 4), 12: (4, 4, 4)}[D]
+    return diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=H, attention_head_dim=D,
+        num_layers=1, num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=axes)
+
+
+def _hunyuan_inputs(g, B=1, pad=2):
+    """Latents `[B, 4, 3, 3, 5]` (45 tokens), 6 text tokens of which the last `pad` are padding
+    (the pipeline's left-aligned mask)."""
+    L = 6
+    mask = torch.ones(B, L)
+    mask[:, L - pad:] = 0
+    return dict(hidden_states=torch.randn(B, 4, 3, 3, 5, generator=g),
+                timestep=torch.full((B,), 600.0),
+                encoder_hidden_states=torch.randn(B, L, 16, generator=g),
+                encoder_attention_mask=mask, pooled_projections=torch.randn(B, 8, generator=g),
+                guidance=torch.full((B,), 6000.0))
+
+
 _WAN_KW = dict(patch_size=(1, 2, 2), in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
                ffn_dim=32, num_layers=2, rope_max_seq_len=16)
 
@@ -114,12 +135,13 @@ CASES = {
     "flux": (_flux, _flux_inputs),
     "flux2": (_flux2, _flux2_inputs),
     "qwen": (_qwen, _qwen_inputs),
+    "hunyuan": (_hunyuan, _hunyuan_inputs),
     "vace": (_vace, functools.partial(_wan_inputs, vace=True)),
     "skyreels": (_sky, _wan_inputs),
 }
 # attention modules per tiny model: FLUX 1 double + 2 single; Qwen 2 blocks; VACE 2 blocks + 1
 # vace block, SkyReels 2 blocks, each with self + cross attention
-N_MODULES = {"flux": 3, "flux2": 3, "qwen": 2, "vace": 6, "skyreels": 4}
+N_MODULES = {"flux": 3, "flux2": 3, "qwen": 2, "hunyuan": 3, "vace": 6, "skyreels": 4}
 
 
 def _model(case, D, H, dtype=torch.float32):
@@ -130,7 +152,8 @@ def _model(case, D, H, dtype=torch.float32):
 def _inputs(case, dtype, B=1):
     kw = CASES[case][1](torch.Generator().manual_seed(1), B)
     return {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
-                and k not in ("timestep", "guidance", "img_ids", "txt_ids") else v) for k, v in kw.items()}
+                and k not in ("timestep", "guidance", "img_ids", "txt_ids",
+                              "encoder_attention_mask") else v) for k, v in kw.items()}
 
 
 def _run(model, case, grad=True, B=1, **extra):
@@ -174,7 +197,8 @@ def _rel_err(a, b) -> float:
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case,D,H", [("flux", 8, 2), ("flux", 6, 3), ("flux2", 10, 3),
                                       ("flux2", 8, 2), ("qwen", 10, 2),
-                                      ("qwen", 12, 3), ("vace", 12, 2), ("skyreels", 12, 3)])
+                                      ("qwen", 12, 3), ("hunyuan", 8, 2), ("hunyuan", 10, 3),
+                                      ("vace", 12, 2), ("skyreels", 12, 3)])
 def test_matches_diffusers(case, D, H, backend):
     want, want_grads = _oracle(case, D, H)
     model = _model(case, D, H)
@@ -192,7 +216,7 @@ def test_matches_diffusers(case, D, H, backend):
     assert len(live) >= len(norms) - 1 and all(got_grads[k].abs().sum() > 0 for k in live)
 
 
-@pytest.mark.parametrize("case", ["flux", "flux2", "qwen"])
+@pytest.mark.parametrize("case", ["flux", "flux2", "qwen", "hunyuan"])
 def test_batch_of_two_and_fmrt_flash_attention(case):
     """B = 2 and backend="triton": fmrt's own flash attention (interpreter) on the joint
     sequence."""
@@ -206,7 +230,7 @@ def test_batch_of_two_and_fmrt_flash_attention(case):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("case", ["flux", "flux2", "qwen"])
+@pytest.mark.parametrize("case", ["flux", "flux2", "qwen", "hunyuan"])
 def test_bf16_within_diffusers_bf16_error(case, backend):
     """A bf16 model: output and gradients no further from the fp32 result than diffusers' own
     bf16 run: 1.5x, plus a floor of two bf16 ulps for gradients (tiny norm-weight gradients of
@@ -315,7 +339,7 @@ def test_qwen_text_mask_goes_to_diffusers_counted():
     assert _calls(model) == (0, 2)
 
 
-@pytest.mark.parametrize("case", ["flux", "flux2", "qwen", "skyreels"])
+@pytest.mark.parametrize("case", ["flux", "flux2", "qwen", "hunyuan", "skyreels"])
 def test_context_parallel_goes_to_diffusers(case):
     model = _model(case, 8 if case != "skyreels" else 12, 2)
     want, _ = _run(model, case, grad=False)

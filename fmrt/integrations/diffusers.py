@@ -273,10 +273,10 @@ def accelerate(model: Any, *, backend: str = "auto") -> int:
     `model`: a supported diffusers transformer or a pipeline with `.transformer` (and optional
     `.transformer_2`). Supported: Wan (WanTransformer3DModel, WanVACETransformer3DModel),
     SkyReelsV2Transformer3DModel, FluxTransformer2DModel, Flux2Transformer2DModel,
-    QwenImageTransformer2DModel, HunyuanVideoTransformer3DModel (the processors and the table of families are in
-    `fmrt.integrations.diffusers_models`). Every module is checked first;
-    ValueError naming the modules and what cannot be computed exactly, with nothing patched.
-    Returns how many modules were set."""
+    QwenImageTransformer2DModel, HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel
+    (the processors and the table of families are in `fmrt.integrations.diffusers_models`).
+    Every module is checked first; ValueError naming the modules and what cannot be computed
+    exactly, with nothing patched. Returns how many modules were set."""
     from fmrt.integrations import diffusers_models as M
     _check_backend(backend)
     modules = M.attention_modules(model)

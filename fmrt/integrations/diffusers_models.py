@@ -34,6 +34,7 @@ from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from diffusers.models.transformers import transformer_flux as _flux
 from diffusers.models.transformers import transformer_flux2 as _flux2
 from diffusers.models.transformers import transformer_hunyuan_video as _hunyuan
+from diffusers.models.transformers import transformer_ltx as _ltx
 from diffusers.models.transformers import transformer_qwenimage as _qwen
 from diffusers.models.transformers import transformer_skyreels_v2 as _sky
 from diffusers.models.transformers import transformer_wan as _wanm
@@ -41,7 +42,7 @@ from diffusers.models.transformers import transformer_wan_vace as _vace
 
 __all__ = ["FmrtFluxAttnProcessor", "FmrtFlux2AttnProcessor", "FmrtFlux2ParallelSelfAttnProcessor",
            "FmrtQwenDoubleStreamAttnProcessor", "FmrtSkyReelsV2AttnProcessor",
-           "FmrtHunyuanVideoAttnProcessor", "FAMILIES",
+           "FmrtHunyuanVideoAttnProcessor", "FmrtLTXVideoAttnProcessor", "FAMILIES",
            "Family", "Patch", "family_of"]
 
 
@@ -510,6 +511,85 @@ class FmrtHunyuanVideoAttnProcessor(_Counted):
 
 
 # ---------------------------------------------------------------------------------------------
+# LTX-Video: LTXAttention (q/k RMSNorm across heads and RoPE over the whole inner dim, both before
+# the head split; per-sample tables)
+# ---------------------------------------------------------------------------------------------
+
+def _ltx_unsupported(attn: Any) -> Optional[str]:
+    if type(attn) is not _ltx.LTXAttention:
+        return f"is {type(attn).__name__}, not a diffusers LTXAttention"
+    C = attn.inner_dim
+    if attn.inner_kv_dim != C:
+        return f"key/value inner dim {attn.inner_kv_dim} != query inner dim {C} (kv_heads)"
+    if C % 2 or attn.head_dim % 2:
+        return f"inner dim {C} / head dim {attn.head_dim} is odd (the rotary rotates pairs)"
+    for name in ("norm_q", "norm_k"):  # across heads: the same check as Wan's
+        problem = _wan._norm_problem(name, getattr(attn, name, None), C)
+        if problem:
+            return problem
+    if attn.norm_q.eps != attn.norm_k.eps:
+        return f"norm_q eps {attn.norm_q.eps} != norm_k eps {attn.norm_k.eps}"
+    if getattr(attn, "fused_projections", False):
+        return "has fused projections (diffusers' LTX processor does not read them)"
+    return None
+
+
+class FmrtLTXVideoAttnProcessor(_Counted):
+    """Attention processor for LTX-Video's `LTXAttention` (same call as diffusers'
+    `LTXVideoAttnProcessor`). LTX normalises q/k over the whole inner dim C = H*D and rotates
+    interleaved pairs of the flat C with a `[B, S, C]` table (its three axes interleaved per
+    frequency, cos = 1 / sin = 0 padding in front): since pairs never straddle a head (D even),
+    that is `ops.qk_norm_rope` on q viewed as one head of width C (`[B, S, 1, C]`, norm over
+    it), then the head split; the table differs per sample (`video_coords`), so the op runs
+    once per sample. Cross-attention with the prompt mask (the pipeline always passes one)
+    goes to diffusers; without a mask it runs fmrt attention."""
+
+    _stock = _ltx.LTXVideoAttnProcessor
+    unsupported = staticmethod(_ltx_unsupported)
+
+    def __call__(self, attn: Any, hidden_states: Tensor,
+                 encoder_hidden_states: Optional[Tensor] = None,
+                 attention_mask: Optional[Tensor] = None,
+                 image_rotary_emb: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """hidden_states `[B, S, C]`; encoder_hidden_states `[B, L, C_ctx]` (cross-attention);
+        image_rotary_emb (cos, sin) `[B, S, C]` (self-attention) -> `[B, S, C]`."""
+        args = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        is_self = encoder_hidden_states is None
+        if (attention_mask is not None or self._parallel_config is not None
+                or hidden_states.dtype not in ops.FLOAT_DTYPES
+                or (not is_self and (encoder_hidden_states.dtype != hidden_states.dtype
+                                     or image_rotary_emb is not None))
+                or self.unsupported(attn) is not None
+                or not _weights_match(hidden_states, attn.norm_q, attn.norm_k)):
+            return self._fall_back(*args)
+        B, S, C = hidden_states.shape[0], hidden_states.shape[1], attn.inner_dim
+        rope = None
+        if image_rotary_emb is not None:
+            if not isinstance(image_rotary_emb, (tuple, list)) or len(image_rotary_emb) != 2 or (
+                    any(not isinstance(t, Tensor) or tuple(t.shape) != (B, S, C)
+                        for t in image_rotary_emb)):
+                return self._fall_back(*args)
+            rope = (image_rotary_emb[0][..., 0::2], image_rotary_emb[1][..., 1::2])
+        self._count()
+        src = hidden_states if is_self else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(src), attn.to_v(src)
+        if rope is None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        else:
+            pairs = [ops.qk_norm_rope(q[b:b + 1].unflatten(2, (1, C)),
+                                      k[b:b + 1].unflatten(2, (1, C)), attn.norm_q.weight,
+                                      attn.norm_k.weight, rope[0][b], rope[1][b],
+                                      eps=float(attn.norm_q.eps), norm="across_heads")
+                     for b in range(B)]
+            q = torch.cat([p[0] for p in pairs]).flatten(2)
+            k = torch.cat([p[1] for p in pairs]).flatten(2)
+        H = attn.heads
+        out = self._attend(q.unflatten(2, (H, -1)), k.unflatten(2, (H, -1)),
+                           v.unflatten(2, (H, -1)))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+# ---------------------------------------------------------------------------------------------
 # SkyReels-V2: a copy of Wan's attention under other class names
 # ---------------------------------------------------------------------------------------------
 
@@ -550,10 +630,14 @@ class Patch(NamedTuple):
 
 
 class Family(NamedTuple):
-    """One transformer family: its model classes and the attention modules it patches."""
+    """One transformer family: its model classes, the attention modules it patches, and where
+    the processors read one cos / sin per rotary pair from real tables, the model's rotary
+    module (attribute, diffusers' class) that builds them so (each angle repeated over its
+    pair): `accelerate` checks it is that class, unhooked."""
     name: str
     models: tuple[type, ...]
     patches: tuple[Patch, ...]
+    rope: Optional[tuple[str, type]] = None
 
     def patch_for(self, module: Any) -> Optional[Patch]:
         for p in self.patches:
@@ -570,14 +654,19 @@ FAMILIES: tuple[Family, ...] = (
            (Patch(_sky.SkyReelsV2Attention, _sky.SkyReelsV2AttnProcessor,
                   FmrtSkyReelsV2AttnProcessor),)),
     Family("FLUX.1", (_flux.FluxTransformer2DModel,),
-           (Patch(_flux.FluxAttention, _flux.FluxAttnProcessor, FmrtFluxAttnProcessor),)),
+           (Patch(_flux.FluxAttention, _flux.FluxAttnProcessor, FmrtFluxAttnProcessor),),
+           ("pos_embed", _flux.FluxPosEmbed)),
     Family("FLUX.2", (_flux2.Flux2Transformer2DModel,),
            (Patch(_flux2.Flux2Attention, _flux2.Flux2AttnProcessor, FmrtFlux2AttnProcessor),
             Patch(_flux2.Flux2ParallelSelfAttention, _flux2.Flux2ParallelSelfAttnProcessor,
-                  FmrtFlux2ParallelSelfAttnProcessor))),
+                  FmrtFlux2ParallelSelfAttnProcessor)), ("pos_embed", _flux2.Flux2PosEmbed)),
     Family("HunyuanVideo", (_hunyuan.HunyuanVideoTransformer3DModel,),
            (Patch(Attention, _hunyuan.HunyuanVideoAttnProcessor2_0,
-                  FmrtHunyuanVideoAttnProcessor, only_stock=True),)),
+                  FmrtHunyuanVideoAttnProcessor, only_stock=True),),
+           ("rope", _hunyuan.HunyuanVideoRotaryPosEmbed)),
+    Family("LTX-Video", (_ltx.LTXVideoTransformer3DModel,),
+           (Patch(_ltx.LTXAttention, _ltx.LTXVideoAttnProcessor, FmrtLTXVideoAttnProcessor),),
+           ("rope", _ltx.LTXVideoRotaryPosEmbed)),
     Family("Qwen-Image", (_qwen.QwenImageTransformer2DModel,),
            (Patch(Attention, _qwen.QwenDoubleStreamAttnProcessor2_0,
                   FmrtQwenDoubleStreamAttnProcessor),)),
@@ -614,6 +703,12 @@ def transformers(model: Any) -> list[tuple[str, Any, Family]]:
         if fam is None:
             raise ValueError(f"{label} is {type(t).__name__}, which fmrt does not support "
                              f"(supported: {supported})")
+        if fam.rope is not None:
+            attr, cls = fam.rope
+            mod = getattr(t, attr, None)
+            if type(mod) is not cls or _plain(attr, mod) is not None:
+                raise ValueError(f"{label}.{attr} is not diffusers' unhooked {cls.__name__} "
+                                 f"(fmrt reads one cos / sin per rotary pair from its tables)")
         if getattr(getattr(t, "_parallel_config", None), "tensor_parallel_config", None):
             raise ValueError(f"{label} uses tensor parallelism, which fmrt's processors do not "
                              f"support")

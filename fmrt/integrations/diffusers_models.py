@@ -357,7 +357,9 @@ class FmrtQwenDoubleStreamAttnProcessor(_Counted):
     """Attention processor for Qwen-Image's joint attention (same call as diffusers'
     `QwenDoubleStreamAttnProcessor2_0`): per-head q/k RMSNorm + RoPE fused per stream (the
     complex tables' real and imaginary parts as cos / sin), `fmrt.attention.attention` over
-    [text, image]. A text mask (`encoder_hidden_states_mask`) goes to diffusers."""
+    [text, image]. A text mask (`encoder_hidden_states_mask`, bool `[B, L]`, any pattern; the
+    model converts it to bool) is a key padding mask on the text keys, image keys all kept
+    (see `_Counted._attend`); a mask of another dtype or shape goes to diffusers."""
 
     _stock = _qwen.QwenDoubleStreamAttnProcessor2_0
     unsupported = staticmethod(_qwen_unsupported)
@@ -372,8 +374,11 @@ class FmrtQwenDoubleStreamAttnProcessor(_Counted):
         (image out, text out)."""
         args = (attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
                 attention_mask, image_rotary_emb)
+        txt_mask = encoder_hidden_states_mask
         if (encoder_hidden_states is None or attention_mask is not None
-                or encoder_hidden_states_mask is not None or self._parallel_config is not None
+                or (txt_mask is not None and (txt_mask.dtype != torch.bool or tuple(
+                    txt_mask.shape) != tuple(encoder_hidden_states.shape[:2])))
+                or self._parallel_config is not None
                 or hidden_states.dtype not in ops.FLOAT_DTYPES
                 or encoder_hidden_states.dtype != hidden_states.dtype
                 or _qwen_unsupported(attn) is not None
@@ -391,9 +396,13 @@ class FmrtQwenDoubleStreamAttnProcessor(_Counted):
                 return self._fall_back(*args)
             rope = (img, txt)
         self._count()
-        return self._compute(attn, hidden_states, encoder_hidden_states, rope, D)
+        keep = None
+        if txt_mask is not None:
+            keep = torch.cat([txt_mask, txt_mask.new_ones(hidden_states.shape[:2])], dim=1)
+        return self._compute(attn, hidden_states, encoder_hidden_states, rope, D, keep)
 
-    def _compute(self, attn: Any, x: Tensor, ctx: Tensor, rope: Any, D: int) -> Any:
+    def _compute(self, attn: Any, x: Tensor, ctx: Tensor, rope: Any, D: int,
+                 keep: Optional[Tensor]) -> Any:
         q, k, v = (p(x).unflatten(-1, (-1, D)) for p in (attn.to_q, attn.to_k, attn.to_v))
         eq, ek, ev = (p(ctx).unflatten(-1, (-1, D))
                       for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
@@ -407,7 +416,8 @@ class FmrtQwenDoubleStreamAttnProcessor(_Counted):
             eq, ek = ops.qk_norm_rope(eq, ek, attn.norm_added_q.weight, attn.norm_added_k.weight,
                                       tc, ts, eps=float(attn.norm_added_q.eps), norm="per_head")
         L = ctx.shape[1]
-        out = self._attend(torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1))
+        out = self._attend(torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1),
+                           keep)
         img = attn.to_out[0](out[:, L:].contiguous())
         if len(attn.to_out) > 1:
             img = attn.to_out[1](img)

@@ -351,15 +351,33 @@ def test_wan_through_accelerate_is_accelerate_wan():
 
 # --- fallbacks -----------------------------------------------------------------------------------
 
-def test_qwen_text_mask_goes_to_diffusers_counted():
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_qwen_text_mask_is_a_key_padding_mask(backend):
+    """A text mask of any pattern (batch of 2, one sample padded in the middle): fmrt's path
+    (torch SDPA with the mask, or fmrt's flash attention with key_padding_mask) equals
+    diffusers' to 2e-5, gradients too; a float mask given to the processor goes to diffusers."""
     model = _model("qwen", 8, 2)
-    mask = torch.ones(1, 6)
-    mask[:, 4:] = 0
-    want, _ = _run(model, "qwen", grad=False, encoder_hidden_states_mask=mask)
-    accelerate(model)
-    got, _ = _run(model, "qwen", grad=False, encoder_hidden_states_mask=mask)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
-    assert _calls(model) == (0, 2)
+    mask = torch.ones(2, 6)
+    mask[0, 4:] = 0
+    mask[1, 2] = 0
+    want, want_grads = _run(model, "qwen", B=2, encoder_hidden_states_mask=mask)
+    accelerate(model, backend=backend)
+    with use_backend("triton" if backend == "triton" else "torch"):
+        got, got_grads = _run(model, "qwen", B=2, encoder_hidden_states_mask=mask)
+    torch.testing.assert_close(got, want, **FP32)
+    _assert_grads(got_grads, want_grads, **FP32)
+    assert _calls(model) == (2, 0)
+    attn = model.transformer_blocks[0].attn
+    g = torch.Generator().manual_seed(6)
+    x, ctx = torch.randn(2, 15, 16, generator=g), torch.randn(2, 6, 16, generator=g)
+    rope = model.pos_embed([(1, 3, 5)] * 2, max_txt_seq_len=6, device=x.device)
+    fm = attn.processor
+    got = fm(attn, x, ctx, encoder_hidden_states_mask=mask, image_rotary_emb=rope)
+    want = Q.QwenDoubleStreamAttnProcessor2_0()(attn, x, ctx, encoder_hidden_states_mask=mask,
+                                                 image_rotary_emb=rope)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert fm.fallback_calls == 1
 
 
 @pytest.mark.parametrize("case", ["flux", "flux2", "qwen", "hunyuan", "ltx", "skyreels"])

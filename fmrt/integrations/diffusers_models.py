@@ -1,22 +1,29 @@
 """fmrt attention processors for diffusers' flow-matching DiTs beyond Wan, and the per-family table
-that `fmrt.integrations.diffusers.accelerate` dispatches on.
+that `fmrt.integrations.diffusers.accelerate` dispatches on (`FAMILIES`: model classes -> the
+attention module classes patched, diffusers' processor for each, fmrt's).
 
 Each processor has its diffusers twin's call signature, computes q/k RMSNorm + rotary in one
 `fmrt.ops.qk_norm_rope` and attention with `fmrt.attention.attention`, and hands to the twin
-(counted in `fallback_calls`) only what it cannot compute exactly: an attention mask, context
-parallelism, float64 activations, norm weights of another dtype than the activations, a rotary
-table of another shape, a module changed after patching. `fmrt_calls` counts the rest.
+(counted in `fallback_calls`) only what it cannot compute exactly: a mask it does not take,
+context parallelism, float64 activations, norm weights of another dtype than the activations, a
+rotary table of another shape, a module changed after patching. `fmrt_calls` counts the rest.
 
-Rotary conventions, all expressed through the one interleaved-pairs op:
-- FLUX.1 (`FluxPosEmbed`): real cos/sin `[S, D]`, each value repeated for the two members of a
-  pair (`repeat_interleave_real=True`); diffusers' rotation reads cos[2i], cos[2i+1] (equal) and
-  sin[2i], sin[2i+1] (equal), so the op's `[S, D/2]` tables are the even columns of cos and the
-  odd of sin (the same columns Wan's processor reads). RoPE covers the joint [text, image]
-  sequence; text and image q/k have separate norm weights, so the op runs once per stream on
-  the matching rows of the table.
+Rotary conventions, all expressed through the one interleaved-pairs op (no kernel change):
+- FLUX.1 / FLUX.2 / HunyuanVideo (`FluxPosEmbed`, `Flux2PosEmbed`,
+  `HunyuanVideoRotaryPosEmbed`): real cos/sin `[S, D]`, each angle repeated over the two
+  members of its pair (`repeat_interleave_real=True`); diffusers' rotation reads cos[2i],
+  cos[2i+1] (equal) and sin[2i], sin[2i+1] (equal), so the op's `[S, D/2]` tables are the even
+  columns of cos and the odd of sin (the columns Wan's processor reads). `accelerate` checks
+  that the model's rotary module is diffusers' own class, so the tables are built that way.
+  FLUX: RoPE on the joint [text, image] sequence; text and image q/k have separate norm
+  weights, so the op runs once per stream on its rows of the table. HunyuanVideo: RoPE on the
+  image tokens only (text appended after them gets its RMSNorm alone).
 - Qwen-Image (`QwenEmbedRope`): complex `[S, D/2]` tables multiplied into interleaved pairs
   viewed as complex numbers: cos = real part, sin = imaginary part, exactly; separate tables
   for text and image tokens.
+- LTX-Video: RMSNorm across heads and RoPE over the flat inner dim C = H*D before the head
+  split, i.e. the op on one "head" of width C; tables `[B, S, C]` per sample (op per sample).
+- Wan / VACE / SkyReels-V2: `FmrtWanAttnProcessor` (fmrt/integrations/diffusers.py).
 """
 from __future__ import annotations
 
@@ -79,10 +86,6 @@ def _norm_pair_problem(attn: Any, names: tuple[str, str], head_dim: int,
     if a.eps != b.eps:
         return f"{names[0]} eps {a.eps} != {names[1]} eps {b.eps}"
     return None
-
-
-def _weight(norm: Any) -> Optional[Tensor]:
-    return norm.weight
 
 
 def _weights_match(x: Tensor, *norms: Any) -> bool:

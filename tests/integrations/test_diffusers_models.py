@@ -4,6 +4,7 @@ token counts): the untouched model's output and every parameter gradient with fm
 every attention module (torch reference and, under the Triton interpreter, fmrt's kernels), bf16
 no further from fp32 than diffusers' own bf16 run, the fmrt path (not the fallback) is what ran,
 restore is exact, fallbacks are diffusers' result and counted, bad input patches nothing."""
+import copy
 import functools
 import types
 
@@ -425,8 +426,6 @@ def test_flux_processor_direct_fallbacks():
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, atol=0, rtol=0)
         assert (fm.fmrt_calls, fm.fallback_calls) == (0, i + 1)
-    a64 = type(attn).__new__(type(attn))
-    import copy
     a64 = copy.deepcopy(attn).double()
     got = fm(a64, x.double(), ctx.double(), image_rotary_emb=(cos, sin))
     want = st(a64, x.double(), ctx.double(), image_rotary_emb=(cos, sin))

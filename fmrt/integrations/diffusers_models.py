@@ -534,8 +534,8 @@ def _ltx_unsupported(attn: Any) -> Optional[str]:
     C = attn.inner_dim
     if attn.inner_kv_dim != C:
         return f"key/value inner dim {attn.inner_kv_dim} != query inner dim {C} (kv_heads)"
-    if C % 2 or attn.head_dim % 2:
-        return f"inner dim {C} / head dim {attn.head_dim} is odd (the rotary rotates pairs)"
+    if C % 2:  # pairs of the flat inner dim: an odd head dim is fine (a pair may straddle heads)
+        return f"inner dim {C} is odd (the rotary rotates pairs)"
     for name in ("norm_q", "norm_k"):  # across heads: the same check as Wan's
         problem = _wan._norm_problem(name, getattr(attn, name, None), C)
         if problem:
@@ -551,9 +551,9 @@ class FmrtLTXVideoAttnProcessor(_Counted):
     """Attention processor for LTX-Video's `LTXAttention` (same call as diffusers'
     `LTXVideoAttnProcessor`). LTX normalises q/k over the whole inner dim C = H*D and rotates
     interleaved pairs of the flat C with a `[B, S, C]` table (its three axes interleaved per
-    frequency, cos = 1 / sin = 0 padding in front): since pairs never straddle a head (D even),
-    that is `ops.qk_norm_rope` on q viewed as one head of width C (`[B, S, 1, C]`, norm over
-    it), then the head split; the table differs per sample (`video_coords`), so the op runs
+    frequency, cos = 1 / sin = 0 padding in front): that is `ops.qk_norm_rope` on q viewed as
+    one head of width C (`[B, S, 1, C]`, norm over it), then the head split (so an odd head
+    dim, whose pairs straddle heads, is exact too); the table differs per sample (`video_coords`), so the op runs
     once per sample. Cross-attention with the prompt mask (the pipeline always passes one)
     goes to diffusers; without a mask it runs fmrt attention."""
 

@@ -216,7 +216,7 @@ def _rel_err(a, b) -> float:
 @pytest.mark.parametrize("case,D,H", [("flux", 8, 2), ("flux", 6, 3), ("flux2", 10, 3),
                                       ("flux2", 8, 2), ("qwen", 10, 2),
                                       ("qwen", 12, 3), ("hunyuan", 8, 2), ("hunyuan", 10, 3),
-                                      ("ltx", 8, 2), ("ltx", 10, 3),
+                                      ("ltx", 8, 2), ("ltx", 7, 2),
                                       ("vace", 12, 2), ("skyreels", 12, 3)])
 def test_matches_diffusers(case, D, H, backend):
     want, want_grads = _oracle(case, D, H)

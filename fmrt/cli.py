@@ -392,13 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(torchrun --nproc-per-node N fmrt sample --sp N ...; rank 0 writes)")
     _add_batch_args(s, batch_default=64, what="clips")
     d = s.add_argument_group(
-        "diffusers pipeline", "with --diffusers PATH, sample a local diffusers Wan pipeline "
-        "folder (WanPipeline.save_pretrained layout) with fmrt's attention processors "
-        "(accelerate_wan) and fmrt's fused Euler scheduler; --steps (default 50), "
+        "diffusers pipeline", "with --diffusers PATH, sample a local diffusers video pipeline "
+        "folder of the Wan family (Wan, Wan2.2, SkyReels-V2; save_pretrained layout) with "
+        "fmrt's attention processors (fmrt.integrations.diffusers.accelerate) and fmrt's fused "
+        "Euler scheduler; --steps (default 50), "
         "--guidance-scale (default 5), --seed, --shift, --device, --dtype and --num apply; "
         "--out as above (.npy: float frames [N, F, H, W, 3]; .mp4: the first video)")
     d.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="a local diffusers Wan pipeline folder (has model_index.json)")
+                   help="a local diffusers Wan-family pipeline folder (has model_index.json)")
     d.add_argument("--prompt", default=None, help="text prompt (required with --diffusers)")
     d.add_argument("--image", default=None, metavar="PATH",
                    help="first frame for an image-to-video pipeline (WanImageToVideoPipeline)")
@@ -920,7 +921,8 @@ def _save_diagnostics(recorder, path: str) -> None:
 
 
 def sample_diffusers(args: argparse.Namespace) -> int:
-    """`fmrt sample --diffusers PATH`: a local diffusers Wan pipeline, accelerated by fmrt."""
+    """`fmrt sample --diffusers PATH`: a local diffusers Wan-family video pipeline (Wan, Wan2.2,
+    SkyReels-V2), accelerated by fmrt."""
     import torch
     policies = _policies(args)
     t0 = time.time()
@@ -934,10 +936,18 @@ def sample_diffusers(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # newer diffusers prefer dtype=, older know only torch_dtype=
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         pipe = DiffusionPipeline.from_pretrained(args.diffusers, torch_dtype=dtype).to(device)
+    import inspect
+    if "num_frames" not in inspect.signature(pipe.__call__).parameters:
+        raise CLIError(f"--diffusers samples video pipelines (Wan, Wan2.2, SkyReels-V2); "
+                       f"{type(pipe).__name__} takes no num_frames")
     what = ["stock diffusers"]
     if not args.no_accelerate:
-        from fmrt.integrations.diffusers import FlowMatchEulerDiscreteScheduler, accelerate_wan
-        n = accelerate_wan(pipe, backend=args.attention_backend, **policies)
+        from fmrt.integrations.diffusers import (FlowMatchEulerDiscreteScheduler, accelerate,
+                                                 accelerate_wan)
+        # the evaluation policies drive WanPipeline's two calls per step (accelerate_wan);
+        # without them every supported family goes through accelerate
+        n = (accelerate_wan(pipe, backend=args.attention_backend, **policies) if policies
+             else accelerate(pipe, backend=args.attention_backend))
         what = [f"fmrt attention on {n} modules"]
         sched = pipe.scheduler
         if args.scheduler == "fmrt" or (args.scheduler == "auto" and type(sched) is DiffusersEuler):

@@ -48,7 +48,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
     FlowMatchEulerDiscreteSchedulerOutput,
 )
 
-__all__ = ["FmrtWanAttnProcessor", "accelerate_wan", "restore_wan",
+__all__ = ["FmrtWanAttnProcessor", "accelerate", "restore", "accelerate_wan", "restore_wan",
            "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput"]
 
 # diffusers' WanAttnProcessor: in an I2V context the last 512 tokens are text, the rest image.
@@ -69,10 +69,11 @@ def _norm_problem(name: str, norm: Any, inner_dim: int) -> Optional[str]:
     return None
 
 
-def _unsupported(attn: Any) -> Optional[str]:
-    """What in `attn` FmrtWanAttnProcessor cannot compute exactly (a phrase), or None."""
-    if not isinstance(attn, WanAttention):
-        return f"is {type(attn).__name__}, not a diffusers WanAttention"
+def _unsupported(attn: Any, cls: type = WanAttention) -> Optional[str]:
+    """What in `attn` FmrtWanAttnProcessor cannot compute exactly (a phrase), or None. cls: the
+    attention class (WanAttention, or SkyReels-V2's copy of it)."""
+    if not isinstance(attn, cls):
+        return f"is {type(attn).__name__}, not a diffusers {cls.__name__}"
     inner = attn.inner_dim
     if attn.heads <= 0 or inner % attn.heads:
         return f"inner dim {inner} does not split into {attn.heads} heads"
@@ -125,15 +126,20 @@ class FmrtWanAttnProcessor:
 
     _attention_backend = None  # diffusers' set_attention_backend / enable_parallelism set these;
     _parallel_config = None    # both are forwarded to the fallback
+    _attention_cls: type = WanAttention  # the module class and diffusers' processor for it
+    _stock: type = WanAttnProcessor      # (SkyReels-V2's subclass sets its copies)
 
     def __init__(self, backend: str = "auto"):
         _check_backend(backend)
         self.backend = backend
         self.fmrt_calls = 0
         self.fallback_calls = 0
-        self._fallback = WanAttnProcessor()
+        self._fallback = self._stock()
 
-    unsupported = staticmethod(_unsupported)
+    @classmethod
+    def unsupported(cls, attn: Any) -> Optional[str]:
+        """What in `attn` this processor cannot compute exactly (a phrase), or None."""
+        return _unsupported(attn, cls._attention_cls)
 
     def __call__(self, attn: WanAttention, hidden_states: Tensor,
                  encoder_hidden_states: Optional[Tensor] = None,
@@ -147,7 +153,7 @@ class FmrtWanAttnProcessor:
         fused = getattr(attn, "fused_projections", False)
         sp = _ulysses(self._parallel_config, attn.heads) if is_self else None
         if (attention_mask is not None or hidden_states.dtype not in ops.FLOAT_DTYPES
-                or _unsupported(attn) is not None
+                or self.unsupported(attn) is not None
                 or (is_self and self._parallel_config is not None and sp is None)
                 or (not is_self and (rotary_emb is not None
                                      or (fused and not attn.is_cross_attention)))):
@@ -311,6 +317,39 @@ def restore_wan(model: Any) -> int:
     for _, m in _wan_attention_modules(model):
         if isinstance(m.processor, FmrtWanAttnProcessor):
             _swap(m, WanAttnProcessor())
+            n += 1
+    return n
+
+
+def accelerate(model: Any, *, backend: str = "auto") -> int:
+    """fmrt's attention processor (`backend` for attention) on every attention module of
+    `model`: a supported diffusers transformer or a pipeline with `.transformer` (and optional
+    `.transformer_2`). Supported: Wan (WanTransformer3DModel, WanVACETransformer3DModel),
+    SkyReelsV2Transformer3DModel, FluxTransformer2DModel, Flux2Transformer2DModel,
+    QwenImageTransformer2DModel, HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel
+    (the processors and the table of families are in `fmrt.integrations.diffusers_models`).
+    Every module is checked first; ValueError naming the modules and what cannot be computed
+    exactly, with nothing patched. Returns how many modules were set."""
+    from fmrt.integrations import diffusers_models as M
+    _check_backend(backend)
+    modules = M.attention_modules(model)
+    problems = M.problems(modules)
+    if problems:
+        raise ValueError("accelerate: unsupported attention modules (nothing patched): "
+                         + "; ".join(problems))
+    for _, m, patch in modules:
+        _swap(m, patch.fmrt(backend))
+    return len(modules)
+
+
+def restore(model: Any) -> int:
+    """diffusers' processor back on every module of `model` (as for `accelerate`) that runs
+    fmrt's; returns how many were restored."""
+    from fmrt.integrations import diffusers_models as M
+    n = 0
+    for _, m, patch in M.attention_modules(model):
+        if isinstance(m.processor, patch.fmrt):
+            _swap(m, patch.stock())
             n += 1
     return n
 

@@ -207,6 +207,8 @@ def test_first_gpu_call_selects_every_kernel_level_goal_case():
     for f in ("test_bench_add_noise", "test_bench_sft_step", "test_bench_qk_norm_rope_fwd_bwd"):
         assert {i.rsplit("-", 1)[1].rstrip("]") for i in ids if f + "[" in i} == \
             {"fmrt", "eager", "compile"}
+    # (attention(auto) against the other backends is the `attention` phase's: seconds a call at
+    # S = 32760)
     ops_judged = {"add_noise", "add_noise+loss_fwd_bwd", "guided_euler_step", "sampling_loop",
                   "qk_norm_rope_fwd_bwd", "flash_attention_jvp", "flash_attention_fwd"}
     kernel_goals = [g for g in report.GOALS if any(re.fullmatch(g.op, o) for o in ops_judged)]
@@ -229,3 +231,11 @@ def test_run_gpu_first_phase_dry_run_on_cpu(tmp_path):
     assert {(r.op, r.provider) for r in rows} == {("add_noise", "fmrt")}
     assert "| add_noise |" in (tmp_path / "cpu_first_report.md").read_text()
     assert (tmp_path / "cpu_gpu_tests.txt").exists()
+
+
+def test_attention_auto_is_benchmarked():
+    """The goal "attention(auto) within 5% of the best installed backend" needs an auto row."""
+    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                          "-p", "no:cacheprovider", "benchmarks/bench_attention.py", "-k",
+                          "test_bench_attention["], cwd=ROOT, capture_output=True, text=True)
+    assert "-auto]" in res.stdout, res.stdout[-2000:]

@@ -207,7 +207,35 @@ def test_first_gpu_call_selects_every_kernel_level_goal_case():
     for f in ("test_bench_add_noise", "test_bench_sft_step", "test_bench_qk_norm_rope_fwd_bwd"):
         assert {i.rsplit("-", 1)[1].rstrip("]") for i in ids if f + "[" in i} == \
             {"fmrt", "eager", "compile"}
+    # (attention(auto) against the other backends is the `attention` phase's: seconds a call at
+    # S = 32760)
     ops_judged = {"add_noise", "add_noise+loss_fwd_bwd", "guided_euler_step", "sampling_loop",
                   "qk_norm_rope_fwd_bwd", "flash_attention_jvp", "flash_attention_fwd"}
     kernel_goals = [g for g in report.GOALS if any(re.fullmatch(g.op, o) for o in ops_judged)]
     assert len(kernel_goals) >= 14
+
+
+@pytest.mark.slow
+def test_run_gpu_first_phase_dry_run_on_cpu(tmp_path):
+    """benchmarks/run_gpu.sh end to end on a CPU (its dry-run mode: tiny shapes, the gpu tests
+    skipped): the scratch layout imports, the phase streams its JSONL and writes the report."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env["OUT"] = str(tmp_path)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    res = subprocess.run(["bash", "benchmarks/run_gpu.sh", "first",
+                          "add_noise and float32 and fmrt"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "[run_gpu first" in res.stdout and "done" in res.stdout
+    _, rows = report.load(tmp_path / "cpu_first.jsonl")
+    assert {(r.op, r.provider) for r in rows} == {("add_noise", "fmrt")}
+    assert "| add_noise |" in (tmp_path / "cpu_first_report.md").read_text()
+    assert (tmp_path / "cpu_gpu_tests.txt").exists()
+
+
+def test_attention_auto_is_benchmarked():
+    """The goal "attention(auto) within 5% of the best installed backend" needs an auto row."""
+    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                          "-p", "no:cacheprovider", "benchmarks/bench_attention.py", "-k",
+                          "test_bench_attention["], cwd=ROOT, capture_output=True, text=True)
+    assert "-auto]" in res.stdout, res.stdout[-2000:]

@@ -1213,6 +1213,10 @@ def _plain(*ts) -> bool:
     return all(t is None or (type(t) is Tensor and not wrapped(t)) for t in ts)
 
 
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _qk_norm_rope_backward(ctx, gq, gk):
     q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
     need_dw = any(ctx.needs_input_grad[2:4])
@@ -1221,8 +1225,8 @@ def _qk_norm_rope_backward(ctx, gq, gk):
         _qk_norm_rope_bwd_op
     dq, dk, dwq, dwk = bwd(*args)
     wq_dt, wk_dt = ctx.w_dtypes
-    dwq = dwq.to(wq_dt) if ctx.needs_input_grad[2] and dwq.numel() else None
-    dwk = dwk.to(wk_dt) if ctx.needs_input_grad[3] and dwk.numel() else None
+    dwq = _as_dtype(dwq, wq_dt) if ctx.needs_input_grad[2] and dwq.numel() else None
+    dwk = _as_dtype(dwk, wk_dt) if ctx.needs_input_grad[3] and dwk.numel() else None
     return dq, dk, dwq, dwk, None, None, None, None
 
 

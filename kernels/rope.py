@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fmrt._dispatch import interpreter_enabled
+
 NORM_CODES = {None: 0, "none": 0, "across_heads": 1, "per_head": 2}
 
 
@@ -285,8 +287,10 @@ def _bwd_blocks(H: int, D: int) -> tuple[int, int, int, bool]:
 
 
 def _bwd_regs(num_warps: int) -> int:
-    """Registers per thread the backward's sm_90 builds stay under: 128, or what 64 K registers
-    leave for one program of that many threads (64 at 32 warps)."""
+    """Registers per thread the backward's sm_90 builds are held to (the launch's `maxnreg`;
+    triton 3.6 would otherwise take 147 for fp32 at 8 warps, one program per SM instead of
+    two): 128, or what 64 K registers leave for one program of that many threads (64 at 32
+    warps)."""
     return min(128, 65536 // (32 * num_warps))
 
 
@@ -361,7 +365,8 @@ def qk_norm_rope_bwd(gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: tor
             n_progs, S, H, D, *q.stride(), *k.stride(), *gq.stride(), *gk.stride(),
             *cos.stride(), *sin.stride(), wn, float(eps), NORM=code,
             HAS_WQ=q_weight is not None, HAS_WK=k_weight is not None, NEED_DW=need_dw,
-            BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, PREFETCH=prefetch, num_warps=nw)
+            BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, PREFETCH=prefetch, num_warps=nw,
+            **({} if interpreter_enabled() else {"maxnreg": _bwd_regs(nw)}))
     sums = part.sum(1) if need_dw else None  # [2, wn]: both weights' partials in one reduction
 
     def dw(i, w):  # rows of one tensor: a custom op returning them must clone them

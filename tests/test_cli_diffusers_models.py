@@ -4,6 +4,7 @@ stock diffusers' frames; an image pipeline is refused in one line."""
 import numpy as np
 import pytest
 
+pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from fmrt.cli import main  # noqa: E402

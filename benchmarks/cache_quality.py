@@ -272,7 +272,7 @@ def build_rows(M: Models, noise, labels, steps: int, scale: float) -> list[Row]:
                            PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig)
     from diffusers.guiders import ClassifierFreeGuidance
 
-    from fmrt.cache import FirstBlockCache, MagCache, calibrate_mag_ratios
+    from fmrt.cache import FirstBlockCache, MagCache, PeriodicCache, calibrate_mag_ratios
     from fmrt.guidance import AdaptiveGuidanceReuse, GuidanceReuse
 
     def F(**p):
@@ -316,6 +316,9 @@ def build_rows(M: Models, noise, labels, steps: int, scale: float) -> list[Row]:
     for th, ms in MAG:
         rows.append(Row("fmrt", "MagCache, order 1", f"threshold {th:g}, max skip {ms}",
                         F(cache=MagCache(ratios, th, ms, order=1)), "fmrt"))
+    for every, warm in ((2, 3), (3, 3), (4, 3), (5, 2)):
+        rows.append(Row("fmrt", "periodic cache, order 1", f"every {every}, warm-up {warm}",
+                        F(cache=PeriodicCache(every, warm)), "fmrt"))
     for every, th, ms in ((2, 0.12, 4), (3, 0.2, 5)):
         rows.append(Row("fmrt", "reuse + MagCache order 1", f"static every {every} (first 2, "
                         f"last 1) + mag {th:g}, max skip {ms}",

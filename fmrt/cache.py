@@ -131,9 +131,9 @@ class MagCache:
 
 @dataclass(frozen=True)
 class PeriodicCache:
-    """A fixed schedule (like TaylorSeer's): every block computed for the first `warmup` steps, then
-    on every `every`-th step (step warmup, warmup + every, ...) and the last `last` steps; the
-    other calls skip all blocks. Static: no probe, no sync, capturable. order 1 (default)
+    """A fixed schedule (like TaylorSeer's): every block computed for the first `warmup` steps,
+    then on every `every`-th step (step warmup, warmup + every, ...) and the last `last` steps;
+    the other calls skip all blocks. Static: no probe, no sync, capturable. order 1 (default)
     extrapolates the stack's residual linearly from the last two computed steps."""
     every: int = 3
     warmup: int = 3

@@ -316,7 +316,7 @@ def build_rows(M: Models, noise, labels, steps: int, scale: float) -> list[Row]:
     for th, ms in MAG:
         rows.append(Row("fmrt", "MagCache, order 1", f"threshold {th:g}, max skip {ms}",
                         F(cache=MagCache(ratios, th, ms, order=1)), "fmrt"))
-    for every, warm in ((2, 3), (3, 3), (4, 3), (5, 2)):
+    for every, warm in ((2, 3), (3, 3), (4, 3), (4, 2), (5, 2)):
         rows.append(Row("fmrt", "periodic cache, order 1", f"every {every}, warm-up {warm}",
                         F(cache=PeriodicCache(every, warm)), "fmrt"))
     for every, th, ms in ((2, 0.12, 4), (3, 0.2, 5)):

@@ -272,7 +272,7 @@ def build_rows(M: Models, noise, labels, steps: int, scale: float) -> list[Row]:
                            PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig)
     from diffusers.guiders import ClassifierFreeGuidance
 
-    from fmrt.cache import FirstBlockCache, MagCache, calibrate_mag_ratios
+    from fmrt.cache import FirstBlockCache, MagCache, PeriodicCache, calibrate_mag_ratios
     from fmrt.guidance import AdaptiveGuidanceReuse, GuidanceReuse
 
     def F(**p):
@@ -316,6 +316,9 @@ def build_rows(M: Models, noise, labels, steps: int, scale: float) -> list[Row]:
     for th, ms in MAG:
         rows.append(Row("fmrt", "MagCache, order 1", f"threshold {th:g}, max skip {ms}",
                         F(cache=MagCache(ratios, th, ms, order=1)), "fmrt"))
+    for every, warm in ((2, 3), (3, 3), (4, 3), (4, 2), (5, 2)):
+        rows.append(Row("fmrt", "periodic cache, order 1", f"every {every}, warm-up {warm}",
+                        F(cache=PeriodicCache(every, warm)), "fmrt"))
     for every, th, ms in ((2, 0.12, 4), (3, 0.2, 5)):
         rows.append(Row("fmrt", "reuse + MagCache order 1", f"static every {every} (first 2, "
                         f"last 1) + mag {th:g}, max skip {ms}",
@@ -354,7 +357,8 @@ def build_rows(M: Models, noise, labels, steps: int, scale: float) -> list[Row]:
     now = _Now()
     for skip in (2, 5):
         rows.append(Row("diffusers", "apply_faster_cache (batched call)",
-                        f"uncond skip every {skip}, attn skip 2", W(lambda s=skip: FasterCacheConfig(
+                        f"uncond skip every {skip}, attn skip 2",
+                        W(lambda s=skip: FasterCacheConfig(
                             spatial_attention_block_skip_range=2,
                             unconditional_batch_skip_range=s,
                             current_timestep_callback=lambda: now.t, tensor_format="BCFHW",
@@ -510,7 +514,8 @@ def main(argv=None) -> int:
     results = run_rows(M, rows, labels, args.steps)
     verdict = judge(results)
     note = (f"Model: {M.what}. {len(labels)} clips ({args.per_class} per class), Euler, CFG "
-            f"{args.guidance_scale:g}, {args.steps} steps on linspace(1, 0); PSNR against full CFG at "
+            f"{args.guidance_scale:g}, {args.steps} steps on linspace(1, 0); PSNR against full "
+            f"CFG at "
             f"{args.steps} steps from the same noise; time ratio against the same "
             f"implementation's full CFG at {args.steps} steps, measured in the same run on "
             f"this CPU ({os.cpu_count()} cores, shared), not a GPU. Made by `python -m "

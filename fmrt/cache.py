@@ -130,6 +130,32 @@ class MagCache:
 
 
 @dataclass(frozen=True)
+class PeriodicCache:
+    """A fixed schedule (like TaylorSeer's): every block computed for the first `warmup` steps,
+    then on every `every`-th step (step warmup, warmup + every, ...) and the last `last` steps;
+    the other calls skip all blocks. Static: no probe, no sync, capturable. order 1 (default)
+    extrapolates the stack's residual linearly from the last two computed steps."""
+    every: int = 3
+    warmup: int = 3
+    last: int = 0
+    order: int = 1
+
+    def __post_init__(self):
+        for name, lo in (("every", 1), ("warmup", 1), ("last", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+            if v < lo:
+                raise ValueError(f"{name} must be >= {lo}, got {v}")
+        _check_order(self.order)
+
+    def modes(self, n: int, branch: str) -> list[str]:
+        return ["all" if (t < self.warmup or t >= n - self.last
+                          or (t - self.warmup) % self.every == 0) else "skip"
+                for t in range(n)]
+
+
+@dataclass(frozen=True)
 class Calibrate:
     """Run every block and record the per-step residual-norm ratios (`calibrate_mag_ratios`)."""
     order: int = 0
@@ -138,13 +164,14 @@ class Calibrate:
         return ["all"] * n
 
 
-Policy = Union[FirstBlockCache, MagCache, Calibrate]
+Policy = Union[FirstBlockCache, MagCache, PeriodicCache, Calibrate]
 
 
 def check_policy(cache) -> None:
-    if cache is not None and not isinstance(cache, (FirstBlockCache, MagCache, Calibrate)):
-        raise TypeError(f"cache must be None, FirstBlockCache, MagCache or Calibrate, got "
-                        f"{type(cache).__name__}")
+    if cache is not None and not isinstance(cache, (FirstBlockCache, MagCache, PeriodicCache,
+                                                    Calibrate)):
+        raise TypeError(f"cache must be None, FirstBlockCache, MagCache, PeriodicCache or "
+                        f"Calibrate, got {type(cache).__name__}")
 
 
 def check_cacheable(model) -> None:
@@ -155,8 +182,9 @@ def check_cacheable(model) -> None:
 
 
 def parse_cache(spec: Optional[str], ratios=None):
-    """The CLI's `--cache` string: "off", "first-block:THRESHOLD[:ORDER]" or
-    "mag:THRESHOLD[:MAX_SKIP[:RETENTION[:ORDER]]]" (needs `ratios`, e.g. from a JSON file)."""
+    """The CLI's `--cache` string: "off", "first-block:THRESHOLD[:ORDER]",
+    "mag:THRESHOLD[:MAX_SKIP[:RETENTION[:ORDER]]]" (needs `ratios`, e.g. from a JSON file) or
+    "periodic:EVERY[:WARMUP[:LAST[:ORDER]]]"."""
     if spec is None or spec == "off":
         return None
     kind, _, rest = spec.partition(":")
@@ -165,6 +193,8 @@ def parse_cache(spec: Optional[str], ratios=None):
         if kind == "first-block" and len(parts) <= 2:
             return FirstBlockCache(*(float(parts[0]),) if parts else (),
                                    *(int(parts[1]),) if len(parts) > 1 else ())
+        if kind == "periodic" and len(parts) <= 4:
+            return PeriodicCache(*(int(p) for p in parts))
         if kind == "mag" and len(parts) <= 4:
             if ratios is None:
                 raise ValueError("mag caching needs calibrated ratios (--cache-ratios FILE)")
@@ -178,8 +208,9 @@ def parse_cache(spec: Optional[str], ratios=None):
             return MagCache(ratios, *args)
     except ValueError as e:
         raise ValueError(f"bad cache {spec!r}: {e}") from None
-    raise ValueError(f"unknown cache {spec!r}: expected off, first-block:THRESHOLD[:ORDER] or "
-                     f"mag:THRESHOLD[:MAX_SKIP[:RETENTION[:ORDER]]]")
+    raise ValueError(f"unknown cache {spec!r}: expected off, first-block:THRESHOLD[:ORDER], "
+                     f"mag:THRESHOLD[:MAX_SKIP[:RETENTION[:ORDER]]] or "
+                     f"periodic:EVERY[:WARMUP[:LAST[:ORDER]]]")
 
 
 @dataclass

@@ -312,9 +312,9 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                    metavar=("LO", "HI"), help="guidance only where LO <= sigma <= HI (no uncond "
                                               "forward outside)")
     g.add_argument("--cache", default=None, metavar="POLICY",
-                   help="off, first-block:THRESHOLD[:ORDER] or mag:THRESHOLD[:MAX_SKIP"
-                        "[:RETENTION[:ORDER]]] (with --cache-ratios); ORDER 1 extrapolates the "
-                        "cached residual linearly")
+                   help="off, first-block:THRESHOLD[:ORDER], mag:THRESHOLD[:MAX_SKIP"
+                        "[:RETENTION[:ORDER]]] (with --cache-ratios) or periodic:EVERY[:WARMUP"
+                        "[:LAST[:ORDER]]]; ORDER 1 extrapolates the cached residual linearly")
     g.add_argument("--cache-ratios", default=None, metavar="JSON",
                    help="MagCache ratios: a JSON list, or {\"cond\": [...], \"uncond\": [...]}"
                         " (fmrt.cache.calibrate_mag_ratios)")

@@ -3,8 +3,8 @@ with guidance reuse, calibration."""
 import pytest
 import torch
 
-from fmrt.cache import (BranchCache, FirstBlockCache, MagCache, calibrate_mag_ratios,
-                        nearest_interp, parse_cache)
+from fmrt.cache import (BranchCache, FirstBlockCache, MagCache, PeriodicCache,
+                        calibrate_mag_ratios, nearest_interp, parse_cache)
 from fmrt.guidance import GuidanceReuse, parse_guidance_reuse
 from fmrt.models.dit import DiT, DiTConfig
 from fmrt.sampling import make_plan, sample
@@ -134,3 +134,19 @@ def test_order_one_extrapolates_the_residual_linearly(policy):
         torch.testing.assert_close(outs[1], h + 1.5 * v + 1.5 * v)
     with pytest.raises(ValueError, match="order"):
         dataclasses.replace(policy, order=2)
+
+
+def test_periodic_cache_plan_and_run():
+    # TaylorSeer's defaults on 20 steps: computed at 0, 1, 2, then every 3rd from 3 (here 3, 6,
+    # ... 18) and the last step
+    modes = PeriodicCache(every=3, warmup=3, last=1).modes(20, "cond")
+    assert [t for t, m in enumerate(modes) if m == "all"] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 19]
+    assert parse_cache("periodic:3:3:1:0") == PeriodicCache(3, 3, 1, 0)
+    with pytest.raises(ValueError, match="every"):
+        PeriodicCache(every=0)
+    m = _dit()
+    states = {}
+    with torch.no_grad():
+        sample(m, NOISE, cache=PeriodicCache(2, 2), _cache_states=states, **KW)
+    assert states["cond"].decisions == [True, True, True, False, True, False]
+    assert states["uncond"].blocks_run == 3 * 4

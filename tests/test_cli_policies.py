@@ -107,3 +107,21 @@ def test_bad_settings(capsys, tmp_path, monkeypatch):
           "static:2", "--no-accelerate"], "drop --no-accelerate"),
     ]:
         _one_line_error(capsys, argv, match)
+
+
+def test_diffusers_pipeline_takes_the_policies(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import numpy as np
+
+    from tests.tiny_wan import tiny_wan_pipeline
+    d = tmp_path / "pipe"
+    tiny_wan_pipeline().save_pretrained(d)
+    run = ["sample", "--diffusers", str(d), "--prompt", "a red cat runs", "--negative-prompt",
+           "blue", "--height", "16", "--width", "16", "--frames", "5", "--steps", "4",
+           "--seed", "3"]
+    full, reuse = tmp_path / "full.npy", tmp_path / "reuse.npy"
+    assert main(run + ["--out", str(full)]) == 0
+    assert main(run + ["--out", str(reuse), "--guidance-reuse", "static:2",
+                       "--cache", "periodic:2:2"]) == 0
+    a, b = np.load(full), np.load(reuse)
+    assert a.shape == b.shape and 0 < np.abs(a - b).max() < 0.2

@@ -198,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-layers", type=_int_at_least(1), default=None)
     t.add_argument("--num-heads", type=_int_at_least(1), default=None)
     t.add_argument("--ffn-dim", type=_int_at_least(1), default=None)
+    t.add_argument("--patch-size", type=_int_at_least(1), nargs=3, default=None,
+                   metavar=("PT", "PH", "PW"), help="override the preset's (1 2 2)")
+    t.add_argument("--text-dim", type=_int_at_least(1), default=None,
+                   help="with class labels (built-in data): condition as Wan does, each class a "
+                        "fixed text-like embedding [class tokens, N] through text_embedding "
+                        "and cross-attention (the weights then load into diffusers' "
+                        "WanTransformer3DModel)")
+    t.add_argument("--class-tokens", type=_int_at_least(1), default=None,
+                   help="tokens per class embedding (preset: 4)")
     t.add_argument("--init", default=None, help="start from this model's weights")
     t.add_argument("--objective", default="sft", choices=("sft", "meanflow"))
     t.add_argument("--steps", type=_int_at_least(1), default=1000)
@@ -530,7 +539,9 @@ def save_video(frames, path: str, *, fps: int = 16) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from fmrt.train import TrainConfig, train
     over = {k: v for k, v in (("dim", args.dim), ("num_layers", args.num_layers),
-                              ("num_heads", args.num_heads), ("ffn_dim", args.ffn_dim))
+                              ("num_heads", args.num_heads), ("ffn_dim", args.ffn_dim),
+                              ("patch_size", args.patch_size), ("text_dim", args.text_dim),
+                              ("class_tokens", args.class_tokens))
             if v is not None}
     if args.data == "shapes" and not args.couplings:
         over["num_classes"] = args.num_classes

@@ -12,7 +12,8 @@ import torch
 
 from fmrt.models import DiT, DiTConfig
 from fmrt.models.convert import (detect_layout, from_diffusers, from_wan, infer_config, load_dit,
-                                 save_dit, strip_prefix, to_diffusers, to_fmrt, to_wan)
+                                 save_dit, strip_prefix, to_diffusers, to_diffusers_model,
+                                 to_fmrt, to_wan)
 
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
@@ -107,8 +108,7 @@ def test_presets():
         DiTConfig.preset("tiny", num_heads=3)
     with pytest.raises(ValueError, match="head_dim"):
         DiTConfig.preset("tiny", dim=16, num_heads=4)
-    with pytest.raises(ValueError, match="not both"):
-        DiTConfig.preset("tiny", text_dim=8)
+    assert DiTConfig.preset("tiny", text_dim=8).conditioning == "class_text"
     assert DiTConfig.from_dict(tiny.to_dict()) == tiny
 
 
@@ -169,6 +169,39 @@ def test_matches_diffusers_and_back():
         close(m(x, s, txt), run_diffusers(d2, x, s, txt))
     assert all(torch.equal(v, from_diffusers(to_diffusers(m.state_dict()))[k])
                for k, v in m.state_dict().items())
+
+
+def test_class_text_is_a_wan_text_model(tmp_path):
+    """Class labels through fixed text-like embeddings: the same output as the text path given
+    those embeddings, as diffusers' WanTransformer3DModel given them as encoder_hidden_states
+    (patch (1, 4, 4) too), null class = zero embedding; the table survives save / load_dit."""
+    torch.manual_seed(3)
+    cfg = DiTConfig.preset("tiny", num_classes=6, text_dim=24, class_tokens=3, num_layers=2,
+                           patch_size=(1, 4, 4))
+    m = randomize(DiT(cfg)).eval()
+    assert cfg.conditioning == "class_text" and not hasattr(m, "class_embedding")
+    table = m.class_text
+    assert table.shape == (7, 3, 24) and not table[-1].any() and table[:-1].std() > 0.5
+    assert torch.equal(table, DiT(cfg).class_text)            # fixed by class_text_seed
+    assert not torch.equal(table, DiT(DiTConfig.preset(
+        "tiny", num_classes=6, text_dim=24, class_tokens=3, class_text_seed=1)).class_text)
+    assert all(n != "class_text" for n, _ in m.named_parameters())   # a buffer: never trained
+    x, s, y = torch.randn(3, 3, 4, 8, 8), torch.tensor([0.2, 0.6, 1.0]), torch.tensor([0, 5, 6])
+    with torch.no_grad():
+        out = m(x, s, y)
+        close(out, m(x, s, table[y]))
+        assert torch.equal(m(x, s), m(x, s, torch.full((3,), 6)))    # None = the null class
+        wan, emb = to_diffusers_model(m)
+        assert torch.equal(emb, table)
+        close(out, run_diffusers(wan, x, s, emb[y]))
+    save_dit(m, str(tmp_path / "m.safetensors"))
+    m2 = load_dit(str(tmp_path / "m.safetensors"))
+    assert torch.equal(m2.class_text, table) and m2.config == cfg
+    assert infer_config(m.state_dict(), num_heads=4, patch_size=(1, 4, 4)) == cfg
+    with pytest.raises(ValueError, match="cond"):
+        m(x, s, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="text_dim"):
+        to_diffusers_model(DiT(DiTConfig.preset("tiny", num_layers=1)))
 
 
 def test_per_frame_sigma():

@@ -140,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     # -- sample -------------------------------------------------------------------------------
     s = sub.add_parser("sample", help="sample clips from the embedded model or a checkpoint",
                        description="Sample clips and write a PNG grid (one row per clip, one "
-                                   "column per frame).")
+                                   "column per frame). On a CPU it runs on one thread unless "
+                                   "OMP_NUM_THREADS is set: the embedded model's tensors are "
+                                   "too small to gain from more, and threads that spin while "
+                                   "their core is busy with other jobs make sampling several "
+                                   "times slower on a loaded machine (set OMP_NUM_THREADS=N for "
+                                   "a big --checkpoint on idle cores).")
     _add_sampling_args(s, steps_default=None)
     s.add_argument("--steps", type=_int_at_least(1), default=None,
                    help="solver steps (default: the checkpoint's recommended, 20 for the "
@@ -387,6 +392,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.diagnostics:
         _check_writable_file(args.diagnostics)
     t0 = time.time()
+    if args.device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)   # tiny tensors: extra threads only spin (see --help)
     model, meta, device = _load(args)
     rec = meta.get("sample", {}) or {}
     steps = args.steps or int(rec.get("steps") or 20)
@@ -418,7 +425,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         plot_diagnostics(first, args.diagnostics)
         msg.append(args.diagnostics)
     print(f"{', '.join(msg)}  ({args.num} clips {tuple(clips.shape[1:])}, {args.solver} "
-          f"{steps} steps, guidance {scale:g}, seed {args.seed}, {time.time() - t0:.1f}s)")
+          f"{steps} steps, guidance {scale:g}, seed {args.seed}, "
+          f"{f'{torch.get_num_threads()} CPU threads, ' if device.type == 'cpu' else ''}"
+          f"{time.time() - t0:.1f}s)")
     return 0
 
 

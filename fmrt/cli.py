@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("table", "sigma_sqrt", "cosmap", "none"))
     t.add_argument("--cond-drop", type=_float(0.0, 1.0, hi_open=True), default=0.1,
                    help="label dropout for classifier-free guidance")
+    t.add_argument("--cfg-omega", type=_float(), default=1.0,
+                   help="MeanFlow: guidance scale folded into training (1 = none)")
+    t.add_argument("--cfg-kappa", type=_float(), default=0.0,
+                   help="MeanFlow: improved-CFG mixing of the conditional branch")
     t.add_argument("--lora-rank", type=_int_at_least(0), default=0, help="0 = full training")
     t.add_argument("--lora-alpha", type=_float(0.0, lo_open=True), default=None)
     t.add_argument("--checkpoint-every", type=_int_at_least(0), default=0)
@@ -563,6 +567,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         objective=args.objective, template=args.template, shift=args.shift,
         timestep_sampler=args.timestep_sampler, logit_mean=args.logit_mean,
         logit_std=args.logit_std, weighting=args.weighting, cond_drop=args.cond_drop,
+        cfg_omega=args.cfg_omega, cfg_kappa=args.cfg_kappa,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         resume=args.resume, log_every=args.log_every, seed=args.seed, device=args.device,

@@ -203,3 +203,33 @@ def test_meanflow_init_from_flow_model_starts_as_that_model(tmp_path):
     # ... and the other (non-meanflow) config fields are the base model's
     assert {k: v for k, v in meta["model"].items() if k != "meanflow"} == \
         {k: v for k, v in fm.config.to_dict().items() if k != "meanflow"}
+
+
+def test_meanflow_guidance_folded_into_training(tmp_path):
+    """cfg_omega / cfg_kappa reach fmrt.losses.meanflow_loss (the same loss, same draws) and
+    need the MeanFlow objective with label dropout."""
+    from fmrt.losses import meanflow_loss
+    from fmrt.models import DiT, DiTConfig
+    from fmrt.train import compute_loss
+    torch.manual_seed(0)
+    cfg = tiny_config(tmp_path, objective="meanflow", cfg_omega=2.0, cfg_kappa=0.3)
+    cfg.validate()
+    model = DiT(DiTConfig.preset("tiny", **dict(TINY, num_classes=6, meanflow=True)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x0, y = torch.randn(3, 3, 2, 8, 8), torch.tensor([0, 2, 5])
+    got = compute_loss(model, x0, y, None, sched=None, config=cfg, null_class=6,
+                       gen=torch.Generator().manual_seed(5))
+
+    def u(z, r, t, c=None):
+        return model(z, t, c, r=r)
+    want = meanflow_loss(u, x0, cond=y, uncond=torch.full_like(y, 6), cond_drop_prob=0.1,
+                         cfg_omega=2.0, cfg_kappa=0.3, generator=torch.Generator().manual_seed(5))
+    plain = meanflow_loss(u, x0, cond=y, uncond=torch.full_like(y, 6), cond_drop_prob=0.1,
+                          generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, want) and not torch.equal(got, plain)
+    for bad in (dict(objective="sft", cfg_omega=2.0),
+                dict(objective="meanflow", cfg_omega=2.0, cond_drop=0.0)):
+        with pytest.raises(ValueError, match="cfg_omega"):
+            tiny_config(tmp_path, **bad).validate()

@@ -341,3 +341,39 @@ def to_diffusers_model(model: DiT):
         wan.to(dtype=p.dtype)
     wan.load_state_dict(to_diffusers(sd), strict=True)
     return wan.eval(), (None if table is None else table.clone())
+
+
+@torch.no_grad()
+def class_to_class_text(model: DiT, text_dim: int, *, class_text_seed: int = 0,
+                        hidden_seed: int = 0) -> DiT:
+    """A "class_text" DiT (class labels through fixed text-like embeddings, Wan's conditioning)
+    that computes what the class-conditioned `model` computes: every weight copied, and the new
+    `text_embedding` (Linear, GELU-tanh, Linear) fitted so that it maps each class's fixed
+    embedding (and the null class's zeros) exactly onto `model`'s learned class tokens: the
+    first Linear random (N(0, 1/text_dim), from `hidden_seed`), the second the minimum-norm
+    least-squares solution in float64 (K + 1 targets per token, dim + 1 unknowns: exact up to
+    rounding when class_tokens * (K + 1) <= dim + 1)."""
+    import dataclasses
+    cfg = model.config
+    if cfg.conditioning != "class":
+        raise ValueError(f"model: needs a class-conditioned DiT, got {cfg.conditioning!r}")
+    new = DiT(dataclasses.replace(cfg, text_dim=int(text_dim), class_text_seed=class_text_seed))
+    new.to(device=next(model.parameters()).device)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("class_embedding.")}
+    K, L, D = cfg.num_classes, cfg.class_tokens, cfg.dim
+    inputs = new.class_text.double().reshape((K + 1) * L, int(text_dim))
+    targets = model.class_embedding.weight.double().view(K + 1, L, D).reshape((K + 1) * L, D)
+    g = torch.Generator(device="cpu").manual_seed(int(hidden_seed))
+    w1 = torch.randn((D, int(text_dim)), generator=g, dtype=torch.float64) / math.sqrt(text_dim)
+    w1 = w1.to(inputs.device)
+    h = torch.nn.functional.gelu(inputs @ w1.T, approximate="tanh")
+    h1 = torch.cat([h, torch.ones_like(h[:, :1])], dim=1)
+    sol = torch.linalg.lstsq(h1.cpu(), targets.cpu(), driver="gelsd").solution   # [D + 1, D]
+    dt = model.class_embedding.weight.dtype
+    state["text_embedding.0.weight"] = w1.to(dt)
+    state["text_embedding.0.bias"] = torch.zeros(D, dtype=dt, device=w1.device)
+    state["text_embedding.2.weight"] = sol[:-1].T.contiguous().to(dt).to(w1.device)
+    state["text_embedding.2.bias"] = sol[-1].to(dt).to(w1.device)
+    state["class_text"] = new.class_text
+    new.load_state_dict(state, strict=True)
+    return new.to(dtype=dt).train(model.training)

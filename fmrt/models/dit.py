@@ -53,8 +53,8 @@ class DiTConfig:
     `class_tokens` learned tokens), or both ("class_text": each label picks a fixed text-like
     embedding `[class_tokens, text_dim]` from the buffer `class_text`, drawn from
     `class_text_seed`, which enters through `text_embedding` and cross-attention exactly as a
-    Wan prompt does; the null class's row is all zeros, as fmrt's text path drops a caption;
-    the weights are then a plain Wan text-to-video DiT's), or neither (unconditional)."""
+    Wan prompt does; the null class's row is a fixed "negative prompt" embedding; the weights
+    are then a plain Wan text-to-video DiT's), or neither (unconditional)."""
     in_channels: int = 16
     out_channels: Optional[int] = None          # None: same as in_channels
     dim: int = 1536
@@ -175,13 +175,13 @@ def _forward_ad_active(*tensors: Optional[Tensor]) -> bool:
 
 def class_text_table(config: DiTConfig) -> Tensor:
     """The fixed text-like embedding of every class, float32 `[num_classes + 1, class_tokens,
-    text_dim]` on the CPU: N(0, 1) draws from `config.class_text_seed` (one "prompt" of
-    `class_tokens` tokens per class, like a frozen text encoder's output), the last row (the
-    null class, CFG's unconditional branch) all zeros."""
+    text_dim]` on the CPU: N(0, 1) draws from `config.class_text_seed`, one "prompt" of
+    `class_tokens` tokens per class, like a frozen text encoder's output; the last row is the
+    null class's, CFG's unconditional branch: a fixed "negative prompt" embedding, drawn the
+    same way (its tokens differ, as an encoded prompt's do)."""
     g = torch.Generator(device="cpu").manual_seed(int(config.class_text_seed))
     K, L, D = config.num_classes, config.class_tokens, config.text_dim
-    table = torch.randn((K, L, D), generator=g, device="cpu")
-    return torch.cat([table, torch.zeros((1, L, D), device="cpu")])
+    return torch.randn((K + 1, L, D), generator=g, device="cpu")
 
 
 def _time_mlp(freq_dim: int, dim: int) -> nn.Sequential:

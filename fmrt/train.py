@@ -699,6 +699,12 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device) -> dic
         if meta["model"] != mcfg.to_dict():
             from fmrt.models import DiTConfig
             base_cfg = DiTConfig.from_dict(meta["model"])
+            if mcfg.conditioning == "class_text" and base_cfg.conditioning == "class":
+                # a class-conditioned model asked for Wan's conditioning: same outputs
+                from fmrt.models.convert import class_to_class_text
+                base = class_to_class_text(base, mcfg.text_dim,
+                                           class_text_seed=mcfg.class_text_seed)
+                base_cfg = base.config
             if config.objective == "meanflow" and not base_cfg.meanflow:
                 base = _meanflow_from_flow_model(base, config.init)
                 base_cfg = base.config

@@ -233,3 +233,19 @@ def test_meanflow_guidance_folded_into_training(tmp_path):
                 dict(objective="meanflow", cfg_omega=2.0, cond_drop=0.0)):
         with pytest.raises(ValueError, match="cfg_omega"):
             tiny_config(tmp_path, **bad).validate()
+
+
+def test_init_class_model_with_text_dim_starts_as_that_model(tmp_path):
+    """--init of a class-conditioned model with text_dim set: training starts from the same
+    model re-expressed with Wan's conditioning (fmrt.models.convert.class_to_class_text)."""
+    from fmrt.models.convert import class_to_class_text
+    base = train(tiny_config(tmp_path / "fm", steps=1))
+    fm, _ = load_model(base["model_path"])
+    over = dict(TINY, num_classes=6, text_dim=16)
+    out = train(tiny_config(tmp_path / "wan", steps=1, lr=1e-9, ema_decay=0.0,
+                            init=base["model_path"], model_overrides=over))
+    tuned, meta = load_model(out["model_path"])
+    assert tuned.config.conditioning == "class_text" and meta["model"]["text_dim"] == 16
+    want = class_to_class_text(fm, 16)
+    for k, v in want.state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[k], v, atol=1e-6, rtol=0)

@@ -388,3 +388,25 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="sd"):
         detect_layout({"foo": torch.zeros(1)})
     assert strip_prefix({"model.a": 1, "model.b": 2}) == {"a": 1, "b": 2}
+
+
+def test_embedded_model_is_a_wan_model():
+    """The model `fmrt sample` ships is conditioned as Wan is, and diffusers'
+    WanTransformer3DModel computes the same velocities from its weights and class embeddings."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    import fmrt
+    path = os.path.join(os.path.dirname(fmrt.__file__), "assets", "default_dit.safetensors")
+    cfg = DiTConfig.from_dict(json.load(open(path[:-len(".safetensors")] + ".json"))["model"])
+    assert cfg.conditioning == "class_text"
+    m = DiT(cfg)
+    m.load_state_dict(load_file(path), strict=True)
+    m.eval()
+    wan, emb = to_diffusers_model(m)
+    x = torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    s, y = torch.tensor([0.9, 0.4]), torch.tensor([1, cfg.num_classes])
+    with torch.no_grad():
+        close(run_diffusers(wan, x, s, emb[y]), m(x, s, y))

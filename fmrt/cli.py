@@ -367,7 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample clips and write them in the format --out names: "
                                    ".png/.jpg/.webp (a grid: one row per clip, one column per "
                                    "frame), .gif (animated), .npy (float frames [N, T, H, W, 3] "
-                                   "in [0, 1]) or .mp4 (needs fmrt[video]).")
+                                   "in [0, 1]) or .mp4 (needs fmrt[video]). On a CPU it runs on "
+                                   "one thread unless OMP_NUM_THREADS is set: the embedded "
+                                   "model's tensors are too small to gain from more, and threads "
+                                   "that spin while their core is busy with other jobs make "
+                                   "sampling several times slower on a loaded machine (set "
+                                   "OMP_NUM_THREADS=N for a big --checkpoint on idle cores).")
     _add_sampling_args(s)
     _add_policy_args(s)
     s.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), default=None,
@@ -433,6 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-layers", type=_int_at_least(1), default=None)
     t.add_argument("--num-heads", type=_int_at_least(1), default=None)
     t.add_argument("--ffn-dim", type=_int_at_least(1), default=None)
+    t.add_argument("--patch-size", type=_int_at_least(1), nargs=3, default=None,
+                   metavar=("PT", "PH", "PW"), help="override the preset's (1 2 2)")
+    t.add_argument("--text-dim", type=_int_at_least(1), default=None,
+                   help="with class labels (built-in data): condition as Wan does, each class a "
+                        "fixed text-like embedding [class tokens, N] through text_embedding "
+                        "and cross-attention (the weights then load into diffusers' "
+                        "WanTransformer3DModel)")
+    t.add_argument("--class-tokens", type=_int_at_least(1), default=None,
+                   help="tokens per class embedding (preset: 4)")
     t.add_argument("--init", default=None, help="start from this model's weights")
     t.add_argument("--objective", default="sft", choices=("sft", "meanflow"))
     t.add_argument("--steps", type=_int_at_least(1, MAX_TRAIN_STEPS), default=1000)
@@ -454,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("table", "sigma_sqrt", "cosmap", "none"))
     t.add_argument("--cond-drop", type=_float(0.0, 1.0, hi_open=True), default=0.1,
                    help="label dropout for classifier-free guidance")
+    t.add_argument("--cfg-omega", type=_float(), default=1.0,
+                   help="MeanFlow: guidance scale folded into training (1 = none)")
+    t.add_argument("--cfg-kappa", type=_float(), default=0.0,
+                   help="MeanFlow: improved-CFG mixing of the conditional branch")
     t.add_argument("--lora-rank", type=_int_at_least(0), default=0, help="0 = full training")
     t.add_argument("--lora-alpha", type=_float(0.0, lo_open=True), default=None)
     t.add_argument("--checkpoint-every", type=_int_at_least(0), default=0)
@@ -830,6 +848,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return sample_diffusers(args)
     policies = _policies(args)      # bad settings fail before any model loads
     t0 = time.time()
+    if args.device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        import torch
+        torch.set_num_threads(1)   # tiny tensors: extra threads only spin (see --help)
     if args.sp > 1:
         _sp_setup(args)
     model, meta, device = _load(args)
@@ -896,6 +917,7 @@ def _sample_clips(args, model, meta, device, t0, policies: dict, main: bool = Tr
         written.append(args.diagnostics)
     print(f"wrote {', '.join(written)}  ({args.num} clips {tuple(clips.shape[1:])}, "
           f"{args.solver} {steps} steps, guidance {scale:g}, seed {args.seed}, "
+          f"{f'{torch.get_num_threads()} CPU threads, ' if device.type == 'cpu' else ''}"
           f"{time.time() - t0:.1f}s)")
     return 0
 
@@ -1015,7 +1037,9 @@ def _resume_command(args: argparse.Namespace) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from fmrt.train import TrainConfig, TrainingInterrupted, train
     over = {k: v for k, v in (("dim", args.dim), ("num_layers", args.num_layers),
-                              ("num_heads", args.num_heads), ("ffn_dim", args.ffn_dim))
+                              ("num_heads", args.num_heads), ("ffn_dim", args.ffn_dim),
+                              ("patch_size", args.patch_size), ("text_dim", args.text_dim),
+                              ("class_tokens", args.class_tokens))
             if v is not None}
     if args.data == "shapes" and not args.couplings:
         over["num_classes"] = args.num_classes
@@ -1028,6 +1052,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         objective=args.objective, template=args.template, shift=args.shift,
         timestep_sampler=args.timestep_sampler, logit_mean=args.logit_mean,
         logit_std=args.logit_std, weighting=args.weighting, cond_drop=args.cond_drop,
+        cfg_omega=args.cfg_omega, cfg_kappa=args.cfg_kappa,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         resume=args.resume, overwrite=args.overwrite, log_every=args.log_every,

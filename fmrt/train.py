@@ -123,6 +123,8 @@ class TrainConfig:
     logit_std: float = 1.0
     weighting: str = "table"                  # FlowMatchScheduler.loss_weight weightings
     cond_drop: float = 0.1                    # label / text dropout (classifier-free guidance)
+    cfg_omega: float = 1.0                    # MeanFlow: guidance folded into training
+    cfg_kappa: float = 0.0                    # (fmrt.losses.meanflow_loss's cfg_omega / kappa)
     # LoRA (peft)
     lora_rank: int = 0                        # 0 = train all weights
     lora_alpha: Optional[float] = None        # None = lora_rank
@@ -163,6 +165,11 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.cond_drop < 1.0:
             raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
+        if (self.cfg_omega != 1.0 or self.cfg_kappa != 0.0) and (
+                self.objective != "meanflow" or self.cond_drop <= 0):
+            raise ValueError("cfg_omega / cfg_kappa fold guidance into MeanFlow training: they "
+                             "need objective='meanflow' and cond_drop > 0 (the unconditional "
+                             "branch)")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
         if self.objective not in OBJECTIVES:
@@ -470,6 +477,7 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
             uncond = (torch.full_like(cond, null_class) if cond.dtype == torch.long
                       else torch.zeros_like(cond))
         return meanflow_loss(u, x0, cond=cond, uncond=uncond, cond_drop_prob=config.cond_drop,
+                             cfg_omega=config.cfg_omega, cfg_kappa=config.cfg_kappa,
                              generator=gen)
     if noise is None:
         from fmrt.losses import sft_loss
@@ -737,6 +745,12 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
         if meta["model"] != mcfg.to_dict():
             from fmrt.models import DiTConfig
             base_cfg = DiTConfig.from_dict(meta["model"])
+            if mcfg.conditioning == "class_text" and base_cfg.conditioning == "class":
+                # a class-conditioned model asked for Wan's conditioning: same outputs
+                from fmrt.models.convert import class_to_class_text
+                base = class_to_class_text(base, mcfg.text_dim,
+                                           class_text_seed=mcfg.class_text_seed)
+                base_cfg = base.config
             if config.objective == "meanflow" and not base_cfg.meanflow:
                 base = _meanflow_from_flow_model(base, config.init)
                 base_cfg = base.config

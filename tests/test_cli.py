@@ -72,6 +72,37 @@ def test_sample_class_and_solver(tiny_model, tmp_path, capsys):
     assert out.exists()
 
 
+def test_train_wan_conditioned_then_sample_and_eval(tmp_path, capsys):
+    """--text-dim: class labels through fixed text-like embeddings (Wan's conditioning);
+    --patch-size; the model samples and evaluates like any class-conditional one."""
+    d = tmp_path / "wan"
+    assert main(["train", "--out-dir", str(d), "--steps", "2", "--text-dim", "8",
+                 "--class-tokens", "2", "--patch-size", "1", "4", "4", *TINY_FLAGS]) == 0
+    meta = json.load(open(d / "model.json"))["model"]
+    assert (meta["text_dim"], meta["num_classes"], meta["class_tokens"]) == (8, 6, 2)
+    assert meta["patch_size"] == [1, 4, 4]
+    from safetensors.torch import load_file
+    assert load_file(str(d / "model.safetensors"))["class_text"].shape == (7, 2, 8)
+    out = tmp_path / "s.png"
+    assert main(["sample", "--checkpoint", str(d / "model.safetensors"), "--out", str(out),
+                 "--num", "2"]) == 0
+    assert out.exists()
+    assert main(["eval", "--checkpoint", str(d / "model.safetensors"), "--steps", "1",
+                 "--guidance-scale", "2", "--num-per-class", "2"]) == 0
+
+
+def test_sample_cpu_threads(tiny_model, tmp_path):
+    """On a CPU, fmrt sample uses one thread unless OMP_NUM_THREADS says otherwise."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    args = [sys.executable, "-m", "fmrt.cli", "sample", "--checkpoint", tiny_model, "--num", "1",
+            "--steps", "1", "--out", str(tmp_path / "s.png")]
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "1 CPU threads" in r.stdout
+    r = subprocess.run(args, capture_output=True, text=True, env=dict(env, OMP_NUM_THREADS="2"))
+    assert r.returncode == 0 and "2 CPU threads" in r.stdout, r.stderr
+
+
 def test_eval_cli(tiny_model, tmp_path, capsys):
     js = tmp_path / "q.json"
     assert main(["eval", "--checkpoint", tiny_model, "--steps", "1", "2",

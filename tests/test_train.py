@@ -415,6 +415,8 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     assert _ckpt_steps(d) == [1, 2] and not (d / "model.safetensors").exists()
     for _, p in list_checkpoints(str(d)):
         assert all(torch.isfinite(v.float()).all() for v in load_file(p).values())
+
+
 def test_fsdp_meanflow_refused_on_old_torch(tmp_path, monkeypatch):
     import fmrt.train as T
     with pytest.raises(ValueError, match=r"needs torch >= 2\.13.*without fsdp"):
@@ -426,3 +428,49 @@ def test_fsdp_meanflow_refused_on_old_torch(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "FSDP_MEANFLOW_MIN_TORCH", "99.0")
     with pytest.raises(ValueError, match="fsdp"):
         train(tiny_config(tmp_path, objective="meanflow", fsdp=True))
+
+
+def test_meanflow_guidance_folded_into_training(tmp_path):
+    """cfg_omega / cfg_kappa reach fmrt.losses.meanflow_loss (the same loss, same draws) and
+    need the MeanFlow objective with label dropout."""
+    from fmrt.losses import meanflow_loss
+    from fmrt.models import DiT, DiTConfig
+    from fmrt.train import compute_loss
+    torch.manual_seed(0)
+    cfg = tiny_config(tmp_path, objective="meanflow", cfg_omega=2.0, cfg_kappa=0.3)
+    cfg.validate()
+    model = DiT(DiTConfig.preset("tiny", **dict(TINY, num_classes=6, meanflow=True)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x0, y = torch.randn(3, 3, 2, 8, 8), torch.tensor([0, 2, 5])
+    got = compute_loss(model, x0, y, None, sched=None, config=cfg, null_class=6,
+                       gen=torch.Generator().manual_seed(5))
+
+    def u(z, r, t, c=None):
+        return model(z, t, c, r=r)
+    want = meanflow_loss(u, x0, cond=y, uncond=torch.full_like(y, 6), cond_drop_prob=0.1,
+                         cfg_omega=2.0, cfg_kappa=0.3, generator=torch.Generator().manual_seed(5))
+    plain = meanflow_loss(u, x0, cond=y, uncond=torch.full_like(y, 6), cond_drop_prob=0.1,
+                          generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, want) and not torch.equal(got, plain)
+    for bad in (dict(objective="sft", cfg_omega=2.0),
+                dict(objective="meanflow", cfg_omega=2.0, cond_drop=0.0)):
+        with pytest.raises(ValueError, match="cfg_omega"):
+            tiny_config(tmp_path, **bad).validate()
+
+
+def test_init_class_model_with_text_dim_starts_as_that_model(tmp_path):
+    """--init of a class-conditioned model with text_dim set: training starts from the same
+    model re-expressed with Wan's conditioning (fmrt.models.convert.class_to_class_text)."""
+    from fmrt.models.convert import class_to_class_text
+    base = train(tiny_config(tmp_path / "fm", steps=1))
+    fm, _ = load_model(base["model_path"])
+    over = dict(TINY, num_classes=6, text_dim=16)
+    out = train(tiny_config(tmp_path / "wan", steps=1, lr=1e-9, ema_decay=0.0,
+                            init=base["model_path"], model_overrides=over))
+    tuned, meta = load_model(out["model_path"])
+    assert tuned.config.conditioning == "class_text" and meta["model"]["text_dim"] == 16
+    want = class_to_class_text(fm, 16)
+    for k, v in want.state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[k], v, atol=1e-6, rtol=0)

@@ -13,8 +13,11 @@
   norm_k}`, `blocks.N.norm2` (= Wan's norm3), `blocks.N.ffn.net.0.proj / net.2`,
   `blocks.N.scale_shift_table`, `proj_out`, `scale_shift_table`.
 
-fmrt-only parameters (`class_embedding`, MeanFlow's `time_embedding_h`) keep their names in every
-layout, so any round trip is lossless; Wan and diffusers themselves cannot load them. Image-to-
+fmrt-only parameters (`class_embedding`, MeanFlow's `time_embedding_h`) and the buffer
+`class_text` (the fixed text-like embedding per class of a "class_text" DiT) keep their names in
+every layout, so any round trip is lossless; Wan and diffusers themselves cannot load them. A
+"class_text" DiT is otherwise a plain text-conditioned Wan DiT: `to_diffusers_model` builds the
+diffusers model and returns the class embeddings to pass as `encoder_hidden_states`. Image-to-
 video extras (`img_emb`, `k_img`, `add_k_proj`, ...) are not supported and raise ValueError.
 Conversions return new dicts that share tensors with the input where no reshaping is needed.
 """
@@ -36,7 +39,7 @@ StateDict = dict[str, Tensor]
 LAYOUTS = ("fmrt", "wan", "diffusers")
 
 # fmrt-only parameter prefixes, passed through unchanged by every conversion.
-_FMRT_ONLY = ("class_embedding.", "time_embedding_h.")
+_FMRT_ONLY = ("class_embedding.", "time_embedding_h.", "class_text")
 
 # (wan, diffusers) name pairs: prefixes when ending with ".", else whole names.
 _TOP = [
@@ -214,6 +217,9 @@ def infer_config(sd: StateDict, num_heads: Optional[int] = None, **overrides) ->
     if "class_embedding.weight" in sd:
         n, td = sd["class_embedding.weight"].shape
         d["num_classes"], d["class_tokens"] = n - 1, td // dim
+    if "class_text" in sd:
+        n, tokens, _ = sd["class_text"].shape
+        d["num_classes"], d["class_tokens"] = n - 1, tokens
     d.update(overrides)
     return DiTConfig(**d)
 
@@ -298,3 +304,76 @@ def save_dit(model: DiT, path: str, layout: str = "fmrt") -> None:
     meta = {"format": "pt", "fmrt_layout": layout,
             "fmrt_dit_config": json.dumps(model.config.to_dict())}
     save_file(tensors, path, metadata=meta)
+
+
+def diffusers_config(config: DiTConfig) -> dict:
+    """The `WanTransformer3DModel(**kwargs)` arguments of a text- or class_text-conditioned DiT
+    (Wan's cross-attention LayerNorm and q/k RMSNorm across heads)."""
+    if config.text_dim is None:
+        raise ValueError("config: diffusers' WanTransformer3DModel needs a text-conditioned DiT "
+                         f"(text_dim set), got conditioning {config.conditioning!r}")
+    if config.meanflow:
+        raise ValueError("config: a MeanFlow DiT has a second time MLP diffusers cannot load")
+    if not config.cross_attn_norm:
+        raise ValueError("config: cross_attn_norm=False has no diffusers equivalent here")
+    return dict(patch_size=tuple(config.patch_size), num_attention_heads=config.num_heads,
+                attention_head_dim=config.head_dim, in_channels=config.in_channels,
+                out_channels=config.out_channels, text_dim=config.text_dim,
+                freq_dim=config.freq_dim, ffn_dim=config.ffn_dim, num_layers=config.num_layers,
+                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=config.eps)
+
+
+def to_diffusers_model(model: DiT):
+    """(diffusers `WanTransformer3DModel` with `model`'s weights, the class embeddings
+    `[num_classes + 1, class_tokens, text_dim]` or None). For a "class_text" DiT,
+    `wan(x, timestep=1000 * sigma, encoder_hidden_states=class_text[labels]).sample` equals
+    `model(x, sigma, labels)` (fp32: to ~1e-5; the last row is the null class, CFG's
+    unconditional branch)."""
+    from diffusers import WanTransformer3DModel
+    if not isinstance(model, DiT):
+        raise TypeError(f"model must be a fmrt DiT, got {type(model).__name__}")
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    table = sd.pop("class_text", None)
+    wan = WanTransformer3DModel(**diffusers_config(model.config))
+    p = next(model.parameters())
+    wan.to(device=p.device)
+    if p.dtype != torch.float32:
+        wan.to(dtype=p.dtype)
+    wan.load_state_dict(to_diffusers(sd), strict=True)
+    return wan.eval(), (None if table is None else table.clone())
+
+
+@torch.no_grad()
+def class_to_class_text(model: DiT, text_dim: int, *, class_text_seed: int = 0,
+                        hidden_seed: int = 0) -> DiT:
+    """A "class_text" DiT (class labels through fixed text-like embeddings, Wan's conditioning)
+    that computes what the class-conditioned `model` computes: every weight copied, and the new
+    `text_embedding` (Linear, GELU-tanh, Linear) fitted so that it maps each class's fixed
+    embedding (and the null class's zeros) exactly onto `model`'s learned class tokens: the
+    first Linear random (N(0, 1/text_dim), from `hidden_seed`), the second the minimum-norm
+    least-squares solution in float64 (K + 1 targets per token, dim + 1 unknowns: exact up to
+    rounding when class_tokens * (K + 1) <= dim + 1)."""
+    import dataclasses
+    cfg = model.config
+    if cfg.conditioning != "class":
+        raise ValueError(f"model: needs a class-conditioned DiT, got {cfg.conditioning!r}")
+    new = DiT(dataclasses.replace(cfg, text_dim=int(text_dim), class_text_seed=class_text_seed))
+    new.to(device=next(model.parameters()).device)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("class_embedding.")}
+    K, L, D = cfg.num_classes, cfg.class_tokens, cfg.dim
+    inputs = new.class_text.double().reshape((K + 1) * L, int(text_dim))
+    targets = model.class_embedding.weight.double().view(K + 1, L, D).reshape((K + 1) * L, D)
+    g = torch.Generator(device="cpu").manual_seed(int(hidden_seed))
+    w1 = torch.randn((D, int(text_dim)), generator=g, dtype=torch.float64) / math.sqrt(text_dim)
+    w1 = w1.to(inputs.device)
+    h = torch.nn.functional.gelu(inputs @ w1.T, approximate="tanh")
+    h1 = torch.cat([h, torch.ones_like(h[:, :1])], dim=1)
+    sol = torch.linalg.lstsq(h1.cpu(), targets.cpu(), driver="gelsd").solution   # [D + 1, D]
+    dt = model.class_embedding.weight.dtype
+    state["text_embedding.0.weight"] = w1.to(dt)
+    state["text_embedding.0.bias"] = torch.zeros(D, dtype=dt, device=w1.device)
+    state["text_embedding.2.weight"] = sol[:-1].T.contiguous().to(dt).to(w1.device)
+    state["text_embedding.2.bias"] = sol[-1].to(dt).to(w1.device)
+    state["class_text"] = new.class_text
+    new.load_state_dict(state, strict=True)
+    return new.to(dtype=dt).train(model.training)

@@ -8,6 +8,8 @@ Architecture (Wan2.1 `wan/modules/model.py`; diffusers `WanTransformer3DModel` i
         --time_projection (SiLU, Linear)--> e0 [B, F, 6, dim]
     cond: text [B, L_txt, text_dim] --text_embedding (Linear, GELU-tanh, Linear)--> context
           or class labels [B] --class_embedding [num_classes + 1, class_tokens*dim]--> context
+          or class labels [B] --class_text (fixed) [num_classes + 1, class_tokens, text_dim]
+             --text_embedding--> context    (Wan's conditioning, a fixed "prompt" per class)
     each block, with (shift1, scale1, gate1, shift2, scale2, gate2) = modulation + e0:
         x = x + gate1 * self_attn(LN(x) * (1 + scale1) + shift1)    (qk RMSNorm + 3D RoPE)
         x = x + cross_attn(norm3(x), context)                       (norm3: affine LayerNorm)
@@ -48,7 +50,11 @@ Time = Union[float, Tensor]
 class DiTConfig:
     """Hyper-parameters of `DiT`. Conditioning: `text_dim` (text embeddings `[B, L, text_dim]`),
     or `num_classes` (labels `[B]`, index `num_classes` = the null class for CFG, mapped to
-    `class_tokens` tokens), or neither (unconditional: no cross-attention)."""
+    `class_tokens` learned tokens), or both ("class_text": each label picks a fixed text-like
+    embedding `[class_tokens, text_dim]` from the buffer `class_text`, drawn from
+    `class_text_seed`, which enters through `text_embedding` and cross-attention exactly as a
+    Wan prompt does; the null class's row is a fixed "negative prompt" embedding; the weights
+    are then a plain Wan text-to-video DiT's), or neither (unconditional)."""
     in_channels: int = 16
     out_channels: Optional[int] = None          # None: same as in_channels
     dim: int = 1536
@@ -59,6 +65,7 @@ class DiTConfig:
     text_dim: Optional[int] = 4096
     num_classes: Optional[int] = None
     class_tokens: int = 4
+    class_text_seed: int = 0
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -85,9 +92,6 @@ class DiTConfig:
                              f"split), got {hd}")
         if self.freq_dim % 2:
             raise ValueError(f"freq_dim must be even, got {self.freq_dim}")
-        if self.text_dim is not None and self.num_classes is not None:
-            raise ValueError("set text_dim (text-conditioned) or num_classes (class-conditioned), "
-                             "not both")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.text_dim is not None and self.text_dim < 1:
@@ -99,9 +103,9 @@ class DiTConfig:
 
     @property
     def conditioning(self) -> Optional[str]:
-        """"text", "class" or None."""
+        """"text", "class", "class_text" (class labels through fixed text embeddings) or None."""
         if self.text_dim is not None:
-            return "text"
+            return "text" if self.num_classes is None else "class_text"
         return "class" if self.num_classes is not None else None
 
     def to_dict(self) -> dict:
@@ -167,6 +171,17 @@ def _forward_ad_active(*tensors: Optional[Tensor]) -> bool:
     if peek is not None and peek() is not None:
         return True
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def class_text_table(config: DiTConfig) -> Tensor:
+    """The fixed text-like embedding of every class, float32 `[num_classes + 1, class_tokens,
+    text_dim]` on the CPU: N(0, 1) draws from `config.class_text_seed`, one "prompt" of
+    `class_tokens` tokens per class, like a frozen text encoder's output; the last row is the
+    null class's, CFG's unconditional branch: a fixed "negative prompt" embedding, drawn the
+    same way (its tokens differ, as an encoded prompt's do)."""
+    g = torch.Generator(device="cpu").manual_seed(int(config.class_text_seed))
+    K, L, D = config.num_classes, config.class_tokens, config.text_dim
+    return torch.randn((K + 1, L, D), generator=g, device="cpu")
 
 
 def _time_mlp(freq_dim: int, dim: int) -> nn.Sequential:
@@ -281,9 +296,11 @@ class DiT(nn.Module):
         self.gradient_checkpointing = bool(config.gradient_checkpointing)
         self.patch_embedding = nn.Conv3d(config.in_channels, dim, kernel_size=config.patch_size,
                                          stride=config.patch_size)
-        if config.conditioning == "text":
+        if config.conditioning in ("text", "class_text"):
             self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim),
                                                 nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        if config.conditioning == "class_text":
+            self.register_buffer("class_text", class_text_table(config))
         elif config.conditioning == "class":
             self.class_embedding = nn.Embedding(config.num_classes + 1, config.class_tokens * dim)
         self.time_embedding = _time_mlp(config.freq_dim, dim)
@@ -314,6 +331,8 @@ class DiT(nn.Module):
                     nn.init.normal_(m.weight, std=0.02)
         if hasattr(self, "class_embedding"):
             nn.init.normal_(self.class_embedding.weight, std=0.02)
+        if hasattr(self, "class_text"):
+            self.class_text.copy_(class_text_table(self.config))
         for p in (self.time_projection[1].weight, self.time_projection[1].bias,
                   self.head.head.weight, self.head.head.bias, self.head.modulation):
             nn.init.zeros_(p)
@@ -397,6 +416,16 @@ class DiT(nn.Module):
             if cond.device != device:
                 raise ValueError(f"cond is on {cond.device} but x is on {device}")
             return self.class_embedding(cond).view(B, cfg.class_tokens, cfg.dim)
+        if kind == "class_text":
+            if cond is None:
+                cond = torch.full((B,), cfg.num_classes, dtype=torch.long, device=device)
+            if isinstance(cond, Tensor) and cond.dtype in (torch.int32, torch.int64):
+                if tuple(cond.shape) != (B,):
+                    raise ValueError(f"cond (class labels) must be [B={B}], got "
+                                     f"{tuple(cond.shape)}")
+                if cond.device != device:
+                    raise ValueError(f"cond is on {cond.device} but x is on {device}")
+                cond = self.class_text[cond]
         if cond is None:
             raise ValueError("cond is required for a text-conditioned DiT: text embeddings "
                              f"[B, L, text_dim={cfg.text_dim}] (use the encoded empty or negative "

@@ -12,7 +12,8 @@ import torch
 
 from fmrt.models import DiT, DiTConfig
 from fmrt.models.convert import (detect_layout, from_diffusers, from_wan, infer_config, load_dit,
-                                 save_dit, strip_prefix, to_diffusers, to_fmrt, to_wan)
+                                 save_dit, strip_prefix, to_diffusers, to_diffusers_model,
+                                 to_fmrt, to_wan)
 
 # the oracle; an image without diffusers skips this module instead of failing the collection
 WanTransformer3DModel = pytest.importorskip(
@@ -109,8 +110,7 @@ def test_presets():
         DiTConfig.preset("tiny", num_heads=3)
     with pytest.raises(ValueError, match="head_dim"):
         DiTConfig.preset("tiny", dim=16, num_heads=4)
-    with pytest.raises(ValueError, match="not both"):
-        DiTConfig.preset("tiny", text_dim=8)
+    assert DiTConfig.preset("tiny", text_dim=8).conditioning == "class_text"
     assert DiTConfig.from_dict(tiny.to_dict()) == tiny
 
 
@@ -171,6 +171,54 @@ def test_matches_diffusers_and_back():
         close(m(x, s, txt), run_diffusers(d2, x, s, txt))
     assert all(torch.equal(v, from_diffusers(to_diffusers(m.state_dict()))[k])
                for k, v in m.state_dict().items())
+
+
+def test_class_text_is_a_wan_text_model(tmp_path):
+    """Class labels through fixed text-like embeddings: the same output as the text path given
+    those embeddings, as diffusers' WanTransformer3DModel given them as encoder_hidden_states
+    (patch (1, 4, 4) too), null class = the table's last row; the table survives save /
+    load_dit."""
+    torch.manual_seed(3)
+    cfg = DiTConfig.preset("tiny", num_classes=6, text_dim=24, class_tokens=3, num_layers=2,
+                           patch_size=(1, 4, 4))
+    m = randomize(DiT(cfg)).eval()
+    assert cfg.conditioning == "class_text" and not hasattr(m, "class_embedding")
+    table = m.class_text
+    assert table.shape == (7, 3, 24) and 0.8 < table.std() < 1.2
+    assert torch.equal(table, DiT(cfg).class_text)            # fixed by class_text_seed
+    assert not torch.equal(table, DiT(DiTConfig.preset(
+        "tiny", num_classes=6, text_dim=24, class_tokens=3, class_text_seed=1)).class_text)
+    assert all(n != "class_text" for n, _ in m.named_parameters())   # a buffer: never trained
+    x, s, y = torch.randn(3, 3, 4, 8, 8), torch.tensor([0.2, 0.6, 1.0]), torch.tensor([0, 5, 6])
+    with torch.no_grad():
+        out = m(x, s, y)
+        close(out, m(x, s, table[y]))
+        assert torch.equal(m(x, s), m(x, s, torch.full((3,), 6)))    # None = the null class
+        wan, emb = to_diffusers_model(m)
+        assert torch.equal(emb, table)
+        close(out, run_diffusers(wan, x, s, emb[y]))
+    save_dit(m, str(tmp_path / "m.safetensors"))
+    m2 = load_dit(str(tmp_path / "m.safetensors"))
+    assert torch.equal(m2.class_text, table) and m2.config == cfg
+    assert infer_config(m.state_dict(), num_heads=4, patch_size=(1, 4, 4)) == cfg
+    with pytest.raises(ValueError, match="cond"):
+        m(x, s, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="text_dim"):
+        to_diffusers_model(DiT(DiTConfig.preset("tiny", num_layers=1)))
+
+
+def test_class_to_class_text_keeps_the_outputs():
+    """A class-conditioned DiT re-expressed with Wan's conditioning computes the same."""
+    from fmrt.models.convert import class_to_class_text
+    torch.manual_seed(4)
+    m = randomize(DiT(DiTConfig.preset("tiny", num_classes=6, num_layers=2))).eval()
+    w = class_to_class_text(m, 64).eval()
+    assert w.config.conditioning == "class_text" and w.config.text_dim == 64
+    x, s, y = torch.randn(7, 3, 2, 4, 4), torch.rand(7), torch.arange(7)
+    with torch.no_grad():
+        close(w(x, s, y), m(x, s, y), rel=1e-5)
+    with pytest.raises(ValueError, match="class-conditioned"):
+        class_to_class_text(w, 64)
 
 
 def test_per_frame_sigma():
@@ -342,3 +390,25 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="sd"):
         detect_layout({"foo": torch.zeros(1)})
     assert strip_prefix({"model.a": 1, "model.b": 2}) == {"a": 1, "b": 2}
+
+
+def test_embedded_model_is_a_wan_model():
+    """The model `fmrt sample` ships is conditioned as Wan is, and diffusers'
+    WanTransformer3DModel computes the same velocities from its weights and class embeddings."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    import fmrt
+    path = os.path.join(os.path.dirname(fmrt.__file__), "assets", "default_dit.safetensors")
+    cfg = DiTConfig.from_dict(json.load(open(path[:-len(".safetensors")] + ".json"))["model"])
+    assert cfg.conditioning == "class_text"
+    m = DiT(cfg)
+    m.load_state_dict(load_file(path), strict=True)
+    m.eval()
+    wan, emb = to_diffusers_model(m)
+    x = torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    s, y = torch.tensor([0.9, 0.4]), torch.tensor([1, cfg.num_classes])
+    with torch.no_grad():
+        close(run_diffusers(wan, x, s, emb[y]), m(x, s, y))

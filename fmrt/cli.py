@@ -968,7 +968,14 @@ def sample_diffusers(args: argparse.Namespace) -> int:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config,
                                                           **{k: args.shift for k in keys})
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    out = pipe(prompt=args.prompt, generator=gen, output_type="np", **call.kwargs)
+    run = pipe
+    if "fmrt Euler scheduler" in what and _qwen_true_cfg(pipe, call.kwargs):
+        # Qwen-Image's combine + norm rescale + step as one step_cfg (its own loop cannot)
+        import functools
+        from fmrt.integrations.diffusers import qwen_image_true_cfg_loop
+        run = functools.partial(qwen_image_true_cfg_loop, pipe)
+        what.append("fused true-CFG step")
+    out = run(prompt=args.prompt, generator=gen, output_type="np", **call.kwargs)
     if call.video:
         result = out.frames  # [N, F, H, W, 3] in [0, 1]
         save_video(result, args.out)
@@ -979,6 +986,17 @@ def sample_diffusers(args: argparse.Namespace) -> int:
           f"{', '.join(what)}, {call.steps} steps, {call.guidance}, seed {args.seed}, "
           f"{time.time() - t0:.1f}s)")
     return 0
+
+
+def _qwen_true_cfg(pipe, kwargs: dict) -> bool:
+    """Does this call of a (stock) QwenImagePipeline run true CFG?"""
+    try:
+        from diffusers import QwenImagePipeline
+    except ImportError:
+        return False
+    return (type(pipe) is QwenImagePipeline and kwargs.get("true_cfg_scale", 0) > 1
+            and kwargs.get("negative_prompt") is not None
+            and not pipe.transformer.config.guidance_embeds)
 
 
 class _DiffusersCall(NamedTuple):

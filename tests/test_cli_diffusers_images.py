@@ -115,6 +115,7 @@ def test_qwen_image_accelerated_run_matches_stock(qwen_dir, tmp_path, capsys):
     fast = _images(qwen_dir, tmp_path, "fast", "--guidance-scale", "3", run=run)
     out = capsys.readouterr().out
     assert "fmrt attention on 2 modules" in out and "true CFG 3" in out
+    assert "fused true-CFG step" in out  # qwen_image_true_cfg_loop ran
     assert stock.shape == fast.shape == (1, 32, 32, 3) and stock.std() > 0.01
     np.testing.assert_allclose(fast, stock, atol=2e-5, rtol=0)
     neg = _images(qwen_dir, tmp_path, "neg", "--guidance-scale", "3", "--negative-prompt",
@@ -123,3 +124,9 @@ def test_qwen_image_accelerated_run_matches_stock(qwen_dir, tmp_path, capsys):
                    negative_prompt="blue dog")
     np.testing.assert_allclose(neg, want, atol=2e-5, rtol=0)
     assert np.abs(neg - fast).max() > 1e-4
+    capsys.readouterr()
+    kept = _images(qwen_dir, tmp_path, "kept", "--guidance-scale", "3", "--scheduler",
+                   "pipeline", run=run)  # diffusers' scheduler: the pipeline's own loop
+    out = capsys.readouterr().out
+    assert "fused true-CFG step" not in out and "FlowMatchEulerDiscreteScheduler" in out
+    np.testing.assert_allclose(kept, stock, atol=2e-5, rtol=0)

@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (1 = none; default: the "
                         "checkpoint's recommended)")
     s.add_argument("--num", type=_int_at_least(1, MAX_SAMPLE_NUM), default=None,
-                   help="number of clips (default 12; with --diffusers: videos per prompt, 1)")
+                   help="number of clips (default 12; with --diffusers: videos or images per "
+                        "prompt, 1)")
     s.add_argument("--class", dest="label", type=_class_label, default=None,
                    help="class index or name (default: cycle through the classes)")
     s.add_argument("--out", default="fmrt_samples.png",

@@ -408,11 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first frame for an image-to-video pipeline (WanImageToVideoPipeline)")
     d.add_argument("--negative-prompt", default=None)
     d.add_argument("--height", type=_int_at_least(1), default=None,
-                   help="pixels (video default 480; image: the pipeline's)")
+                   help="pixels (default: the pipeline's; Wan 480)")
     d.add_argument("--width", type=_int_at_least(1), default=None,
-                   help="pixels (video default 832; image: the pipeline's)")
+                   help="pixels (default: the pipeline's; Wan 832)")
     d.add_argument("--frames", type=_int_at_least(1), default=None,
-                   help="video frames (4k + 1; default 81)")
+                   help="video frames (Wan: 4k + 1; default: the pipeline's, Wan 81)")
     d.add_argument("--scheduler", default="auto", choices=("auto", "fmrt", "pipeline"),
                    help="auto: fmrt's FlowMatchEulerDiscreteScheduler in place of diffusers' "
                         "one (other schedulers are kept); fmrt: always, built from the "

@@ -382,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (1 = none; default: the "
                         "checkpoint's recommended)")
     s.add_argument("--num", type=_int_at_least(1, MAX_SAMPLE_NUM), default=None,
-                   help="number of clips (default 12; with --diffusers: videos per prompt, 1)")
+                   help="number of clips (default 12; with --diffusers: videos or images per "
+                        "prompt, 1)")
     s.add_argument("--class", dest="label", type=_class_label, default=None,
                    help="class index or name (default: cycle through the classes)")
     s.add_argument("--out", default="fmrt_samples.png",
@@ -397,21 +398,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "(torchrun --nproc-per-node N fmrt sample --sp N ...; rank 0 writes)")
     _add_batch_args(s, batch_default=64, what="clips")
     d = s.add_argument_group(
-        "diffusers pipeline", "with --diffusers PATH, sample a local diffusers video pipeline "
-        "folder of the Wan family (Wan, Wan2.2, SkyReels-V2; save_pretrained layout) with "
-        "fmrt's attention processors (fmrt.integrations.diffusers.accelerate) and fmrt's fused "
-        "Euler scheduler; --steps (default 50), "
-        "--guidance-scale (default 5), --seed, --shift, --device, --dtype and --num apply; "
-        "--out as above (.npy: float frames [N, F, H, W, 3]; .mp4: the first video)")
+        "diffusers pipeline", "with --diffusers PATH, sample a local diffusers pipeline folder "
+        "(save_pretrained layout): video (Wan, Wan2.2, SkyReels-V2, HunyuanVideo, LTX-Video) or "
+        "image (FLUX.1, Qwen-Image) with fmrt's attention processors "
+        "(fmrt.integrations.diffusers.accelerate) and fmrt's fused Euler scheduler; --steps, "
+        "--guidance-scale (FLUX.1: its distilled guidance; Qwen-Image: true_cfg_scale), "
+        "--seed, --shift, --device, --dtype and --num apply, defaults the pipeline's; --out "
+        "as above (video .npy: float frames [N, F, H, W, 3]; .mp4: the first video; image "
+        ".png/.jpg/.webp: the --num images side by side in one file, .npy: [N, H, W, 3])")
     d.add_argument("--diffusers", default=None, metavar="PATH",
-                   help="a local diffusers Wan-family pipeline folder (has model_index.json)")
+                   help="a local diffusers pipeline folder (has model_index.json)")
     d.add_argument("--prompt", default=None, help="text prompt (required with --diffusers)")
     d.add_argument("--image", default=None, metavar="PATH",
                    help="first frame for an image-to-video pipeline (WanImageToVideoPipeline)")
     d.add_argument("--negative-prompt", default=None)
-    d.add_argument("--height", type=_int_at_least(1), default=480)
-    d.add_argument("--width", type=_int_at_least(1), default=832)
-    d.add_argument("--frames", type=_int_at_least(1), default=81, help="video frames (4k + 1)")
+    d.add_argument("--height", type=_int_at_least(1), default=None,
+                   help="pixels (default: the pipeline's; Wan 480)")
+    d.add_argument("--width", type=_int_at_least(1), default=None,
+                   help="pixels (default: the pipeline's; Wan 832)")
+    d.add_argument("--frames", type=_int_at_least(1), default=None,
+                   help="video frames (Wan: 4k + 1; default: the pipeline's, Wan 81)")
     d.add_argument("--scheduler", default="auto", choices=("auto", "fmrt", "pipeline"),
                    help="auto: fmrt's FlowMatchEulerDiscreteScheduler in place of diffusers' "
                         "one (other schedulers are kept); fmrt: always, built from the "
@@ -943,8 +949,9 @@ def _save_diagnostics(recorder, path: str) -> None:
 
 
 def sample_diffusers(args: argparse.Namespace) -> int:
-    """`fmrt sample --diffusers PATH`: a local diffusers Wan-family video pipeline (Wan, Wan2.2,
-    SkyReels-V2), accelerated by fmrt."""
+    """`fmrt sample --diffusers PATH`: a local diffusers pipeline, accelerated by fmrt: video
+    (Wan, Wan2.2, SkyReels-V2, HunyuanVideo, LTX-Video: the call takes num_frames) or image
+    (FLUX.1, Qwen-Image)."""
     import torch
     policies = _policies(args)
     t0 = time.time()
@@ -958,10 +965,7 @@ def sample_diffusers(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # newer diffusers prefer dtype=, older know only torch_dtype=
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         pipe = DiffusionPipeline.from_pretrained(args.diffusers, torch_dtype=dtype).to(device)
-    import inspect
-    if "num_frames" not in inspect.signature(pipe.__call__).parameters:
-        raise CLIError(f"--diffusers samples video pipelines (Wan, Wan2.2, SkyReels-V2); "
-                       f"{type(pipe).__name__} takes no num_frames")
+    call = _diffusers_call(pipe, args)   # every flag checked before any work
     what = ["stock diffusers"]
     if not args.no_accelerate:
         from fmrt.integrations.diffusers import (FlowMatchEulerDiscreteScheduler, accelerate,
@@ -986,19 +990,112 @@ def sample_diffusers(args: argparse.Namespace) -> int:
             raise CLIError(f"--shift: the pipeline's {type(pipe.scheduler).__name__} has no shift")
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config,
                                                           **{k: args.shift for k in keys})
-    image = _pipeline_image(pipe, args.image)
-    steps = args.steps or 50
-    scale = 5.0 if args.guidance_scale is None else args.guidance_scale
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    out = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
-               width=args.width, num_frames=args.frames, num_inference_steps=steps,
-               guidance_scale=scale, num_videos_per_prompt=args.num or 1, generator=gen,
-               output_type="np", **image)
-    frames = out.frames  # [N, F, H, W, 3] in [0, 1]
-    save_video(frames, args.out)
-    print(f"wrote {args.out}  ({tuple(frames.shape)} frames, {', '.join(what)}, {steps} steps, "
-          f"guidance {scale:g}, seed {args.seed}, {time.time() - t0:.1f}s)")
+    run = pipe
+    if "fmrt Euler scheduler" in what and _qwen_true_cfg(pipe, call.kwargs):
+        # Qwen-Image's combine + norm rescale + step as one step_cfg (its own loop cannot)
+        import functools
+        from fmrt.integrations.diffusers import qwen_image_true_cfg_loop
+        run = functools.partial(qwen_image_true_cfg_loop, pipe)
+        what.append("fused true-CFG step")
+    out = run(prompt=args.prompt, generator=gen, output_type="np", **call.kwargs)
+    if call.video:
+        result = out.frames  # [N, F, H, W, 3] in [0, 1]
+        save_video(result, args.out)
+    else:
+        result = out.images  # [N, H, W, 3] in [0, 1]
+        save_images(result, args.out)
+    print(f"wrote {args.out}  ({tuple(result.shape)} {'frames' if call.video else 'images'}, "
+          f"{', '.join(what)}, {call.steps} steps, {call.guidance}, seed {args.seed}, "
+          f"{time.time() - t0:.1f}s)")
     return 0
+
+
+def _qwen_true_cfg(pipe, kwargs: dict) -> bool:
+    """Does this call of a (stock) QwenImagePipeline run true CFG?"""
+    try:
+        from diffusers import QwenImagePipeline
+    except ImportError:
+        return False
+    return (type(pipe) is QwenImagePipeline and kwargs.get("true_cfg_scale", 0) > 1
+            and kwargs.get("negative_prompt") is not None
+            and not pipe.transformer.config.guidance_embeds)
+
+
+class _DiffusersCall(NamedTuple):
+    video: bool
+    kwargs: dict
+    steps: int
+    guidance: str
+
+
+def _diffusers_call(pipe, args: argparse.Namespace) -> _DiffusersCall:
+    """The pipeline call's keyword arguments from the flags, by what its `__call__` takes:
+    video pipelines take num_frames; image pipelines whose true_cfg_scale defaults above 1
+    (Qwen-Image) take --guidance-scale as true_cfg_scale, the others (FLUX.1) as
+    guidance_scale. Unset flags keep the pipeline's defaults. CLIError for a flag the
+    pipeline has no use for."""
+    import inspect
+    params = inspect.signature(pipe.__call__).parameters
+    name = type(pipe).__name__
+    video = "num_frames" in params
+    num = "num_videos_per_prompt" if video else "num_images_per_prompt"
+    if num not in params:
+        raise CLIError(f"--diffusers samples video pipelines (Wan, Wan2.2, SkyReels-V2, "
+                       f"HunyuanVideo, LTX-Video) and image pipelines (FLUX.1, Qwen-Image); "
+                       f"{name} takes neither num_frames nor num_images_per_prompt")
+    steps = args.steps or params["num_inference_steps"].default
+    kw = {"num_inference_steps": steps}
+    for flag, key, value in (("--height", "height", args.height),
+                             ("--width", "width", args.width),
+                             ("--frames", "num_frames", args.frames)):
+        if value is not None:
+            if key not in params:
+                raise CLIError(f"{flag}: {name} takes no {key} (an image pipeline)")
+            kw[key] = value
+    kw[num] = args.num or 1
+    suffix = os.path.splitext(args.out)[1].lower()
+    if not video and suffix not in (*IMAGE_FORMATS, ".npy"):
+        raise CLIError(f"--out: {name} makes images: write {', '.join(IMAGE_FORMATS)} or .npy, "
+                       f"not {suffix}")
+    true_cfg = params.get("true_cfg_scale")
+    if not video and true_cfg is not None and (true_cfg.default or 0) > 1:
+        # Qwen-Image: true CFG with a negative prompt ("" -> " ", as its model card does)
+        scale = true_cfg.default if args.guidance_scale is None else args.guidance_scale
+        kw.update(true_cfg_scale=scale, negative_prompt=args.negative_prompt or " ")
+        guidance = f"true CFG {scale:g}"
+    else:
+        if "guidance_scale" not in params:
+            raise CLIError(f"--guidance-scale: {name} takes no guidance_scale")
+        scale = (params["guidance_scale"].default if args.guidance_scale is None
+                 else args.guidance_scale)
+        kw["guidance_scale"] = scale
+        guidance = f"guidance {scale:g}"
+        if args.negative_prompt is not None:
+            if video:
+                kw["negative_prompt"] = args.negative_prompt
+            else:  # FLUX.1: guidance_scale is the distilled embedding, no negative prompt
+                raise CLIError(f"--negative-prompt: {name}'s --guidance-scale is its distilled "
+                               f"guidance embedding, which takes no negative prompt")
+    kw.update(_pipeline_image(pipe, args.image))
+    return _DiffusersCall(video, kw, steps, guidance)
+
+
+def save_images(images, path: str) -> None:
+    """Images `[N, H, W, 3]` (numpy, [0, 1]) from a diffusers pipeline -> `.npy` as they are;
+    .png/.jpg/.jpeg/.webp: the N images side by side (2 pixel gaps), full size."""
+    import numpy as np
+    from PIL import Image
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".npy":
+        return _save_npy(images, path)
+    x = (np.clip(np.asarray(images, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+    N, H, W, _ = x.shape
+    gap = 2 if N > 1 else 0
+    img = Image.new("RGB", (N * W + (N - 1) * gap, H), (48, 48, 48))
+    for n in range(N):
+        img.paste(Image.fromarray(x[n], "RGB"), (n * (W + gap), 0))
+    _save_image(img, path, IMAGE_FORMATS[suffix])
 
 
 def _pipeline_image(pipe, path: Optional[str]) -> dict:
@@ -1009,7 +1106,8 @@ def _pipeline_image(pipe, path: Optional[str]) -> dict:
     name = type(pipe).__name__
     if param is None:
         if path is not None:
-            raise CLIError(f"--image: {name} takes no image (a text-to-video pipeline)")
+            raise CLIError(f"--image: {name} takes no image (a text-to-video or text-to-image "
+                           f"pipeline)")
         return {}
     if path is None:
         if param.default is inspect.Parameter.empty:

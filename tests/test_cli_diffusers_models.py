@@ -1,6 +1,7 @@
 """`fmrt sample --diffusers PATH` on Wan-family pipelines beyond Wan (through
 `fmrt.integrations.diffusers.accelerate`): a tiny random SkyReels-V2 pipeline saved to disk gives
-stock diffusers' frames; an image pipeline is refused in one line."""
+stock diffusers' frames; a pipeline that is neither a video nor an image pipeline is refused in
+one line (image pipelines: tests/test_cli_diffusers_images.py)."""
 import numpy as np
 import pytest
 
@@ -47,8 +48,9 @@ def test_skyreels_accelerated_run_matches_stock(skyreels_dir, tmp_path, capsys):
     np.testing.assert_allclose(fast, stock, atol=2e-5, rtol=0)
 
 
-class _ImagePipeline:
-    """Stands in for a loaded image pipeline (FLUX, Qwen-Image: no num_frames)."""
+class _OtherPipeline:
+    """Stands in for a loaded pipeline that is neither video (num_frames) nor image
+    (num_images_per_prompt)."""
 
     def to(self, device):
         return self
@@ -57,16 +59,17 @@ class _ImagePipeline:
         raise AssertionError("must not run")
 
 
-def test_image_pipeline_refused_in_one_line(tmp_path, capsys, monkeypatch):
+def test_other_pipeline_refused_in_one_line(tmp_path, capsys, monkeypatch):
     import json
     import diffusers
     d = tmp_path / "flux_pipe"
     d.mkdir()
     (d / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained",
-                        classmethod(lambda cls, *a, **k: _ImagePipeline()))
+                        classmethod(lambda cls, *a, **k: _OtherPipeline()))
     out = tmp_path / "x.npy"
     assert main(["sample", "--diffusers", str(d), *RUN, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "_ImagePipeline takes no num_frames" in err
+    assert err.count("\n") == 1
+    assert "_OtherPipeline takes neither num_frames nor num_images_per_prompt" in err
     assert not out.exists()

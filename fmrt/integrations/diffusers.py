@@ -49,7 +49,8 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 )
 
 __all__ = ["FmrtWanAttnProcessor", "accelerate", "restore", "accelerate_wan", "restore_wan",
-           "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput"]
+           "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput",
+           "qwen_image_true_cfg_loop"]
 
 # diffusers' WanAttnProcessor: in an I2V context the last 512 tokens are text, the rest image.
 WAN_TEXT_LEN = 512
@@ -826,3 +827,110 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
         sigma = sigmas.take(idx) if isinstance(idx, Tensor) else sigmas[idx]
         return ops.noised_sample(sample, sigma, noise, None, return_target=False,
                                  eager_rounding=True)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen-Image's true CFG as one fused step (a loop of its own: the pipeline's combines in between)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def qwen_image_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
+                             negative_prompt: Union[str, list] = " ",
+                             true_cfg_scale: float = 4.0, height: Optional[int] = None,
+                             width: Optional[int] = None, num_inference_steps: int = 50,
+                             num_images_per_prompt: int = 1, generator=None,
+                             output_type: str = "pil", max_sequence_length: int = 512):
+    """diffusers' `QwenImagePipeline.__call__` (text-to-image with true CFG; diffusers 0.42's
+    loop) with each step's guidance, norm rescale and Euler step as one
+    `pipe.scheduler.step_cfg(cond, neg, true_cfg_scale, t, latents, rescale="norm",
+    norm_dim=-1)` of fmrt's `FlowMatchEulerDiscreteScheduler`, where the pipeline computes
+    `comb = neg + s (cond - neg)`, `comb * ||cond|| / ||comb||` per token and `scheduler.step`
+    op by op between its two transformer calls and the step. Prompt encoding, latents,
+    timesteps (dynamic shift), the two transformer calls (under `cache_context("cond")` /
+    `("uncond")`) and decoding are the pipeline's own methods and arithmetic. Returns
+    `QwenImagePipelineOutput` as the pipeline does. Same images as `pipe(prompt,
+    negative_prompt=..., true_cfg_scale=..., ...)`: fp32 to 2e-5; in bf16 the guided velocity
+    stays fp32 where the pipeline rounds each op, within bf16 error.
+
+    ValueError: not exactly a `QwenImagePipeline` (a subclass may change the loop), a
+    guidance-distilled transformer, true_cfg_scale <= 1 or no negative prompt (no true CFG:
+    call the pipeline); TypeError: `pipe.scheduler` is not fmrt's scheduler."""
+    from diffusers import QwenImagePipeline
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import (calculate_shift,
+                                                                  retrieve_timesteps)
+    from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
+    if type(pipe) is not QwenImagePipeline:
+        raise ValueError(f"pipe must be a diffusers QwenImagePipeline, got {type(pipe).__name__}")
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        raise TypeError(f"pipe.scheduler must be fmrt's FlowMatchEulerDiscreteScheduler "
+                        f"(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)), "
+                        f"got {type(pipe.scheduler).__name__}")
+    if pipe.transformer.config.guidance_embeds:
+        raise ValueError("a guidance-distilled Qwen-Image transformer (guidance_embeds): call "
+                         "the pipeline")
+    if not isinstance(true_cfg_scale, numbers.Real) or not true_cfg_scale > 1:
+        raise ValueError(f"true_cfg_scale must be a number > 1 (true CFG), got {true_cfg_scale!r}")
+    if negative_prompt is None:
+        raise ValueError("negative_prompt is None: without one the pipeline runs no true CFG")
+    height = height or pipe.default_sample_size * pipe.vae_scale_factor
+    width = width or pipe.default_sample_size * pipe.vae_scale_factor
+    pipe.check_inputs(prompt, height, width, negative_prompt=negative_prompt,
+                      max_sequence_length=max_sequence_length)
+    batch = 1 if isinstance(prompt, str) else len(prompt)
+    device = pipe._execution_device
+    pipe._attention_kwargs, pipe._current_timestep, pipe._interrupt = {}, None, False
+    pipe._guidance_scale = None
+    enc = dict(device=device, num_images_per_prompt=num_images_per_prompt,
+               max_sequence_length=max_sequence_length)
+    cond_emb, cond_mask = pipe.encode_prompt(prompt=prompt, **enc)
+    neg_emb, neg_mask = pipe.encode_prompt(prompt=negative_prompt, **enc)
+    latents = pipe.prepare_latents(batch * num_images_per_prompt,
+                                   pipe.transformer.config.in_channels // 4, height, width,
+                                   cond_emb.dtype, device, generator, None)
+    f = pipe.vae_scale_factor * 2
+    img_shapes = [[(1, height // f, width // f)]] * batch
+    cfg = pipe.scheduler.config
+    mu = calculate_shift(latents.shape[1], cfg.get("base_image_seq_len", 256),
+                         cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                         cfg.get("max_shift", 1.15))
+    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device,
+                                      sigmas=sigmas, mu=mu)
+    pipe._num_timesteps = len(timesteps)
+    pipe.scheduler.set_begin_index(0)
+    branches = (("cond", cond_emb, cond_mask), ("uncond", neg_emb, neg_mask))
+    with pipe.progress_bar(total=len(timesteps)) as bar:
+        for t in timesteps:
+            pipe._current_timestep = t
+            timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+            v = []
+            for name, emb, mask in branches:
+                with pipe.transformer.cache_context(name):
+                    v.append(pipe.transformer(
+                        hidden_states=latents, timestep=timestep, guidance=None,
+                        encoder_hidden_states_mask=mask, encoder_hidden_states=emb,
+                        img_shapes=img_shapes, attention_kwargs={}, return_dict=False)[0])
+            latents = pipe.scheduler.step_cfg(v[0], v[1], float(true_cfg_scale), t, latents,
+                                              rescale="norm", norm_dim=-1,
+                                              return_dict=False)[0]
+            bar.update()
+    pipe._current_timestep = None
+    if output_type == "latent":
+        image = latents
+    else:
+        image = _qwen_image_decode(pipe, latents, height, width, output_type)
+    pipe.maybe_free_model_hooks()
+    return QwenImagePipelineOutput(images=image)
+
+
+def _qwen_image_decode(pipe: Any, latents: Tensor, height: int, width: int, output_type: str):
+    """Packed latents -> images as `QwenImagePipeline.__call__` decodes them (unpack, the VAE's
+    latents mean / std, decode, postprocess)."""
+    vae = pipe.vae
+    z = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(vae.dtype)
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
+    z = z / inv_std + mean
+    image = vae.decode(z, return_dict=False)[0][:, :, 0]
+    return pipe.image_processor.postprocess(image, output_type=output_type)

@@ -1,0 +1,54 @@
+"""`fmrt sample --diffusers PATH` on the video pipelines beyond the Wan family: tiny random
+HunyuanVideo and LTX-Video pipelines saved to disk run through the video path, accelerated
+frames equal to stock diffusers' (fp32, 2e-5), the flags reaching the call as the pipeline
+names them (--guidance-scale: HunyuanVideo's distilled guidance, LTX's CFG scale)."""
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from fmrt.cli import main  # noqa: E402
+
+CASES = {  # maker, flags, accelerated modules
+    "hunyuan": ("tiny_hunyuan_video_pipeline", ["--height", "16", "--width", "16",
+                                                "--frames", "5"], 2),
+    "ltx": ("tiny_ltx_pipeline", ["--height", "32", "--width", "32", "--frames", "9",
+                                  "--negative-prompt", "blue"], 4),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    import tests.tiny_video as tiny
+    maker, flags, n = CASES[request.param]
+    d = tmp_path_factory.mktemp(request.param)
+    getattr(tiny, maker)().save_pretrained(d)
+    return request.param, str(d), flags, n
+
+
+def _frames(pipe_dir, tmp_path, name, flags, *extra):
+    out = tmp_path / f"{name}.npy"
+    run = ["--prompt", "a red cat runs", *flags, "--steps", "3", "--seed", "3",
+           "--guidance-scale", "4"]
+    assert main(["sample", "--diffusers", pipe_dir, *run, "--out", str(out), *extra]) == 0
+    return np.load(out)
+
+
+def test_accelerated_run_matches_stock(case, tmp_path, capsys):
+    import torch
+    from diffusers import DiffusionPipeline
+    name, pipe_dir, flags, n = case
+    stock = _frames(pipe_dir, tmp_path, "stock", flags, "--no-accelerate")
+    kw = dict(height=int(flags[1]), width=int(flags[3]), num_frames=int(flags[5]),
+              negative_prompt=flags[7] if len(flags) > 6 else None)
+    want = DiffusionPipeline.from_pretrained(pipe_dir)(
+        prompt="a red cat runs", num_inference_steps=3, guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(3), output_type="np", **kw).frames
+    np.testing.assert_array_equal(stock, want)
+    capsys.readouterr()
+    fast = _frames(pipe_dir, tmp_path, "fast", flags)
+    out = capsys.readouterr().out
+    assert f"fmrt attention on {n} modules" in out and "fmrt Euler scheduler" in out
+    assert stock.shape == fast.shape and stock.std() > 0.01
+    np.testing.assert_allclose(fast, stock, atol=2e-5, rtol=0)

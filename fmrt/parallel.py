@@ -26,6 +26,20 @@ the group. Every collective here is an autograd Function with a backward and a f
     enable_sequence_parallel(model, mesh["sp"].get_group())
     loss = sft_loss(model, x0, ...); loss.backward()
     reduce_gradients(model.parameters(), model.sequence_parallel)   # then dp averaging
+
+Sharded sampling (`enable_sequence_parallel(model, group, sharded_io=True)`): the latent itself
+stays split through the sampling loop. Rank j holds the block of token rows
+`x[:, :, :, j H/N : (j+1) H/N]` (`shard_latent`; H / patch_h must be divisible by N): every
+frame and every W row of its tokens, so a shard is itself a latent `[B, C, T, H/N, W]`. The
+model patch-embeds the shard, runs its tokens (RoPE tables reordered to the group's shard
+order, no padding) and returns its shard of the output with no gather; the fused guided steps
+run on the shard with no communication; `fmrt.sampling.sample(..., sequence_parallel=sp)`
+shards the noise and gathers only the final latent. Options needing whole-sample statistics
+(rescale="norm" per sample, CFG-Zero*, diagnostics) or per-rank host decisions (adaptive
+guidance reuse, first-block caching) and the SDE solver are refused there.
+
+    sp = enable_sequence_parallel(model, group, sharded_io=True)
+    x = sample(model, noise, cond=..., uncond=..., sequence_parallel=sp)   # full x, every rank
 """
 from __future__ import annotations
 
@@ -214,8 +228,9 @@ class SequenceParallel:
             ok = [d for d in range(1, rows + 1) if rows % d == 0]
             raise ValueError(f"sharded sampling splits the latent's {rows} token rows (height "
                              f"{H} / patch {ph}) over the {self.size} ranks of the group: the "
-                             f"degree must divide them (degrees that do: {ok}; or sample with "
-                             f"sharded_io=False, which pads)")
+                             f"degree must divide them (degrees that do: {ok}; from Python, "
+                             f"sharded_io=False samples any size, every rank stepping the full "
+                             f"latent)")
         n = H // self.size
         return x.narrow(3, self.rank * n, n).contiguous()
 

@@ -1,10 +1,13 @@
 """Ulysses sequence parallelism (fmrt.parallel) on CPU with gloo, 2 and 4 processes: the DiT's
 output and every parameter gradient (SFT loss, MeanFlow loss through torch.func.jvp, per-frame
 sigma, uneven token counts) equal the single-process run at fp32 tolerance, on the torch path
-and on the Triton kernels under the interpreter; bad meshes are clear errors.
+and on the Triton kernels under the interpreter; sharded sampling (the latent split by token
+rows through the loop, only the final latent gathered) equals one process; bad meshes and
+options sharded sampling refuses are clear errors.
 
 Each rank computes the single-process reference itself (the same model, no group) and then the
-sequence-parallel run, so one spawn per world size checks everything."""
+sequence-parallel run, so one spawn per world size runs many checks (a process start imports
+torch and fmrt: seconds each); the interpreter cases use a one-block model and <= 9 tokens."""
 import os
 import socket
 import traceback
@@ -169,9 +172,10 @@ def _sharded_sampling(rank: int, world: int, backend: str) -> None:
     scale = torch.tensor([3.0, 2.0])     # a tensor scale: the fused guided step, not the lerp
     runs = [(tiny_dit(**arch), dict(solver="euler", guidance_scale=scale))]
     if not triton:
-        runs += [(tiny_dit(), dict(solver="euler", guidance_scale=2.0, rescale="norm",
+        runs += [(tiny_dit(), dict(solver="heun", guidance_scale=2.0, rescale="norm",
                                    norm_dim=-1, first_frame=noise[:, :, :1])),
-                 (tiny_dit(), dict(solver="unipc", guidance_scale=2.0, batch_cfg=False)),
+                 (tiny_dit(), dict(solver="unipc", guidance_scale=2.0, batch_cfg=False,
+                                   x_init=noise.flip(0), denoising_strength=0.8)),
                  (tiny_dit(meanflow=True), dict(solver="meanflow", guidance_scale=1.0))]
     seen = {"model": [], "step": []}
     fused = ops._guided_euler_step

@@ -169,12 +169,6 @@ def _forward_ad_active(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _probes(cache) -> bool:
-    """True for a step cache that decides from the tokens (first-block caching's probe)."""
-    from fmrt.cache import FirstBlockCache
-    return isinstance(getattr(cache, "policy", None), FirstBlockCache)
-
-
 def _time_mlp(freq_dim: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
@@ -217,6 +211,12 @@ def _gated_add(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     F_ = gate.shape[1]
     out = x.float().view(B, F_, -1, D) + y.float().view(B, F_, -1, D) * gate
     return out.view(B, L, D).to(x.dtype)
+
+
+def _probes(cache) -> bool:
+    """True for a step cache that decides from the tokens (first-block caching's probe)."""
+    from fmrt.cache import FirstBlockCache
+    return isinstance(getattr(cache, "policy", None), FirstBlockCache)
 
 
 class DiTBlock(nn.Module):

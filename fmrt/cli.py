@@ -394,8 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the CFG diagnostics plot (.png) of seed 000 (needs guidance != 1 "
                         "and matplotlib)")
     s.add_argument("--sp", type=_int_at_least(1), default=1,
-                   help="sequence-parallel degree: run each model call over N processes "
-                        "(torchrun --nproc-per-node N fmrt sample --sp N ...; rank 0 writes)")
+                   help="sequence-parallel degree: N processes sample together, each "
+                        "holding 1/N of the latent's token rows through the loop (torchrun "
+                        "--nproc-per-node N fmrt sample --sp N ...; rank 0 writes)")
     _add_batch_args(s, batch_default=64, what="clips")
     d = s.add_argument_group(
         "diffusers pipeline", "with --diffusers PATH, sample a local diffusers pipeline folder "
@@ -858,6 +859,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(1)   # tiny tensors: extra threads only spin (see --help)
     if args.sp > 1:
+        if args.diagnostics:
+            raise CLIError("--diagnostics records per-sample statistics: it does not run with "
+                           "--sp (sample without --sp to plot them)")
         _sp_setup(args)
     model, meta, device = _load(args)
     if args.sp > 1:
@@ -865,10 +869,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         from fmrt import parallel
         mesh = parallel.make_mesh(args.sp, device.type)
-        parallel.enable_sequence_parallel(model, mesh["sp"].get_group())
-        try:
-            return _sample_clips(args, model, meta, device, t0, policies,
-                                 main=dist.get_rank() == 0)
+        sp = parallel.enable_sequence_parallel(model, mesh["sp"].get_group(), sharded_io=True)
+        try:   # every step on this rank's shard of the latent; the clips gathered at the end
+            return _sample_clips(args, model, meta, device, t0,
+                                 dict(policies, sequence_parallel=sp), main=dist.get_rank() == 0)
         finally:
             dist.destroy_process_group()
     return _sample_clips(args, model, meta, device, t0, policies)
@@ -911,7 +915,7 @@ def _sample_clips(args, model, meta, device, t0, policies: dict, main: bool = Tr
                                  recorder=recorder, steps=steps, solver=args.solver,
                                  guidance_scale=scale, shift=args.shift, device=device,
                                  dtype=_dtype(args.dtype), **policies)
-    if not main:        # sequence-parallel ranks > 0 computed the same clips
+    if not main:        # sequence-parallel ranks > 0 gathered the same clips
         return 0
     save_clips(clips, args.out, class_names(labels))
     written = [args.out]

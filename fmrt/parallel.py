@@ -26,6 +26,20 @@ the group. Every collective here is an autograd Function with a backward and a f
     enable_sequence_parallel(model, mesh["sp"].get_group())
     loss = sft_loss(model, x0, ...); loss.backward()
     reduce_gradients(model.parameters(), model.sequence_parallel)   # then dp averaging
+
+Sharded sampling (`enable_sequence_parallel(model, group, sharded_io=True)`): the latent itself
+stays split through the sampling loop. Rank j holds the block of token rows
+`x[:, :, :, j H/N : (j+1) H/N]` (`shard_latent`; H / patch_h must be divisible by N): every
+frame and every W row of its tokens, so a shard is itself a latent `[B, C, T, H/N, W]`. The
+model patch-embeds the shard, runs its tokens (RoPE tables reordered to the group's shard
+order, no padding) and returns its shard of the output with no gather; the fused guided steps
+run on the shard with no communication; `fmrt.sampling.sample(..., sequence_parallel=sp)`
+shards the noise and gathers only the final latent. Options needing whole-sample statistics
+(rescale="norm" per sample, CFG-Zero*, diagnostics) or per-rank host decisions (adaptive
+guidance reuse, first-block caching) and the SDE solver are refused there.
+
+    sp = enable_sequence_parallel(model, group, sharded_io=True)
+    x = sample(model, noise, cond=..., uncond=..., sequence_parallel=sp)   # full x, every rank
 """
 from __future__ import annotations
 
@@ -160,6 +174,8 @@ class SequenceParallel:
     group: Optional[object]
     size: int
     rank: int
+    sharded_io: bool = False                      # the model takes and returns latent shards
+    patch: tuple[int, int, int] = (1, 1, 1)        # the DiT's patch size (for the shards)
 
     @classmethod
     def of(cls, group=None) -> "SequenceParallel":
@@ -194,6 +210,43 @@ class SequenceParallel:
         """The local rows of every rank, concatenated, the padding cut: `length` rows."""
         return gather_replicated(x, self.group, dim).narrow(dim, 0, length)
 
+    # -- sharded sampling (sharded_io): the latent stays split by token rows -------------------
+    def shard_latent(self, x: Tensor) -> Tensor:
+        """This rank's block of token rows of a latent `[B, C, T, H, W]`:
+        `[B, C, T, H / size, W]` (rows [rank H / size, (rank + 1) H / size)); H / patch_h (the
+        token rows) must be divisible by the degree. Every W row and every frame of a token
+        row stays on one rank, so a shard is itself a latent (per-frame sigmas, first-frame
+        pinning and per-row norms work on it unchanged)."""
+        if x.ndim != 5:
+            raise ValueError(f"sharded sampling needs a latent [B, C, T, H, W], got shape "
+                             f"{tuple(x.shape)}")
+        H, ph = x.shape[3], self.patch[1]
+        if H % ph:
+            raise ValueError(f"the latent's height {H} is not divisible by the patch height {ph}")
+        rows = H // ph
+        if rows % self.size:
+            ok = [d for d in range(1, rows + 1) if rows % d == 0]
+            raise ValueError(f"sharded sampling splits the latent's {rows} token rows (height "
+                             f"{H} / patch {ph}) over the {self.size} ranks of the group: the "
+                             f"degree must divide them (degrees that do: {ok}; from Python, "
+                             f"sharded_io=False samples any size, every rank stepping the full "
+                             f"latent)")
+        n = H // self.size
+        return x.narrow(3, self.rank * n, n).contiguous()
+
+    def gather_latent(self, x: Tensor) -> Tensor:
+        """The inverse of `shard_latent` on every rank: the shards concatenated along H."""
+        return _all_gather(x, self.group, 3)
+
+    def shard_order(self, table: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """Rows of a per-token table over the full (f, h, w) token grid, reordered to the
+        order the group's shards hold them: rank-major, then (f, h / size, w). The contiguous
+        split of this order (`shard`) gives each rank the rows of its own tokens."""
+        f, h, w = grid
+        rest = table.shape[1:]
+        return table.reshape(f, self.size, h // self.size, w, *rest).transpose(0, 1) \
+            .reshape(table.shape)
+
     def attention(self, q: Tensor, k: Tensor, v: Tensor, length: int, attend) -> Tensor:
         """Global attention over `length` tokens from the local rows q, k, v `[B, Lp, H, D]`:
         all-to-all to `[B, size * Lp, H / size, D]`, padding rows cut, `attend(q, k, v)`,
@@ -208,11 +261,19 @@ class SequenceParallel:
         return all_to_all(out, self.group, 1, 2)
 
 
-def enable_sequence_parallel(model: nn.Module, group=None) -> SequenceParallel:
+def enable_sequence_parallel(model: nn.Module, group=None, *,
+                             sharded_io: bool = False) -> SequenceParallel:
     """Run `model` (an `fmrt.models.DiT`, possibly wrapped: LoRA, FSDP2) sequence-parallel over
     `group` (None = the world): sets `sequence_parallel` on the DiT and its self-attention
     modules. Checks the degree against the head count and that the group's ranks hold the same
-    weights (ValueError otherwise: broadcast or seed them the same first)."""
+    weights (ValueError otherwise: broadcast or seed them the same first).
+
+    sharded_io=False: the model takes the full latent and returns the full output on every
+    rank (training, any sampler). sharded_io=True (sampling): the model takes this rank's shard
+    of the latent and returns its shard of the output (`SequenceParallel.shard_latent`: a
+    block of token rows, `[B, C, T, H / N, W]`), with no gather; pass the returned object to
+    `fmrt.sampling.sample(..., sequence_parallel=sp)`, which shards the noise, steps on the
+    shards and gathers only the final latent."""
     from fmrt.models.attention import WanSelfAttention
     from fmrt.models.dit import DiT
     sp = SequenceParallel.of(group)
@@ -220,12 +281,15 @@ def enable_sequence_parallel(model: nn.Module, group=None) -> SequenceParallel:
     if len(dits) != 1:
         raise ValueError(f"enable_sequence_parallel needs a model holding one fmrt DiT, found "
                          f"{len(dits)}")
+    if not isinstance(sharded_io, bool):
+        raise TypeError(f"sharded_io must be a bool, got {type(sharded_io).__name__}")
+    sp.sharded_io, sp.patch = sharded_io, tuple(dits[0].config.patch_size)
     check_degree(sp.size, dits[0].config.num_heads)
     if sp.size > 1:
         _check_same_weights(model, sp)
     for m in model.modules():
         if isinstance(m, (DiT, WanSelfAttention)):
-            m.sequence_parallel = sp if sp.size > 1 else None
+            m.sequence_parallel = sp if (sp.size > 1 or sharded_io) else None
     return sp
 
 

@@ -466,7 +466,7 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
            progress: bool = False,
            callback: Optional[Callable[[int, Tensor], None]] = None,
            guidance_reuse=None, cache=None, plan: Optional[Plan] = None,
-           _cache_states: Optional[dict] = None) -> Tensor:
+           sequence_parallel=None, _cache_states: Optional[dict] = None) -> Tensor:
     """Integrate a flow model from `noise` (sigma = grid[0]) to the grid's last sigma.
 
     model: `model(x, sigma[B] (or [B, T] with first_frame), cond) -> v` (solver "meanflow":
@@ -494,6 +494,12 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
     ("euler_maruyama"). recorder: receives the guidance statistics of each step that runs both
     branches. progress: tqdm. callback(i, x): called after step i with the new x (a device
     tensor; not read back).
+    sequence_parallel: the `fmrt.parallel.SequenceParallel` of a model enabled with
+    `sharded_io=True` (noise, x_init and first_frame: the full tensors, the same on every rank
+    of the group): the loop runs on this rank's shard of the latent (`shard_latent`, a block of
+    token rows), the model takes and returns shards, the steps run on the shard with no
+    communication, and the final latent is gathered on every rank (callback sees the shard).
+    Options that need whole-sample statistics or per-rank decisions are refused (ValueError).
     """
     _check_args(model, noise, steps, solver, guidance_scale, eta, recorder, denoising_strength,
                 x_init, first_frame, cond, uncond, rescale, norm_dim, guidance_interval,
@@ -521,6 +527,11 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
     elif not isinstance(plan, Plan) or len(plan) != n:
         raise ValueError(f"plan must be a Plan of {n} steps (make_plan), got "
                          f"{type(plan).__name__}")
+    sp = sequence_parallel
+    if sp is not None:
+        _check_sharded(sp, solver, rescale, norm_dim, recorder, cfg_zero_star, plan)
+        noise, x_init, first_frame = (None if t is None else sp.shard_latent(t)
+                                      for t in (noise, x_init, first_frame))
     tri = use_triton(noise)  # dispatch once; the steps below skip the per-op checks
     states = _cache_states if _cache_states is not None else {}
     evaluate = _Model(model, noise, model_grid, cond, uncond, guided=guided, batch_cfg=batch_cfg,
@@ -542,7 +553,27 @@ def sample(model: Callable, noise: Tensor, *, scheduler=None,
             recorder.record(i, stats)
         if callback is not None:
             callback(i, x)
-    return x
+    return x if sp is None else sp.gather_latent(x)
+
+
+def _check_sharded(sp, solver, rescale, norm_dim, recorder, cfg_zero_star, plan) -> None:
+    """ValueError for what sharded sampling cannot run without extra communication: per-sample
+    statistics (rescale "norm" per sample, CFG-Zero*, diagnostics), per-rank host decisions
+    (adaptive guidance reuse, first-block caching) and the SDE's shape-seeded noise."""
+    if not getattr(sp, "sharded_io", False):
+        raise ValueError("sequence_parallel needs the SequenceParallel of a model enabled with "
+                         "enable_sequence_parallel(model, group, sharded_io=True)")
+    bad = [(rescale == "norm" and norm_dim is None, "rescale='norm' per sample (its norm spans "
+            "every rank; norm_dim=-1, per row, runs sharded)"),
+           (cfg_zero_star, "cfg_zero_star (a per-sample dot product)"),
+           (recorder is not None, "recorder (per-sample guidance statistics)"),
+           (solver == "euler_maruyama", "solver 'euler_maruyama' (its noise is seeded by shape)"),
+           (not plan.static, "adaptive guidance reuse or first-block caching (each rank would "
+            "decide from its own tokens)")]
+    for cond, what in bad:
+        if cond:
+            raise ValueError(f"sharded sampling (sequence_parallel=) does not support {what}; "
+                             f"sample with a model enabled with sharded_io=False instead")
 
 
 class _Loop:

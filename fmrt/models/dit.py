@@ -228,6 +228,12 @@ def _gated_add(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     return out.view(B, L, D).to(x.dtype)
 
 
+def _probes(cache) -> bool:
+    """True for a step cache that decides from the tokens (first-block caching's probe)."""
+    from fmrt.cache import FirstBlockCache
+    return isinstance(getattr(cache, "policy", None), FirstBlockCache)
+
+
 class DiTBlock(nn.Module):
     """One Wan attention block: modulated self-attention, cross-attention, modulated FFN."""
 
@@ -284,7 +290,8 @@ class DiT(nn.Module):
     `[B, out_channels, T, H, W]` in x's dtype. State-dict keys follow Wan2.1's except the fused
     `self_attn.qkv` and the bare `norm_q`/`norm_k` parameters (see `fmrt.models.convert`).
     `sequence_parallel`: see `fmrt.parallel.enable_sequence_parallel` (blocks run on this
-    rank's rows of the tokens; the output is gathered)."""
+    rank's rows of the tokens; the output is gathered, or with `sharded_io` x and the output
+    are this rank's shard `[B, C, T, H / N, W]` of the latent)."""
     sequence_parallel = None
 
     def __init__(self, config: DiTConfig):
@@ -478,9 +485,18 @@ class DiT(nn.Module):
         tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)   # [B, L, dim]
         e = self.embed_time(t, r)                                                 # [B, F, dim]
         e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim))                  # [B, F, 6, dim]
-        cos, sin = rope_3d_tables(cfg.head_dim, (f, h, w), cfg.rope_theta, device=x.device)
         sp, length = self.sequence_parallel, tokens.shape[1]
-        if sp is not None:   # this rank's rows; per-frame modulation row by row
+        sharded = sp is not None and sp.sharded_io
+        if sp is not None and cache is not None and _probes(cache):
+            raise ValueError("first-block caching decides from each rank's own tokens: it does "
+                             "not run sequence-parallel (MagCache does)")
+        if sharded:   # x is this rank's block of token rows: tables in the group's shard order
+            grid = (f, h * sp.size, w)
+            cos, sin = (sp.shard_order(t, grid) for t in
+                        rope_3d_tables(cfg.head_dim, grid, cfg.rope_theta, device=x.device))
+        else:
+            cos, sin = rope_3d_tables(cfg.head_dim, (f, h, w), cfg.rope_theta, device=x.device)
+        if sp is not None and not sharded:   # this rank's rows; per-frame modulation by row
             tokens = sp.shard(tokens, length)
             e, e0 = sp.shard_frames(e, length), sp.shard_frames(e0, length)
 
@@ -498,7 +514,7 @@ class DiT(nn.Module):
                 tokens = block(tokens, context, e0, cos, sin)
 
         out = self.head(tokens, e)
-        if sp is not None:
+        if sp is not None and not sharded:
             out = sp.gather(out, length)
         pt, ph, pw = cfg.patch_size
         out = rearrange(out, "b (f h w) (x y z c) -> b c (f x) (h y) (w z)", f=f, h=h, w=w,

@@ -325,17 +325,26 @@ class FmrtFlux2ParallelSelfAttnProcessor(_Counted):
 # Qwen-Image: Attention + QwenDoubleStreamAttnProcessor2_0 (text + image, complex RoPE)
 # ---------------------------------------------------------------------------------------------
 
-def _qwen_unsupported(attn: Any) -> Optional[str]:
+def _heads_problem(attn: Any) -> tuple[int, Optional[str]]:
+    """(head dim, None) for a plain diffusers `Attention` whose q, k, v split into heads of an
+    even dim (the rotary rotates pairs); (0, what is wrong) otherwise."""
     if type(attn) is not Attention:
-        return f"is {type(attn).__name__}, not a diffusers Attention"
+        return 0, f"is {type(attn).__name__}, not a diffusers Attention"
     H = attn.heads
     if H <= 0 or attn.inner_dim % H:
-        return f"inner dim {attn.inner_dim} does not split into {H} heads"
+        return 0, f"inner dim {attn.inner_dim} does not split into {H} heads"
     D = attn.inner_dim // H
     if D % 2:
-        return f"head dim {D} is odd (the rotary rotates pairs)"
+        return 0, f"head dim {D} is odd (the rotary rotates pairs)"
     if attn.inner_kv_dim != attn.inner_dim:
-        return f"key/value inner dim {attn.inner_kv_dim} != query inner dim {attn.inner_dim}"
+        return 0, f"key/value inner dim {attn.inner_kv_dim} != query inner dim {attn.inner_dim}"
+    return D, None
+
+
+def _qwen_unsupported(attn: Any) -> Optional[str]:
+    D, problem = _heads_problem(attn)
+    if problem:
+        return problem
     if attn.add_q_proj is None or attn.add_k_proj is None or attn.add_v_proj is None:
         return "has no add_q_proj / add_k_proj / add_v_proj (not a double-stream module)"
     for pair in (("norm_q", "norm_k"), ("norm_added_q", "norm_added_k")):
@@ -432,16 +441,9 @@ class FmrtQwenDoubleStreamAttnProcessor(_Counted):
 # ---------------------------------------------------------------------------------------------
 
 def _hunyuan_unsupported(attn: Any) -> Optional[str]:
-    if type(attn) is not Attention:
-        return f"is {type(attn).__name__}, not a diffusers Attention"
-    H = attn.heads
-    if H <= 0 or attn.inner_dim % H:
-        return f"inner dim {attn.inner_dim} does not split into {H} heads"
-    D = attn.inner_dim // H
-    if D % 2:
-        return f"head dim {D} is odd (the rotary rotates pairs)"
-    if attn.inner_kv_dim != attn.inner_dim:
-        return f"key/value inner dim {attn.inner_kv_dim} != query inner dim {attn.inner_dim}"
+    D, problem = _heads_problem(attn)
+    if problem:
+        return problem
     problem = _norm_pair_problem(attn, ("norm_q", "norm_k"), D, DiffusersRMSNorm)
     if problem is None and attn.add_q_proj is not None:
         if attn.add_k_proj is None or attn.add_v_proj is None:

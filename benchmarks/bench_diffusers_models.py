@@ -36,7 +36,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.conftest import CUDA, DEVICE, run_bench
+from benchmarks.conftest import CUDA, DEVICE, median_s, run_bench
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA (root conftest)
 
@@ -153,14 +153,6 @@ _MEDIAN_S: dict[tuple[str, str], float] = {}
 _RESULT: dict[tuple[str, str], torch.Tensor] = {}
 
 
-def _median(benchmark):
-    stats = getattr(benchmark, "stats", None)
-    try:
-        return stats.stats.median if stats is not None else None
-    except AttributeError:
-        return None
-
-
 @pytest.mark.parametrize("provider", ["diffusers", "fmrt"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_dit_forward_backward(benchmark, case, provider):
@@ -186,7 +178,7 @@ def test_dit_forward_backward(benchmark, case, provider):
     finally:
         if provider == "fmrt":
             restore(model)
-    median = _median(benchmark)
+    median = median_s(benchmark)
     if median:
         _MEDIAN_S[case, provider] = median
         if provider == "fmrt" and (case, "diffusers") in _MEDIAN_S:

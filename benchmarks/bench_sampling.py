@@ -157,6 +157,19 @@ def test_bench_sampling_op(benchmark, op, case, dtype, provider):
 LOOP_STEPS = 50
 
 
+def loop_inputs(device):
+    """What both loops run on: noise, a constant velocity, cond / uncond, diffusers' scheduler
+    (shift 3, LOOP_STEPS steps) and its sigma grid, on `device`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    shape = (1, 4, 2, 8, 8)
+    noise = torch.randn(shape, device=device)
+    v = torch.randn(shape, device=device)
+    cond, uncond = torch.ones(1, device=device), torch.zeros(1, device=device)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(LOOP_STEPS, device=device)
+    return noise, v, cond, uncond, sched, sched.sigmas.to(device)
+
+
 def _fmrt_loop(noise, v, cond, uncond, grid):
     from fmrt.sampling import sample
     return sample(lambda x, s, c: v, noise, sigmas=grid, guidance_scale=5.0, cond=cond,
@@ -180,15 +193,8 @@ def test_bench_loop_host_overhead(benchmark, provider):
     constant: what remains is the loop's own host cost (launches, scheduler bookkeeping, syncs).
     fmrt: one fused launch per step, no sync; fmrt_graph: the loop replayed from a CUDA graph;
     diffusers: CFG combine then FlowMatchEulerDiscreteScheduler.step."""
-    diffusers = pytest.importorskip("diffusers")   # the GPU image may lack it (gpu_wheels.sh)
-    FlowMatchEulerDiscreteScheduler = diffusers.FlowMatchEulerDiscreteScheduler
-    shape = (1, 4, 2, 8, 8)
-    noise = torch.randn(shape, device=DEVICE)
-    v = torch.randn(shape, device=DEVICE)
-    cond, uncond = torch.ones(1, device=DEVICE), torch.zeros(1, device=DEVICE)
-    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    sched.set_timesteps(LOOP_STEPS, device=DEVICE)
-    grid = sched.sigmas.to(DEVICE)
+    pytest.importorskip("diffusers")   # the GPU image may lack it (gpu_wheels.sh)
+    noise, v, cond, uncond, sched, grid = loop_inputs(DEVICE)
     if provider == "fmrt":
         fn = lambda: _fmrt_loop(noise, v, cond, uncond, grid)  # noqa: E731
     elif provider == "fmrt_graph":  # the whole loop replayed from a CUDA graph

@@ -30,7 +30,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.conftest import CUDA, DEVICE, run_bench
+from benchmarks.conftest import CUDA, DEVICE, median_s, run_bench
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA (root conftest)
 
@@ -101,14 +101,6 @@ _MEDIAN_S: dict[str, float] = {}  # provider -> median seconds, for the speed-up
 _RESULT: dict[str, torch.Tensor] = {}  # provider -> the step's output, for the error check
 
 
-def _median(benchmark):
-    stats = getattr(benchmark, "stats", None)
-    try:
-        return stats.stats.median if stats is not None else None
-    except AttributeError:
-        return None
-
-
 @pytest.mark.parametrize("provider", ["diffusers", "fmrt"])
 def test_wan_cfg_step(benchmark, provider):
     from fmrt.attention import resolve_backend
@@ -139,7 +131,7 @@ def test_wan_cfg_step(benchmark, provider):
     finally:
         if provider == "fmrt":
             restore_wan(model)
-    median = _median(benchmark)
+    median = median_s(benchmark)
     if median:
         _MEDIAN_S[provider] = median
         if provider == "fmrt" and "diffusers" in _MEDIAN_S:

@@ -167,7 +167,8 @@ def make_provider_fn(provider: str, fmrt_fn: Callable, eager_fn: Callable) -> Ca
     return compiled(eager_fn)
 
 
-def _median_s(benchmark) -> Optional[float]:
+def median_s(benchmark) -> Optional[float]:
+    """The benchmark's median seconds, or None when it was not timed (--benchmark-disable)."""
     stats = getattr(benchmark, "stats", None)
     try:
         return stats.stats.median if stats is not None else None
@@ -198,7 +199,7 @@ def run_bench(benchmark, fn: Callable, *, op: str, case: str, dtype: torch.dtype
                 torch_version=torch.__version__, triton_version=_triton_version(), **extra)
     if CUDA:
         info["peak_extra_mem_bytes"] = int(torch.cuda.max_memory_allocated() - base)
-    latency = _median_s(benchmark)
+    latency = median_s(benchmark)
     if latency:
         info["latency_ms"] = latency * 1e3
     ms = device_ms(fn) if CUDA and device_timing else (latency * 1e3 if latency else None)
@@ -217,4 +218,4 @@ def pytest_runtest_call(item):
     yield
     benchmark = getattr(item, "funcargs", {}).get("benchmark")
     if benchmark is not None and "op" in benchmark.extra_info:
-        _append_record(benchmark, benchmark.extra_info, _median_s(benchmark))
+        _append_record(benchmark, benchmark.extra_info, median_s(benchmark))

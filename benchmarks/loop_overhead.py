@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.bench_sampling import LOOP_STEPS, _diffusers_loop, _fmrt_loop
+from benchmarks.bench_sampling import LOOP_STEPS, _diffusers_loop, _fmrt_loop, loop_inputs
 
 
 def _machine() -> str:
@@ -30,14 +30,7 @@ def _machine() -> str:
 
 
 def measure(rounds: int = 20, device: str = "cpu") -> list[dict]:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    shape = (1, 4, 2, 8, 8)
-    noise = torch.randn(shape, device=device)
-    v = torch.randn(shape, device=device)
-    cond, uncond = torch.ones(1, device=device), torch.zeros(1, device=device)
-    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    sched.set_timesteps(LOOP_STEPS, device=device)
-    grid = sched.sigmas.to(device)
+    noise, v, cond, uncond, sched, grid = loop_inputs(device)
     fns = {"fmrt": lambda: _fmrt_loop(noise, v, cond, uncond, grid),
            "diffusers": lambda: _diffusers_loop(noise, v, cond, uncond, sched)}
     best = {k: float("inf") for k in fns}

@@ -130,6 +130,10 @@ def _dtype_scenarios(dt: torch.dtype, run) -> list:
     def loss(**kw):
         ops.flow_matching_loss(v.detach().requires_grad_(), x, seed=1, **kw).backward()
 
+    def loss_b8():  # the finishing kernel's widest tile (8 x 512 partials): Wan-sized latents
+        x8 = torch.zeros(8, 512 * 4 * 1024, dtype=dt)
+        ops.flow_matching_loss(x8.requires_grad_(), x8.detach(), seed=1).backward()
+
     out = [
         (f"add_noise/{d}", run(lambda: ops.add_noise(x, s, seed=1))),
         (f"add_noise_frames/{d}", run(lambda: ops.add_noise(x, frame_sigma, seed=1))),
@@ -137,6 +141,7 @@ def _dtype_scenarios(dt: torch.dtype, run) -> list:
             x, s, v.float(), None, return_target=False, eager_rounding=True))),
         (f"fm_loss/{d}", run(lambda: loss(weight=s))),
         (f"fm_loss_mask/{d}", run(lambda: loss(mask=mask))),
+        (f"fm_loss_b8/{d}", run(loss_b8)),
         (f"euler_step/{d}", run(lambda: ops.euler_step(x, v, s, sn))),
         (f"euler_step_fp32_sample/{d}", run(lambda: ops.euler_step(   # diffusers' scheduler
             x.float(), v, s[0], sn[0], out_dtype=dt, eager_rounding=True))),

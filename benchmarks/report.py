@@ -258,9 +258,10 @@ def report(paths, command: str) -> str:
         header, part = load(path)
         rows += part
         devices.update(header["devices"])
-        runs.append(f"`{Path(path).name}` ({header['datetime']}, commit "
-                    f"`{header['commit'][:10]}`, torch {header['torch']}, "
-                    f"triton {header['triton']})")
+        commit = header["commit"]   # run_gpu.sh runs from a copy without .git: "unversioned"
+        commit = f"commit `{commit[:10]}`, " if commit not in ("?", "unversioned") else ""
+        runs.append(f"`{Path(path).name}` ({header['datetime']}, {commit}torch "
+                    f"{header['torch']}, triton {header['triton']})")
     return "\n".join([
         f"Device: **{', '.join(sorted(devices)) or '?'}**. Runs: {'; '.join(runs)}.",
         f"Reproduce: `{command}`.",

@@ -9,11 +9,17 @@
 #                                         guided step at [8,16,21,90,160], q/k norm + RoPE
 #                                         fwd+bwd at Wan's head counts, the JVP and forward
 #                                         flash attention, the sampling loop's host cost)
+#   bash benchmarks/run_gpu.sh tests      the gpu tests alone; `goals`: the goal benchmarks alone
+#   bash benchmarks/run_gpu.sh diag       which fp32 flash-attention tile configurations run
+#                                         correctly (benchmarks/gpu_diag_attention.py)
 #   bash benchmarks/run_gpu.sh training   the rest of bench_training.py      (later calls)
 #   bash benchmarks/run_gpu.sh sampling   the rest of bench_sampling.py
 #   bash benchmarks/run_gpu.sh attention  the rest of bench_attention.py and bench_flash_attention.py
 #   bash benchmarks/run_gpu.sh models     bench_dit, bench_wan_diffusers, the MeanFlow-vs-FM cost
+#   bash benchmarks/run_gpu.sh diffusers  bench_diffusers_models: FLUX.1/.2, Qwen-Image, HunyuanVideo,
+#                                         LTX transformer fwd+bwd, stock vs accelerate (~2-3 min)
 #   bash benchmarks/run_gpu.sh PHASE 'pytest -k expression'   a subset of a phase
+#   FMRT_PHASE_LIMIT=SECONDS bash benchmarks/run_gpu.sh PHASE  another cap for a one-step phase
 #
 # Each phase writes to $OUT (or benchmarks/results/): <gpu>_<phase>.jsonl, one benchmark per line
 # appended as soon as it is timed (a run cut off at its limit keeps what it measured), the
@@ -29,7 +35,7 @@
 # the package out in a scratch copy where `kernels/` sits at `fmrt/kernels`, as setup.py does.
 # See benchmarks/README.md for the exact device-tool calls, their timeouts and the time budget.
 set -uo pipefail
-phase=${1:?usage: run_gpu.sh first|training|sampling|attention|models [pytest -k expression]}
+phase=${1:?usage: run_gpu.sh first|tests|goals|diag|training|sampling|attention|models|diffusers [pytest -k expression]}
 src=$(cd "$(dirname "$0")/.." && pwd)
 t_start=$SECONDS
 stamp() { echo "[run_gpu $phase +$((SECONDS - t_start))s] $*"; }
@@ -60,6 +66,7 @@ OPS=(benchmarks/bench_training.py benchmarks/bench_sampling.py benchmarks/bench_
 bench() {  # bench SECONDS PYTEST-ARGS...: benchmarks with timing on, streamed to $base.jsonl
     local limit=$1
     shift
+    [ -e "$base.jsonl" ] || : > "$base.jsonl"
     stamp "benchmarks: $* (at most ${limit}s)"
     FMRT_BENCH_JSONL="$base.jsonl" timeout -k 10 "$limit" python3 -m pytest -v -p no:cacheprovider \
         "$@" "${sel[@]}" --benchmark-enable --benchmark-json="$base.json" 2>&1 | tee -a "$base.log" \
@@ -67,15 +74,23 @@ bench() {  # bench SECONDS PYTEST-ARGS...: benchmarks with timing on, streamed t
     [ "${PIPESTATUS[0]}" = 124 ] && stamp "benchmarks CUT OFF at ${limit}s (the .jsonl keeps what ran)"
 }
 
-: > "$base.jsonl"
+gpu_tests() {  # gpu_tests SECONDS: the gpu-marked tests, pytest-xdist workers where installed
+    stamp "gpu tests (at most ${1}s)"
+    timeout -k 10 "$1" python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" -m gpu tests \
+        --continue-on-collection-errors "${sel[@]}" -rfE 2>&1 | tee "$out/${gpu}_gpu_tests.txt" \
+        | tail -n 40
+    [ "${PIPESTATUS[0]}" = 124 ] && stamp "gpu tests CUT OFF at ${1}s"
+}
+
+limit=${FMRT_PHASE_LIMIT:-}
 case $phase in
-    first)
-        stamp "gpu tests"
-        timeout -k 10 140 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" -m gpu tests \
-            --continue-on-collection-errors "${sel[@]}" -rfE 2>&1 | tee "$out/${gpu}_gpu_tests.txt" \
-            | tail -n 40
-        [ "${PIPESTATUS[0]}" = 124 ] && stamp "gpu tests CUT OFF at 140s"
-        bench 200 -m goal "${OPS[@]}" ;;
+    first)     gpu_tests 140
+               bench 200 -m goal "${OPS[@]}" ;;
+    tests)     gpu_tests "${limit:-140}" ;;
+    goals)     bench "${limit:-200}" -m goal "${OPS[@]}" ;;
+    diag)      stamp "fp32 flash-attention tile configurations (at most ${limit:-150}s)"
+               timeout -k 10 "${limit:-150}" python3 benchmarks/gpu_diag_attention.py \
+                   --json "$base.json" -j 12 --timeout 100 2>&1 | tee "$base.log" | tail -n 8 ;;
     training)  bench 500 -m "not goal" benchmarks/bench_training.py ;;
     sampling)  bench 540 -m "not goal" benchmarks/bench_sampling.py ;;
     attention) bench 500 -m "not goal" benchmarks/bench_attention.py benchmarks/bench_flash_attention.py ;;
@@ -83,6 +98,7 @@ case $phase in
                stamp "meanflow_cost"
                timeout -k 10 100 python3 benchmarks/meanflow_cost.py --device cuda --steps 10 \
                    --json "$out/${gpu}_meanflow_cost.json" | tail -n 5 ;;
+    diffusers) bench "${limit:-170}" benchmarks/bench_diffusers_models.py ;;
     *)  echo "unknown phase $phase" >&2; exit 2 ;;
 esac
 # this phase's tables; the README's come from all phases' files once committed (see README)

@@ -269,8 +269,9 @@ def _mf_sample_times(B: int, sampler: str, mu: float, sigma: float, ratio_r_neq_
         s = torch.rand(B, 2, generator=generator, device=gdev)
     t, r = s.max(dim=1).values, s.min(dim=1).values
     n_eq = min(B, int(math.floor((1.0 - ratio_r_neq_t) * B + 1e-9)))
-    eq = torch.zeros(B, dtype=torch.bool, device=gdev)
-    eq[torch.randperm(B, generator=generator, device=gdev)[:n_eq]] = True
+    # scatter, not an index assignment: index_put_ synchronises with the host on CUDA
+    eq = torch.zeros(B, dtype=torch.bool, device=gdev).scatter_(
+        0, torch.randperm(B, generator=generator, device=gdev)[:n_eq], True)
     r = torch.where(eq, t, r)
     return t.to(device, non_blocking=True), r.to(device, non_blocking=True)
 

@@ -816,10 +816,19 @@ def _check_reuse_args(x, v_cond, other, other_name, scale, sigma, sigma_next, pr
                         f"got {type(stats).__name__}")
 
 
-def _reuse_coefs(x: Tensor, scale, sigma, sigma_next) -> tuple[Tensor, Tensor]:
-    """(h, g) in fp32, broadcastable against x: h = sigma_next - sigma, g = scale."""
+def _reuse_coefs(ctx) -> tuple[Tensor, Tensor]:
+    """(h, g) in fp32, broadcastable against x: h = sigma_next - sigma, g = scale. Built when
+    the backward or jvp needs them, not in setup_context: a float scale or sigma becomes a
+    device tensor (a host-to-device copy), which a CUDA-graph capture of the sampling loop
+    refuses."""
+    x, scale, sigma, sigma_next = ctx.coef_args
     h = ref.broadcast_sigma(sigma_next, x) - ref.broadcast_sigma(sigma, x)
     return h.float(), ref.broadcast_sigma(scale, x).float()
+
+
+def _save_coef_args(ctx, x, scale, sigma, sigma_next) -> None:
+    # x's shape, dtype and device without keeping x alive: a 1-element tensor expanded
+    ctx.coef_args = (x.new_empty(()).expand(x.shape), scale, sigma, sigma_next)
 
 
 def _reuse_forward(x, c, ud, scale, sigma, sigma_next, prev, stats, refresh: bool,
@@ -851,12 +860,12 @@ class _RefreshStep(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, c, u, scale, sigma, sigma_next = inputs[:6]
-        ctx.coefs = _reuse_coefs(x, scale, sigma, sigma_next)
+        _save_coef_args(ctx, x, scale, sigma, sigma_next)
         ctx.dtypes = (x.dtype, c.dtype, u.dtype)
 
     @staticmethod
     def backward(ctx, g_out, g_d):
-        h, g = ctx.coefs
+        h, g = _reuse_coefs(ctx)
         go = g_out.float()
         gd = torch.zeros_like(go) if g_d is None else g_d.float()
         gx, gc, gu = go, h * g * go + gd, h * (1 - g) * go - gd
@@ -865,7 +874,7 @@ class _RefreshStep(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tx, tc, tu, *_):
-        h, g = ctx.coefs
+        h, g = _reuse_coefs(ctx)
         tx = torch.zeros(()) if tx is None else tx.float()
         tc = torch.zeros(()) if tc is None else tc.float()
         tu = torch.zeros(()) if tu is None else tu.float()
@@ -881,12 +890,12 @@ class _ReuseStep(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, c, d, scale, sigma, sigma_next = inputs[:6]
-        ctx.coefs = _reuse_coefs(x, scale, sigma, sigma_next)
+        _save_coef_args(ctx, x, scale, sigma, sigma_next)
         ctx.dtypes = (x.dtype, c.dtype, d.dtype)
 
     @staticmethod
     def backward(ctx, g_out):
-        h, g = ctx.coefs
+        h, g = _reuse_coefs(ctx)
         go = g_out.float()
         dx, dc, dd = ctx.dtypes
         return (go.to(dx), (h * go).to(dc), (h * (g - 1) * go).to(dd), None, None, None, None,
@@ -894,7 +903,7 @@ class _ReuseStep(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tx, tc, td, *_):
-        h, g = ctx.coefs
+        h, g = _reuse_coefs(ctx)
         tx = torch.zeros(()) if tx is None else tx.float()
         tc = torch.zeros(()) if tc is None else tc.float()
         td = torch.zeros(()) if td is None else td.float()

@@ -346,9 +346,12 @@ def _config(q: torch.Tensor, kind: str):
     if f32:  # fp32 tiles take twice the registers and shared memory: with BLOCK_N 32 at
         # D = 128 the jvp's would need 260 KB of shared memory and the tangent's 224 KB, 3 KB
         # under the H100 / H200's 227 KB per block (checked with benchmarks/aot_compile.py):
-        # both take BLOCK_N 16 there
+        # both take BLOCK_N 16 there, and 4 warps: with 8 both hit an illegal memory access on
+        # an H200 under triton 3.6 (benchmarks/gpu_diag_attention.py, results/
+        # NVIDIA_H200_diag_attention_fp32_d128.json; 4 warps gave 1e-6 relative error)
+        wide_tangent = kind in ("jvp", "tangent") and BD >= 128
         bm = min(bm, 32 if kind == "dkdv" else 64)
-        bn, w = min(bn, 16 if kind in ("jvp", "tangent") and BD >= 128 else 32), 8
+        bn, w = min(bn, 16 if wide_tangent else 32), 4 if wide_tangent else 8
     return bm, bn, BD, w, st, f32, prec
 
 

@@ -87,14 +87,19 @@ def _fm_loss_finish_kernel(part_ptr, n_groups, n_progs, w_ptr, w_val, loss_ptr, 
     coef_b = w_b / den_b (/ B for mean) = d loss / d num_b."""
     b = tl.arange(0, BLOCK_B)
     bm = b < B
-    num = tl.zeros((BLOCK_B,), tl.float32)
-    den = tl.zeros((BLOCK_B,), tl.float32)
+    # elementwise tile accumulators, reduced once after the loop: a reduction inside the loop
+    # feeding a loop-carried sum with several uses trips an assertion in triton 3.6's
+    # OptimizeThreadLocality pass on sm_90 (seen on an H200 at B = 8, BLOCK_G = 512)
+    num2 = tl.zeros((BLOCK_B, BLOCK_G), tl.float32)
+    den2 = tl.zeros((BLOCK_B, BLOCK_G), tl.float32)
     for g0 in range(0, n_groups, BLOCK_G):
         gi = g0 + tl.arange(0, BLOCK_G)
         m2 = bm[:, None] & (gi < n_groups)[None, :]
         offs = b[:, None].to(tl.int64) * n_groups + gi[None, :]
-        num += tl.sum(tl.load(part_ptr + offs, mask=m2, other=0.0), axis=1)
-        den += tl.sum(tl.load(part_ptr + n_progs + offs, mask=m2, other=0.0), axis=1)
+        num2 += tl.load(part_ptr + offs, mask=m2, other=0.0)
+        den2 += tl.load(part_ptr + n_progs + offs, mask=m2, other=0.0)
+    num = tl.sum(num2, axis=1)
+    den = tl.sum(den2, axis=1)
     if W_TENSOR:
         w = tl.load(w_ptr + b, mask=bm, other=0.0)
     else:

@@ -373,7 +373,7 @@ def test_cuda_loop_has_no_sync(monkeypatch):
     # torch's sync debug mode raises on any synchronizing call (item, nonzero, blocking copies)
     import sys
     monkeypatch.setattr(sys.modules[__name__], "W", W.cuda())   # the toy model's weight
-    x = torch.randn(2, 16, 64, device="cuda")
+    x = torch.randn(2, 16, W.numel(), device="cuda")
     d = DiffusersScheduler(shift=5.0)
     d.set_timesteps(N, device="cuda")
     want = guided_loop(d, x, d.timesteps, torch.bfloat16)

@@ -366,3 +366,14 @@ def test_gpu_jvp_and_grads(dtype, D, S_q, S_k, padded):
     assert _rel_err(t, t_r) < 2 * bound and _rel_err(t1, t_r) < 2 * bound
     for a, e in zip(grads, grads_r):
         assert _rel_err(a, e) < 2 * bound
+
+
+@pytest.mark.parametrize("kind", ["jvp", "tangent"])
+def test_fp32_d128_tangent_tiles_are_the_ones_that_ran_on_the_h200(monkeypatch, kind):
+    # with 8 warps both kernels hit an illegal memory access on an H200 (triton 3.6); 4 warps
+    # ran correctly there (benchmarks/results/NVIDIA_H200_diag_attention_fp32_d128.json)
+    import fmrt.kernels.attention as KA
+    monkeypatch.setattr(KA, "_interpreted", lambda t: False)
+    bm, bn, bd, warps, stages, f32, prec = KA._config(torch.empty(1, 1, 1, 128), kind)
+    assert (bm, bn, bd, warps, stages, f32, prec) == (64, 16, 128, 4, 2, True, "tf32x3")
+    assert KA._config(torch.empty(1, 1, 1, 64), kind)[3] == 8   # D 64 ran with 8

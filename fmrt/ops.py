@@ -243,6 +243,7 @@ def _add_noise_fake(x0, sigma, sigma_value, noise, seed, return_noise, return_ta
 def _add_noise_setup(ctx, inputs, output):
     x0, sigma, sigma_value, noise = inputs[:4]
     ctx.sigma_value = sigma_value
+    ctx.set_materialize_grads(False)   # an unused x_t or target gets no zeros of x0's size
     ctx.dtypes = (x0.dtype, None if noise is None else noise.dtype)
     ctx.save_for_backward(sigma)
 
@@ -250,10 +251,15 @@ def _add_noise_setup(ctx, inputs, output):
 def _add_noise_backward(ctx, g_xt, g_target, g_noise):
     # x_t = (1 - s) x0 + s eps, target = eps - x0: linear in x0 and eps (sigma gets no grad)
     (sigma,) = ctx.saved_tensors
-    s = ref.broadcast_sigma(sigma if sigma is not None else ctx.sigma_value, g_xt)
-    g = g_xt.to(s.dtype)
-    gt = g_target.to(s.dtype) if g_target.numel() else torch.zeros((), dtype=s.dtype,
-                                                                   device=g.device)
+    if g_target is not None and not g_target.numel():
+        g_target = None   # no target was returned
+    like = g_xt if g_xt is not None else g_target
+    if like is None:
+        return (None,) * 8
+    s = ref.broadcast_sigma(sigma if sigma is not None else ctx.sigma_value, like)
+    zero = torch.zeros((), dtype=s.dtype, device=like.device)
+    g = g_xt.to(s.dtype) if g_xt is not None else zero
+    gt = g_target.to(s.dtype) if g_target is not None and g_target.numel() else zero
     x_dtype, n_dtype = ctx.dtypes
     g_x0 = ((1.0 - s) * g - gt).to(x_dtype)
     g_n = None if n_dtype is None else (s * g + gt).to(n_dtype)
@@ -339,6 +345,12 @@ def _fm_loss_fake(pred, x0, noise, seed, mask, weight, weight_value, reduction, 
 
 
 def _fm_loss_setup(ctx, inputs, output):
+    # the gradient buffer and coef are internal outputs that get no gradient: none is
+    # materialised (autograd would otherwise allocate zeros of pred's size for grad_grad in
+    # every backward: the second buffer seen on the H200, test_loss_extra_memory_cuda). Not
+    # marked non-differentiable: a saved non-differentiable output keeps its original tensor,
+    # and the buffer could no longer become pred.grad without a copy
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1], output[2])
 
 
@@ -349,7 +361,7 @@ def _fm_loss_backward(ctx, grad_loss, grad_grad, grad_coef):
     # mutation of a saved activation would be functionalised into an extra copy.
     g, coef = ctx.saved_tensors
     none = (None,) * 8
-    if g.numel() == 0:
+    if g.numel() == 0 or grad_loss is None:
         return (None,) + none
     scale = (coef * grad_loss).view(-1, *([1] * (g.ndim - 1)))
     if torch.compiler.is_compiling():
@@ -862,15 +874,21 @@ class _RefreshStep(torch.autograd.Function):
         x, c, u, scale, sigma, sigma_next = inputs[:6]
         _save_coef_args(ctx, x, scale, sigma, sigma_next)
         ctx.dtypes = (x.dtype, c.dtype, u.dtype)
+        ctx.set_materialize_grads(False)   # d is often unused: no zeros of its size
 
     @staticmethod
     def backward(ctx, g_out, g_d):
         h, g = _reuse_coefs(ctx)
-        go = g_out.float()
-        gd = torch.zeros_like(go) if g_d is None else g_d.float()
-        gx, gc, gu = go, h * g * go + gd, h * (1 - g) * go - gd
         dx, dc, du = ctx.dtypes
-        return gx.to(dx), gc.to(dc), gu.to(du), None, None, None, None, None, None
+        gx = gc = gu = None
+        if g_out is not None:
+            go = g_out.float()
+            gx, gc, gu = go, h * g * go, h * (1 - g) * go
+        if g_d is not None:
+            gd = g_d.float()
+            gc, gu = (gd, -gd) if gc is None else (gc + gd, gu - gd)
+        return (None if gx is None else gx.to(dx), gc.to(dc), gu.to(du),
+                None, None, None, None, None, None)
 
     @staticmethod
     def jvp(ctx, tx, tc, tu, *_):
@@ -1133,17 +1151,22 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
             raise ValueError(f"{name} must have {want} elements for norm={norm!r}, "
                              f"got {tuple(w.shape)}")
     if use_triton(q, k, cos, sin, *(w for w in (q_weight, k_weight) if w is not None)):
-        qw = None if q_weight is None or norm is None else q_weight.reshape(-1)
-        kw = None if k_weight is None or norm is None else k_weight.reshape(-1)
+        qw = None if q_weight is None or norm is None else _flat(q_weight)
+        kw = None if k_weight is None or norm is None else _flat(k_weight)
         args = (q, k, qw, kw, cos, sin, float(eps), "none" if norm is None else norm)
         if torch.compiler.is_compiling():  # no forward mode inside compiled graphs
             return _qk_norm_rope_op(*args)
         if not torch._C._are_functorch_transforms_active():
             # what Function.apply does then, minus its inspect.signature binding of the (here
-            # complete, positional) arguments: ~30 % of the op's remaining host cost
-            args = torch._functorch.utils.unwrap_dead_wrappers(args)
-            return super(torch.autograd.Function, _QKNormRope).apply(*args)
-        return _QKNormRope.apply(*args)
+            # complete, positional) arguments: ~30 % of the op's remaining host cost. Plain
+            # tensors with no forward-mode AD level open (the usual eager call) take the fast
+            # path: no dead functorch wrappers to unwrap, launchers called directly, nothing
+            # saved for a forward-mode rule
+            fast = _forward_ad._current_level < 0 and _plain(q, k, qw, kw, cos, sin)
+            if not fast:
+                args = torch._functorch.utils.unwrap_dead_wrappers(args)
+            return super(torch.autograd.Function, _QKNormRope).apply(*args, fast)
+        return _QKNormRope.apply(*args, False)
     # cos / sin are constants on both paths (the Triton path gives them no gradient)
     return ref.qk_norm_rope(q, k, q_weight, k_weight, cos.detach(), sin.detach(), eps, norm)
 
@@ -1204,9 +1227,14 @@ def _qk_norm_rope_bwd_fake(gq, gk, q, k, q_weight, k_weight, cos, sin, eps, norm
             torch.empty(k.shape, dtype=k.dtype, device=k.device), dw(q_weight), dw(k_weight))
 
 
+def _flat(w: Tensor) -> Tensor:
+    return w if w.ndim == 1 else w.reshape(-1)
+
+
 def _qk_norm_rope_setup(ctx, inputs, output):
-    q, k, q_weight, k_weight, cos, sin, eps, norm = inputs
-    ctx.eps, ctx.norm = eps, norm
+    # inputs: the custom op's 8, or _QKNormRope's 9 (the last: `fast`, see qk_norm_rope)
+    q, k, q_weight, k_weight, cos, sin, eps, norm = inputs[:8]
+    ctx.eps, ctx.norm, ctx.fast = eps, norm, len(inputs) > 8 and inputs[8]
     ctx.w_dtypes = tuple(None if w is None else w.dtype for w in (q_weight, k_weight))
     ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
 
@@ -1230,13 +1258,13 @@ def _qk_norm_rope_backward(ctx, gq, gk):
     q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
     need_dw = any(ctx.needs_input_grad[2:4])
     args = (gq, gk, q, k, q_weight, k_weight, cos, sin, ctx.eps, ctx.norm, need_dw)
-    bwd = _qk_norm_rope_bwd_launch if _plain(gq, gk, q, k, q_weight, k_weight) else \
-        _qk_norm_rope_bwd_op
+    bwd = _qk_norm_rope_bwd_launch if ctx.fast or _plain(gq, gk, q, k, q_weight, k_weight) \
+        else _qk_norm_rope_bwd_op
     dq, dk, dwq, dwk = bwd(*args)
     wq_dt, wk_dt = ctx.w_dtypes
     dwq = _as_dtype(dwq, wq_dt) if ctx.needs_input_grad[2] and dwq.numel() else None
     dwk = _as_dtype(dwk, wk_dt) if ctx.needs_input_grad[3] and dwk.numel() else None
-    return dq, dk, dwq, dwk, None, None, None, None
+    return (dq, dk, dwq, dwk) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 # reverse mode of the custom op itself: what torch.compile traces (Dynamo cannot trace an
@@ -1250,19 +1278,21 @@ class _QKNormRope(torch.autograd.Function):
     constants (no gradient, no tangent)."""
 
     @staticmethod
-    def forward(q, k, q_weight, k_weight, cos, sin, eps, norm):
-        fwd = _qk_norm_rope_launch if _plain(q, k, q_weight, k_weight) else _qk_norm_rope_op
+    def forward(q, k, q_weight, k_weight, cos, sin, eps, norm, fast):
+        fwd = _qk_norm_rope_launch if fast or _plain(q, k, q_weight, k_weight) \
+            else _qk_norm_rope_op
         return fwd(q, k, q_weight, k_weight, cos, sin, eps, norm)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _qk_norm_rope_setup(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:6])
+        if not ctx.fast:   # fast: no forward-mode AD level was open (see qk_norm_rope)
+            ctx.save_for_forward(*inputs[:6])
 
     backward = staticmethod(_qk_norm_rope_backward)
 
     @staticmethod
-    def jvp(ctx, tq, tk, tq_weight, tk_weight, tcos, tsin, teps, tnorm):
+    def jvp(ctx, tq, tk, tq_weight, tk_weight, tcos, tsin, teps, tnorm, tfast):
         q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
         norm = _norm_arg(ctx.norm)
 

@@ -321,8 +321,8 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: torch.Tensor, q_weight: Optional[torch.
     """q, k `[B, S, H, D]` (any strides, same shape and dtype); weights `[H*D]` / `[D]`
     (contiguous) or None; cos, sin `[S, D/2]`. Returns contiguous (q_out, k_out)."""
     B, S, H, D = q.shape
-    qo = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
-    ko = torch.empty((B, S, H, D), dtype=k.dtype, device=k.device)
+    qo = torch.empty_like(q, memory_format=torch.contiguous_format)  # (cheaper on the host
+    ko = torch.empty_like(k, memory_format=torch.contiguous_format)  # than torch.empty(shape))
     if q.numel() == 0:
         return qo, ko
     code = NORM_CODES[norm]
@@ -346,8 +346,8 @@ def qk_norm_rope_bwd(gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: tor
     gradients gq, gk may have any strides (stride 0 included)."""
     B, S, H, D = q.shape
     dev = q.device
-    dq = torch.empty((B, S, H, D), dtype=q.dtype, device=dev)
-    dk = torch.empty((B, S, H, D), dtype=k.dtype, device=dev)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     code = NORM_CODES[norm]
     wn = {1: H * D, 2: D}.get(code, 0)
     need_dw = need_dw and code != 0 and (q_weight is not None or k_weight is not None)

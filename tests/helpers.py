@@ -116,3 +116,27 @@ def check_against_reference(op: Callable, reference: Callable, make_args: Callab
                                   allow_unused=True)
     for i, (a, e) in enumerate(zip(grads_t, grads_r)):
         assert_close(a, e, scale=grad_scale, msg=f"grad of input {i}")
+
+
+@contextlib.contextmanager
+def large_allocations(min_numel: int):
+    """Yields a list that collects, while the block runs on this thread, the aten ops whose
+    output is a new tensor of at least `min_numel` elements (an output sharing no storage with
+    the op's inputs): e.g. the zeros autograd materialises for an unused output's gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    found: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            from torch.utils._pytree import tree_leaves
+            out = func(*args, **(kwargs or {}))
+            ins = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                   if isinstance(t, Tensor)}
+            for o in tree_leaves(out):
+                if (isinstance(o, Tensor) and o.numel() >= min_numel
+                        and o.untyped_storage().data_ptr() not in ins):
+                    found.append(str(func))
+            return out
+
+    with Watch():
+        yield found

@@ -292,3 +292,18 @@ def test_loss_frame_mask_large_rows(monkeypatch, idx64):
     check_against_reference(ops.flow_matching_loss, _ref_seeded,
                             _make((2, 3, 5, 40, 40), torch.float32, weight="tensor",
                                   mask="frame", seeded=True, reduction="none"))
+
+
+def test_loss_backward_allocates_no_full_size_tensor():
+    # the backward scales the forward's gradient buffer in place: no tensor of pred's size is
+    # allocated (autograd used to materialise zeros of that size for the unused buffer output,
+    # which an H200 run showed as twice the expected peak memory)
+    from tests.helpers import large_allocations
+    pred = torch.randn(2, 3, 40, requires_grad=True)
+    with use_backend("triton"):
+        loss = ops.flow_matching_loss(pred, torch.randn(2, 3, 40), seed=1,
+                                      weight=torch.rand(2))
+    with large_allocations(pred.numel()) as found:
+        loss.backward()
+    assert found == []
+    assert pred.grad is not None

@@ -226,6 +226,26 @@ def test_jvp_matches_reference(norm):
     assert_close(grads_t, grads_r, scale=4)
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_forward_ad_dual_level_matches_reference(norm):
+    # forward mode through torch.autograd.forward_ad (no functorch transform): the eager fast
+    # path must not be taken while a dual level is open (it saves nothing for the jvp rule)
+    import torch.autograd.forward_ad as fwAD
+    (q, k, wq, wk, cos, sin), kw = _make(2, (1, 2, 3), 2, 16, torch.float32, norm)()
+    g = torch.Generator().manual_seed(7)
+    tq, tk = (torch.randn(t.shape, generator=g) for t in (q, k))
+
+    def run(fn):
+        with fwAD.dual_level():
+            out = fn(fwAD.make_dual(q.detach(), tq), fwAD.make_dual(k.detach(), tk),
+                     wq.detach(), wk.detach(), cos, sin, **kw)
+            return tuple(fwAD.unpack_dual(o).tangent for o in out)
+
+    with use_backend("triton"):
+        tan_t = run(ops.qk_norm_rope)
+    assert_close(tan_t, run(_ref), scale=4)
+
+
 def test_rms_norm_jvp_is_the_derivative():
     g = torch.Generator().manual_seed(6)
     x, tx = torch.randn(2, 3, 2, 8, generator=g), torch.randn(2, 3, 2, 8, generator=g)

@@ -50,7 +50,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 
 __all__ = ["FmrtWanAttnProcessor", "accelerate", "restore", "accelerate_wan", "restore_wan",
            "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput",
-           "qwen_image_true_cfg_loop"]
+           "qwen_image_true_cfg_loop", "ltx_cfg_loop"]
 
 # diffusers' WanAttnProcessor: in an I2V context the last 512 tokens are text, the rest image.
 WAN_TEXT_LEN = 512
@@ -934,3 +934,146 @@ def _qwen_image_decode(pipe: Any, latents: Tensor, height: int, width: int, outp
     z = z / inv_std + mean
     image = vae.decode(z, return_dict=False)[0][:, :, 0]
     return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+# ---------------------------------------------------------------------------------------------
+# LTX-Video's batched CFG as one fused step (the pipeline's combine sits between its transformer
+# call and scheduler.step, where no scheduler sees it)
+# ---------------------------------------------------------------------------------------------
+
+def _refuse_pipeline_options(cls: type, fn: str, given: dict) -> None:
+    """ValueError naming the first of `given` (keyword arguments of `cls.__call__` that `fn` does
+    not take) set to anything but the pipeline's default; TypeError for a name the pipeline does
+    not take either."""
+    import inspect
+    params = inspect.signature(cls.__call__).parameters
+    for name, value in given.items():
+        if name not in params or name == "self":
+            raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}")
+        default = params[name].default
+        same = (value is None if default is None
+                else not isinstance(value, Tensor) and value == default)
+        if not same:
+            raise ValueError(f"{fn} does not support {name}= (call the pipeline for it)")
+
+
+@torch.no_grad()
+def ltx_cfg_loop(pipe: Any, prompt: Union[str, list], *,
+                 negative_prompt: Optional[Union[str, list]] = None, guidance_scale: float = 3.0,
+                 guidance_rescale: float = 0.0, height: int = 512, width: int = 704,
+                 num_frames: int = 161, frame_rate: int = 25, num_inference_steps: int = 50,
+                 num_videos_per_prompt: int = 1, generator=None,
+                 decode_timestep: Union[float, list] = 0.0,
+                 decode_noise_scale: Optional[Union[float, list]] = None,
+                 output_type: str = "pil", max_sequence_length: int = 128, **pipeline_options):
+    """diffusers' `LTXPipeline.__call__` (text-to-video with CFG on; diffusers 0.42's loop) with
+    each step's guidance and Euler step as one `pipe.scheduler.step_cfg(text, uncond,
+    guidance_scale, t, latents)` of fmrt's `FlowMatchEulerDiscreteScheduler` on the batched
+    transformer call's `noise_pred.float().chunk(2)`, where the pipeline computes `uncond + g
+    (text - uncond)` in fp32 and then `scheduler.step`. Prompt encoding (negative first),
+    latents (fp32, packed), timesteps (dynamic shift `mu` from the latent video length), the
+    one transformer call per step on `[uncond; cond]` (under `cache_context("cond_uncond")`,
+    with `rope_interpolation_scale` from frame_rate) and decoding (unpack, denormalize, the
+    VAE's timestep conditioning with decode_timestep / decode_noise_scale) are the pipeline's
+    own methods and arithmetic. Returns `LTXPipelineOutput` as the pipeline does. Same frames
+    as `pipe(prompt, negative_prompt=..., guidance_scale=..., ...)` to 2e-5 in fp32; in bf16
+    too, since the pipeline combines and steps in fp32 whatever the model dtype.
+
+    ValueError: not exactly an `LTXPipeline` (a subclass may change the loop), guidance_scale
+    <= 1 (no CFG: call the pipeline), guidance_rescale > 0 (its std rescale is not fused), any
+    other `LTXPipeline.__call__` argument set (precomputed latents or embeddings, timesteps,
+    callbacks, attention_kwargs, return_dict=False); TypeError: `pipe.scheduler` is not fmrt's
+    scheduler."""
+    from diffusers import LTXPipeline
+    from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift, retrieve_timesteps
+    from diffusers.pipelines.ltx.pipeline_output import LTXPipelineOutput
+    if type(pipe) is not LTXPipeline:
+        raise ValueError(f"pipe must be a diffusers LTXPipeline, got {type(pipe).__name__}")
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        raise TypeError(f"pipe.scheduler must be fmrt's FlowMatchEulerDiscreteScheduler "
+                        f"(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)), "
+                        f"got {type(pipe.scheduler).__name__}")
+    if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
+            or not guidance_scale > 1):
+        raise ValueError(f"guidance_scale must be a number > 1 (CFG on), got {guidance_scale!r}: "
+                         f"without CFG call the pipeline")
+    if not guidance_rescale == 0:
+        raise ValueError(f"guidance_rescale={guidance_rescale!r}: the std rescale of the guided "
+                         f"velocity is not fused (call the pipeline)")
+    _refuse_pipeline_options(LTXPipeline, "ltx_cfg_loop", pipeline_options)
+    pipe.check_inputs(prompt=prompt, height=height, width=width)
+    batch = 1 if isinstance(prompt, str) else len(prompt)
+    device = pipe._execution_device
+    pipe._guidance_scale, pipe._guidance_rescale = guidance_scale, 0.0
+    pipe._attention_kwargs, pipe._current_timestep, pipe._interrupt = None, None, False
+    cond, cond_mask, neg, neg_mask = pipe.encode_prompt(
+        prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=True,
+        num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=max_sequence_length,
+        device=device)
+    emb, mask = torch.cat([neg, cond]), torch.cat([neg_mask, cond_mask])
+    latents = pipe.prepare_latents(batch * num_videos_per_prompt,
+                                   pipe.transformer.config.in_channels, height, width,
+                                   num_frames, torch.float32, device, generator, None)
+    spatial, temporal = pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio
+    grid = ((num_frames - 1) // temporal + 1, height // spatial, width // spatial)  # F, H, W
+    cfg = pipe.scheduler.config
+    mu = calculate_shift(grid[0] * grid[1] * grid[2], cfg.get("base_image_seq_len", 256),
+                         cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                         cfg.get("max_shift", 1.15))
+    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device,
+                                      sigmas=sigmas, mu=mu)
+    pipe._num_timesteps = len(timesteps)
+    pipe.scheduler.set_begin_index(0)
+    rope_interpolation_scale = (temporal / frame_rate, spatial, spatial)
+    with pipe.progress_bar(total=len(timesteps)) as bar:
+        for t in timesteps:
+            pipe._current_timestep = t
+            x = torch.cat([latents] * 2).to(emb.dtype)
+            with pipe.transformer.cache_context("cond_uncond"):
+                v = pipe.transformer(
+                    hidden_states=x, encoder_hidden_states=emb, timestep=t.expand(x.shape[0]),
+                    encoder_attention_mask=mask, num_frames=grid[0], height=grid[1],
+                    width=grid[2], rope_interpolation_scale=rope_interpolation_scale,
+                    attention_kwargs=None, return_dict=False)[0]
+            uncond, text = v.float().chunk(2)
+            latents = pipe.scheduler.step_cfg(text, uncond, float(guidance_scale), t, latents,
+                                              return_dict=False)[0]
+            bar.update()
+    pipe._current_timestep = None
+    if output_type == "latent":
+        video = latents
+    else:
+        video = _ltx_decode(pipe, latents, grid, emb.dtype, batch, generator, decode_timestep,
+                            decode_noise_scale, output_type)
+    pipe.maybe_free_model_hooks()
+    return LTXPipelineOutput(frames=video)
+
+
+def _ltx_decode(pipe: Any, latents: Tensor, grid: tuple, dtype: torch.dtype, batch: int,
+                generator, decode_timestep, decode_noise_scale, output_type: str):
+    """Packed latents -> video as `LTXPipeline.__call__` decodes them: unpack, denormalize, cast
+    to the text embeddings' dtype; with a timestep-conditioned VAE, noise (from `generator`,
+    after the initial latents) mixed in by decode_noise_scale (default decode_timestep), one
+    value per prompt, and decode_timestep handed to the decoder; postprocess."""
+    from diffusers.utils.torch_utils import randn_tensor
+    vae = pipe.vae
+    z = pipe._unpack_latents(latents, *grid, pipe.transformer_spatial_patch_size,
+                             pipe.transformer_temporal_patch_size)
+    z = pipe._denormalize_latents(z, vae.latents_mean, vae.latents_std,
+                                  vae.config.scaling_factor).to(dtype)
+    timestep = None
+    if vae.config.timestep_conditioning:
+        noise = randn_tensor(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        if not isinstance(decode_timestep, list):
+            decode_timestep = [decode_timestep] * batch
+        if decode_noise_scale is None:
+            decode_noise_scale = decode_timestep
+        elif not isinstance(decode_noise_scale, list):
+            decode_noise_scale = [decode_noise_scale] * batch
+        timestep = torch.tensor(decode_timestep, device=z.device, dtype=z.dtype)
+        scale = torch.tensor(decode_noise_scale, device=z.device,
+                             dtype=z.dtype)[:, None, None, None, None]
+        z = (1 - scale) * z + scale * noise
+    video = vae.decode(z.to(vae.dtype), timestep, return_dict=False)[0]
+    return pipe.video_processor.postprocess_video(video, output_type=output_type)

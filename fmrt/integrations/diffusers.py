@@ -50,7 +50,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 
 __all__ = ["FmrtWanAttnProcessor", "accelerate", "restore", "accelerate_wan", "restore_wan",
            "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput",
-           "qwen_image_true_cfg_loop", "ltx_cfg_loop"]
+           "qwen_image_true_cfg_loop", "ltx_cfg_loop", "hunyuan_video_true_cfg_loop"]
 
 # diffusers' WanAttnProcessor: in an I2V context the last 512 tokens are text, the rest image.
 WAN_TEXT_LEN = 512
@@ -833,6 +833,17 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
 # Qwen-Image's true CFG as one fused step (a loop of its own: the pipeline's combines in between)
 # ---------------------------------------------------------------------------------------------
 
+def _check_loop_pipe(pipe: Any, cls: type) -> None:
+    """A guided loop's pipeline: exactly `cls` (ValueError; a subclass may change the loop) with
+    fmrt's scheduler (TypeError)."""
+    if type(pipe) is not cls:
+        raise ValueError(f"pipe must be a diffusers {cls.__name__}, got {type(pipe).__name__}")
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        raise TypeError(f"pipe.scheduler must be fmrt's FlowMatchEulerDiscreteScheduler "
+                        f"(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)), "
+                        f"got {type(pipe.scheduler).__name__}")
+
+
 @torch.no_grad()
 def qwen_image_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
                              negative_prompt: Union[str, list] = " ",
@@ -859,12 +870,7 @@ def qwen_image_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import (calculate_shift,
                                                                   retrieve_timesteps)
     from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
-    if type(pipe) is not QwenImagePipeline:
-        raise ValueError(f"pipe must be a diffusers QwenImagePipeline, got {type(pipe).__name__}")
-    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-        raise TypeError(f"pipe.scheduler must be fmrt's FlowMatchEulerDiscreteScheduler "
-                        f"(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)), "
-                        f"got {type(pipe.scheduler).__name__}")
+    _check_loop_pipe(pipe, QwenImagePipeline)
     if pipe.transformer.config.guidance_embeds:
         raise ValueError("a guidance-distilled Qwen-Image transformer (guidance_embeds): call "
                          "the pipeline")
@@ -987,12 +993,7 @@ def ltx_cfg_loop(pipe: Any, prompt: Union[str, list], *,
     from diffusers import LTXPipeline
     from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift, retrieve_timesteps
     from diffusers.pipelines.ltx.pipeline_output import LTXPipelineOutput
-    if type(pipe) is not LTXPipeline:
-        raise ValueError(f"pipe must be a diffusers LTXPipeline, got {type(pipe).__name__}")
-    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-        raise TypeError(f"pipe.scheduler must be fmrt's FlowMatchEulerDiscreteScheduler "
-                        f"(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)), "
-                        f"got {type(pipe.scheduler).__name__}")
+    _check_loop_pipe(pipe, LTXPipeline)
     if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
             or not guidance_scale > 1):
         raise ValueError(f"guidance_scale must be a number > 1 (CFG on), got {guidance_scale!r}: "
@@ -1077,3 +1078,100 @@ def _ltx_decode(pipe: Any, latents: Tensor, grid: tuple, dtype: torch.dtype, bat
         z = (1 - scale) * z + scale * noise
     video = vae.decode(z.to(vae.dtype), timestep, return_dict=False)[0]
     return pipe.video_processor.postprocess_video(video, output_type=output_type)
+
+
+# ---------------------------------------------------------------------------------------------
+# HunyuanVideo's optional true CFG as one fused step
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def hunyuan_video_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
+                                negative_prompt: Optional[Union[str, list]] = None,
+                                true_cfg_scale: float, prompt_2: Optional[Union[str, list]] = None,
+                                negative_prompt_2: Optional[Union[str, list]] = None,
+                                guidance_scale: float = 6.0, height: int = 720, width: int = 1280,
+                                num_frames: int = 129, num_inference_steps: int = 50,
+                                sigmas: Optional[list] = None, num_videos_per_prompt: int = 1,
+                                generator=None, output_type: str = "pil",
+                                prompt_template: Optional[dict] = None,
+                                max_sequence_length: int = 256, **pipeline_options):
+    """diffusers' `HunyuanVideoPipeline.__call__` with its optional true CFG on (`true_cfg_scale
+    > 1` and a negative prompt; diffusers 0.42's loop) and each step's `neg + s (cond - neg)`
+    and Euler step as one `pipe.scheduler.step_cfg(cond, neg, true_cfg_scale, t, latents)` of
+    fmrt's `FlowMatchEulerDiscreteScheduler`. Both transformer calls (under
+    `cache_context("cond")` / `("uncond")`) keep the distilled guidance embedding
+    (`guidance_scale * 1000`), as the pipeline's do. Prompt encoding (Llama + CLIP; the negative
+    prompt through the same `encode_prompt`), timesteps (`sigmas`, default linear), latents
+    (fp32 noise; after the first step in the model's dtype, as `step` returns them), the
+    timestep in the latents' dtype and decoding (`/ scaling_factor`, decode, postprocess) are
+    the pipeline's own methods and arithmetic. The combine is rounded op by op in the model's
+    dtype as the pipeline's eager ops round it, so the frames are the pipeline's in fp32 (to
+    2e-5) and bf16 alike. Returns `HunyuanVideoPipelineOutput`. prompt_template: None for the
+    pipeline's default.
+
+    ValueError: not exactly a `HunyuanVideoPipeline`, true_cfg_scale <= 1 or negative_prompt
+    None (no true CFG: call the pipeline), any other `HunyuanVideoPipeline.__call__` argument
+    set (precomputed latents or embeddings, callbacks, attention_kwargs, return_dict=False);
+    TypeError: `pipe.scheduler` is not fmrt's scheduler."""
+    from diffusers import HunyuanVideoPipeline
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import (
+        DEFAULT_PROMPT_TEMPLATE, retrieve_timesteps)
+    from diffusers.pipelines.hunyuan_video.pipeline_output import HunyuanVideoPipelineOutput
+    _check_loop_pipe(pipe, HunyuanVideoPipeline)
+    if (isinstance(true_cfg_scale, bool) or not isinstance(true_cfg_scale, numbers.Real)
+            or not true_cfg_scale > 1):
+        raise ValueError(f"true_cfg_scale must be a number > 1 (true CFG), got {true_cfg_scale!r}")
+    if negative_prompt is None:
+        raise ValueError("negative_prompt is None: without one the pipeline runs no true CFG")
+    _refuse_pipeline_options(HunyuanVideoPipeline, "hunyuan_video_true_cfg_loop",
+                             pipeline_options)
+    template = DEFAULT_PROMPT_TEMPLATE if prompt_template is None else prompt_template
+    pipe.check_inputs(prompt, prompt_2, height, width, prompt_template=template)
+    batch = 1 if isinstance(prompt, str) else len(prompt)
+    device = pipe._execution_device
+    pipe._guidance_scale, pipe._attention_kwargs = guidance_scale, None
+    pipe._current_timestep, pipe._interrupt = None, False
+    dtype = pipe.transformer.dtype
+    branches = []   # (name, embeddings, pooled, mask) in the model dtype
+    for name, text, text_2 in (("cond", prompt, prompt_2),
+                               ("uncond", negative_prompt, negative_prompt_2)):
+        emb, pooled, mask = pipe.encode_prompt(
+            prompt=text, prompt_2=text_2, prompt_template=template,
+            num_videos_per_prompt=num_videos_per_prompt, device=device,
+            max_sequence_length=max_sequence_length)
+        branches.append((name, emb.to(dtype), pooled.to(dtype), mask.to(dtype)))
+    if sigmas is None:
+        sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device,
+                                      sigmas=sigmas)
+    latents = pipe.prepare_latents(batch * num_videos_per_prompt,
+                                   pipe.transformer.config.in_channels, height, width,
+                                   num_frames, torch.float32, device, generator, None)
+    guidance = torch.tensor([guidance_scale] * latents.shape[0], dtype=dtype,
+                            device=device) * 1000.0
+    pipe.scheduler.set_begin_index(0)
+    pipe._num_timesteps = len(timesteps)
+    with pipe.progress_bar(total=len(timesteps)) as bar:
+        for t in timesteps:
+            pipe._current_timestep = t
+            x = latents.to(dtype)
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            v = []
+            for name, emb, pooled, mask in branches:
+                with pipe.transformer.cache_context(name):
+                    v.append(pipe.transformer(
+                        hidden_states=x, timestep=timestep, encoder_hidden_states=emb,
+                        encoder_attention_mask=mask, pooled_projections=pooled,
+                        guidance=guidance, attention_kwargs=None, return_dict=False)[0])
+            latents = pipe.scheduler.step_cfg(v[0], v[1], float(true_cfg_scale), t, latents,
+                                              return_dict=False)[0]
+            bar.update()
+    pipe._current_timestep = None
+    if output_type == "latent":
+        video = latents
+    else:
+        z = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        video = pipe.vae.decode(z, return_dict=False)[0]
+        video = pipe.video_processor.postprocess_video(video, output_type=output_type)
+    pipe.maybe_free_model_hooks()
+    return HunyuanVideoPipelineOutput(frames=video)

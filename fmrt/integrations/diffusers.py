@@ -50,7 +50,8 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 
 __all__ = ["FmrtWanAttnProcessor", "accelerate", "restore", "accelerate_wan", "restore_wan",
            "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput",
-           "qwen_image_true_cfg_loop", "ltx_cfg_loop", "hunyuan_video_true_cfg_loop"]
+           "qwen_image_true_cfg_loop", "ltx_cfg_loop", "hunyuan_video_true_cfg_loop",
+           "flux_true_cfg_loop"]
 
 # diffusers' WanAttnProcessor: in an I2V context the last 512 tokens are text, the rest image.
 WAN_TEXT_LEN = 512
@@ -1175,3 +1176,107 @@ def hunyuan_video_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
         video = pipe.video_processor.postprocess_video(video, output_type=output_type)
     pipe.maybe_free_model_hooks()
     return HunyuanVideoPipelineOutput(frames=video)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX.1's optional true CFG as one fused step
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def flux_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
+                       negative_prompt: Optional[Union[str, list]] = None, true_cfg_scale: float,
+                       prompt_2: Optional[Union[str, list]] = None,
+                       negative_prompt_2: Optional[Union[str, list]] = None,
+                       height: Optional[int] = None, width: Optional[int] = None,
+                       num_inference_steps: int = 28, sigmas: Optional[list] = None,
+                       guidance_scale: float = 3.5, num_images_per_prompt: int = 1,
+                       generator=None, output_type: str = "pil",
+                       max_sequence_length: int = 512, **pipeline_options):
+    """diffusers' `FluxPipeline.__call__` (text-to-image) with its optional true CFG on
+    (`true_cfg_scale > 1` and a negative prompt; diffusers 0.42's loop) and each step's `neg +
+    s (cond - neg)` and Euler step as one `pipe.scheduler.step_cfg(cond, neg, true_cfg_scale,
+    t, latents)` of fmrt's `FlowMatchEulerDiscreteScheduler`. Both transformer calls (under
+    `cache_context("cond")` / `("uncond")`) keep FLUX.1-dev's distilled guidance embedding
+    (`guidance_scale`, fp32), as the pipeline's do. Prompt encoding (CLIP + T5; the negative
+    prompt through the same `encode_prompt`), latents (packed, in the text embeddings' dtype),
+    timesteps (`sigmas`, default linear; dynamic shift from the packed length), `timestep /
+    1000` and decoding (unpack, `/ scaling_factor + shift_factor`, decode, postprocess) are the
+    pipeline's own methods and arithmetic. The combine is rounded op by op in the model's dtype
+    as the pipeline's eager ops round it, so the images are the pipeline's in fp32 (to 2e-5)
+    and bf16 alike. Returns `FluxPipelineOutput`.
+
+    ValueError: not exactly a `FluxPipeline`, true_cfg_scale <= 1 or negative_prompt None (no
+    true CFG: call the pipeline), any other `FluxPipeline.__call__` argument set (precomputed
+    latents or embeddings, IP-Adapter images, callbacks, joint_attention_kwargs,
+    return_dict=False); TypeError: `pipe.scheduler` is not fmrt's scheduler."""
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+    from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+    from diffusers.utils.torch_utils import get_module_execution_device
+    _check_loop_pipe(pipe, FluxPipeline)
+    if (isinstance(true_cfg_scale, bool) or not isinstance(true_cfg_scale, numbers.Real)
+            or not true_cfg_scale > 1):
+        raise ValueError(f"true_cfg_scale must be a number > 1 (true CFG), got {true_cfg_scale!r}")
+    if negative_prompt is None:
+        raise ValueError("negative_prompt is None: without one the pipeline runs no true CFG")
+    _refuse_pipeline_options(FluxPipeline, "flux_true_cfg_loop", pipeline_options)
+    height = height or pipe.default_sample_size * pipe.vae_scale_factor
+    width = width or pipe.default_sample_size * pipe.vae_scale_factor
+    pipe.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
+                      negative_prompt_2=negative_prompt_2,
+                      max_sequence_length=max_sequence_length)
+    batch = 1 if isinstance(prompt, str) else len(prompt)
+    device = pipe._execution_device
+    pipe._guidance_scale, pipe._joint_attention_kwargs = guidance_scale, {}
+    pipe._current_timestep, pipe._interrupt = None, False
+    branches = []   # (name, embeddings, pooled, text ids)
+    for name, text, text_2 in (("cond", prompt, prompt_2),
+                               ("uncond", negative_prompt, negative_prompt_2)):
+        branches.append((name, *pipe.encode_prompt(
+            prompt=text, prompt_2=text_2, device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length)))
+    latents, image_ids = pipe.prepare_latents(batch * num_images_per_prompt,
+                                              pipe.transformer.config.in_channels // 4, height,
+                                              width, branches[0][1].dtype, device, generator)
+    cfg = pipe.scheduler.config
+    if sigmas is None:
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    if getattr(cfg, "use_flow_sigmas", False):
+        sigmas = None
+    mu = calculate_shift(latents.shape[1], cfg.get("base_image_seq_len", 256),
+                         cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                         cfg.get("max_shift", 1.15))
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device,
+                                      sigmas=sigmas, mu=mu)
+    pipe._num_timesteps = len(timesteps)
+    guidance = None
+    if pipe.transformer.config.guidance_embeds:
+        guidance = torch.full([1], guidance_scale, device=device,
+                              dtype=torch.float32).expand(latents.shape[0])
+    pipe.scheduler.set_begin_index(0)
+    with pipe.progress_bar(total=len(timesteps)) as bar:
+        for t in timesteps:
+            pipe._current_timestep = t
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            v = []
+            for name, emb, pooled, text_ids in branches:
+                with pipe.transformer.cache_context(name):
+                    v.append(pipe.transformer(
+                        hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
+                        pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=text_ids,
+                        img_ids=image_ids, joint_attention_kwargs={}, return_dict=False)[0])
+            latents = pipe.scheduler.step_cfg(v[0], v[1], float(true_cfg_scale), t, latents,
+                                              return_dict=False)[0]
+            bar.update()
+    pipe._current_timestep = None
+    if output_type == "latent":
+        image = latents
+    else:
+        z = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        z = z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(z.to(get_module_execution_device(pipe.vae)),
+                                return_dict=False)[0]
+        image = pipe.image_processor.postprocess(image, output_type=output_type)
+    pipe.maybe_free_model_hooks()
+    return FluxPipelineOutput(images=image)

@@ -831,7 +831,9 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
 
 
 # ---------------------------------------------------------------------------------------------
-# Qwen-Image's true CFG as one fused step (a loop of its own: the pipeline's combines in between)
+# Guided loops: a pipeline's CFG combine and Euler step as one fused step_cfg. Each is a loop of
+# its own: the pipelines compute the combine between their transformer calls and
+# scheduler.step, where neither the scheduler nor a wrapped transformer sees (cond, uncond, s).
 # ---------------------------------------------------------------------------------------------
 
 def _check_loop_pipe(pipe: Any, cls: type) -> None:
@@ -844,6 +846,29 @@ def _check_loop_pipe(pipe: Any, cls: type) -> None:
                         f"(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)), "
                         f"got {type(pipe.scheduler).__name__}")
 
+
+def _refuse_pipeline_options(cls: type, fn: str, given: dict) -> None:
+    """ValueError naming the first of `given` (keyword arguments of `cls.__call__` that `fn` does
+    not take) set to anything but the pipeline's default; TypeError for a name the pipeline does
+    not take either."""
+    import inspect
+    params = inspect.signature(cls.__call__).parameters
+    for name, value in given.items():
+        if name not in params or name == "self":
+            raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}")
+        default = params[name].default
+        if default is None:
+            same = value is None
+        else:
+            try:
+                same = not isinstance(value, Tensor) and bool(value == default)
+            except (TypeError, ValueError, RuntimeError):   # an array: not the default
+                same = False
+        if not same:
+            raise ValueError(f"{fn} does not support {name}= (call the pipeline for it)")
+
+
+# Qwen-Image's true CFG (with its per-token norm rescale)
 
 @torch.no_grad()
 def qwen_image_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
@@ -943,26 +968,7 @@ def _qwen_image_decode(pipe: Any, latents: Tensor, height: int, width: int, outp
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
-# ---------------------------------------------------------------------------------------------
-# LTX-Video's batched CFG as one fused step (the pipeline's combine sits between its transformer
-# call and scheduler.step, where no scheduler sees it)
-# ---------------------------------------------------------------------------------------------
-
-def _refuse_pipeline_options(cls: type, fn: str, given: dict) -> None:
-    """ValueError naming the first of `given` (keyword arguments of `cls.__call__` that `fn` does
-    not take) set to anything but the pipeline's default; TypeError for a name the pipeline does
-    not take either."""
-    import inspect
-    params = inspect.signature(cls.__call__).parameters
-    for name, value in given.items():
-        if name not in params or name == "self":
-            raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}")
-        default = params[name].default
-        same = (value is None if default is None
-                else not isinstance(value, Tensor) and value == default)
-        if not same:
-            raise ValueError(f"{fn} does not support {name}= (call the pipeline for it)")
-
+# LTX-Video's batched CFG
 
 @torch.no_grad()
 def ltx_cfg_loop(pipe: Any, prompt: Union[str, list], *,
@@ -1081,9 +1087,7 @@ def _ltx_decode(pipe: Any, latents: Tensor, grid: tuple, dtype: torch.dtype, bat
     return pipe.video_processor.postprocess_video(video, output_type=output_type)
 
 
-# ---------------------------------------------------------------------------------------------
-# HunyuanVideo's optional true CFG as one fused step
-# ---------------------------------------------------------------------------------------------
+# HunyuanVideo's optional true CFG
 
 @torch.no_grad()
 def hunyuan_video_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
@@ -1178,9 +1182,7 @@ def hunyuan_video_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
     return HunyuanVideoPipelineOutput(frames=video)
 
 
-# ---------------------------------------------------------------------------------------------
-# FLUX.1's optional true CFG as one fused step
-# ---------------------------------------------------------------------------------------------
+# FLUX.1's optional true CFG
 
 @torch.no_grad()
 def flux_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,

@@ -1002,6 +1002,12 @@ def sample_diffusers(args: argparse.Namespace) -> int:
         from fmrt.integrations.diffusers import qwen_image_true_cfg_loop
         run = functools.partial(qwen_image_true_cfg_loop, pipe)
         what.append("fused true-CFG step")
+    elif "fmrt Euler scheduler" in what and _ltx_cfg(pipe, call.kwargs):
+        # LTX-Video's batched CFG combine + step as one step_cfg (its own loop cannot)
+        import functools
+        from fmrt.integrations.diffusers import ltx_cfg_loop
+        run = functools.partial(ltx_cfg_loop, pipe)
+        what.append("fused CFG step")
     out = run(prompt=args.prompt, generator=gen, output_type="np", **call.kwargs)
     if call.video:
         result = out.frames  # [N, F, H, W, 3] in [0, 1]
@@ -1024,6 +1030,16 @@ def _qwen_true_cfg(pipe, kwargs: dict) -> bool:
     return (type(pipe) is QwenImagePipeline and kwargs.get("true_cfg_scale", 0) > 1
             and kwargs.get("negative_prompt") is not None
             and not pipe.transformer.config.guidance_embeds)
+
+
+def _ltx_cfg(pipe, kwargs: dict) -> bool:
+    """Does this call of a (stock) LTXPipeline run CFG (that `ltx_cfg_loop` fuses)?"""
+    try:
+        from diffusers import LTXPipeline
+    except ImportError:
+        return False
+    return (type(pipe) is LTXPipeline and kwargs.get("guidance_scale", 0) > 1
+            and not kwargs.get("guidance_rescale", 0))
 
 
 class _DiffusersCall(NamedTuple):

@@ -1,7 +1,8 @@
 """`fmrt sample --diffusers PATH` on the video pipelines beyond the Wan family: tiny random
 HunyuanVideo and LTX-Video pipelines saved to disk run through the video path, accelerated
 frames equal to stock diffusers' (fp32, 2e-5), the flags reaching the call as the pipeline
-names them (--guidance-scale: HunyuanVideo's distilled guidance, LTX's CFG scale)."""
+names them (--guidance-scale: HunyuanVideo's distilled guidance, LTX's CFG scale); LTX's CFG
+through `ltx_cfg_loop`'s fused step when fmrt's scheduler is in, the pipeline's loop otherwise."""
 import numpy as np
 import pytest
 
@@ -50,5 +51,29 @@ def test_accelerated_run_matches_stock(case, tmp_path, capsys):
     fast = _frames(pipe_dir, tmp_path, "fast", flags)
     out = capsys.readouterr().out
     assert f"fmrt attention on {n} modules" in out and "fmrt Euler scheduler" in out
+    # LTX's CFG runs as ltx_cfg_loop's fused step; HunyuanVideo's distilled guidance has no CFG
+    assert ("fused CFG step" in out) == (name == "ltx")
     assert stock.shape == fast.shape and stock.std() > 0.01
     np.testing.assert_allclose(fast, stock, atol=2e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def ltx_dir(tmp_path_factory):
+    from tests.tiny_video import tiny_ltx_pipeline
+    d = tmp_path_factory.mktemp("ltx_own")
+    tiny_ltx_pipeline().save_pretrained(d)
+    return str(d)
+
+
+def test_ltx_without_cfg_or_fmrt_scheduler_runs_the_pipeline(ltx_dir, tmp_path, capsys):
+    """--guidance-scale 1 (no CFG) or the pipeline's own scheduler: the pipeline's loop."""
+    pipe_dir, flags = ltx_dir, CASES["ltx"][1]
+    stock = _frames(pipe_dir, tmp_path, "stock", flags, "--no-accelerate", "--guidance-scale", "1")
+    capsys.readouterr()
+    fast = _frames(pipe_dir, tmp_path, "fast", flags, "--guidance-scale", "1")
+    out = capsys.readouterr().out
+    assert "fused CFG step" not in out and "guidance 1" in out
+    np.testing.assert_allclose(fast, stock, atol=2e-5, rtol=0)
+    _frames(pipe_dir, tmp_path, "own", flags, "--scheduler", "pipeline")
+    out = capsys.readouterr().out
+    assert "fused CFG step" not in out and "FlowMatchEulerDiscreteScheduler" in out

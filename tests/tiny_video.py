@@ -39,8 +39,9 @@ def tiny_hunyuan_video_pipeline(*, seed: int = 0):
                                 text_encoder_2=clip, tokenizer_2=_tokenizer(77))
 
 
-def tiny_ltx_pipeline(*, seed: int = 0):
-    """diffusers' `LTXPipeline` (T5 text encoder, batched CFG)."""
+def tiny_ltx_pipeline(*, seed: int = 0, timestep_conditioning: bool = False):
+    """diffusers' `LTXPipeline` (T5 text encoder, batched CFG); timestep_conditioning: a VAE
+    decoder conditioned on the decode timestep (LTX-Video 0.9.1 on)."""
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
     from diffusers import LTXVideoTransformer3DModel
     from transformers import T5Config, T5EncoderModel
@@ -55,8 +56,8 @@ def tiny_ltx_pipeline(*, seed: int = 0):
         spatio_temporal_scaling=(True, True, False, False),
         decoder_spatio_temporal_scaling=(True, True, False, False),
         decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4,
-        upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1, patch_size_t=1,
-        encoder_causal=True, decoder_causal=False)
+        upsample_factor=(1,) * 4, timestep_conditioning=timestep_conditioning, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False)
     transformer = LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
         attention_head_dim=8, cross_attention_dim=16, num_layers=2, caption_channels=16)

@@ -50,7 +50,8 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 
 __all__ = ["FmrtWanAttnProcessor", "accelerate", "restore", "accelerate_wan", "restore_wan",
            "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput",
-           "qwen_image_true_cfg_loop"]
+           "qwen_image_true_cfg_loop", "ltx_cfg_loop", "hunyuan_video_true_cfg_loop",
+           "flux_true_cfg_loop"]
 
 # diffusers' WanAttnProcessor: in an I2V context the last 512 tokens are text, the rest image.
 WAN_TEXT_LEN = 512
@@ -830,8 +831,44 @@ class FlowMatchEulerDiscreteScheduler(_DiffusersFlowMatchEuler):
 
 
 # ---------------------------------------------------------------------------------------------
-# Qwen-Image's true CFG as one fused step (a loop of its own: the pipeline's combines in between)
+# Guided loops: a pipeline's CFG combine and Euler step as one fused step_cfg. Each is a loop of
+# its own: the pipelines compute the combine between their transformer calls and
+# scheduler.step, where neither the scheduler nor a wrapped transformer sees (cond, uncond, s).
 # ---------------------------------------------------------------------------------------------
+
+def _check_loop_pipe(pipe: Any, cls: type) -> None:
+    """A guided loop's pipeline: exactly `cls` (ValueError; a subclass may change the loop) with
+    fmrt's scheduler (TypeError)."""
+    if type(pipe) is not cls:
+        raise ValueError(f"pipe must be a diffusers {cls.__name__}, got {type(pipe).__name__}")
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        raise TypeError(f"pipe.scheduler must be fmrt's FlowMatchEulerDiscreteScheduler "
+                        f"(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)), "
+                        f"got {type(pipe.scheduler).__name__}")
+
+
+def _refuse_pipeline_options(cls: type, fn: str, given: dict) -> None:
+    """ValueError naming the first of `given` (keyword arguments of `cls.__call__` that `fn` does
+    not take) set to anything but the pipeline's default; TypeError for a name the pipeline does
+    not take either."""
+    import inspect
+    params = inspect.signature(cls.__call__).parameters
+    for name, value in given.items():
+        if name not in params or name == "self":
+            raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}")
+        default = params[name].default
+        if default is None:
+            same = value is None
+        else:
+            try:
+                same = not isinstance(value, Tensor) and bool(value == default)
+            except (TypeError, ValueError, RuntimeError):   # an array: not the default
+                same = False
+        if not same:
+            raise ValueError(f"{fn} does not support {name}= (call the pipeline for it)")
+
+
+# Qwen-Image's true CFG (with its per-token norm rescale)
 
 @torch.no_grad()
 def qwen_image_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
@@ -859,12 +896,7 @@ def qwen_image_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import (calculate_shift,
                                                                   retrieve_timesteps)
     from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
-    if type(pipe) is not QwenImagePipeline:
-        raise ValueError(f"pipe must be a diffusers QwenImagePipeline, got {type(pipe).__name__}")
-    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-        raise TypeError(f"pipe.scheduler must be fmrt's FlowMatchEulerDiscreteScheduler "
-                        f"(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)), "
-                        f"got {type(pipe.scheduler).__name__}")
+    _check_loop_pipe(pipe, QwenImagePipeline)
     if pipe.transformer.config.guidance_embeds:
         raise ValueError("a guidance-distilled Qwen-Image transformer (guidance_embeds): call "
                          "the pipeline")
@@ -934,3 +966,319 @@ def _qwen_image_decode(pipe: Any, latents: Tensor, height: int, width: int, outp
     z = z / inv_std + mean
     image = vae.decode(z, return_dict=False)[0][:, :, 0]
     return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+# LTX-Video's batched CFG
+
+@torch.no_grad()
+def ltx_cfg_loop(pipe: Any, prompt: Union[str, list], *,
+                 negative_prompt: Optional[Union[str, list]] = None, guidance_scale: float = 3.0,
+                 guidance_rescale: float = 0.0, height: int = 512, width: int = 704,
+                 num_frames: int = 161, frame_rate: int = 25, num_inference_steps: int = 50,
+                 num_videos_per_prompt: int = 1, generator=None,
+                 decode_timestep: Union[float, list] = 0.0,
+                 decode_noise_scale: Optional[Union[float, list]] = None,
+                 output_type: str = "pil", max_sequence_length: int = 128, **pipeline_options):
+    """diffusers' `LTXPipeline.__call__` (text-to-video with CFG on; diffusers 0.42's loop) with
+    each step's guidance and Euler step as one `pipe.scheduler.step_cfg(text, uncond,
+    guidance_scale, t, latents)` of fmrt's `FlowMatchEulerDiscreteScheduler` on the batched
+    transformer call's `noise_pred.float().chunk(2)`, where the pipeline computes `uncond + g
+    (text - uncond)` in fp32 and then `scheduler.step`. Prompt encoding (negative first),
+    latents (fp32, packed), timesteps (dynamic shift `mu` from the latent video length), the
+    one transformer call per step on `[uncond; cond]` (under `cache_context("cond_uncond")`,
+    with `rope_interpolation_scale` from frame_rate) and decoding (unpack, denormalize, the
+    VAE's timestep conditioning with decode_timestep / decode_noise_scale) are the pipeline's
+    own methods and arithmetic. Returns `LTXPipelineOutput` as the pipeline does. Same frames
+    as `pipe(prompt, negative_prompt=..., guidance_scale=..., ...)` to 2e-5 in fp32; in bf16
+    too, since the pipeline combines and steps in fp32 whatever the model dtype.
+
+    ValueError: not exactly an `LTXPipeline` (a subclass may change the loop), guidance_scale
+    <= 1 (no CFG: call the pipeline), guidance_rescale > 0 (its std rescale is not fused), any
+    other `LTXPipeline.__call__` argument set (precomputed latents or embeddings, timesteps,
+    callbacks, attention_kwargs, return_dict=False); TypeError: `pipe.scheduler` is not fmrt's
+    scheduler."""
+    from diffusers import LTXPipeline
+    from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift, retrieve_timesteps
+    from diffusers.pipelines.ltx.pipeline_output import LTXPipelineOutput
+    _check_loop_pipe(pipe, LTXPipeline)
+    if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
+            or not guidance_scale > 1):
+        raise ValueError(f"guidance_scale must be a number > 1 (CFG on), got {guidance_scale!r}: "
+                         f"without CFG call the pipeline")
+    if not guidance_rescale == 0:
+        raise ValueError(f"guidance_rescale={guidance_rescale!r}: the std rescale of the guided "
+                         f"velocity is not fused (call the pipeline)")
+    _refuse_pipeline_options(LTXPipeline, "ltx_cfg_loop", pipeline_options)
+    pipe.check_inputs(prompt=prompt, height=height, width=width)
+    batch = 1 if isinstance(prompt, str) else len(prompt)
+    device = pipe._execution_device
+    pipe._guidance_scale, pipe._guidance_rescale = guidance_scale, 0.0
+    pipe._attention_kwargs, pipe._current_timestep, pipe._interrupt = None, None, False
+    cond, cond_mask, neg, neg_mask = pipe.encode_prompt(
+        prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=True,
+        num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=max_sequence_length,
+        device=device)
+    emb, mask = torch.cat([neg, cond]), torch.cat([neg_mask, cond_mask])
+    latents = pipe.prepare_latents(batch * num_videos_per_prompt,
+                                   pipe.transformer.config.in_channels, height, width,
+                                   num_frames, torch.float32, device, generator, None)
+    spatial, temporal = pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio
+    grid = ((num_frames - 1) // temporal + 1, height // spatial, width // spatial)  # F, H, W
+    cfg = pipe.scheduler.config
+    mu = calculate_shift(grid[0] * grid[1] * grid[2], cfg.get("base_image_seq_len", 256),
+                         cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                         cfg.get("max_shift", 1.15))
+    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device,
+                                      sigmas=sigmas, mu=mu)
+    pipe._num_timesteps = len(timesteps)
+    pipe.scheduler.set_begin_index(0)
+    rope_interpolation_scale = (temporal / frame_rate, spatial, spatial)
+    with pipe.progress_bar(total=len(timesteps)) as bar:
+        for t in timesteps:
+            pipe._current_timestep = t
+            x = torch.cat([latents] * 2).to(emb.dtype)
+            with pipe.transformer.cache_context("cond_uncond"):
+                v = pipe.transformer(
+                    hidden_states=x, encoder_hidden_states=emb, timestep=t.expand(x.shape[0]),
+                    encoder_attention_mask=mask, num_frames=grid[0], height=grid[1],
+                    width=grid[2], rope_interpolation_scale=rope_interpolation_scale,
+                    attention_kwargs=None, return_dict=False)[0]
+            uncond, text = v.float().chunk(2)
+            latents = pipe.scheduler.step_cfg(text, uncond, float(guidance_scale), t, latents,
+                                              return_dict=False)[0]
+            bar.update()
+    pipe._current_timestep = None
+    if output_type == "latent":
+        video = latents
+    else:
+        video = _ltx_decode(pipe, latents, grid, emb.dtype, batch, generator, decode_timestep,
+                            decode_noise_scale, output_type)
+    pipe.maybe_free_model_hooks()
+    return LTXPipelineOutput(frames=video)
+
+
+def _ltx_decode(pipe: Any, latents: Tensor, grid: tuple, dtype: torch.dtype, batch: int,
+                generator, decode_timestep, decode_noise_scale, output_type: str):
+    """Packed latents -> video as `LTXPipeline.__call__` decodes them: unpack, denormalize, cast
+    to the text embeddings' dtype; with a timestep-conditioned VAE, noise (from `generator`,
+    after the initial latents) mixed in by decode_noise_scale (default decode_timestep), one
+    value per prompt, and decode_timestep handed to the decoder; postprocess."""
+    from diffusers.utils.torch_utils import randn_tensor
+    vae = pipe.vae
+    z = pipe._unpack_latents(latents, *grid, pipe.transformer_spatial_patch_size,
+                             pipe.transformer_temporal_patch_size)
+    z = pipe._denormalize_latents(z, vae.latents_mean, vae.latents_std,
+                                  vae.config.scaling_factor).to(dtype)
+    timestep = None
+    if vae.config.timestep_conditioning:
+        noise = randn_tensor(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        if not isinstance(decode_timestep, list):
+            decode_timestep = [decode_timestep] * batch
+        if decode_noise_scale is None:
+            decode_noise_scale = decode_timestep
+        elif not isinstance(decode_noise_scale, list):
+            decode_noise_scale = [decode_noise_scale] * batch
+        timestep = torch.tensor(decode_timestep, device=z.device, dtype=z.dtype)
+        scale = torch.tensor(decode_noise_scale, device=z.device,
+                             dtype=z.dtype)[:, None, None, None, None]
+        z = (1 - scale) * z + scale * noise
+    video = vae.decode(z.to(vae.dtype), timestep, return_dict=False)[0]
+    return pipe.video_processor.postprocess_video(video, output_type=output_type)
+
+
+# HunyuanVideo's optional true CFG
+
+@torch.no_grad()
+def hunyuan_video_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
+                                negative_prompt: Optional[Union[str, list]] = None,
+                                true_cfg_scale: float, prompt_2: Optional[Union[str, list]] = None,
+                                negative_prompt_2: Optional[Union[str, list]] = None,
+                                guidance_scale: float = 6.0, height: int = 720, width: int = 1280,
+                                num_frames: int = 129, num_inference_steps: int = 50,
+                                sigmas: Optional[list] = None, num_videos_per_prompt: int = 1,
+                                generator=None, output_type: str = "pil",
+                                prompt_template: Optional[dict] = None,
+                                max_sequence_length: int = 256, **pipeline_options):
+    """diffusers' `HunyuanVideoPipeline.__call__` with its optional true CFG on (`true_cfg_scale
+    > 1` and a negative prompt; diffusers 0.42's loop) and each step's `neg + s (cond - neg)`
+    and Euler step as one `pipe.scheduler.step_cfg(cond, neg, true_cfg_scale, t, latents)` of
+    fmrt's `FlowMatchEulerDiscreteScheduler`. Both transformer calls (under
+    `cache_context("cond")` / `("uncond")`) keep the distilled guidance embedding
+    (`guidance_scale * 1000`), as the pipeline's do. Prompt encoding (Llama + CLIP; the negative
+    prompt through the same `encode_prompt`), timesteps (`sigmas`, default linear), latents
+    (fp32 noise; after the first step in the model's dtype, as `step` returns them), the
+    timestep in the latents' dtype and decoding (`/ scaling_factor`, decode, postprocess) are
+    the pipeline's own methods and arithmetic. The combine is rounded op by op in the model's
+    dtype as the pipeline's eager ops round it, so the frames are the pipeline's in fp32 (to
+    2e-5) and bf16 alike. Returns `HunyuanVideoPipelineOutput`. prompt_template: None for the
+    pipeline's default.
+
+    ValueError: not exactly a `HunyuanVideoPipeline`, true_cfg_scale <= 1 or negative_prompt
+    None (no true CFG: call the pipeline), any other `HunyuanVideoPipeline.__call__` argument
+    set (precomputed latents or embeddings, callbacks, attention_kwargs, return_dict=False);
+    TypeError: `pipe.scheduler` is not fmrt's scheduler."""
+    from diffusers import HunyuanVideoPipeline
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import (
+        DEFAULT_PROMPT_TEMPLATE, retrieve_timesteps)
+    from diffusers.pipelines.hunyuan_video.pipeline_output import HunyuanVideoPipelineOutput
+    _check_loop_pipe(pipe, HunyuanVideoPipeline)
+    if (isinstance(true_cfg_scale, bool) or not isinstance(true_cfg_scale, numbers.Real)
+            or not true_cfg_scale > 1):
+        raise ValueError(f"true_cfg_scale must be a number > 1 (true CFG), got {true_cfg_scale!r}")
+    if negative_prompt is None:
+        raise ValueError("negative_prompt is None: without one the pipeline runs no true CFG")
+    _refuse_pipeline_options(HunyuanVideoPipeline, "hunyuan_video_true_cfg_loop",
+                             pipeline_options)
+    template = DEFAULT_PROMPT_TEMPLATE if prompt_template is None else prompt_template
+    pipe.check_inputs(prompt, prompt_2, height, width, prompt_template=template)
+    batch = 1 if isinstance(prompt, str) else len(prompt)
+    device = pipe._execution_device
+    pipe._guidance_scale, pipe._attention_kwargs = guidance_scale, None
+    pipe._current_timestep, pipe._interrupt = None, False
+    dtype = pipe.transformer.dtype
+    branches = []   # (name, embeddings, pooled, mask) in the model dtype
+    for name, text, text_2 in (("cond", prompt, prompt_2),
+                               ("uncond", negative_prompt, negative_prompt_2)):
+        emb, pooled, mask = pipe.encode_prompt(
+            prompt=text, prompt_2=text_2, prompt_template=template,
+            num_videos_per_prompt=num_videos_per_prompt, device=device,
+            max_sequence_length=max_sequence_length)
+        branches.append((name, emb.to(dtype), pooled.to(dtype), mask.to(dtype)))
+    if sigmas is None:
+        sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device,
+                                      sigmas=sigmas)
+    latents = pipe.prepare_latents(batch * num_videos_per_prompt,
+                                   pipe.transformer.config.in_channels, height, width,
+                                   num_frames, torch.float32, device, generator, None)
+    guidance = torch.tensor([guidance_scale] * latents.shape[0], dtype=dtype,
+                            device=device) * 1000.0
+    pipe.scheduler.set_begin_index(0)
+    pipe._num_timesteps = len(timesteps)
+    with pipe.progress_bar(total=len(timesteps)) as bar:
+        for t in timesteps:
+            pipe._current_timestep = t
+            x = latents.to(dtype)
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            v = []
+            for name, emb, pooled, mask in branches:
+                with pipe.transformer.cache_context(name):
+                    v.append(pipe.transformer(
+                        hidden_states=x, timestep=timestep, encoder_hidden_states=emb,
+                        encoder_attention_mask=mask, pooled_projections=pooled,
+                        guidance=guidance, attention_kwargs=None, return_dict=False)[0])
+            latents = pipe.scheduler.step_cfg(v[0], v[1], float(true_cfg_scale), t, latents,
+                                              return_dict=False)[0]
+            bar.update()
+    pipe._current_timestep = None
+    if output_type == "latent":
+        video = latents
+    else:
+        z = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        video = pipe.vae.decode(z, return_dict=False)[0]
+        video = pipe.video_processor.postprocess_video(video, output_type=output_type)
+    pipe.maybe_free_model_hooks()
+    return HunyuanVideoPipelineOutput(frames=video)
+
+
+# FLUX.1's optional true CFG
+
+@torch.no_grad()
+def flux_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
+                       negative_prompt: Optional[Union[str, list]] = None, true_cfg_scale: float,
+                       prompt_2: Optional[Union[str, list]] = None,
+                       negative_prompt_2: Optional[Union[str, list]] = None,
+                       height: Optional[int] = None, width: Optional[int] = None,
+                       num_inference_steps: int = 28, sigmas: Optional[list] = None,
+                       guidance_scale: float = 3.5, num_images_per_prompt: int = 1,
+                       generator=None, output_type: str = "pil",
+                       max_sequence_length: int = 512, **pipeline_options):
+    """diffusers' `FluxPipeline.__call__` (text-to-image) with its optional true CFG on
+    (`true_cfg_scale > 1` and a negative prompt; diffusers 0.42's loop) and each step's `neg +
+    s (cond - neg)` and Euler step as one `pipe.scheduler.step_cfg(cond, neg, true_cfg_scale,
+    t, latents)` of fmrt's `FlowMatchEulerDiscreteScheduler`. Both transformer calls (under
+    `cache_context("cond")` / `("uncond")`) keep FLUX.1-dev's distilled guidance embedding
+    (`guidance_scale`, fp32), as the pipeline's do. Prompt encoding (CLIP + T5; the negative
+    prompt through the same `encode_prompt`), latents (packed, in the text embeddings' dtype),
+    timesteps (`sigmas`, default linear; dynamic shift from the packed length), `timestep /
+    1000` and decoding (unpack, `/ scaling_factor + shift_factor`, decode, postprocess) are the
+    pipeline's own methods and arithmetic. The combine is rounded op by op in the model's dtype
+    as the pipeline's eager ops round it, so the images are the pipeline's in fp32 (to 2e-5)
+    and bf16 alike. Returns `FluxPipelineOutput`.
+
+    ValueError: not exactly a `FluxPipeline`, true_cfg_scale <= 1 or negative_prompt None (no
+    true CFG: call the pipeline), any other `FluxPipeline.__call__` argument set (precomputed
+    latents or embeddings, IP-Adapter images, callbacks, joint_attention_kwargs,
+    return_dict=False); TypeError: `pipe.scheduler` is not fmrt's scheduler."""
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+    from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+    from diffusers.utils.torch_utils import get_module_execution_device
+    _check_loop_pipe(pipe, FluxPipeline)
+    if (isinstance(true_cfg_scale, bool) or not isinstance(true_cfg_scale, numbers.Real)
+            or not true_cfg_scale > 1):
+        raise ValueError(f"true_cfg_scale must be a number > 1 (true CFG), got {true_cfg_scale!r}")
+    if negative_prompt is None:
+        raise ValueError("negative_prompt is None: without one the pipeline runs no true CFG")
+    _refuse_pipeline_options(FluxPipeline, "flux_true_cfg_loop", pipeline_options)
+    height = height or pipe.default_sample_size * pipe.vae_scale_factor
+    width = width or pipe.default_sample_size * pipe.vae_scale_factor
+    pipe.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
+                      negative_prompt_2=negative_prompt_2,
+                      max_sequence_length=max_sequence_length)
+    batch = 1 if isinstance(prompt, str) else len(prompt)
+    device = pipe._execution_device
+    pipe._guidance_scale, pipe._joint_attention_kwargs = guidance_scale, {}
+    pipe._current_timestep, pipe._interrupt = None, False
+    branches = []   # (name, embeddings, pooled, text ids)
+    for name, text, text_2 in (("cond", prompt, prompt_2),
+                               ("uncond", negative_prompt, negative_prompt_2)):
+        branches.append((name, *pipe.encode_prompt(
+            prompt=text, prompt_2=text_2, device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length)))
+    latents, image_ids = pipe.prepare_latents(batch * num_images_per_prompt,
+                                              pipe.transformer.config.in_channels // 4, height,
+                                              width, branches[0][1].dtype, device, generator)
+    cfg = pipe.scheduler.config
+    if sigmas is None:
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    if getattr(cfg, "use_flow_sigmas", False):
+        sigmas = None
+    mu = calculate_shift(latents.shape[1], cfg.get("base_image_seq_len", 256),
+                         cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                         cfg.get("max_shift", 1.15))
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device,
+                                      sigmas=sigmas, mu=mu)
+    pipe._num_timesteps = len(timesteps)
+    guidance = None
+    if pipe.transformer.config.guidance_embeds:
+        guidance = torch.full([1], guidance_scale, device=device,
+                              dtype=torch.float32).expand(latents.shape[0])
+    pipe.scheduler.set_begin_index(0)
+    with pipe.progress_bar(total=len(timesteps)) as bar:
+        for t in timesteps:
+            pipe._current_timestep = t
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            v = []
+            for name, emb, pooled, text_ids in branches:
+                with pipe.transformer.cache_context(name):
+                    v.append(pipe.transformer(
+                        hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
+                        pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=text_ids,
+                        img_ids=image_ids, joint_attention_kwargs={}, return_dict=False)[0])
+            latents = pipe.scheduler.step_cfg(v[0], v[1], float(true_cfg_scale), t, latents,
+                                              return_dict=False)[0]
+            bar.update()
+    pipe._current_timestep = None
+    if output_type == "latent":
+        image = latents
+    else:
+        z = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        z = z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(z.to(get_module_execution_device(pipe.vae)),
+                                return_dict=False)[0]
+        image = pipe.image_processor.postprocess(image, output_type=output_type)
+    pipe.maybe_free_model_hooks()
+    return FluxPipelineOutput(images=image)

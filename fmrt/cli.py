@@ -413,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image", default=None, metavar="PATH",
                    help="first frame for an image-to-video pipeline (WanImageToVideoPipeline)")
     d.add_argument("--negative-prompt", default=None)
+    d.add_argument("--true-cfg-scale", type=_float(0.0), default=None, metavar="S",
+                   help="true classifier-free guidance for the guidance-distilled FLUX.1 and "
+                        "HunyuanVideo (S > 1: two transformer calls per step, against "
+                        "--negative-prompt, default \" \"; their --guidance-scale stays the "
+                        "distilled embedding); fused into one step with fmrt's scheduler")
     d.add_argument("--height", type=_int_at_least(1), default=None,
                    help="pixels (default: the pipeline's; Wan 480)")
     d.add_argument("--width", type=_int_at_least(1), default=None,
@@ -550,6 +555,7 @@ def prepare_sample(args: argparse.Namespace) -> None:
     if args.diffusers is not None:
         return prepare_sample_diffusers(args)
     for flag, given in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
+                        ("--true-cfg-scale", args.true_cfg_scale is not None),
                         ("--image", args.image), ("--no-accelerate", args.no_accelerate)):
         if given:
             raise CLIError(f"{flag} applies to --diffusers PATH only")
@@ -1008,6 +1014,14 @@ def sample_diffusers(args: argparse.Namespace) -> int:
         from fmrt.integrations.diffusers import ltx_cfg_loop
         run = functools.partial(ltx_cfg_loop, pipe)
         what.append("fused CFG step")
+    elif "fmrt Euler scheduler" in what and _distilled_true_cfg(pipe, call.kwargs):
+        # FLUX.1 / HunyuanVideo's optional true CFG combine + step as one step_cfg
+        import functools
+        from fmrt.integrations import diffusers as integ
+        loop = (integ.flux_true_cfg_loop if _distilled_true_cfg(pipe, call.kwargs) == "flux"
+                else integ.hunyuan_video_true_cfg_loop)
+        run = functools.partial(loop, pipe)
+        what.append("fused true-CFG step")
     out = run(prompt=args.prompt, generator=gen, output_type="np", **call.kwargs)
     if call.video:
         result = out.frames  # [N, F, H, W, 3] in [0, 1]
@@ -1040,6 +1054,18 @@ def _ltx_cfg(pipe, kwargs: dict) -> bool:
         return False
     return (type(pipe) is LTXPipeline and kwargs.get("guidance_scale", 0) > 1
             and not kwargs.get("guidance_rescale", 0))
+
+
+def _distilled_true_cfg(pipe, kwargs: dict) -> Optional[str]:
+    """"flux" / "hunyuan" when this call of a (stock) FluxPipeline / HunyuanVideoPipeline runs
+    its optional true CFG (that `flux_true_cfg_loop` / `hunyuan_video_true_cfg_loop` fuse)."""
+    if not (kwargs.get("true_cfg_scale", 0) > 1 and kwargs.get("negative_prompt") is not None):
+        return None
+    try:
+        from diffusers import FluxPipeline, HunyuanVideoPipeline
+    except ImportError:
+        return None
+    return {FluxPipeline: "flux", HunyuanVideoPipeline: "hunyuan"}.get(type(pipe))
 
 
 class _DiffusersCall(NamedTuple):
@@ -1079,11 +1105,24 @@ def _diffusers_call(pipe, args: argparse.Namespace) -> _DiffusersCall:
         raise CLIError(f"--out: {name} makes images: write {', '.join(IMAGE_FORMATS)} or .npy, "
                        f"not {suffix}")
     true_cfg = params.get("true_cfg_scale")
+    extra_cfg = args.true_cfg_scale
+    if extra_cfg is not None and true_cfg is None:
+        raise CLIError(f"--true-cfg-scale: {name} takes no true_cfg_scale (FLUX.1 and "
+                       f"HunyuanVideo do)")
     if not video and true_cfg is not None and (true_cfg.default or 0) > 1:
         # Qwen-Image: true CFG with a negative prompt ("" -> " ", as its model card does)
+        if extra_cfg is not None:
+            raise CLIError(f"--true-cfg-scale: {name}'s true CFG scale is --guidance-scale")
         scale = true_cfg.default if args.guidance_scale is None else args.guidance_scale
         kw.update(true_cfg_scale=scale, negative_prompt=args.negative_prompt or " ")
         guidance = f"true CFG {scale:g}"
+    elif extra_cfg is not None and extra_cfg > 1:
+        # FLUX.1 / HunyuanVideo: true CFG on top of the distilled guidance embedding
+        scale = (params["guidance_scale"].default if args.guidance_scale is None
+                 else args.guidance_scale)
+        kw.update(guidance_scale=scale, true_cfg_scale=extra_cfg,
+                  negative_prompt=args.negative_prompt or " ")
+        guidance = f"guidance {scale:g}, true CFG {extra_cfg:g}"
     else:
         if "guidance_scale" not in params:
             raise CLIError(f"--guidance-scale: {name} takes no guidance_scale")
@@ -1091,12 +1130,15 @@ def _diffusers_call(pipe, args: argparse.Namespace) -> _DiffusersCall:
                  else args.guidance_scale)
         kw["guidance_scale"] = scale
         guidance = f"guidance {scale:g}"
+        if extra_cfg is not None:   # <= 1: true CFG off, as the pipeline takes it
+            kw["true_cfg_scale"] = extra_cfg
         if args.negative_prompt is not None:
             if video:
                 kw["negative_prompt"] = args.negative_prompt
             else:  # FLUX.1: guidance_scale is the distilled embedding, no negative prompt
                 raise CLIError(f"--negative-prompt: {name}'s --guidance-scale is its distilled "
-                               f"guidance embedding, which takes no negative prompt")
+                               f"guidance embedding, which takes no negative prompt (true CFG "
+                               f"against one: --true-cfg-scale S > 1)")
     kw.update(_pipeline_image(pipe, args.image))
     return _DiffusersCall(video, kw, steps, guidance)
 

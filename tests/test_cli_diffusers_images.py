@@ -130,3 +130,36 @@ def test_qwen_image_accelerated_run_matches_stock(qwen_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fused true-CFG step" not in out and "FlowMatchEulerDiscreteScheduler" in out
     np.testing.assert_allclose(kept, stock, atol=2e-5, rtol=0)
+
+
+def test_flux_true_cfg_runs_the_fused_loop(flux_dir, tmp_path, capsys):
+    """--true-cfg-scale on FLUX.1: the pipeline's optional true CFG against --negative-prompt
+    (default " "), its --guidance-scale still the distilled embedding; with fmrt's scheduler
+    through flux_true_cfg_loop's fused step, equal to the stock pipeline's own loop."""
+    tc = ["--guidance-scale", "2.5", "--true-cfg-scale", "3", "--negative-prompt", "blue"]
+    stock = _images(flux_dir, tmp_path, "stock", "--no-accelerate", "--scheduler", "pipeline",
+                    *tc)
+    want = _direct(flux_dir, height=16, width=16, num_inference_steps=3, guidance_scale=2.5,
+                   true_cfg_scale=3.0, negative_prompt="blue", num_images_per_prompt=1)
+    np.testing.assert_array_equal(stock, want)
+    capsys.readouterr()
+    fast = _images(flux_dir, tmp_path, "fast", *tc)
+    out = capsys.readouterr().out
+    assert "fused true-CFG step" in out and "guidance 2.5, true CFG 3" in out
+    np.testing.assert_allclose(fast, stock, atol=2e-5, rtol=0)
+    plain = _images(flux_dir, tmp_path, "plain", "--guidance-scale", "2.5")
+    assert np.abs(plain - fast).max() > 1e-3   # true CFG changed the images
+    off = _images(flux_dir, tmp_path, "off", "--guidance-scale", "2.5", "--true-cfg-scale", "1")
+    assert "fused true-CFG step" not in capsys.readouterr().out
+    np.testing.assert_allclose(off, plain, atol=2e-5, rtol=0)
+
+
+def test_true_cfg_scale_bad_uses_one_line(qwen_dir, tmp_path, capsys):
+    out = tmp_path / "x.npy"
+    assert main(["sample", "--diffusers", qwen_dir, *RUN, "--out", str(out),
+                 "--true-cfg-scale", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--true-cfg-scale: QwenImagePipeline's true CFG scale is --guidance-scale" in \
+        err.splitlines()[-1] and not out.exists()
+    assert main(["sample", "--out", str(out), "--true-cfg-scale", "3"]) == 2
+    assert "--true-cfg-scale applies to --diffusers PATH only" in capsys.readouterr().err

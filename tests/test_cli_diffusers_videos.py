@@ -77,3 +77,26 @@ def test_ltx_without_cfg_or_fmrt_scheduler_runs_the_pipeline(ltx_dir, tmp_path, 
     _frames(pipe_dir, tmp_path, "own", flags, "--scheduler", "pipeline")
     out = capsys.readouterr().out
     assert "fused CFG step" not in out and "FlowMatchEulerDiscreteScheduler" in out
+
+
+@pytest.fixture(scope="module")
+def hunyuan_dir(tmp_path_factory):
+    from tests.tiny_video import tiny_hunyuan_video_pipeline
+    d = tmp_path_factory.mktemp("hunyuan_own")
+    tiny_hunyuan_video_pipeline().save_pretrained(d)
+    return str(d)
+
+
+def test_hunyuan_true_cfg_runs_the_fused_loop(hunyuan_dir, tmp_path, capsys):
+    """--true-cfg-scale on HunyuanVideo: its optional true CFG (negative prompt " " by
+    default), fused through hunyuan_video_true_cfg_loop, equal to the pipeline's own loop."""
+    flags = CASES["hunyuan"][1]
+    stock = _frames(hunyuan_dir, tmp_path, "stock", flags, "--no-accelerate", "--scheduler",
+                    "pipeline", "--true-cfg-scale", "3")
+    capsys.readouterr()
+    fast = _frames(hunyuan_dir, tmp_path, "fast", flags, "--true-cfg-scale", "3")
+    out = capsys.readouterr().out
+    assert "fused true-CFG step" in out and "guidance 4, true CFG 3" in out
+    np.testing.assert_allclose(fast, stock, atol=2e-5, rtol=0)
+    plain = _frames(hunyuan_dir, tmp_path, "plain", flags)
+    assert np.abs(plain - fast).max() > 1e-3

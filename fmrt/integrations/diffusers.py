@@ -868,6 +868,50 @@ def _refuse_pipeline_options(cls: type, fn: str, given: dict) -> None:
             raise ValueError(f"{fn} does not support {name}= (call the pipeline for it)")
 
 
+def _check_guidance(name: str, scale: Any, what: str, negative_prompt: Any = "") -> None:
+    """ValueError unless `scale` is a number > 1 and (for true CFG) a negative prompt is given:
+    otherwise the pipeline runs no guidance for the loop to fuse."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 1:
+        raise ValueError(f"{name} must be a number > 1 ({what}), got {scale!r}: without it call "
+                         f"the pipeline")
+    if negative_prompt is None:
+        raise ValueError("negative_prompt is None: without one the pipeline runs no true CFG")
+
+
+def _shifted_timesteps(pipe: Any, calculate_shift, retrieve_timesteps, seq_len: int,
+                       num_inference_steps: int, device, sigmas: Any = "linear"):
+    """The timesteps of the FLUX-family pipelines: `sigmas` ("linear": 1 .. 1/n; None: the
+    scheduler's own) with the dynamic shift mu from the packed latent length, set on the
+    scheduler."""
+    cfg = pipe.scheduler.config
+    if isinstance(sigmas, str):
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256),
+                         cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                         cfg.get("max_shift", 1.15))
+    return retrieve_timesteps(pipe.scheduler, num_inference_steps, device, sigmas=sigmas,
+                              mu=mu)[0]
+
+
+def _guided_steps(pipe: Any, timesteps: Tensor, latents: Tensor, scale: float, velocities,
+                  **step_kw) -> Tensor:
+    """The denoising loop every guided loop shares: for each t, `velocities(t, latents)` gives
+    (cond, uncond) from the pipeline's transformer call(s), and one fused
+    `pipe.scheduler.step_cfg(cond, uncond, scale, t, latents, **step_kw)` replaces the
+    pipeline's combine and step; the pipeline's progress bar and step state as it keeps them."""
+    pipe._num_timesteps = len(timesteps)
+    pipe.scheduler.set_begin_index(0)
+    with pipe.progress_bar(total=len(timesteps)) as bar:
+        for t in timesteps:
+            pipe._current_timestep = t
+            cond, uncond = velocities(t, latents)
+            latents = pipe.scheduler.step_cfg(cond, uncond, float(scale), t, latents,
+                                              return_dict=False, **step_kw)[0]
+            bar.update()
+    pipe._current_timestep = None
+    return latents
+
+
 # Qwen-Image's true CFG (with its per-token norm rescale)
 
 @torch.no_grad()
@@ -900,10 +944,7 @@ def qwen_image_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
     if pipe.transformer.config.guidance_embeds:
         raise ValueError("a guidance-distilled Qwen-Image transformer (guidance_embeds): call "
                          "the pipeline")
-    if not isinstance(true_cfg_scale, numbers.Real) or not true_cfg_scale > 1:
-        raise ValueError(f"true_cfg_scale must be a number > 1 (true CFG), got {true_cfg_scale!r}")
-    if negative_prompt is None:
-        raise ValueError("negative_prompt is None: without one the pipeline runs no true CFG")
+    _check_guidance("true_cfg_scale", true_cfg_scale, "true CFG", negative_prompt)
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
     width = width or pipe.default_sample_size * pipe.vae_scale_factor
     pipe.check_inputs(prompt, height, width, negative_prompt=negative_prompt,
@@ -921,32 +962,23 @@ def qwen_image_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
                                    cond_emb.dtype, device, generator, None)
     f = pipe.vae_scale_factor * 2
     img_shapes = [[(1, height // f, width // f)]] * batch
-    cfg = pipe.scheduler.config
-    mu = calculate_shift(latents.shape[1], cfg.get("base_image_seq_len", 256),
-                         cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                         cfg.get("max_shift", 1.15))
-    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device,
-                                      sigmas=sigmas, mu=mu)
-    pipe._num_timesteps = len(timesteps)
-    pipe.scheduler.set_begin_index(0)
+    timesteps = _shifted_timesteps(pipe, calculate_shift, retrieve_timesteps, latents.shape[1],
+                                   num_inference_steps, device)
     branches = (("cond", cond_emb, cond_mask), ("uncond", neg_emb, neg_mask))
-    with pipe.progress_bar(total=len(timesteps)) as bar:
-        for t in timesteps:
-            pipe._current_timestep = t
-            timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-            v = []
-            for name, emb, mask in branches:
-                with pipe.transformer.cache_context(name):
-                    v.append(pipe.transformer(
-                        hidden_states=latents, timestep=timestep, guidance=None,
-                        encoder_hidden_states_mask=mask, encoder_hidden_states=emb,
-                        img_shapes=img_shapes, attention_kwargs={}, return_dict=False)[0])
-            latents = pipe.scheduler.step_cfg(v[0], v[1], float(true_cfg_scale), t, latents,
-                                              rescale="norm", norm_dim=-1,
-                                              return_dict=False)[0]
-            bar.update()
-    pipe._current_timestep = None
+
+    def velocities(t, latents):
+        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+        v = []
+        for name, emb, mask in branches:
+            with pipe.transformer.cache_context(name):
+                v.append(pipe.transformer(
+                    hidden_states=latents, timestep=timestep, guidance=None,
+                    encoder_hidden_states_mask=mask, encoder_hidden_states=emb,
+                    img_shapes=img_shapes, attention_kwargs={}, return_dict=False)[0])
+        return v
+
+    latents = _guided_steps(pipe, timesteps, latents, true_cfg_scale, velocities,
+                            rescale="norm", norm_dim=-1)
     if output_type == "latent":
         image = latents
     else:
@@ -1001,10 +1033,7 @@ def ltx_cfg_loop(pipe: Any, prompt: Union[str, list], *,
     from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift, retrieve_timesteps
     from diffusers.pipelines.ltx.pipeline_output import LTXPipelineOutput
     _check_loop_pipe(pipe, LTXPipeline)
-    if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
-            or not guidance_scale > 1):
-        raise ValueError(f"guidance_scale must be a number > 1 (CFG on), got {guidance_scale!r}: "
-                         f"without CFG call the pipeline")
+    _check_guidance("guidance_scale", guidance_scale, "CFG on")
     if not guidance_rescale == 0:
         raise ValueError(f"guidance_rescale={guidance_rescale!r}: the std rescale of the guided "
                          f"velocity is not fused (call the pipeline)")
@@ -1024,31 +1053,22 @@ def ltx_cfg_loop(pipe: Any, prompt: Union[str, list], *,
                                    num_frames, torch.float32, device, generator, None)
     spatial, temporal = pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio
     grid = ((num_frames - 1) // temporal + 1, height // spatial, width // spatial)  # F, H, W
-    cfg = pipe.scheduler.config
-    mu = calculate_shift(grid[0] * grid[1] * grid[2], cfg.get("base_image_seq_len", 256),
-                         cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                         cfg.get("max_shift", 1.15))
-    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device,
-                                      sigmas=sigmas, mu=mu)
-    pipe._num_timesteps = len(timesteps)
-    pipe.scheduler.set_begin_index(0)
+    timesteps = _shifted_timesteps(pipe, calculate_shift, retrieve_timesteps,
+                                   grid[0] * grid[1] * grid[2], num_inference_steps, device)
     rope_interpolation_scale = (temporal / frame_rate, spatial, spatial)
-    with pipe.progress_bar(total=len(timesteps)) as bar:
-        for t in timesteps:
-            pipe._current_timestep = t
-            x = torch.cat([latents] * 2).to(emb.dtype)
-            with pipe.transformer.cache_context("cond_uncond"):
-                v = pipe.transformer(
-                    hidden_states=x, encoder_hidden_states=emb, timestep=t.expand(x.shape[0]),
-                    encoder_attention_mask=mask, num_frames=grid[0], height=grid[1],
-                    width=grid[2], rope_interpolation_scale=rope_interpolation_scale,
-                    attention_kwargs=None, return_dict=False)[0]
-            uncond, text = v.float().chunk(2)
-            latents = pipe.scheduler.step_cfg(text, uncond, float(guidance_scale), t, latents,
-                                              return_dict=False)[0]
-            bar.update()
-    pipe._current_timestep = None
+
+    def velocities(t, latents):
+        x = torch.cat([latents] * 2).to(emb.dtype)
+        with pipe.transformer.cache_context("cond_uncond"):
+            v = pipe.transformer(
+                hidden_states=x, encoder_hidden_states=emb, timestep=t.expand(x.shape[0]),
+                encoder_attention_mask=mask, num_frames=grid[0], height=grid[1],
+                width=grid[2], rope_interpolation_scale=rope_interpolation_scale,
+                attention_kwargs=None, return_dict=False)[0]
+        uncond, text = v.float().chunk(2)
+        return text, uncond
+
+    latents = _guided_steps(pipe, timesteps, latents, guidance_scale, velocities)
     if output_type == "latent":
         video = latents
     else:
@@ -1123,11 +1143,7 @@ def hunyuan_video_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
         DEFAULT_PROMPT_TEMPLATE, retrieve_timesteps)
     from diffusers.pipelines.hunyuan_video.pipeline_output import HunyuanVideoPipelineOutput
     _check_loop_pipe(pipe, HunyuanVideoPipeline)
-    if (isinstance(true_cfg_scale, bool) or not isinstance(true_cfg_scale, numbers.Real)
-            or not true_cfg_scale > 1):
-        raise ValueError(f"true_cfg_scale must be a number > 1 (true CFG), got {true_cfg_scale!r}")
-    if negative_prompt is None:
-        raise ValueError("negative_prompt is None: without one the pipeline runs no true CFG")
+    _check_guidance("true_cfg_scale", true_cfg_scale, "true CFG", negative_prompt)
     _refuse_pipeline_options(HunyuanVideoPipeline, "hunyuan_video_true_cfg_loop",
                              pipeline_options)
     template = DEFAULT_PROMPT_TEMPLATE if prompt_template is None else prompt_template
@@ -1154,24 +1170,20 @@ def hunyuan_video_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
                                    num_frames, torch.float32, device, generator, None)
     guidance = torch.tensor([guidance_scale] * latents.shape[0], dtype=dtype,
                             device=device) * 1000.0
-    pipe.scheduler.set_begin_index(0)
-    pipe._num_timesteps = len(timesteps)
-    with pipe.progress_bar(total=len(timesteps)) as bar:
-        for t in timesteps:
-            pipe._current_timestep = t
-            x = latents.to(dtype)
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            v = []
-            for name, emb, pooled, mask in branches:
-                with pipe.transformer.cache_context(name):
-                    v.append(pipe.transformer(
-                        hidden_states=x, timestep=timestep, encoder_hidden_states=emb,
-                        encoder_attention_mask=mask, pooled_projections=pooled,
-                        guidance=guidance, attention_kwargs=None, return_dict=False)[0])
-            latents = pipe.scheduler.step_cfg(v[0], v[1], float(true_cfg_scale), t, latents,
-                                              return_dict=False)[0]
-            bar.update()
-    pipe._current_timestep = None
+
+    def velocities(t, latents):
+        x = latents.to(dtype)
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        v = []
+        for name, emb, pooled, mask in branches:
+            with pipe.transformer.cache_context(name):
+                v.append(pipe.transformer(
+                    hidden_states=x, timestep=timestep, encoder_hidden_states=emb,
+                    encoder_attention_mask=mask, pooled_projections=pooled,
+                    guidance=guidance, attention_kwargs=None, return_dict=False)[0])
+        return v
+
+    latents = _guided_steps(pipe, timesteps, latents, true_cfg_scale, velocities)
     if output_type == "latent":
         video = latents
     else:
@@ -1216,11 +1228,7 @@ def flux_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
     from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
     from diffusers.utils.torch_utils import get_module_execution_device
     _check_loop_pipe(pipe, FluxPipeline)
-    if (isinstance(true_cfg_scale, bool) or not isinstance(true_cfg_scale, numbers.Real)
-            or not true_cfg_scale > 1):
-        raise ValueError(f"true_cfg_scale must be a number > 1 (true CFG), got {true_cfg_scale!r}")
-    if negative_prompt is None:
-        raise ValueError("negative_prompt is None: without one the pipeline runs no true CFG")
+    _check_guidance("true_cfg_scale", true_cfg_scale, "true CFG", negative_prompt)
     _refuse_pipeline_options(FluxPipeline, "flux_true_cfg_loop", pipeline_options)
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
     width = width or pipe.default_sample_size * pipe.vae_scale_factor
@@ -1241,37 +1249,29 @@ def flux_true_cfg_loop(pipe: Any, prompt: Union[str, list], *,
     latents, image_ids = pipe.prepare_latents(batch * num_images_per_prompt,
                                               pipe.transformer.config.in_channels // 4, height,
                                               width, branches[0][1].dtype, device, generator)
-    cfg = pipe.scheduler.config
     if sigmas is None:
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    if getattr(cfg, "use_flow_sigmas", False):
-        sigmas = None
-    mu = calculate_shift(latents.shape[1], cfg.get("base_image_seq_len", 256),
-                         cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                         cfg.get("max_shift", 1.15))
-    timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device,
-                                      sigmas=sigmas, mu=mu)
-    pipe._num_timesteps = len(timesteps)
+        sigmas = "linear"
+    if getattr(pipe.scheduler.config, "use_flow_sigmas", False):
+        sigmas = None   # as FluxPipeline: the scheduler's flow sigmas
+    timesteps = _shifted_timesteps(pipe, calculate_shift, retrieve_timesteps, latents.shape[1],
+                                   num_inference_steps, device, sigmas)
     guidance = None
     if pipe.transformer.config.guidance_embeds:
         guidance = torch.full([1], guidance_scale, device=device,
                               dtype=torch.float32).expand(latents.shape[0])
-    pipe.scheduler.set_begin_index(0)
-    with pipe.progress_bar(total=len(timesteps)) as bar:
-        for t in timesteps:
-            pipe._current_timestep = t
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            v = []
-            for name, emb, pooled, text_ids in branches:
-                with pipe.transformer.cache_context(name):
-                    v.append(pipe.transformer(
-                        hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
-                        pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=text_ids,
-                        img_ids=image_ids, joint_attention_kwargs={}, return_dict=False)[0])
-            latents = pipe.scheduler.step_cfg(v[0], v[1], float(true_cfg_scale), t, latents,
-                                              return_dict=False)[0]
-            bar.update()
-    pipe._current_timestep = None
+
+    def velocities(t, latents):
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        v = []
+        for name, emb, pooled, text_ids in branches:
+            with pipe.transformer.cache_context(name):
+                v.append(pipe.transformer(
+                    hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
+                    pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=text_ids,
+                    img_ids=image_ids, joint_attention_kwargs={}, return_dict=False)[0])
+        return v
+
+    latents = _guided_steps(pipe, timesteps, latents, true_cfg_scale, velocities)
     if output_type == "latent":
         image = latents
     else:

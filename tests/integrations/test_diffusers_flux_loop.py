@@ -9,55 +9,36 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from fmrt.integrations.diffusers import (FlowMatchEulerDiscreteScheduler, accelerate,  # noqa
+from fmrt.integrations.diffusers import (accelerate,  # noqa: E402
                                          flux_true_cfg_loop, restore)
 from tests.helpers import use_backend  # noqa: E402
+from tests.integrations.guided_loops import GuidedLoop, gen, with_fmrt_scheduler  # noqa: E402
 from tests.tiny_image import tiny_flux_pipeline  # noqa: E402
 
 RUN = dict(height=16, width=16, num_inference_steps=3, true_cfg_scale=3.0)
-PROMPTS = ["a red cat runs", "a dog jumps"]
-NEGATIVE = ["blue dog", "green"]
-
-
-def _fmrt(pipe):
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    return pipe
+LOOP = GuidedLoop(flux_true_cfg_loop, RUN, "images")
 
 
 @pytest.fixture(scope="module")
 def pipes():
-    return tiny_flux_pipeline(), _fmrt(tiny_flux_pipeline())
-
-
-def _gen(seed=3):
-    return torch.Generator().manual_seed(seed)
-
-
-def _stock(pipe, prompt=PROMPTS, negative_prompt=NEGATIVE, **kw):
-    return pipe(prompt=prompt, negative_prompt=negative_prompt, generator=_gen(),
-                **{**RUN, **kw}).images
-
-
-def _loop(pipe, prompt=PROMPTS, negative_prompt=NEGATIVE, **kw):
-    return flux_true_cfg_loop(pipe, prompt, negative_prompt=negative_prompt,
-                                       generator=_gen(), **{**RUN, **kw}).images
+    return tiny_flux_pipeline(), with_fmrt_scheduler(tiny_flux_pipeline())
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_matches_the_pipeline_fp32(pipes, backend):
     stock, fast = pipes
-    want = _stock(stock, output_type="np")
-    lat = _stock(stock, output_type="latent")
+    want = LOOP.stock(stock, output_type="np")
+    lat = LOOP.stock(stock, output_type="latent")
     with use_backend(backend):
-        got = _loop(fast, output_type="np")
-        got_lat = _loop(fast, output_type="latent")
+        got = LOOP.fused(fast, output_type="np")
+        got_lat = LOOP.fused(fast, output_type="latent")
     assert got.shape == want.shape == (2, 16, 16, 3) and want.std() > 0.01
     assert lat.shape == (2, 64, 4) and lat.dtype == torch.float32
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
     torch.testing.assert_close(got_lat, lat, atol=2e-5, rtol=0)
     # the comparison can fail: without true CFG, or with another scale, the latents move
-    plain = stock(prompt=PROMPTS, generator=_gen(), output_type="latent", **RUN).images
-    other = _loop(fast, output_type="latent", true_cfg_scale=2.0)
+    plain = stock(prompt=LOOP.prompt, generator=gen(), output_type="latent", **RUN).images
+    other = LOOP.fused(fast, output_type="latent", true_cfg_scale=2.0)
     assert (plain - lat).abs().max() > 1e-2 and (other - lat).abs().max() > 1e-2
 
 
@@ -67,11 +48,11 @@ def test_matches_the_pipeline_fp32(pipes, backend):
     height=8, width=8, num_inference_steps=1, max_sequence_length=8))])
 def test_matches_the_pipeline_with_fmrt_attention(pipes, backend, kw):
     stock, fast = pipes
-    want = _stock(stock, output_type="latent", **kw)
+    want = LOOP.stock(stock, output_type="latent", **kw)
     assert accelerate(fast) == 3
     try:
         with use_backend(backend):
-            got = _loop(fast, output_type="latent", **kw)
+            got = LOOP.fused(fast, output_type="latent", **kw)
     finally:
         restore(fast)
     assert got.shape == want.shape and got.shape[0] == 2
@@ -85,17 +66,17 @@ def test_second_prompts_sigmas_guidance_and_images_per_prompt(pipes):
     kw = dict(prompt="a red cat runs", negative_prompt="blue dog", prompt_2="a cat",
               negative_prompt_2="a dog", sigmas=[1.0, 0.7, 0.2], guidance_scale=3.5,
               num_images_per_prompt=2, output_type="latent")
-    want = stock(generator=_gen(), **{**RUN, **kw}).images
-    got = flux_true_cfg_loop(fast, generator=_gen(), **{**RUN, **kw}).images
+    want = stock(generator=gen(), **{**RUN, **kw}).images
+    got = flux_true_cfg_loop(fast, generator=gen(), **{**RUN, **kw}).images
     assert got.shape == want.shape and got.shape[0] == 2
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
 def test_schnell_without_guidance_embedding():
     stock = tiny_flux_pipeline(guidance_embeds=False)
-    fast = _fmrt(tiny_flux_pipeline(guidance_embeds=False))
-    want = _stock(stock, output_type="np")
-    got = _loop(fast, output_type="np")
+    fast = with_fmrt_scheduler(tiny_flux_pipeline(guidance_embeds=False))
+    want = LOOP.stock(stock, output_type="np")
+    got = LOOP.fused(fast, output_type="np")
     assert got.shape == want.shape == (2, 16, 16, 3) and want.std() > 0.01
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
@@ -105,12 +86,12 @@ def test_bf16_is_the_pipelines_bf16_run(pipes):
     `step_cfg` rounds as those eager ops do, so fmrt's bf16 run is the pipeline's bf16 run (on
     the torch path bit for bit), as far from the fp32 run as diffusers' own."""
     stock, _ = pipes
-    ref = _stock(stock, output_type="latent")
+    ref = LOOP.stock(stock, output_type="latent")
     stock16 = tiny_flux_pipeline().to(torch.bfloat16)
-    fast16 = _fmrt(tiny_flux_pipeline().to(torch.bfloat16))
-    want = _stock(stock16, output_type="latent")
+    fast16 = with_fmrt_scheduler(tiny_flux_pipeline().to(torch.bfloat16))
+    want = LOOP.stock(stock16, output_type="latent")
     with use_backend("torch"):
-        got = _loop(fast16, output_type="latent")
+        got = LOOP.fused(fast16, output_type="latent")
     assert got.dtype == want.dtype == torch.bfloat16
     err_stock = (want.float() - ref).abs().max().item()
     err_fmrt = (got.float() - ref).abs().max().item()
@@ -122,23 +103,23 @@ def test_bf16_is_the_pipelines_bf16_run(pipes):
 def test_bad_input(pipes):
     stock, fast = pipes
     with pytest.raises(TypeError, match="fmrt's FlowMatchEulerDiscreteScheduler"):
-        _loop(stock)
+        LOOP.fused(stock)
     for s in (1.0, 0.5, "3", True):
         with pytest.raises(ValueError, match="true_cfg_scale must be a number > 1"):
-            _loop(fast, true_cfg_scale=s)
+            LOOP.fused(fast, true_cfg_scale=s)
     with pytest.raises(ValueError, match="negative_prompt is None"):
-        _loop(fast, negative_prompt=None)
+        LOOP.fused(fast, negative_prompt=None)
     emb = torch.zeros(2, 4, 16)
     for name, value in (("latents", torch.zeros(2, 64, 4)), ("prompt_embeds", emb),
                         ("negative_prompt_embeds", emb), ("callback_on_step_end", print),
                         ("return_dict", False), ("joint_attention_kwargs", {"scale": 1.0}),
                         ("ip_adapter_image", np.zeros((16, 16, 3), np.uint8))):
         with pytest.raises(ValueError, match=f"does not support {name}="):
-            _loop(fast, **{name: value})
+            LOOP.fused(fast, **{name: value})
     with pytest.raises(TypeError, match="unexpected keyword argument 'num_frames'"):
-        _loop(fast, num_frames=5)
+        LOOP.fused(fast, num_frames=5)
     with pytest.raises(ValueError, match="cannot be greater than 512 but is 513"):
-        _loop(fast, max_sequence_length=513)
+        LOOP.fused(fast, max_sequence_length=513)
 
     class MyFlux(type(fast)):
         pass
@@ -146,6 +127,6 @@ def test_bad_input(pipes):
         flux_true_cfg_loop(MyFlux(**fast.components), "a cat",
                                     negative_prompt="a dog", true_cfg_scale=3.0)
     # the pipeline's defaults pass
-    got = _loop(fast, latents=None, return_dict=True, output_type="latent",
+    got = LOOP.fused(fast, latents=None, return_dict=True, output_type="latent",
                 num_inference_steps=1)
     assert got.shape == (2, 64, 4)

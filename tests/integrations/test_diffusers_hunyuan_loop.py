@@ -9,55 +9,36 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from fmrt.integrations.diffusers import (FlowMatchEulerDiscreteScheduler, accelerate,  # noqa
+from fmrt.integrations.diffusers import (accelerate,  # noqa: E402
                                          hunyuan_video_true_cfg_loop, restore)
 from tests.helpers import use_backend  # noqa: E402
+from tests.integrations.guided_loops import GuidedLoop, gen, with_fmrt_scheduler  # noqa: E402
 from tests.tiny_video import tiny_hunyuan_video_pipeline  # noqa: E402
 
 RUN = dict(height=16, width=16, num_frames=5, num_inference_steps=3, true_cfg_scale=3.0)
-PROMPTS = ["a red cat runs", "a dog jumps"]
-NEGATIVE = ["blue dog", "green"]
-
-
-def _fmrt(pipe):
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    return pipe
+LOOP = GuidedLoop(hunyuan_video_true_cfg_loop, RUN, "frames")
 
 
 @pytest.fixture(scope="module")
 def pipes():
-    return tiny_hunyuan_video_pipeline(), _fmrt(tiny_hunyuan_video_pipeline())
-
-
-def _gen(seed=3):
-    return torch.Generator().manual_seed(seed)
-
-
-def _stock(pipe, prompt=PROMPTS, negative_prompt=NEGATIVE, **kw):
-    return pipe(prompt=prompt, negative_prompt=negative_prompt, generator=_gen(),
-                **{**RUN, **kw}).frames
-
-
-def _loop(pipe, prompt=PROMPTS, negative_prompt=NEGATIVE, **kw):
-    return hunyuan_video_true_cfg_loop(pipe, prompt, negative_prompt=negative_prompt,
-                                       generator=_gen(), **{**RUN, **kw}).frames
+    return tiny_hunyuan_video_pipeline(), with_fmrt_scheduler(tiny_hunyuan_video_pipeline())
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_matches_the_pipeline_fp32(pipes, backend):
     stock, fast = pipes
-    want = _stock(stock, output_type="np")
-    lat = _stock(stock, output_type="latent")
+    want = LOOP.stock(stock, output_type="np")
+    lat = LOOP.stock(stock, output_type="latent")
     with use_backend(backend):
-        got = _loop(fast, output_type="np")
-        got_lat = _loop(fast, output_type="latent")
+        got = LOOP.fused(fast, output_type="np")
+        got_lat = LOOP.fused(fast, output_type="latent")
     assert got.shape == want.shape == (2, 5, 16, 16, 3) and want.std() > 0.01
     assert lat.shape == (2, 4, 2, 2, 2) and lat.dtype == torch.float32
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
     torch.testing.assert_close(got_lat, lat, atol=2e-5, rtol=0)
     # the comparison can fail: without true CFG, or with another scale, the latents move
-    plain = stock(prompt=PROMPTS, generator=_gen(), output_type="latent", **RUN).frames
-    other = _loop(fast, output_type="latent", true_cfg_scale=2.0)
+    plain = stock(prompt=LOOP.prompt, generator=gen(), output_type="latent", **RUN).frames
+    other = LOOP.fused(fast, output_type="latent", true_cfg_scale=2.0)
     assert (plain - lat).abs().max() > 1e-2 and (other - lat).abs().max() > 1e-2
 
 
@@ -65,11 +46,11 @@ def test_matches_the_pipeline_fp32(pipes, backend):
 @pytest.mark.parametrize("backend, kw", [("torch", {}), ("triton", dict(num_inference_steps=2))])
 def test_matches_the_pipeline_with_fmrt_attention(pipes, backend, kw):
     stock, fast = pipes
-    want = _stock(stock, output_type="latent", **kw)
+    want = LOOP.stock(stock, output_type="latent", **kw)
     assert accelerate(fast) == 2
     try:
         with use_backend(backend):
-            got = _loop(fast, output_type="latent", **kw)
+            got = LOOP.fused(fast, output_type="latent", **kw)
     finally:
         restore(fast)
     assert got.shape == want.shape and got.shape[0] == 2
@@ -83,8 +64,8 @@ def test_second_prompts_sigmas_guidance_and_videos_per_prompt(pipes):
     kw = dict(prompt="a red cat runs", negative_prompt="blue dog", prompt_2="a cat",
               negative_prompt_2="a dog", sigmas=[1.0, 0.7, 0.2], guidance_scale=3.5,
               num_videos_per_prompt=2, output_type="latent")
-    want = stock(generator=_gen(), **{**RUN, **kw}).frames
-    got = hunyuan_video_true_cfg_loop(fast, generator=_gen(), **{**RUN, **kw}).frames
+    want = stock(generator=gen(), **{**RUN, **kw}).frames
+    got = hunyuan_video_true_cfg_loop(fast, generator=gen(), **{**RUN, **kw}).frames
     assert got.shape == want.shape and got.shape[0] == 2
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
@@ -94,12 +75,12 @@ def test_bf16_is_the_pipelines_bf16_run(pipes):
     `step_cfg` rounds as those eager ops do, so fmrt's bf16 run is the pipeline's bf16 run (on
     the torch path bit for bit), as far from the fp32 run as diffusers' own."""
     stock, _ = pipes
-    ref = _stock(stock, output_type="latent")
+    ref = LOOP.stock(stock, output_type="latent")
     stock16 = tiny_hunyuan_video_pipeline().to(torch.bfloat16)
-    fast16 = _fmrt(tiny_hunyuan_video_pipeline().to(torch.bfloat16))
-    want = _stock(stock16, output_type="latent")
+    fast16 = with_fmrt_scheduler(tiny_hunyuan_video_pipeline().to(torch.bfloat16))
+    want = LOOP.stock(stock16, output_type="latent")
     with use_backend("torch"):
-        got = _loop(fast16, output_type="latent")
+        got = LOOP.fused(fast16, output_type="latent")
     assert got.dtype == want.dtype == torch.bfloat16
     err_stock = (want.float() - ref).abs().max().item()
     err_fmrt = (got.float() - ref).abs().max().item()
@@ -111,22 +92,22 @@ def test_bf16_is_the_pipelines_bf16_run(pipes):
 def test_bad_input(pipes):
     stock, fast = pipes
     with pytest.raises(TypeError, match="fmrt's FlowMatchEulerDiscreteScheduler"):
-        _loop(stock)
+        LOOP.fused(stock)
     for s in (1.0, 0.5, "3", True):
         with pytest.raises(ValueError, match="true_cfg_scale must be a number > 1"):
-            _loop(fast, true_cfg_scale=s)
+            LOOP.fused(fast, true_cfg_scale=s)
     with pytest.raises(ValueError, match="negative_prompt is None"):
-        _loop(fast, negative_prompt=None)
+        LOOP.fused(fast, negative_prompt=None)
     emb = torch.zeros(2, 4, 16)
     for name, value in (("latents", torch.zeros(2, 4, 2, 2, 2)), ("prompt_embeds", emb),
                         ("negative_prompt_embeds", emb), ("callback_on_step_end", print),
                         ("return_dict", False), ("attention_kwargs", {"scale": 1.0})):
         with pytest.raises(ValueError, match=f"does not support {name}="):
-            _loop(fast, **{name: value})
+            LOOP.fused(fast, **{name: value})
     with pytest.raises(TypeError, match="unexpected keyword argument 'guidance_rescale'"):
-        _loop(fast, guidance_rescale=0.5)
+        LOOP.fused(fast, guidance_rescale=0.5)
     with pytest.raises(ValueError, match="divisible by 16"):
-        _loop(fast, height=24)
+        LOOP.fused(fast, height=24)
 
     class MyHunyuan(type(fast)):
         pass
@@ -134,6 +115,6 @@ def test_bad_input(pipes):
         hunyuan_video_true_cfg_loop(MyHunyuan(**fast.components), "a cat",
                                     negative_prompt="a dog", true_cfg_scale=3.0)
     # the pipeline's defaults pass
-    got = _loop(fast, latents=None, return_dict=True, output_type="latent",
+    got = LOOP.fused(fast, latents=None, return_dict=True, output_type="latent",
                 num_inference_steps=1)
     assert got.shape == (2, 4, 2, 2, 2)

@@ -9,48 +9,29 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from fmrt.integrations.diffusers import (FlowMatchEulerDiscreteScheduler, accelerate,  # noqa
+from fmrt.integrations.diffusers import (accelerate,  # noqa: E402
                                          ltx_cfg_loop, restore)
 from tests.helpers import use_backend  # noqa: E402
+from tests.integrations.guided_loops import GuidedLoop, gen, with_fmrt_scheduler  # noqa: E402
 from tests.tiny_video import tiny_ltx_pipeline  # noqa: E402
 
 RUN = dict(height=32, width=32, num_frames=9, num_inference_steps=3, guidance_scale=3.0)
-PROMPTS = ["a red cat runs", "a dog jumps"]
-NEGATIVE = ["blue dog", "green"]
-
-
-def _fmrt(pipe):
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    return pipe
+LOOP = GuidedLoop(ltx_cfg_loop, RUN, "frames")
 
 
 @pytest.fixture(scope="module")
 def pipes():
-    return tiny_ltx_pipeline(), _fmrt(tiny_ltx_pipeline())
-
-
-def _gen(seed=3):
-    return torch.Generator().manual_seed(seed)
-
-
-def _stock(pipe, prompt=PROMPTS, negative_prompt=NEGATIVE, **kw):
-    return pipe(prompt=prompt, negative_prompt=negative_prompt, generator=_gen(),
-                **{**RUN, **kw}).frames
-
-
-def _loop(pipe, prompt=PROMPTS, negative_prompt=NEGATIVE, **kw):
-    return ltx_cfg_loop(pipe, prompt, negative_prompt=negative_prompt, generator=_gen(),
-                        **{**RUN, **kw}).frames
+    return tiny_ltx_pipeline(), with_fmrt_scheduler(tiny_ltx_pipeline())
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_matches_the_pipeline_fp32(pipes, backend):
     stock, fast = pipes
-    want = _stock(stock, output_type="np")
-    lat = _stock(stock, output_type="latent")
+    want = LOOP.stock(stock, output_type="np")
+    lat = LOOP.stock(stock, output_type="latent")
     with use_backend(backend):
-        got = _loop(fast, output_type="np")
-        got_lat = _loop(fast, output_type="latent")
+        got = LOOP.fused(fast, output_type="np")
+        got_lat = LOOP.fused(fast, output_type="latent")
     assert got.shape == want.shape == (2, 9, 32, 32, 3) and want.std() > 0.01
     assert lat.shape == (2, 3 * 8 * 8, 8) and lat.dtype == torch.float32
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
@@ -63,11 +44,11 @@ def test_matches_the_pipeline_fp32(pipes, backend):
                                          ("triton", dict(num_frames=1, num_inference_steps=1))])
 def test_matches_the_pipeline_with_fmrt_attention(pipes, backend, kw):
     stock, fast = pipes
-    want = _stock(stock, output_type="latent", **kw)
+    want = LOOP.stock(stock, output_type="latent", **kw)
     assert accelerate(fast) == 4
     try:
         with use_backend(backend):
-            got = _loop(fast, output_type="latent", **kw)
+            got = LOOP.fused(fast, output_type="latent", **kw)
     finally:
         restore(fast)
     assert got.shape == want.shape and got.shape[0] == 2
@@ -78,9 +59,9 @@ def test_guidance_matters(pipes):
     """The comparison above can fail: cond and uncond swapped, or another scale, move the
     latents far beyond 2e-5."""
     stock, fast = pipes
-    want = _stock(stock, output_type="latent")
-    other = _loop(fast, output_type="latent", guidance_scale=2.0)
-    swapped = _loop(fast, prompt=NEGATIVE, negative_prompt=PROMPTS, output_type="latent")
+    want = LOOP.stock(stock, output_type="latent")
+    other = LOOP.fused(fast, output_type="latent", guidance_scale=2.0)
+    swapped = LOOP.fused(fast, prompt=LOOP.negative_prompt, negative_prompt=LOOP.prompt, output_type="latent")
     assert (other - want).abs().max() > 1e-2 and (swapped - want).abs().max() > 1e-2
 
 
@@ -90,8 +71,8 @@ def test_default_negative_prompt_frame_rate_and_videos_per_prompt(pipes):
     stock, fast = pipes
     kw = dict(negative_prompt=None, prompt="a red cat runs", frame_rate=12,
               num_videos_per_prompt=2, output_type="latent")
-    want = stock(generator=_gen(), **RUN, **kw).frames
-    got = ltx_cfg_loop(fast, generator=_gen(), **RUN, **kw).frames
+    want = stock(generator=gen(), **RUN, **kw).frames
+    got = ltx_cfg_loop(fast, generator=gen(), **RUN, **kw).frames
     assert got.shape == want.shape and got.shape[0] == 2
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
@@ -100,11 +81,11 @@ def test_timestep_conditioned_vae():
     """LTX-Video 0.9.1+ decoders: noise from the generator mixed in at decode_noise_scale and
     decode_timestep handed to the decoder, as the pipeline does."""
     stock = tiny_ltx_pipeline(timestep_conditioning=True)
-    fast = _fmrt(tiny_ltx_pipeline(timestep_conditioning=True))
+    fast = with_fmrt_scheduler(tiny_ltx_pipeline(timestep_conditioning=True))
     kw = dict(decode_timestep=[0.05, 0.1], decode_noise_scale=0.025, output_type="np")
-    want = _stock(stock, **kw)
-    got = _loop(fast, **kw)
-    plain = _loop(fast, output_type="np")
+    want = LOOP.stock(stock, **kw)
+    got = LOOP.fused(fast, **kw)
+    plain = LOOP.fused(fast, output_type="np")
     assert got.shape == want.shape == (2, 9, 32, 32, 3)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
     assert np.abs(plain - want).max() > 1e-3   # the decode arguments reached the decoder
@@ -112,12 +93,12 @@ def test_timestep_conditioned_vae():
 
 def test_bf16_is_the_pipelines_bf16_run(pipes):
     stock, _ = pipes
-    ref = _stock(stock, output_type="latent")
+    ref = LOOP.stock(stock, output_type="latent")
     stock16 = tiny_ltx_pipeline().to(torch.bfloat16)
-    fast16 = _fmrt(tiny_ltx_pipeline().to(torch.bfloat16))
-    want = _stock(stock16, output_type="latent")
+    fast16 = with_fmrt_scheduler(tiny_ltx_pipeline().to(torch.bfloat16))
+    want = LOOP.stock(stock16, output_type="latent")
     with use_backend("torch"):
-        got = _loop(fast16, output_type="latent")
+        got = LOOP.fused(fast16, output_type="latent")
     # the pipeline keeps latents, the combine and the step in fp32 whatever the model dtype:
     # fmrt's bf16 run is the pipeline's (on the torch path bit for bit)
     assert got.dtype == want.dtype == torch.float32
@@ -126,30 +107,30 @@ def test_bf16_is_the_pipelines_bf16_run(pipes):
     err_fmrt = (got - ref).abs().max().item()
     assert err_stock > 0
     assert err_fmrt <= 1.5 * err_stock + 2 * 2 ** -8 * ref.abs().max().item()
-    frames = _loop(fast16, output_type="np")
+    frames = LOOP.fused(fast16, output_type="np")
     assert frames.shape == (2, 9, 32, 32, 3) and np.isfinite(frames).all()
 
 
 def test_bad_input(pipes):
     stock, fast = pipes
     with pytest.raises(TypeError, match="fmrt's FlowMatchEulerDiscreteScheduler"):
-        _loop(stock)
+        LOOP.fused(stock)
     for g in (1.0, 0.5, "3", True):
         with pytest.raises(ValueError, match="guidance_scale must be a number > 1"):
-            _loop(fast, guidance_scale=g)
+            LOOP.fused(fast, guidance_scale=g)
     with pytest.raises(ValueError, match="guidance_rescale=0.7"):
-        _loop(fast, guidance_rescale=0.7)
+        LOOP.fused(fast, guidance_rescale=0.7)
     lat = torch.zeros(2, 192, 8)
     emb = torch.zeros(2, 4, 16)
     for name, value in (("latents", lat), ("prompt_embeds", emb), ("timesteps", [900, 500]),
                         ("callback_on_step_end", lambda *a: {}), ("return_dict", False),
                         ("attention_kwargs", {"scale": 1.0})):
         with pytest.raises(ValueError, match=f"does not support {name}="):
-            _loop(fast, **{name: value})
+            LOOP.fused(fast, **{name: value})
     with pytest.raises(TypeError, match="unexpected keyword argument 'true_cfg_scale'"):
-        _loop(fast, true_cfg_scale=4.0)
+        LOOP.fused(fast, true_cfg_scale=4.0)
     with pytest.raises(ValueError, match="divisible by 32"):
-        _loop(fast, height=48)
+        LOOP.fused(fast, height=48)
 
     class MyLTX(type(fast)):
         pass
@@ -158,6 +139,6 @@ def test_bad_input(pipes):
     with pytest.raises(ValueError, match="got LTXVideoTransformer3DModel"):
         ltx_cfg_loop(fast.transformer, "a cat")
     # the pipeline's defaults pass
-    got = _loop(fast, latents=None, return_dict=True, callback_on_step_end_tensor_inputs=[
+    got = LOOP.fused(fast, latents=None, return_dict=True, callback_on_step_end_tensor_inputs=[
         "latents"], output_type="latent", num_inference_steps=1)
     assert got.shape == (2, 192, 8)

@@ -9,44 +9,29 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from fmrt.integrations.diffusers import (FlowMatchEulerDiscreteScheduler, accelerate,  # noqa
-                                         qwen_image_true_cfg_loop)
+from fmrt.integrations.diffusers import accelerate, qwen_image_true_cfg_loop  # noqa: E402
 from tests.helpers import use_backend  # noqa: E402
+from tests.integrations.guided_loops import GuidedLoop, gen, with_fmrt_scheduler  # noqa: E402
 from tests.tiny_image import tiny_qwen_image_pipeline  # noqa: E402
 
 RUN = dict(height=32, width=32, num_inference_steps=3, true_cfg_scale=3.0)
+LOOP = GuidedLoop(qwen_image_true_cfg_loop, RUN, "images", prompt="a red cat runs",
+                  negative_prompt="blue dog")
 
 
 @pytest.fixture(scope="module")
 def pipes():
-    stock = tiny_qwen_image_pipeline()
-    fast = tiny_qwen_image_pipeline()
-    fast.scheduler = FlowMatchEulerDiscreteScheduler.from_config(fast.scheduler.config)
-    return stock, fast
-
-
-def _gen(seed=3):
-    return torch.Generator().manual_seed(seed)
-
-
-def _stock(pipe, prompt="a red cat runs", negative_prompt="blue dog", **kw):
-    return pipe(prompt=prompt, negative_prompt=negative_prompt, generator=_gen(),
-                **{**RUN, **kw}).images
-
-
-def _loop(pipe, prompt="a red cat runs", negative_prompt="blue dog", **kw):
-    return qwen_image_true_cfg_loop(pipe, prompt, negative_prompt=negative_prompt,
-                                    generator=_gen(), **{**RUN, **kw}).images
+    return tiny_qwen_image_pipeline(), with_fmrt_scheduler(tiny_qwen_image_pipeline())
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_matches_the_pipeline_fp32(pipes, backend):
     stock, fast = pipes
-    want = _stock(stock, output_type="np")
-    lat = _stock(stock, output_type="latent")
+    want = LOOP.stock(stock, output_type="np")
+    lat = LOOP.stock(stock, output_type="latent")
     with use_backend(backend):
-        got = _loop(fast, output_type="np")
-        got_lat = _loop(fast, output_type="latent")
+        got = LOOP.fused(fast, output_type="np")
+        got_lat = LOOP.fused(fast, output_type="latent")
     assert got.shape == want.shape == (1, 32, 32, 3) and want.std() > 0.01
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
     torch.testing.assert_close(got_lat, lat, atol=2e-5, rtol=0)
@@ -59,11 +44,11 @@ def test_accelerated_batch_and_default_negative(pipes, prompt, n):
     img_shapes count prompts, not images), fmrt attention, the default negative prompt " "."""
     from fmrt.integrations.diffusers import restore
     stock, fast = pipes
-    want = _stock(stock, prompt=prompt, negative_prompt=" ", num_images_per_prompt=n,
+    want = LOOP.stock(stock, prompt=prompt, negative_prompt=" ", num_images_per_prompt=n,
                   output_type="latent")
     accelerate(fast)
     try:
-        got = qwen_image_true_cfg_loop(fast, prompt, generator=_gen(), num_images_per_prompt=n,
+        got = qwen_image_true_cfg_loop(fast, prompt, generator=gen(), num_images_per_prompt=n,
                                        **RUN, output_type="latent").images
     finally:
         restore(fast)
@@ -73,12 +58,11 @@ def test_accelerated_batch_and_default_negative(pipes, prompt, n):
 
 def test_bf16_within_the_pipelines_bf16_error(pipes):
     stock, fast = pipes
-    ref = _stock(stock, output_type="latent").float()
+    ref = LOOP.stock(stock, output_type="latent").float()
     stock16 = tiny_qwen_image_pipeline().to(torch.bfloat16)
-    fast16 = tiny_qwen_image_pipeline().to(torch.bfloat16)
-    fast16.scheduler = FlowMatchEulerDiscreteScheduler.from_config(fast16.scheduler.config)
-    want = _stock(stock16, output_type="latent")
-    got = _loop(fast16, output_type="latent")
+    fast16 = with_fmrt_scheduler(tiny_qwen_image_pipeline().to(torch.bfloat16))
+    want = LOOP.stock(stock16, output_type="latent")
+    got = LOOP.fused(fast16, output_type="latent")
     assert got.dtype == want.dtype == torch.bfloat16
     err_stock = (want.float() - ref).abs().max().item()
     err_fmrt = (got.float() - ref).abs().max().item()
@@ -89,11 +73,11 @@ def test_bf16_within_the_pipelines_bf16_error(pipes):
 def test_bad_input(pipes):
     stock, fast = pipes
     with pytest.raises(TypeError, match="fmrt's FlowMatchEulerDiscreteScheduler"):
-        _loop(stock)
+        LOOP.fused(stock)
     with pytest.raises(ValueError, match="true_cfg_scale must be a number > 1"):
-        _loop(fast, true_cfg_scale=1.0)
+        LOOP.fused(fast, true_cfg_scale=1.0)
     with pytest.raises(ValueError, match="negative_prompt is None"):
-        _loop(fast, negative_prompt=None)
+        LOOP.fused(fast, negative_prompt=None)
 
     class MyQwen(type(fast)):
         pass

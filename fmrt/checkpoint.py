@@ -16,7 +16,9 @@ what a killed writer left). Nothing non-finite is ever written: every floating t
 first (`check_finite`, `NonFiniteTensorError`).
 
 A run folder (`fmrt train --out-dir`): `checkpoints/step-XXXXXXX.safetensors` + `.json`,
-`metrics.jsonl`, `model.safetensors` + `model.json` (`run_files`, `remove_run`).
+`metrics.jsonl`, `model.safetensors` + `model.json` (`run_files`, `remove_run`), and while a
+training process writes to it, its lock `.fmrt-train.lock` (`RunLock`: a second run into the
+same folder is refused).
 """
 from __future__ import annotations
 
@@ -337,6 +339,60 @@ def remove_run(out_dir: str) -> list[str]:
     for p in files:
         os.remove(p)
     return files
+
+
+LOCK = ".fmrt-train.lock"
+
+
+class RunLockedError(ValueError):
+    """Another live process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder for as long as one training process writes to it:
+    `flock` on `out_dir/.fmrt-train.lock`, which holds the owner's PID. The kernel drops the
+    lock when its process ends however it ends, so a killed run never leaves a stale lock; the
+    file is removed on `release`. Where `fcntl` is missing (Windows) it locks nothing.
+    `RunLock(out_dir)` raises RunLockedError naming the owner when the folder is taken."""
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, LOCK)
+        self._fd: Optional[int] = None
+        try:
+            import fcntl
+        except ImportError:     # pragma: no cover - not POSIX
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise RunLockedError(
+                    f"another fmrt train (PID {owner}) is writing to {out_dir}: wait for it to "
+                    f"finish or stop it, or choose another --out-dir") from None
+            try:    # the owner before us may have removed the file between our open and flock
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (idempotent)."""
+        if self._fd is None:
+            return
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
 
 
 def _alive(pid: int) -> bool:

@@ -21,6 +21,8 @@ config says `resume` (continue it: the checkpoint's training config must match, 
 RESUME_MAY_CHANGE; metrics lines and checkpoints after the resumed step are dropped) or
 `overwrite` (its run files are removed before the first step). Temporaries a killed writer left
 are removed at start; a run that fails before writing anything removes the folders it created.
+While a run writes to `out_dir`, it holds the folder's lock (`fmrt.checkpoint.RunLock`): a
+second run into the same folder is refused before it touches anything, whatever its flags.
 
 Stopping. SIGINT / SIGTERM stop the loop between two optimizer steps, save a checkpoint of
 that step and raise `TrainingInterrupted` (a KeyboardInterrupt); a non-finite loss or gradient
@@ -45,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from fmrt._dispatch import resolve_device
-from fmrt.checkpoint import (CHECKPOINTS, METRICS, MODEL, TrainState, atomic_write_bytes,
+from fmrt.checkpoint import (CHECKPOINTS, METRICS, MODEL, RunLock, TrainState, atomic_write_bytes,
                              checkpoint_path, export_model, list_checkpoints, load_model,
                              load_optimizer, load_state, load_train_state, merge_lora,
                              optimizer_tensors, prune_checkpoints, remove_run,
@@ -529,11 +531,26 @@ def _describe(files: list[str]) -> str:
     return ", ".join(names + ([f"{n} checkpoint{'s' * (n != 1)}"] if n else []))
 
 
-def _open_run(config: TrainConfig, main: bool) -> tuple[Optional[str], list[str]]:
-    """Check `out_dir` against the config before any work: an earlier run there needs `resume`
-    (continue it) or `overwrite` (replace it; removed once the new run is ready to start);
-    `resume="auto"` needs a checkpoint. Removes stale temporaries and creates the folders (main
-    rank). Returns (the checkpoint to resume from or None, the folders created)."""
+def _open_run(config: TrainConfig, main: bool
+              ) -> tuple[Optional[str], list[str], Optional[RunLock]]:
+    """Check `out_dir` against the config before any work: a live run there (its lock) is
+    refused; an earlier run needs `resume` (continue it) or `overwrite` (replace it; removed
+    once the new run is ready to start); `resume="auto"` needs a checkpoint. The main rank locks
+    the folder, removes stale temporaries and creates the folders. Returns (the checkpoint to
+    resume from or None, the folders created, the lock (main rank) or None)."""
+    lock = RunLock(config.out_dir) if main and os.path.isdir(config.out_dir) else None
+    try:
+        resume_path, created = _check_run(config, main)
+        if main and lock is None:
+            lock = RunLock(config.out_dir)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return resume_path, created, lock
+
+
+def _check_run(config: TrainConfig, main: bool) -> tuple[Optional[str], list[str]]:
     out_dir = config.out_dir
     if main and os.path.isdir(out_dir):
         remove_stale_temporaries(out_dir)
@@ -710,19 +727,24 @@ def train(config: TrainConfig, *, dataset=None) -> dict:
     config.validate()
     dist_info, device = _dist_setup(config.device)
     try:
-        resume_path, created = _open_run(config, dist_info.main)
+        resume_path, created, lock = _open_run(config, dist_info.main)
         try:
             # SIGINT / SIGTERM stop the loop between two optimizer steps (a saved checkpoint,
             # TrainingInterrupted); the final save and export finish before a signal is acted on
             with torch.enable_grad(), _StopOnSignal(dist_info.main, config.progress) as stop:
                 return _train(config, dataset, dist_info, device, resume_path, stop)
         except BaseException:
+            if lock is not None:
+                lock.release()
             for d in reversed(created):     # a run that failed before writing leaves no folder
                 try:
                     os.rmdir(d)
                 except OSError:
                     break
             raise
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
         if dist_info.created:
             import torch.distributed as dist

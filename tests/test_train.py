@@ -474,3 +474,50 @@ def test_init_class_model_with_text_dim_starts_as_that_model(tmp_path):
     want = class_to_class_text(fm, 16)
     for k, v in want.state_dict().items():
         torch.testing.assert_close(tuned.state_dict()[k], v, atol=1e-6, rtol=0)
+
+
+def test_run_lock_refuses_a_second_writer_and_dies_with_its_owner(tmp_path):
+    from fmrt.checkpoint import LOCK, RunLock, RunLockedError
+    first = RunLock(str(tmp_path))
+    assert (tmp_path / LOCK).read_text() == str(os.getpid())
+    with pytest.raises(RunLockedError, match=f"PID {os.getpid()}"):
+        RunLock(str(tmp_path))
+    first.release()
+    first.release()                             # idempotent
+    assert not (tmp_path / LOCK).exists()
+    RunLock(str(tmp_path)).release()
+    # a killed owner leaves its file but not its lock
+    code = (f"import sys, time; from fmrt.checkpoint import RunLock; RunLock({str(tmp_path)!r}); "
+            "print('locked', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"PID {p.pid}"):
+            RunLock(str(tmp_path))
+    finally:
+        p.kill()
+        p.wait()
+    assert (tmp_path / LOCK).read_text() == str(p.pid)
+    lock = RunLock(str(tmp_path))
+    assert (tmp_path / LOCK).read_text() == str(os.getpid())
+    lock.release()
+
+
+def test_train_into_a_folder_another_run_writes_to_is_refused(tmp_path, capsys):
+    from fmrt.checkpoint import LOCK, RunLock, RunLockedError
+    from fmrt.cli import main
+    d = tmp_path / "run"
+    d.mkdir()
+    held = RunLock(str(d))                      # a live run that has not written a file yet
+    try:
+        for kw in ({}, dict(overwrite=True), dict(resume="auto")):
+            with pytest.raises(RunLockedError, match="another fmrt train"):
+                train(tiny_config(d, **kw))
+            assert os.listdir(d) == [LOCK]      # nothing touched, the owner's lock kept
+        assert main(["train", "--out-dir", str(d), "--overwrite", *CLI_TINY]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"PID {os.getpid()}" in err
+    finally:
+        held.release()
+    out = train(tiny_config(d, steps=2))        # free again; a finished run leaves no lock
+    assert out["step"] == 2 and not (d / LOCK).exists()

@@ -1526,14 +1526,25 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     return _flash_apply(q, k, v, key_padding_mask, mask, scale)
 
 
-@torch.compiler.disable
 def _flash_apply(q, k, v, key_padding_mask, mask, scale) -> Tensor:
     # Kept out of torch.compile graphs (a graph break): dynamo ignores the Function's jvp rule
     # and torch.compile(torch.func.jvp(...)) then returns wrong tangents silently (checked with
     # torch 2.13). With the break, a compiled JVP falls back to eager and is right, compiled
     # forward / backward still work, and fullgraph=True raises instead of being wrong.
+    # torch.compiler.disable imports torch._dynamo (about 1 s), so it is applied at the first
+    # Triton call rather than at import: a CPU-only `fmrt sample` never pays for it.
+    global _flash_apply_uncompiled
+    if _flash_apply_uncompiled is None:
+        _flash_apply_uncompiled = torch.compiler.disable(_flash_apply_eager)
+    return _flash_apply_uncompiled(q, k, v, key_padding_mask, mask, scale)
+
+
+def _flash_apply_eager(q, k, v, key_padding_mask, mask, scale) -> Tensor:
     out, _ = _FlashAttention.apply(q, k, v, key_padding_mask, mask, scale)
     return out
+
+
+_flash_apply_uncompiled = None
 
 
 def flash_attention_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor, *,

@@ -86,6 +86,18 @@ def test_import_fmrt_is_light_and_lazy():
     assert {"use_backend", "FlowMatchScheduler", "__version__"} <= set(dir(fmrt))
 
 
+def test_cpu_sampling_never_imports_the_compiler(tmp_path):
+    """torch._dynamo costs about a second of every `fmrt sample` start (it came with
+    `torch.compiler.disable` at import of fmrt.ops): the CPU path must not load it."""
+    probe = PROBE.replace('"torch" in sys.modules', '"torch._dynamo" in sys.modules').replace(
+        '"torch loaded"', '"dynamo loaded"').replace('"no torch"', '"no dynamo"')
+    r = subprocess.run([sys.executable, "-c", probe, "sample", "--num", "1", "--steps", "1",
+                        "--out", str(tmp_path / "x.png"), "--no-progress"], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "no dynamo", r.stderr
+
+
 def test_cli_vocabulary_is_the_library_s():
     from fmrt.data import CLASS_NAMES
     from fmrt.ops import SEED_LIMIT

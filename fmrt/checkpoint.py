@@ -218,6 +218,48 @@ def export_model(path: str, state: dict[str, Tensor], meta: dict) -> None:
     _write_pair(path, state, dict(meta, format=MODEL_FORMAT))
 
 
+def with_sampling_defaults(meta: dict, **changes) -> dict:
+    """A copy of a model's meta with its recorded sampling defaults (`meta["sample"]`: what
+    `fmrt sample` / `fmrt eval` / `fmrt.sampling.generate_clips` use when not told otherwise)
+    changed: steps (int >= 1), guidance_scale (float >= 0), shift (float > 0),
+    guidance_interval ((lo, hi) with 0 <= lo <= hi <= 1: guidance only where lo <= sigma <=
+    hi; None removes it: guidance at every step). ValueError / TypeError on a bad value."""
+    from fmrt.guidance import check_interval
+    sample = dict(meta.get("sample") or {})
+    for key, value in changes.items():
+        if key == "guidance_interval":
+            iv = check_interval(value)
+            if iv is None:
+                sample.pop(key, None)
+            else:
+                sample[key] = list(iv)
+            continue
+        if key == "steps":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        elif key in ("guidance_scale", "shift"):
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and (value > 0 if key == "shift" else value >= 0))
+            value = float(value)
+        else:
+            raise TypeError(f"unknown sampling default {key!r}: expected steps, guidance_scale, "
+                            f"guidance_interval or shift")
+        if not ok:
+            raise ValueError(f"bad sampling default {key}={value!r}")
+        sample[key] = value
+    return dict(meta, sample=sample)
+
+
+def export_for_sampling(src: str, out: str, **changes) -> dict:
+    """Export the model in `src` (an exported model, or a training checkpoint: its EMA weights,
+    LoRA merged) to `out` (.safetensors + .json) with `with_sampling_defaults(**changes)`; the
+    weights are the ones `load_model(src)` samples with, bit for bit. Returns the new meta."""
+    model, meta = load_model(src)
+    keep = {k: v for k, v in meta.items() if k not in ("format", "optim_groups")}
+    new = with_sampling_defaults(keep, **changes)
+    export_model(out, {k: v.contiguous() for k, v in model.state_dict().items()}, new)
+    return dict(new, format=MODEL_FORMAT)
+
+
 # ---------------------------------------------------------------------------------------------
 # training checkpoints
 # ---------------------------------------------------------------------------------------------

@@ -544,6 +544,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "--overwrite)")
     _add_batch_args(r, batch_default=64, what="couplings")
     r.set_defaults(func=cmd_reflow)
+
+    # -- export -------------------------------------------------------------------------------
+    x = sub.add_parser("export", help="write a model file with other sampling defaults",
+                       description="Write the model of --checkpoint (an exported model, or a "
+                                   "training checkpoint: its EMA weights, LoRA merged) as a new "
+                                   "model file (.safetensors + .json) whose recorded sampling "
+                                   "defaults (what fmrt sample and fmrt eval use when their "
+                                   "flags are not given) are changed by the flags below; the "
+                                   "weights are unchanged. It never replaces a model file.")
+    x.add_argument("--checkpoint", required=True, help="model or training checkpoint to read")
+    x.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    x.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), default=None)
+    x.add_argument("--guidance-scale", type=_float(0.0), default=None)
+    x.add_argument("--shift", type=_float(0.0, lo_open=True), default=None)
+    gi = x.add_mutually_exclusive_group()
+    gi.add_argument("--guidance-interval", type=_float(0.0, 1.0), nargs=2, default=None,
+                    metavar=("LO", "HI"), help="guide only where LO <= sigma <= HI (no "
+                                               "unconditional forward outside)")
+    gi.add_argument("--no-guidance-interval", action="store_true",
+                    help="remove the recorded interval: guidance at every step")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that is not an fmrt model")
+    x.set_defaults(func=cmd_export)
     return p
 
 
@@ -618,8 +641,21 @@ def prepare_train(args: argparse.Namespace) -> None:
                        "with --init MODEL")
 
 
+def prepare_export(args: argparse.Namespace) -> None:
+    if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
+        lo, hi = args.guidance_interval
+        raise CLIError(f"--guidance-interval: LO must be <= HI, got {lo:g} {hi:g}")
+    if not args.out.endswith(".safetensors"):
+        raise CLIError(f"--out {args.out}: a model file ends with .safetensors")
+    _check_outputs(_checkpoint_inputs(args.checkpoint),
+                   [Output("--out", args.out, (".safetensors",), replace_own=False),
+                    Output("--out's metadata", args.out[:-len(".safetensors")] + ".json",
+                           (".json",), replace_own=False)],
+                   args.overwrite)
+
+
 PREPARE = {"sample": prepare_sample, "eval": prepare_eval, "reflow": prepare_reflow,
-           "train": prepare_train}
+           "train": prepare_train, "export": prepare_export}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -932,10 +968,25 @@ def _sample_clips(args, model, meta, device, t0, policies: dict, main: bool = Tr
         _save_diagnostics(recorder, args.diagnostics)
         written.append(args.diagnostics)
     print(f"wrote {', '.join(written)}  ({args.num} clips {tuple(clips.shape[1:])}, "
-          f"{args.solver} {steps} steps, guidance {scale:g}, seed {args.seed}, "
+          f"{args.solver} {steps} steps, guidance {scale:g}{_interval_note(scale, policies, meta)}"
+          f", seed {args.seed}, "
           f"{f'{torch.get_num_threads()} CPU threads, ' if device.type == 'cpu' else ''}"
           f"{time.time() - t0:.1f}s)")
     return 0
+
+
+def _guidance_interval(scale: float, policies: dict, meta: dict):
+    """The guidance interval a run uses: --guidance-interval, else the model's recorded one."""
+    from fmrt.sampling import recorded_interval
+    if scale == 1.0:
+        return None
+    return policies.get("guidance_interval") or recorded_interval(meta)
+
+
+def _interval_note(scale: float, policies: dict, meta: dict) -> str:
+    iv = _guidance_interval(scale, policies, meta)
+    return "" if iv is None or tuple(iv) == (0.0, 1.0) else \
+        f" on sigma in [{iv[0]:g}, {iv[1]:g}]"
 
 
 def _save_diagnostics(recorder, path: str) -> None:
@@ -1271,10 +1322,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     shift=args.shift, device=device, dtype=_dtype(args.dtype), **policies)
             dt = time.time() - t0
             q = evaluate_clips(clips, labels, classifier=clf)
+            iv = _guidance_interval(scale, policies, meta)
             rows.append(dict(solver=args.solver, steps=steps, guidance_scale=scale,
+                             guidance_interval=None if iv is None else list(iv),
                              seconds=dt, **q))
             print(f"{args.solver:<8} {steps:>5} {scale:>5g} {q['accuracy']:>9.3f} "
-                  f"{q['fd']:>9.3f} {dt:>8.1f}", flush=True)
+                  f"{q['fd']:>9.3f} {dt:>8.1f}{_interval_note(scale, policies, meta)}",
+                  flush=True)
     if args.json:
         save_json(dict(checkpoint=args.checkpoint, device=str(device), results=rows), args.json)
     return 0
@@ -1288,6 +1342,23 @@ def _check_fits_in_memory(nbytes: int, what: str) -> None:
     if nbytes > ram // 2:
         raise CLIError(f"{what} would take {nbytes / 2 ** 30:.1f} GiB of memory, more than half "
                        f"of this machine's {ram / 2 ** 30:.0f} GiB")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fmrt.checkpoint import export_for_sampling
+    changes = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
+                                 ("shift", args.shift)) if v is not None}
+    if args.guidance_interval is not None:
+        changes["guidance_interval"] = tuple(args.guidance_interval)
+    elif args.no_guidance_interval:
+        changes["guidance_interval"] = None
+    meta = export_for_sampling(args.checkpoint, args.out, **changes)
+    s = meta["sample"]
+    iv = s.get("guidance_interval")
+    print(f"wrote {args.out} (+ .json): sampling defaults {s.get('steps')} steps, guidance "
+          f"{s.get('guidance_scale')}{'' if iv is None else f' on sigma in [{iv[0]:g}, {iv[1]:g}]'}"
+          f", shift {s.get('shift')}")
+    return 0
 
 
 def cmd_reflow(args: argparse.Namespace) -> int:

@@ -780,17 +780,27 @@ def checkpoint_sigma_grid(meta: dict, steps: int, shift: Optional[float] = None,
     return sched.sigma_grid(device)
 
 
+def recorded_interval(meta: dict) -> Optional[tuple[float, float]]:
+    """The guidance interval a model file records as its sampling default, or None."""
+    iv = (meta.get("sample") or {}).get("guidance_interval")
+    return None if iv is None else (float(iv[0]), float(iv[1]))
+
+
 @torch.no_grad()
 def generate_clips(model, meta: dict, labels: Tensor, *, steps: int = 20, solver: str = "euler",
                    guidance_scale: float = 1.0, seed: int = 0, shift: Optional[float] = None,
                    device=None, dtype: Optional[torch.dtype] = None,
                    noise: Optional[Tensor] = None, clamp: bool = True,
+                   guidance_interval: Optional[Sequence[float]] = None,
                    **sample_kwargs) -> Tensor:
     """Sample clips of classes `labels` `[N]` from a class-conditional DiT loaded with
     `fmrt.checkpoint.load_model` (`meta`: its metadata): noise from `seed` (sample i is the i-th
     draw of one CPU generator; `noise` `[N, C, T, H, W]`: use this noise instead), the grid of
     the model's scheduler template and shift over `steps` steps, CFG against the null class
-    when guidance_scale != 1. Other keyword arguments (recorder, progress, ...) go to `sample`.
+    when guidance_scale != 1, only where lo <= sigma <= hi when a guidance interval applies:
+    `guidance_interval` (lo, hi), or else the model's recorded one (`meta["sample"]
+    ["guidance_interval"]`, see `fmrt.checkpoint.with_sampling_defaults`); (0, 1) guides every
+    step. Other keyword arguments (recorder, progress, ...) go to `sample`.
     Returns float32 `[N, C, T, H, W]`, clamped to [-1, 1] unless clamp=False."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     shape = tuple((meta.get("sample") or {}).get("sample_shape") or ())
@@ -811,6 +821,10 @@ def generate_clips(model, meta: dict, labels: Tensor, *, steps: int = 20, solver
             return model(z, t, c, r=r)
     else:
         net = model
+    if guidance_scale != 1.0:
+        iv = recorded_interval(meta) if guidance_interval is None else guidance_interval
+        if iv is not None:
+            sample_kwargs["guidance_interval"] = tuple(iv)
     x = sample(net, noise.to(device=device, dtype=dt), sigmas=sigmas, solver=solver,
                guidance_scale=guidance_scale, cond=labels,
                uncond=uncond if guidance_scale != 1.0 else None, seed=seed, **sample_kwargs)

@@ -160,3 +160,34 @@ def test_merge_lora_formula():
     assert merge_lora(plain, rank=0) == plain
     with pytest.raises(ValueError, match="no rank"):
         merge_lora(state, rank=0)
+
+
+def test_sampling_defaults_and_export_for_sampling(tmp_path):
+    from fmrt.checkpoint import export_for_sampling, with_sampling_defaults
+    meta = dict(_meta(_dit()), step=3)
+    new = with_sampling_defaults(meta, steps=8, guidance_scale=2, shift=0.5,
+                                 guidance_interval=(0, 0.7))
+    assert new["sample"] == dict(sample_shape=[3, 2, 8, 8], steps=8, guidance_scale=2.0,
+                                 shift=0.5, guidance_interval=[0.0, 0.7])
+    assert "guidance_interval" not in meta["sample"]            # a copy: the input unchanged
+    assert "guidance_interval" not in with_sampling_defaults(new, guidance_interval=None)["sample"]
+    for bad, err in ((dict(steps=0), ValueError), (dict(steps=2.0), ValueError),
+                     (dict(shift=0.0), ValueError), (dict(guidance_scale=-1), ValueError),
+                     (dict(guidance_scale=True), ValueError),
+                     (dict(guidance_interval=(0.8, 0.2)), ValueError),
+                     (dict(guidance_interval=0.5), TypeError), (dict(eta=1.0), TypeError)):
+        with pytest.raises(err):
+            with_sampling_defaults(meta, **bad)
+    # from a training checkpoint: its EMA weights, bit for bit, as a model file
+    out = train(tiny_config(tmp_path / "run", steps=2, checkpoint_every=2))
+    src = out["checkpoint"]
+    dst = str(tmp_path / "m.safetensors")
+    written = export_for_sampling(src, dst, guidance_interval=(0.0, 0.7))
+    model, got = load_model(dst)
+    want, src_meta = load_model(src)
+    assert got == written and got["format"] == "fmrt.dit" and src_meta["format"] != "fmrt.dit"
+    assert got["sample"]["guidance_interval"] == [0.0, 0.7] and got["step"] == 2
+    assert {k: v for k, v in got["sample"].items() if k != "guidance_interval"} == \
+        src_meta["sample"]
+    for k, v in want.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

@@ -238,3 +238,41 @@ def test_training_checkpoints_are_never_overwritten(tiny_model, tmp_path):
                  cwd=tmp_path)
     assert_one_line_error(r, "metadata of the model")
     assert_unchanged(before)
+
+
+def test_export_records_sampling_defaults_that_sample_and_eval_use(tiny_model, tmp_path, capsys):
+    from fmrt.checkpoint import load_model, read_meta
+    m = str(tmp_path / "m.safetensors")
+    assert main(["export", "--checkpoint", tiny_model, "--out", m, "--steps", "4",
+                 "--guidance-interval", "0", "0.6"]) == 0
+    assert "guidance 2.0 on sigma in [0, 0.6]" in capsys.readouterr().out
+    assert read_meta(m)["sample"]["steps"] == 4
+    for k, v in load_model(tiny_model)[0].state_dict().items():     # the same weights
+        assert torch.equal(load_model(m)[0].state_dict()[k], v), k
+    png = str(tmp_path / "s.png")
+    assert main(["sample", "--checkpoint", m, "--num", "2", "--out", png, "--no-progress"]) == 0
+    assert "euler 4 steps, guidance 2 on sigma in [0, 0.6]" in capsys.readouterr().out
+    js = tmp_path / "q.json"
+    assert main(["eval", "--checkpoint", m, "--steps", "2", "--guidance-scale", "1", "2",
+                 "--num-per-class", "2", "--json", str(js), "--no-progress"]) == 0
+    rows = json.load(open(js))["results"]
+    assert [r["guidance_interval"] for r in rows[1:]] == [None, [0.0, 0.6]]
+    assert main(["eval", "--checkpoint", m, "--steps", "2", "--guidance-scale", "2",
+                 "--guidance-interval", "0", "1", "--num-per-class", "2", "--json", str(js),
+                 "--overwrite", "--no-progress"]) == 0
+    assert json.load(open(js))["results"][1]["guidance_interval"] == [0.0, 1.0]
+    # --no-guidance-interval removes it; a model file is never replaced, an input never
+    m2 = str(tmp_path / "m2.safetensors")
+    assert main(["export", "--checkpoint", m, "--out", m2, "--no-guidance-interval"]) == 0
+    assert "guidance_interval" not in read_meta(m2)["sample"]
+    before = open(m2, "rb").read()
+    capsys.readouterr()
+    for argv, match in [
+        (["--out", m2, "--overwrite"], "refusing to overwrite it"),
+        (["--out", m], "same file as --checkpoint"),
+        (["--out", str(tmp_path / "m3.pt")], "ends with .safetensors"),
+        (["--out", str(tmp_path / "m3.safetensors"), "--guidance-interval", "0.7", "0.2"],
+         "LO must be <= HI"),
+    ]:
+        _one_line_error(capsys, ["export", "--checkpoint", m, *argv], match)
+    assert open(m2, "rb").read() == before and not os.path.exists(tmp_path / "m3.safetensors")

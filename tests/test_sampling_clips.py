@@ -47,3 +47,36 @@ def test_generate_clips_noise_and_sample_arguments():
         generate_clips(model, meta, labels, steps=2, noise=noise[:1])
     with pytest.raises(ValueError, match="sample_shape"):
         generate_clips(model, {}, labels, steps=2)
+
+
+def test_generate_clips_uses_the_recorded_guidance_interval():
+    """A model file may record a guidance interval (fmrt export --guidance-interval): guidance
+    only where lo <= sigma <= hi, elsewhere the conditional velocity alone (exact on a 4-step
+    grid sigma = 1, .75, .5, .25: guided at .5 and .25 only)."""
+    model, meta = _model()
+    labels = torch.tensor([0, 3])
+    recorded = {"sample": dict(meta["sample"], guidance_interval=[0.0, 0.6])}
+    plain = generate_clips(model, meta, labels, steps=4, guidance_scale=3.0, clamp=False)
+    a = generate_clips(model, recorded, labels, steps=4, guidance_scale=3.0, clamp=False)
+    b = generate_clips(model, meta, labels, steps=4, guidance_scale=3.0, clamp=False,
+                       guidance_interval=(0.0, 0.6))
+    assert torch.equal(a, b) and not torch.allclose(a, plain)
+    # (0, 1) overrides the record: guidance at every step, as without one
+    c = generate_clips(model, recorded, labels, steps=4, guidance_scale=3.0, clamp=False,
+                       guidance_interval=(0.0, 1.0))
+    assert torch.equal(c, plain)
+    # by hand: two unguided Euler steps, then two guided ones
+    x = torch.randn((2, 3, 2, 8, 8), generator=torch.Generator().manual_seed(0))
+    null = torch.full_like(labels, 6)
+    with torch.no_grad():
+        for s, s_next in ((1.0, .75), (.75, .5), (.5, .25), (.25, 0.0)):
+            sig = torch.full((2,), s)
+            v = model(x, sig, labels)
+            if s <= 0.6:
+                u = model(x, sig, null)
+                v = u + 3.0 * (v - u)
+            x = x + (s_next - s) * v
+    torch.testing.assert_close(a, x, atol=1e-5, rtol=1e-5)
+    # guidance 1: no unconditional branch, the interval is moot
+    assert torch.equal(generate_clips(model, recorded, labels, steps=2),
+                       generate_clips(model, meta, labels, steps=2))

@@ -320,6 +320,13 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                         " (fmrt.cache.calibrate_mag_ratios)")
 
 
+def _interval_flag(args: argparse.Namespace) -> tuple[float, float]:
+    lo, hi = args.guidance_interval
+    if lo > hi:
+        raise CLIError(f"--guidance-interval: LO must be <= HI, got {lo:g} {hi:g}")
+    return lo, hi
+
+
 def _policies(args: argparse.Namespace) -> dict:
     """The policy flags as sample() keyword arguments; CLIError for bad settings (before any
     model is loaded)."""
@@ -330,10 +337,7 @@ def _policies(args: argparse.Namespace) -> dict:
             raise CLIError("--guidance-reuse needs --solver euler")
         out["guidance_reuse"] = args.guidance_reuse
     if args.guidance_interval is not None:
-        lo, hi = args.guidance_interval
-        if lo > hi:
-            raise CLIError(f"--guidance-interval: LO must be <= HI, got {lo:g} {hi:g}")
-        out["guidance_interval"] = (lo, hi)
+        out["guidance_interval"] = _interval_flag(args)
     ratios = None
     if args.cache_ratios is not None:
         try:
@@ -642,9 +646,8 @@ def prepare_train(args: argparse.Namespace) -> None:
 
 
 def prepare_export(args: argparse.Namespace) -> None:
-    if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
-        lo, hi = args.guidance_interval
-        raise CLIError(f"--guidance-interval: LO must be <= HI, got {lo:g} {hi:g}")
+    if args.guidance_interval is not None:
+        _interval_flag(args)
     if not args.out.endswith(".safetensors"):
         raise CLIError(f"--out {args.out}: a model file ends with .safetensors")
     _check_outputs(_checkpoint_inputs(args.checkpoint),

@@ -372,11 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    ".png/.jpg/.webp (a grid: one row per clip, one column per "
                                    "frame), .gif (animated), .npy (float frames [N, T, H, W, 3] "
                                    "in [0, 1]) or .mp4 (needs fmrt[video]). On a CPU it runs on "
-                                   "one thread unless OMP_NUM_THREADS is set: the embedded "
-                                   "model's tensors are too small to gain from more, and threads "
-                                   "that spin while their core is busy with other jobs make "
-                                   "sampling several times slower on a loaded machine (set "
-                                   "OMP_NUM_THREADS=N for a big --checkpoint on idle cores).")
+                                   "at most two threads unless OMP_NUM_THREADS is set, and "
+                                   "fmrt sets OMP_WAIT_POLICY=PASSIVE unless it is set: idle "
+                                   "threads then sleep instead of spinning on a core that other "
+                                   "jobs need, which made two threads several times slower than "
+                                   "one on a busy machine; the embedded model's tensors gain "
+                                   "little from more than two (set OMP_NUM_THREADS=N for a big "
+                                   "--checkpoint on idle cores).")
     _add_sampling_args(s)
     _add_policy_args(s)
     s.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), default=None,
@@ -902,7 +904,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     t0 = time.time()
     if args.device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         import torch
-        torch.set_num_threads(1)   # tiny tensors: extra threads only spin (see --help)
+        torch.set_num_threads(sample_threads())   # small tensors: see --help
     if args.sp > 1:
         if args.diagnostics:
             raise CLIError("--diagnostics records per-sample statistics: it does not run with "
@@ -1418,7 +1420,19 @@ def _run(args: argparse.Namespace) -> int:
     return int(args.func(args) or 0)
 
 
+def sample_threads() -> int:
+    """CPU threads for sampling when OMP_NUM_THREADS is unset: two, or fewer on fewer cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:      # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(2, cores))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # OpenMP reads its wait policy once, when torch loads it (no command has imported torch
+    # yet): threads that wait for work sleep instead of spinning on cores other jobs need
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

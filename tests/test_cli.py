@@ -92,15 +92,22 @@ def test_train_wan_conditioned_then_sample_and_eval(tmp_path, capsys):
 
 
 def test_sample_cpu_threads(tiny_model, tmp_path):
-    """On a CPU, fmrt sample uses one thread unless OMP_NUM_THREADS says otherwise."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    args = [sys.executable, "-m", "fmrt.cli", "sample", "--checkpoint", tiny_model, "--num", "1",
-            "--steps", "1", "--out", str(tmp_path / "s.png")]
+    """On a CPU, fmrt sample uses at most two threads unless OMP_NUM_THREADS says otherwise,
+    and OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the user chose."""
+    from fmrt.cli import sample_threads
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    args = [sys.executable, "-c", "import os, sys; from fmrt.cli import main; code = main(sys.argv"
+            "[1:]); print('policy', os.environ.get('OMP_WAIT_POLICY')); sys.exit(code)",
+            "sample", "--checkpoint", tiny_model, "--num", "1", "--steps", "1",
+            "--out", str(tmp_path / "s.png")]
     r = subprocess.run(args, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    assert "1 CPU threads" in r.stdout
-    r = subprocess.run(args, capture_output=True, text=True, env=dict(env, OMP_NUM_THREADS="2"))
-    assert r.returncode == 0 and "2 CPU threads" in r.stdout, r.stderr
+    assert f"{sample_threads()} CPU threads" in r.stdout and "policy PASSIVE" in r.stdout
+    assert 1 <= sample_threads() <= 2
+    r = subprocess.run(args + ["--overwrite"], capture_output=True, text=True,
+                       env=dict(env, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE"))
+    assert r.returncode == 0 and "1 CPU threads" in r.stdout, r.stderr
+    assert "policy ACTIVE" in r.stdout
 
 
 def test_eval_cli(tiny_model, tmp_path, capsys):

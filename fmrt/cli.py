@@ -1430,9 +1430,11 @@ def sample_threads() -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    # OpenMP reads its wait policy once, when torch loads it (no command has imported torch
-    # yet): threads that wait for work sleep instead of spinning on cores other jobs need
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP reads its wait policy once, when torch loads it: threads that wait for work sleep
+    # instead of spinning on cores other jobs need. Only before torch is loaded (the `fmrt`
+    # command): a caller that already runs torch keeps its environment untouched.
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

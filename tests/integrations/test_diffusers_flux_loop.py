@@ -9,33 +9,24 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from fmrt.integrations.diffusers import (accelerate,  # noqa: E402
-                                         flux_true_cfg_loop, restore)
-from tests.helpers import use_backend  # noqa: E402
+from fmrt.integrations.diffusers import flux_true_cfg_loop  # noqa: E402
 from tests.integrations.guided_loops import GuidedLoop, gen, with_fmrt_scheduler  # noqa: E402
 from tests.tiny_image import tiny_flux_pipeline  # noqa: E402
 
 RUN = dict(height=16, width=16, num_inference_steps=3, true_cfg_scale=3.0)
-LOOP = GuidedLoop(flux_true_cfg_loop, RUN, "images")
+LOOP = GuidedLoop(flux_true_cfg_loop, RUN, "images", tiny_flux_pipeline)
 
 
 @pytest.fixture(scope="module")
 def pipes():
-    return tiny_flux_pipeline(), with_fmrt_scheduler(tiny_flux_pipeline())
+    return LOOP.pipes()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_matches_the_pipeline_fp32(pipes, backend):
     stock, fast = pipes
-    want = LOOP.stock(stock, output_type="np")
-    lat = LOOP.stock(stock, output_type="latent")
-    with use_backend(backend):
-        got = LOOP.fused(fast, output_type="np")
-        got_lat = LOOP.fused(fast, output_type="latent")
-    assert got.shape == want.shape == (2, 16, 16, 3) and want.std() > 0.01
+    lat = LOOP.check_fp32(stock, fast, backend, (2, 16, 16, 3))
     assert lat.shape == (2, 64, 4) and lat.dtype == torch.float32
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
-    torch.testing.assert_close(got_lat, lat, atol=2e-5, rtol=0)
     # the comparison can fail: without true CFG, or with another scale, the latents move
     plain = stock(prompt=LOOP.prompt, generator=gen(), output_type="latent", **RUN).images
     other = LOOP.fused(fast, output_type="latent", true_cfg_scale=2.0)
@@ -47,16 +38,7 @@ def test_matches_the_pipeline_fp32(pipes, backend):
 @pytest.mark.parametrize("backend, kw", [("torch", {}), ("triton", dict(
     height=8, width=8, num_inference_steps=1, max_sequence_length=8))])
 def test_matches_the_pipeline_with_fmrt_attention(pipes, backend, kw):
-    stock, fast = pipes
-    want = LOOP.stock(stock, output_type="latent", **kw)
-    assert accelerate(fast) == 3
-    try:
-        with use_backend(backend):
-            got = LOOP.fused(fast, output_type="latent", **kw)
-    finally:
-        restore(fast)
-    assert got.shape == want.shape and got.shape[0] == 2
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    LOOP.check_fmrt_attention(*pipes, backend, 3, **kw)
 
 
 def test_second_prompts_sigmas_guidance_and_images_per_prompt(pipes):
@@ -73,31 +55,15 @@ def test_second_prompts_sigmas_guidance_and_images_per_prompt(pipes):
 
 
 def test_schnell_without_guidance_embedding():
-    stock = tiny_flux_pipeline(guidance_embeds=False)
-    fast = with_fmrt_scheduler(tiny_flux_pipeline(guidance_embeds=False))
-    want = LOOP.stock(stock, output_type="np")
-    got = LOOP.fused(fast, output_type="np")
-    assert got.shape == want.shape == (2, 16, 16, 3) and want.std() > 0.01
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    stock, fast = (tiny_flux_pipeline(guidance_embeds=False) for _ in range(2))
+    LOOP.check_fp32(stock, with_fmrt_scheduler(fast), "torch", (2, 16, 16, 3))
 
 
 def test_bf16_is_the_pipelines_bf16_run(pipes):
     """The pipeline combines in the model dtype op by op and steps to the model dtype;
     `step_cfg` rounds as those eager ops do, so fmrt's bf16 run is the pipeline's bf16 run (on
     the torch path bit for bit), as far from the fp32 run as diffusers' own."""
-    stock, _ = pipes
-    ref = LOOP.stock(stock, output_type="latent")
-    stock16 = tiny_flux_pipeline().to(torch.bfloat16)
-    fast16 = with_fmrt_scheduler(tiny_flux_pipeline().to(torch.bfloat16))
-    want = LOOP.stock(stock16, output_type="latent")
-    with use_backend("torch"):
-        got = LOOP.fused(fast16, output_type="latent")
-    assert got.dtype == want.dtype == torch.bfloat16
-    err_stock = (want.float() - ref).abs().max().item()
-    err_fmrt = (got.float() - ref).abs().max().item()
-    assert err_stock > 0
-    assert err_fmrt <= 1.5 * err_stock + 2 * 2 ** -8 * ref.abs().max().item()
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    LOOP.check_bf16(pipes[0])
 
 
 def test_bad_input(pipes):

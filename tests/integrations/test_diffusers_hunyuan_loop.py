@@ -2,40 +2,30 @@
 combine and Euler step fused into `step_cfg`, against the untouched pipeline on a tiny random
 HunyuanVideo pipeline (fp32 2e-5, torch path and Triton interpreter, with and without fmrt
 attention, two prompts; bf16 the pipeline's own bf16 run); bad input."""
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from fmrt.integrations.diffusers import (accelerate,  # noqa: E402
-                                         hunyuan_video_true_cfg_loop, restore)
-from tests.helpers import use_backend  # noqa: E402
-from tests.integrations.guided_loops import GuidedLoop, gen, with_fmrt_scheduler  # noqa: E402
+from fmrt.integrations.diffusers import hunyuan_video_true_cfg_loop  # noqa: E402
+from tests.integrations.guided_loops import GuidedLoop, gen  # noqa: E402
 from tests.tiny_video import tiny_hunyuan_video_pipeline  # noqa: E402
 
 RUN = dict(height=16, width=16, num_frames=5, num_inference_steps=3, true_cfg_scale=3.0)
-LOOP = GuidedLoop(hunyuan_video_true_cfg_loop, RUN, "frames")
+LOOP = GuidedLoop(hunyuan_video_true_cfg_loop, RUN, "frames", tiny_hunyuan_video_pipeline)
 
 
 @pytest.fixture(scope="module")
 def pipes():
-    return tiny_hunyuan_video_pipeline(), with_fmrt_scheduler(tiny_hunyuan_video_pipeline())
+    return LOOP.pipes()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_matches_the_pipeline_fp32(pipes, backend):
     stock, fast = pipes
-    want = LOOP.stock(stock, output_type="np")
-    lat = LOOP.stock(stock, output_type="latent")
-    with use_backend(backend):
-        got = LOOP.fused(fast, output_type="np")
-        got_lat = LOOP.fused(fast, output_type="latent")
-    assert got.shape == want.shape == (2, 5, 16, 16, 3) and want.std() > 0.01
+    lat = LOOP.check_fp32(stock, fast, backend, (2, 5, 16, 16, 3))
     assert lat.shape == (2, 4, 2, 2, 2) and lat.dtype == torch.float32
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
-    torch.testing.assert_close(got_lat, lat, atol=2e-5, rtol=0)
     # the comparison can fail: without true CFG, or with another scale, the latents move
     plain = stock(prompt=LOOP.prompt, generator=gen(), output_type="latent", **RUN).frames
     other = LOOP.fused(fast, output_type="latent", true_cfg_scale=2.0)
@@ -45,16 +35,7 @@ def test_matches_the_pipeline_fp32(pipes, backend):
 # fmrt attention under the Triton interpreter: two steps
 @pytest.mark.parametrize("backend, kw", [("torch", {}), ("triton", dict(num_inference_steps=2))])
 def test_matches_the_pipeline_with_fmrt_attention(pipes, backend, kw):
-    stock, fast = pipes
-    want = LOOP.stock(stock, output_type="latent", **kw)
-    assert accelerate(fast) == 2
-    try:
-        with use_backend(backend):
-            got = LOOP.fused(fast, output_type="latent", **kw)
-    finally:
-        restore(fast)
-    assert got.shape == want.shape and got.shape[0] == 2
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    LOOP.check_fmrt_attention(*pipes, backend, 2, **kw)
 
 
 def test_second_prompts_sigmas_guidance_and_videos_per_prompt(pipes):
@@ -74,19 +55,7 @@ def test_bf16_is_the_pipelines_bf16_run(pipes):
     """The pipeline combines in the model dtype op by op and steps to the model dtype;
     `step_cfg` rounds as those eager ops do, so fmrt's bf16 run is the pipeline's bf16 run (on
     the torch path bit for bit), as far from the fp32 run as diffusers' own."""
-    stock, _ = pipes
-    ref = LOOP.stock(stock, output_type="latent")
-    stock16 = tiny_hunyuan_video_pipeline().to(torch.bfloat16)
-    fast16 = with_fmrt_scheduler(tiny_hunyuan_video_pipeline().to(torch.bfloat16))
-    want = LOOP.stock(stock16, output_type="latent")
-    with use_backend("torch"):
-        got = LOOP.fused(fast16, output_type="latent")
-    assert got.dtype == want.dtype == torch.bfloat16
-    err_stock = (want.float() - ref).abs().max().item()
-    err_fmrt = (got.float() - ref).abs().max().item()
-    assert err_stock > 0
-    assert err_fmrt <= 1.5 * err_stock + 2 * 2 ** -8 * ref.abs().max().item()
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    LOOP.check_bf16(pipes[0])
 
 
 def test_bad_input(pipes):

@@ -9,33 +9,24 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from fmrt.integrations.diffusers import (accelerate,  # noqa: E402
-                                         ltx_cfg_loop, restore)
-from tests.helpers import use_backend  # noqa: E402
+from fmrt.integrations.diffusers import ltx_cfg_loop  # noqa: E402
 from tests.integrations.guided_loops import GuidedLoop, gen, with_fmrt_scheduler  # noqa: E402
 from tests.tiny_video import tiny_ltx_pipeline  # noqa: E402
 
 RUN = dict(height=32, width=32, num_frames=9, num_inference_steps=3, guidance_scale=3.0)
-LOOP = GuidedLoop(ltx_cfg_loop, RUN, "frames")
+LOOP = GuidedLoop(ltx_cfg_loop, RUN, "frames", tiny_ltx_pipeline)
 
 
 @pytest.fixture(scope="module")
 def pipes():
-    return tiny_ltx_pipeline(), with_fmrt_scheduler(tiny_ltx_pipeline())
+    return LOOP.pipes()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_matches_the_pipeline_fp32(pipes, backend):
     stock, fast = pipes
-    want = LOOP.stock(stock, output_type="np")
-    lat = LOOP.stock(stock, output_type="latent")
-    with use_backend(backend):
-        got = LOOP.fused(fast, output_type="np")
-        got_lat = LOOP.fused(fast, output_type="latent")
-    assert got.shape == want.shape == (2, 9, 32, 32, 3) and want.std() > 0.01
+    lat = LOOP.check_fp32(stock, fast, backend, (2, 9, 32, 32, 3))
     assert lat.shape == (2, 3 * 8 * 8, 8) and lat.dtype == torch.float32
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
-    torch.testing.assert_close(got_lat, lat, atol=2e-5, rtol=0)
 
 
 # fmrt attention under the Triton interpreter costs seconds per transformer call: one latent
@@ -43,16 +34,7 @@ def test_matches_the_pipeline_fp32(pipes, backend):
 @pytest.mark.parametrize("backend, kw", [("torch", {}),
                                          ("triton", dict(num_frames=1, num_inference_steps=1))])
 def test_matches_the_pipeline_with_fmrt_attention(pipes, backend, kw):
-    stock, fast = pipes
-    want = LOOP.stock(stock, output_type="latent", **kw)
-    assert accelerate(fast) == 4
-    try:
-        with use_backend(backend):
-            got = LOOP.fused(fast, output_type="latent", **kw)
-    finally:
-        restore(fast)
-    assert got.shape == want.shape and got.shape[0] == 2
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    LOOP.check_fmrt_attention(*pipes, backend, 4, **kw)
 
 
 def test_guidance_matters(pipes):
@@ -92,21 +74,9 @@ def test_timestep_conditioned_vae():
 
 
 def test_bf16_is_the_pipelines_bf16_run(pipes):
-    stock, _ = pipes
-    ref = LOOP.stock(stock, output_type="latent")
-    stock16 = tiny_ltx_pipeline().to(torch.bfloat16)
-    fast16 = with_fmrt_scheduler(tiny_ltx_pipeline().to(torch.bfloat16))
-    want = LOOP.stock(stock16, output_type="latent")
-    with use_backend("torch"):
-        got = LOOP.fused(fast16, output_type="latent")
     # the pipeline keeps latents, the combine and the step in fp32 whatever the model dtype:
     # fmrt's bf16 run is the pipeline's (on the torch path bit for bit)
-    assert got.dtype == want.dtype == torch.float32
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
-    err_stock = (want - ref).abs().max().item()
-    err_fmrt = (got - ref).abs().max().item()
-    assert err_stock > 0
-    assert err_fmrt <= 1.5 * err_stock + 2 * 2 ** -8 * ref.abs().max().item()
+    fast16 = LOOP.check_bf16(pipes[0], latent_dtype=torch.float32)
     frames = LOOP.fused(fast16, output_type="np")
     assert frames.shape == (2, 9, 32, 32, 3) and np.isfinite(frames).all()
 

@@ -2,7 +2,6 @@
 per-token norm rescale and Euler step fused into `step_cfg`, against the untouched pipeline on a
 tiny random Qwen-Image pipeline (fp32 2e-5, torch path and Triton interpreter; bf16 within the
 stock pipeline's own bf16 error); bad input."""
-import numpy as np
 import pytest
 import torch
 
@@ -10,31 +9,23 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from fmrt.integrations.diffusers import accelerate, qwen_image_true_cfg_loop  # noqa: E402
-from tests.helpers import use_backend  # noqa: E402
-from tests.integrations.guided_loops import GuidedLoop, gen, with_fmrt_scheduler  # noqa: E402
+from tests.integrations.guided_loops import GuidedLoop, gen  # noqa: E402
 from tests.tiny_image import tiny_qwen_image_pipeline  # noqa: E402
 
 RUN = dict(height=32, width=32, num_inference_steps=3, true_cfg_scale=3.0)
-LOOP = GuidedLoop(qwen_image_true_cfg_loop, RUN, "images", prompt="a red cat runs",
-                  negative_prompt="blue dog")
+LOOP = GuidedLoop(qwen_image_true_cfg_loop, RUN, "images", tiny_qwen_image_pipeline,
+                  prompt="a red cat runs", negative_prompt="blue dog")
 
 
 @pytest.fixture(scope="module")
 def pipes():
-    return tiny_qwen_image_pipeline(), with_fmrt_scheduler(tiny_qwen_image_pipeline())
+    return LOOP.pipes()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_matches_the_pipeline_fp32(pipes, backend):
     stock, fast = pipes
-    want = LOOP.stock(stock, output_type="np")
-    lat = LOOP.stock(stock, output_type="latent")
-    with use_backend(backend):
-        got = LOOP.fused(fast, output_type="np")
-        got_lat = LOOP.fused(fast, output_type="latent")
-    assert got.shape == want.shape == (1, 32, 32, 3) and want.std() > 0.01
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
-    torch.testing.assert_close(got_lat, lat, atol=2e-5, rtol=0)
+    LOOP.check_fp32(stock, fast, backend, (1, 32, 32, 3))
 
 
 @pytest.mark.parametrize("prompt, n", [(["a red cat runs", "a dog jumps"], 1),
@@ -57,17 +48,7 @@ def test_accelerated_batch_and_default_negative(pipes, prompt, n):
 
 
 def test_bf16_within_the_pipelines_bf16_error(pipes):
-    stock, fast = pipes
-    ref = LOOP.stock(stock, output_type="latent").float()
-    stock16 = tiny_qwen_image_pipeline().to(torch.bfloat16)
-    fast16 = with_fmrt_scheduler(tiny_qwen_image_pipeline().to(torch.bfloat16))
-    want = LOOP.stock(stock16, output_type="latent")
-    got = LOOP.fused(fast16, output_type="latent")
-    assert got.dtype == want.dtype == torch.bfloat16
-    err_stock = (want.float() - ref).abs().max().item()
-    err_fmrt = (got.float() - ref).abs().max().item()
-    assert err_stock > 0
-    assert err_fmrt <= 1.5 * err_stock + 2 * 2 ** -8 * ref.abs().max().item()
+    LOOP.check_bf16(pipes[0], exact=False)
 
 
 def test_bad_input(pipes):

@@ -308,9 +308,7 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="off, static:EVERY[:FIRST[:LAST]] (uncond forward every EVERY steps, "
                         "full CFG for the FIRST / LAST steps) or adaptive:TOL[:FIRST[:LAST"
                         "[:MAX_REUSE]]] (refresh when c or d moved by more than TOL)")
-    g.add_argument("--guidance-interval", type=_float(0.0, 1.0), nargs=2, default=None,
-                   metavar=("LO", "HI"), help="guidance only where LO <= sigma <= HI (no uncond "
-                                              "forward outside)")
+    _add_interval_arg(g)
     g.add_argument("--cache", default=None, metavar="POLICY",
                    help="off, first-block:THRESHOLD[:ORDER], mag:THRESHOLD[:MAX_SKIP"
                         "[:RETENTION[:ORDER]]] (with --cache-ratios) or periodic:EVERY[:WARMUP"
@@ -320,10 +318,17 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                         " (fmrt.cache.calibrate_mag_ratios)")
 
 
-def _interval_flag(args: argparse.Namespace) -> tuple[float, float]:
-    lo, hi = args.guidance_interval
+def _add_interval_arg(p, flag: str = "--guidance-interval",
+                      help: str = "guidance only where LO <= sigma <= HI (no uncond forward "
+                                  "outside)") -> None:
+    p.add_argument(flag, type=_float(0.0, 1.0), nargs=2, default=None, metavar=("LO", "HI"),
+                   help=help)
+
+
+def _interval_flag(values, flag: str = "--guidance-interval") -> tuple[float, float]:
+    lo, hi = values
     if lo > hi:
-        raise CLIError(f"--guidance-interval: LO must be <= HI, got {lo:g} {hi:g}")
+        raise CLIError(f"{flag}: LO must be <= HI, got {lo:g} {hi:g}")
     return lo, hi
 
 
@@ -337,7 +342,7 @@ def _policies(args: argparse.Namespace) -> dict:
             raise CLIError("--guidance-reuse needs --solver euler")
         out["guidance_reuse"] = args.guidance_reuse
     if args.guidance_interval is not None:
-        out["guidance_interval"] = _interval_flag(args)
+        out["guidance_interval"] = _interval_flag(args.guidance_interval)
     ratios = None
     if args.cache_ratios is not None:
         try:
@@ -490,6 +495,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MeanFlow: guidance scale folded into training (1 = none)")
     t.add_argument("--cfg-kappa", type=_float(), default=0.0,
                    help="MeanFlow: improved-CFG mixing of the conditional branch")
+    t.add_argument("--meanflow-ratio", type=_float(0.0, 1.0), default=0.25,
+                   help="MeanFlow: share of samples with r != t (the rest learn u(z, t, t) = v)")
+    t.add_argument("--teacher", default=None, metavar="MODEL",
+                   help="MeanFlow: distil this flow-matching model (fmrt.distill): its guided "
+                        "velocity replaces noise - x0 as the target's tangent, so the student "
+                        "learns the flow map of the teacher's sampling ODE (usually with "
+                        "--init MODEL too, and --sample-guidance 1: the guidance is folded in)")
+    t.add_argument("--teacher-guidance", type=_float(0.0), default=None, metavar="S",
+                   help="the teacher's CFG scale (default: the one its file records)")
+    _add_interval_arg(t, "--teacher-guidance-interval",
+                      help="guide the teacher only where LO <= sigma <= HI (default: the interval "
+                        "its file records, if any; 0 1 guides everywhere)")
     t.add_argument("--lora-rank", type=_int_at_least(0), default=0, help="0 = full training")
     t.add_argument("--lora-alpha", type=_float(0.0, lo_open=True), default=None)
     t.add_argument("--checkpoint-every", type=_int_at_least(0), default=0)
@@ -542,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(r)
     r.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), default=50)
     r.add_argument("--guidance-scale", type=_float(0.0), default=None)
+    _add_interval_arg(r, help="guidance only where LO <= sigma <= HI (default: the interval the "
+                              "model file records, if any; 0 1 guides every step)")
     r.add_argument("--num", type=_int_at_least(1, MAX_REFLOW_NUM), default=1024)
     r.add_argument("--class", dest="label", type=_class_label, default=None,
                    help="only this class (default: cycle through the classes)")
@@ -565,9 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--guidance-scale", type=_float(0.0), default=None)
     x.add_argument("--shift", type=_float(0.0, lo_open=True), default=None)
     gi = x.add_mutually_exclusive_group()
-    gi.add_argument("--guidance-interval", type=_float(0.0, 1.0), nargs=2, default=None,
-                    metavar=("LO", "HI"), help="guide only where LO <= sigma <= HI (no "
-                                               "unconditional forward outside)")
+    _add_interval_arg(gi)
     gi.add_argument("--no-guidance-interval", action="store_true",
                     help="remove the recorded interval: guidance at every step")
     x.add_argument("--overwrite", action="store_true",
@@ -636,6 +653,8 @@ def prepare_eval(args: argparse.Namespace) -> None:
 
 
 def prepare_reflow(args: argparse.Namespace) -> None:
+    if args.guidance_interval is not None:
+        _interval_flag(args.guidance_interval)
     _check_outputs(_checkpoint_inputs(args.checkpoint),
                    [Output("--out", args.out, (".safetensors",), replace_own=False)],
                    args.overwrite)
@@ -645,11 +664,21 @@ def prepare_train(args: argparse.Namespace) -> None:
     if args.lora_rank and not args.init and not args.resume:
         raise CLIError("--lora-rank trains adapters on a pretrained model: give its weights "
                        "with --init MODEL")
+    iv = args.teacher_guidance_interval
+    if iv is not None:
+        _interval_flag(iv, "--teacher-guidance-interval")
+    if args.teacher is None:
+        if args.teacher_guidance is not None or iv is not None:
+            raise CLIError("--teacher-guidance / --teacher-guidance-interval need --teacher")
+    elif args.objective != "meanflow":
+        raise CLIError("--teacher distils into a MeanFlow student: add --objective meanflow")
+    elif not os.path.isfile(args.teacher):
+        raise CLIError(f"--teacher {args.teacher}: no such model file")
 
 
 def prepare_export(args: argparse.Namespace) -> None:
     if args.guidance_interval is not None:
-        _interval_flag(args)
+        _interval_flag(args.guidance_interval)
     if not args.out.endswith(".safetensors"):
         raise CLIError(f"--out {args.out}: a model file ends with .safetensors")
     _check_outputs(_checkpoint_inputs(args.checkpoint),
@@ -1246,7 +1275,8 @@ def _resume_command(args: argparse.Namespace) -> str:
         if k in ("command", "func", "out_dir", "resume", "overwrite") or v == defaults.get(k):
             continue
         flag = "--" + k.replace("_", "-")
-        argv += [flag] if v is True else [flag, str(v)]
+        argv += [flag] if v is True else [flag, *map(str, v)] if isinstance(v, (list, tuple)) \
+            else [flag, str(v)]
     return shlex.join(argv + ["--resume"])
 
 
@@ -1268,7 +1298,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         objective=args.objective, template=args.template, shift=args.shift,
         timestep_sampler=args.timestep_sampler, logit_mean=args.logit_mean,
         logit_std=args.logit_std, weighting=args.weighting, cond_drop=args.cond_drop,
-        cfg_omega=args.cfg_omega, cfg_kappa=args.cfg_kappa,
+        cfg_omega=args.cfg_omega, cfg_kappa=args.cfg_kappa, meanflow_ratio=args.meanflow_ratio,
+        teacher=args.teacher, teacher_guidance=args.teacher_guidance,
+        teacher_guidance_interval=None if args.teacher_guidance_interval is None
+        else tuple(args.teacher_guidance_interval),
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         resume=args.resume, overwrite=args.overwrite, log_every=args.log_every,
@@ -1383,6 +1416,8 @@ def cmd_reflow(args: argparse.Namespace) -> int:
     shape = _sample_shape(meta, args.checkpoint)
     _check_fits_in_memory(2 * 4 * args.num * math.prod(shape), f"--num {args.num}: the couplings")
     labels = _labels(args, model.config.num_classes, args.num)
+    policies = {} if args.guidance_interval is None else \
+        {"guidance_interval": _interval_flag(args.guidance_interval)}
     bar = tqdm(total=-(-args.num // args.batch_size), desc="fmrt reflow", unit="batch",
                leave=False, disable=True if args.no_progress else None)
     batch = itertools.count()
@@ -1391,7 +1426,7 @@ def cmd_reflow(args: argparse.Namespace) -> int:
         x = generate_clips(m, meta, cond, steps=args.steps, solver=args.solver,
                            guidance_scale=scale, shift=args.shift, device=device,
                            dtype=_dtype(args.dtype), noise=noise, clamp=False,
-                           seed=_batch_seed(args.seed, next(batch)))
+                           seed=_batch_seed(args.seed, next(batch)), **policies)
         bar.update()
         return x
 
@@ -1401,7 +1436,8 @@ def cmd_reflow(args: argparse.Namespace) -> int:
                                    seed=args.seed, batch_size=args.batch_size, device=device)
     save_couplings(args.out, couplings)
     print(f"wrote {args.out}: {args.num} couplings {tuple(shape)} ({args.solver} {args.steps} "
-          f"steps, guidance {scale:g}, {time.time() - t0:.1f}s)")
+          f"steps, guidance {scale:g}{_interval_note(scale, policies, meta)}, "
+          f"{time.time() - t0:.1f}s)")
     return 0
 
 

@@ -202,10 +202,13 @@ def _mf_time(name: str, s, x0: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _mf_check(model, x0, noise, cond, uncond, time_sampler, time_mu, time_sigma, ratio_r_neq_t,
-              p, c, cfg_omega, cfg_kappa, cond_drop_prob, generator, seed, stats) -> None:
+              p, c, cfg_omega, cfg_kappa, cond_drop_prob, generator, seed, stats,
+              velocity) -> None:
     from fmrt import ops
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
+    if velocity is not None and not callable(velocity):
+        raise TypeError(f"velocity must be callable or None, got {type(velocity).__name__}")
     ops.check_float_tensor("x0", x0, dtypes=ops.FLOAT_DTYPES + (torch.float64,))
     if x0.ndim == 0 or x0.shape[0] == 0:
         raise ValueError(f"x0 must be [B, ...] with B >= 1, got shape {tuple(x0.shape)}")
@@ -255,6 +258,9 @@ def _mf_check(model, x0, noise, cond, uncond, time_sampler, time_mu, time_sigma,
             raise TypeError(f"uncond must have cond's dtype ({cond.dtype}), got {uncond.dtype}")
     elif cond is not None and (cfg_omega != 1.0 or cfg_kappa != 0.0):
         raise ValueError("CFG in training (cfg_omega != 1 or cfg_kappa != 0) needs uncond")
+    if velocity is not None and (cfg_omega != 1.0 or cfg_kappa != 0.0):
+        raise ValueError("velocity (a teacher's, guidance included) replaces the CFG target: "
+                         "leave cfg_omega = 1 and cfg_kappa = 0")
 
 
 def _mf_sample_times(B: int, sampler: str, mu: float, sigma: float, ratio_r_neq_t: float,
@@ -293,7 +299,8 @@ def meanflow_loss(model: Callable, x0: Tensor, *, noise: Optional[Tensor] = None
                   time_sigma: float = 1.0, ratio_r_neq_t: float = 0.25, p: float = 1.0,
                   c: float = 1e-3, cfg_omega: float = 1.0, cfg_kappa: float = 0.0,
                   cond_drop_prob: float = 0.1, generator: Optional[torch.Generator] = None,
-                  seed=None, stats: Optional[dict] = None) -> Tensor:
+                  seed=None, stats: Optional[dict] = None,
+                  velocity: Optional[Callable] = None) -> Tensor:
     """The MeanFlow training loss (SPEC 6, arXiv 2505.13447): a 0-d tensor (float32, float64
     for float64 x0).
 
@@ -315,6 +322,11 @@ def meanflow_loss(model: Callable, x0: Tensor, *, noise: Optional[Tensor] = None
     probability `cond_drop_prob` (drawn from `generator`); when cfg_omega != 1 or
     cfg_kappa != 0, the kept samples use `v~ = omega v + kappa u(z, t, t | cond) +
     (1 - omega - kappa) u(z, t, t | uncond)` (under no_grad), the dropped ones `v~ = v`.
+    Distillation: `velocity(z, t, c) -> v` (e.g. `fmrt.distill.TeacherVelocity`, a frozen flow
+    model's guided velocity) gives `v~ = velocity(z, t, c)` under no_grad for every sample, c
+    its condition after dropout, in place of `noise - x0`: the target then has no noise of its
+    own (the conditional velocity's variance is gone), and the student learns the flow map of
+    that velocity field; it excludes cfg_omega / cfg_kappa.
     stats (a dict) receives detached per-sample `[B]` tensors: "L", "weight" (1/(L+c)^p),
     "u_norm", "u_tgt_norm", "t", "r", "dropped" (bool).
     Bad input raises ValueError / TypeError naming the argument; t, r values (in [0, 1],
@@ -322,7 +334,7 @@ def meanflow_loss(model: Callable, x0: Tensor, *, noise: Optional[Tensor] = None
     back). Do not torch.compile this function (compiled jvp can give wrong tangents: PEERS.md).
     """
     _mf_check(model, x0, noise, cond, uncond, time_sampler, time_mu, time_sigma, ratio_r_neq_t,
-              p, c, cfg_omega, cfg_kappa, cond_drop_prob, generator, seed, stats)
+              p, c, cfg_omega, cfg_kappa, cond_drop_prob, generator, seed, stats, velocity)
     if (t is None) != (r is None):
         raise ValueError("pass both t and r, or neither (then they are sampled)")
     if torch.compiler.is_compiling():
@@ -381,6 +393,11 @@ def meanflow_loss(model: Callable, x0: Tensor, *, noise: Optional[Tensor] = None
                 _check_pred(u_u, z)
                 v_g = v_g + (1.0 - omega - kappa) * u_u.to(v.dtype)
             tangent = torch.where(dropped.view(bshape), v, v_g.to(v.dtype))
+    if velocity is not None:
+        with torch.no_grad():
+            v_t = velocity(z, t, cond_in)
+        _check_pred(v_t, z)
+        tangent = v_t.to(v.dtype)
 
     # u and du/dt along (v~, 0, 1) over (z, r, t); h = t - r is formed inside the model
     def fn(z_, r_, t_):

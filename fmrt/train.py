@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -127,6 +127,10 @@ class TrainConfig:
     cond_drop: float = 0.1                    # label / text dropout (classifier-free guidance)
     cfg_omega: float = 1.0                    # MeanFlow: guidance folded into training
     cfg_kappa: float = 0.0                    # (fmrt.losses.meanflow_loss's cfg_omega / kappa)
+    meanflow_ratio: float = 0.25              # MeanFlow: share of samples with r != t
+    teacher: Optional[str] = None             # MeanFlow: distil this flow model's velocity
+    teacher_guidance: Optional[float] = None  # its CFG scale (None: the teacher's recorded one)
+    teacher_guidance_interval: Optional[tuple] = None   # (lo, hi); None: the recorded one
     # LoRA (peft)
     lora_rank: int = 0                        # 0 = train all weights
     lora_alpha: Optional[float] = None        # None = lora_rank
@@ -172,6 +176,32 @@ class TrainConfig:
             raise ValueError("cfg_omega / cfg_kappa fold guidance into MeanFlow training: they "
                              "need objective='meanflow' and cond_drop > 0 (the unconditional "
                              "branch)")
+        if not 0.0 <= self.meanflow_ratio <= 1.0:
+            raise ValueError(f"meanflow_ratio must be in [0, 1], got {self.meanflow_ratio}")
+        if self.meanflow_ratio != 0.25 and self.objective != "meanflow":
+            raise ValueError("meanflow_ratio is a MeanFlow setting: it needs "
+                             "objective='meanflow'")
+        if self.teacher is not None:
+            if self.objective != "meanflow":
+                raise ValueError("teacher distils a flow model into a MeanFlow student: it "
+                                 "needs objective='meanflow'")
+            if self.cfg_omega != 1.0 or self.cfg_kappa != 0.0:
+                raise ValueError("with a teacher, guidance comes from the teacher "
+                                 "(teacher_guidance): leave cfg_omega = 1 and cfg_kappa = 0")
+            if self.couplings:
+                raise ValueError("teacher and couplings are two ways to distil: pick one")
+            if self.sp > 1:
+                raise ValueError("teacher distillation with sequence parallelism (sp > 1) is "
+                                 "not supported")
+        elif self.teacher_guidance is not None or self.teacher_guidance_interval is not None:
+            raise ValueError("teacher_guidance / teacher_guidance_interval need a teacher")
+        if self.teacher_guidance is not None and not (
+                0.0 <= self.teacher_guidance < float("inf")):
+            raise ValueError(f"teacher_guidance must be a finite number >= 0, got "
+                             f"{self.teacher_guidance}")
+        if self.teacher_guidance_interval is not None:
+            from fmrt.guidance import check_interval
+            check_interval(self.teacher_guidance_interval)
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
         if self.objective not in OBJECTIVES:
@@ -210,6 +240,8 @@ class TrainConfig:
         d = {k: v for k, v in d.items() if k in names}
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
+        if d.get("teacher_guidance_interval") is not None:
+            d["teacher_guidance_interval"] = tuple(d["teacher_guidance_interval"])
         return cls(**d)
 
 
@@ -304,6 +336,42 @@ def _meanflow_from_flow_model(base: nn.Module, path: str) -> nn.Module:
         last.weight.zero_()
         last.bias.zero_()
     return model.to(dtype=next(base.parameters()).dtype)
+
+
+def load_teacher(config: TrainConfig, student_cfg, sample_shape: tuple, device: torch.device):
+    """The frozen teacher of a distillation run (`config.teacher`) as a
+    `fmrt.distill.TeacherVelocity`, and what it resolved to (recorded in the run's metadata):
+    its guidance scale and interval are `config.teacher_guidance[_interval]`, else the ones
+    the teacher's file records as its sampling defaults."""
+    from fmrt.distill import TeacherVelocity
+    from fmrt.sampling import recorded_interval
+    model, meta = load_model(config.teacher)
+    tcfg = model.config
+    if tcfg.meanflow:
+        raise ValueError(f"teacher {config.teacher} is a MeanFlow model; distil a flow-matching "
+                         "one (v(z, t))")
+    if (tcfg.in_channels, tcfg.num_classes, tcfg.text_dim if tcfg.num_classes is None else None) \
+            != (student_cfg.in_channels, student_cfg.num_classes,
+                student_cfg.text_dim if student_cfg.num_classes is None else None):
+        raise ValueError(f"teacher {config.teacher} does not fit this run's data: channels / "
+                         f"classes / text width {tcfg.in_channels} / {tcfg.num_classes} / "
+                         f"{tcfg.text_dim}, the student's {student_cfg.in_channels} / "
+                         f"{student_cfg.num_classes} / {student_cfg.text_dim}")
+    shape = (meta.get("sample") or {}).get("sample_shape")
+    if shape is not None and tuple(shape) != tuple(sample_shape):
+        raise ValueError(f"teacher {config.teacher} was trained on samples {tuple(shape)}, this "
+                         f"run's data are {tuple(sample_shape)}")
+    rec = meta.get("sample") or {}
+    scale = config.teacher_guidance if config.teacher_guidance is not None else \
+        float(rec.get("guidance_scale") or 1.0)
+    interval = config.teacher_guidance_interval if config.teacher_guidance_interval is not None \
+        else recorded_interval(meta)
+    model = model.to(device).eval().requires_grad_(False)
+    velocity = TeacherVelocity(model, guidance_scale=scale, interval=interval,
+                               null_class=tcfg.num_classes)
+    return velocity, dict(teacher=config.teacher, guidance_scale=scale,
+                          guidance_interval=None if velocity.interval is None
+                          else list(velocity.interval))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,11 +531,13 @@ def _average_grads(params: list, world: int) -> None:
 
 
 def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, config: TrainConfig,
-                 gen: torch.Generator, null_class: Optional[int] = None) -> Tensor:
+                 gen: torch.Generator, null_class: Optional[int] = None,
+                 teacher: Optional[Callable] = None) -> Tensor:
     """The scalar training loss of one batch: `fmrt.losses.sft_loss` (noise drawn in the
     kernel from a seed taken from `gen`), or with reflow couplings (`noise` given) the same
     weighted flow-matching MSE on the given noise (`ops.add_noise` + `ops.flow_matching_loss`),
-    or `fmrt.losses.meanflow_loss` (which drops conditions itself, to `null_class`)."""
+    or `fmrt.losses.meanflow_loss` (which drops conditions itself, to `null_class`; `teacher`:
+    a `fmrt.distill.TeacherVelocity` whose velocity replaces noise - x0)."""
     B = x0.shape[0]
     if config.objective == "meanflow":
         from fmrt.losses import meanflow_loss
@@ -480,7 +550,8 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
                       else torch.zeros_like(cond))
         return meanflow_loss(u, x0, cond=cond, uncond=uncond, cond_drop_prob=config.cond_drop,
                              cfg_omega=config.cfg_omega, cfg_kappa=config.cfg_kappa,
-                             generator=gen)
+                             ratio_r_neq_t=config.meanflow_ratio, generator=gen,
+                             velocity=teacher)
     if noise is None:
         from fmrt.losses import sft_loss
         return sft_loss(model, x0, cond, scheduler=sched, sampler=config.timestep_sampler,
@@ -823,12 +894,18 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
     tkw = {} if config.shift is None else {"shift": config.shift}
     sched.set_timesteps(1000, training=True, **tkw)
 
+    teacher, distill = None, None
+    if config.teacher:
+        teacher, distill = load_teacher(config, mcfg, sample_shape, device)
+
     meta_base = dict(model=mcfg.to_dict(), train=config.to_dict(),
                      data=ds.config() if hasattr(ds, "config") else {},
                      sample=dict(template=config.template, shift=config.shift,
                                  sample_shape=list(sample_shape), num_classes=mcfg.num_classes,
                                  steps=config.sample_steps,
                                  guidance_scale=config.sample_guidance))
+    if distill is not None:
+        meta_base["distill"] = distill
 
     step = 0
     if resume_path and fsdp:
@@ -912,7 +989,7 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = compute_loss(wrapped, x0, cond, noise, sched=sched, config=config, gen=gen,
-                                null_class=null_class)
+                                null_class=null_class, teacher=teacher)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(

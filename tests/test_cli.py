@@ -231,6 +231,35 @@ def test_reflow_then_train_on_couplings(tiny_model, tmp_path, capsys):
     assert (out / "model.safetensors").exists()
 
 
+def test_reflow_guidance_interval(tiny_model, tmp_path, capsys):
+    """--guidance-interval reaches the sampler (the samples are generate_clips' with that
+    interval from the same noise, and differ from guidance at every step) and is printed."""
+    from safetensors.torch import load_file
+    from fmrt.checkpoint import load_model
+    from fmrt.sampling import generate_clips
+    model, meta = load_model(tiny_model)
+    got = {}
+    for name, flags in (("iv", ["--guidance-interval", "0", "0.5"]), ("all", [])):
+        c = tmp_path / f"{name}.safetensors"
+        assert main(["reflow", "--checkpoint", tiny_model, "--num", "4", "--steps", "3",
+                     "--guidance-scale", "3", "--out", str(c), "--no-progress", *flags]) == 0
+        got[name] = load_file(str(c))
+        out = capsys.readouterr().out
+        assert ("on sigma in [0, 0.5]" in out) == (name == "iv")
+    t = got["iv"]
+    want = generate_clips(model, meta, t["cond"], steps=3, guidance_scale=3.0, noise=t["noise"],
+                          clamp=False, guidance_interval=(0.0, 0.5))
+    torch.testing.assert_close(t["sample"], want)
+    assert torch.equal(t["noise"], got["all"]["noise"])
+    every = generate_clips(model, meta, t["cond"], steps=3, guidance_scale=3.0,
+                           noise=t["noise"], clamp=False)
+    torch.testing.assert_close(got["all"]["sample"], every)
+    assert not torch.equal(t["sample"], got["all"]["sample"])
+    assert main(["reflow", "--checkpoint", tiny_model, "--guidance-interval", "0.6", "0.2",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "LO must be <= HI" in capsys.readouterr().err
+
+
 def test_training_checkpoints_are_never_overwritten(tiny_model, tmp_path):
     """A training checkpoint (fmrt.train_state) is protected like a model, even with
     --overwrite; checked byte for byte."""

@@ -87,6 +87,53 @@ def test_analytic_model_exact(p, c):
     torch.testing.assert_close(st["u_tgt_norm"][1], v[1].norm(), **F64)
 
 
+@pytest.mark.parametrize("p", [1.0, 0.0])
+def test_teacher_velocity_replaces_the_conditional_velocity(p):
+    """velocity(z, t, c) is the tangent and the target's v: the analytic model's loss by hand
+    with v~ = 0.5 z + t (and x0's noise only entering through z)."""
+    x0, noise, t, r = analytic_case()
+    m = Analytic(2)
+    seen = []
+
+    def velocity(z, t_, c):
+        seen.append((torch.is_grad_enabled(), c))
+        return 0.5 * z + bview(t_, z)
+    st = {}
+    loss = meanflow_loss(m, x0, noise=noise, t=t, r=r, p=p, stats=st, velocity=velocity)
+    assert seen == [(False, None)]
+    A, b, w = m.A.view(1, -1, 1), m.b, m.w
+    tt, rr = bview(t, x0), bview(r, x0)
+    z = (1 - tt) * x0 + tt * noise
+    vt = 0.5 * z + tt
+    u = A * z * tt + b * rr + w * (tt - rr)
+    with torch.no_grad():
+        u_tgt = vt - (tt - rr) * (A * vt * tt + A * z + w)
+    want = adaptive((u - u_tgt).square().sum(dim=(1, 2)), p, 1e-3)
+    torch.testing.assert_close(loss, want, **F64)
+    torch.testing.assert_close(st["u_tgt_norm"][1], vt[1].norm(), **F64)   # r = t: u_tgt = v~
+
+
+def test_teacher_velocity_sees_the_conditions_after_dropout():
+    x0, noise, t, r, cond, uncond = cfg_case(B=8)
+    m = CondModel()
+    seen = []
+
+    def velocity(z, t_, c):
+        seen.append(c)
+        return z
+    st = {}
+    meanflow_loss(m, x0, noise=noise, t=t, r=r, cond=cond, uncond=uncond, cond_drop_prob=0.5,
+                  generator=torch.Generator().manual_seed(0), stats=st, velocity=velocity)
+    assert 0 < int(st["dropped"].sum()) < 8
+    assert torch.equal(seen[0], torch.where(st["dropped"], uncond, cond))
+    with pytest.raises(ValueError, match="cfg_omega"):
+        meanflow_loss(m, x0, cond=cond, uncond=uncond, cfg_omega=2.0, velocity=velocity)
+    with pytest.raises(TypeError, match="velocity must be callable"):
+        meanflow_loss(m, x0, cond=cond, velocity=3)
+    with pytest.raises(ValueError, match="shape"):
+        meanflow_loss(m, x0, cond=cond, velocity=lambda z, t_, c: z[:, :1])
+
+
 # ---------------------------------------------------------------------------------------------
 # (b) a small MLP: target from an independent JVP (double backward) and finite differences
 # ---------------------------------------------------------------------------------------------

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shlex
@@ -521,3 +522,90 @@ def test_train_into_a_folder_another_run_writes_to_is_refused(tmp_path, capsys):
         held.release()
     out = train(tiny_config(d, steps=2))        # free again; a finished run leaves no lock
     assert out["step"] == 2 and not (d / LOCK).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# distillation: a frozen teacher's guided velocity as the MeanFlow target (fmrt.distill)
+# ---------------------------------------------------------------------------------------------
+
+def test_teacher_distillation_uses_the_teachers_guided_velocity(tmp_path):
+    """compute_loss with a teacher is meanflow_loss with velocity=TeacherVelocity (same draws);
+    the guidance scale and interval default to the ones the teacher's file records, and the run
+    records what they resolved to."""
+    from fmrt.checkpoint import export_for_sampling
+    from fmrt.losses import meanflow_loss
+    from fmrt.train import compute_loss, load_teacher
+    base = train(tiny_config(tmp_path / "fm", steps=1, sample_guidance=2.5))
+    teacher_path = str(tmp_path / "teacher.safetensors")
+    export_for_sampling(base["model_path"], teacher_path, guidance_interval=(0.0, 0.5))
+    cfg = tiny_config(tmp_path / "mf", steps=2, objective="meanflow", init=teacher_path,
+                      teacher=teacher_path, cond_drop=0.0, meanflow_ratio=0.5)
+    out = train(cfg)
+    student, meta = load_model(out["model_path"])
+    assert meta["distill"] == dict(teacher=teacher_path, guidance_scale=2.5,
+                                   guidance_interval=[0.0, 0.5])
+    assert meta["train"]["meanflow_ratio"] == 0.5 and student.config.meanflow
+
+    tv, info = load_teacher(dataclasses.replace(cfg, teacher_guidance=3.0,
+                                               teacher_guidance_interval=(0.2, 1.0)),
+                            student.config, (3, 2, 8, 8), torch.device("cpu"))
+    assert (tv.guidance_scale, tv.interval) == (3.0, (0.2, 1.0)) and \
+        info["guidance_interval"] == [0.2, 1.0]
+    assert not any(p.requires_grad for p in tv.model.parameters())
+    x0, y = torch.randn(3, 3, 2, 8, 8), torch.tensor([0, 2, 5])
+    got = compute_loss(student, x0, y, None, sched=None, config=cfg, null_class=6,
+                       gen=torch.Generator().manual_seed(5), teacher=tv)
+
+    def u(z, r, t, c=None):
+        return student(z, t, c, r=r)
+    want = meanflow_loss(u, x0, cond=y, cond_drop_prob=0.0, ratio_r_neq_t=0.5, velocity=tv,
+                         generator=torch.Generator().manual_seed(5))
+    plain = meanflow_loss(u, x0, cond=y, cond_drop_prob=0.0, ratio_r_neq_t=0.5,
+                          generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, want) and not torch.equal(got, plain)
+
+    # a MeanFlow model, or one of other data, is no teacher
+    with pytest.raises(ValueError, match="MeanFlow model"):
+        train(tiny_config(tmp_path / "x", objective="meanflow", teacher=out["model_path"]))
+    with pytest.raises(ValueError, match="does not fit"):
+        train(tiny_config(tmp_path / "y", objective="meanflow", teacher=teacher_path,
+                          model_overrides=dict(TINY, num_classes=3), num_classes=3))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(teacher="t.safetensors"), "objective='meanflow'"),
+    (dict(objective="meanflow", teacher="t.safetensors", cfg_omega=2.0), "cfg_omega"),
+    (dict(objective="meanflow", teacher="t.safetensors", couplings="c.safetensors"), "pick one"),
+    (dict(objective="meanflow", teacher_guidance=2.0), "need a teacher"),
+    (dict(objective="meanflow", teacher_guidance_interval=(0.0, 0.5)), "need a teacher"),
+    (dict(objective="meanflow", teacher="t.safetensors", teacher_guidance=-1.0),
+     "teacher_guidance"),
+    (dict(objective="meanflow", teacher="t.safetensors", teacher_guidance_interval=(0.5, 0.2)),
+     "guidance_interval"),
+    (dict(objective="meanflow", meanflow_ratio=1.5), "meanflow_ratio"),
+    (dict(meanflow_ratio=0.5), "meanflow_ratio"),
+])
+def test_bad_distillation_config(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(tmp_path, **bad).validate()
+
+
+def test_cli_teacher_flags(tmp_path, capsys):
+    from fmrt.cli import _resume_command, build_parser, main
+    t = tmp_path / "t.safetensors"
+    for argv, msg in ((["--teacher", str(t)], "--objective meanflow"),
+                      (["--objective", "meanflow", "--teacher", str(t)], "no such model file"),
+                      (["--teacher-guidance", "2"], "need --teacher"),
+                      (["--objective", "meanflow", "--teacher", str(t),
+                        "--teacher-guidance-interval", "0.6", "0.1"], "LO must be <= HI")):
+        assert main(["train", "--out-dir", str(tmp_path / "run"), *argv, *CLI_TINY]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    # flags with several values come back as several words in the resume command
+    args = build_parser().parse_args(["train", "--out-dir", "r", "--patch-size", "1", "2", "2",
+                                      "--teacher-guidance-interval", "0", "0.6"])
+    cmd = shlex.split(_resume_command(args))
+    i = cmd.index("--patch-size")
+    assert cmd[i + 1:i + 4] == ["1", "2", "2"]
+    i = cmd.index("--teacher-guidance-interval")
+    assert cmd[i + 1:i + 3] == ["0.0", "0.6"]

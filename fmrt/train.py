@@ -536,8 +536,9 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
     """The scalar training loss of one batch: `fmrt.losses.sft_loss` (noise drawn in the
     kernel from a seed taken from `gen`), or with reflow couplings (`noise` given) the same
     weighted flow-matching MSE on the given noise (`ops.add_noise` + `ops.flow_matching_loss`),
-    or `fmrt.losses.meanflow_loss` (which drops conditions itself, to `null_class`; `teacher`:
-    a `fmrt.distill.TeacherVelocity` whose velocity replaces noise - x0)."""
+    or `fmrt.losses.meanflow_loss` (which drops conditions itself, to `null_class`; with
+    couplings on their noise, so that the straight path from noise to the coupled sample is the
+    target; `teacher`: a `fmrt.distill.TeacherVelocity` whose velocity replaces noise - x0)."""
     B = x0.shape[0]
     if config.objective == "meanflow":
         from fmrt.losses import meanflow_loss
@@ -548,7 +549,8 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
         if cond is not None and config.cond_drop > 0:
             uncond = (torch.full_like(cond, null_class) if cond.dtype == torch.long
                       else torch.zeros_like(cond))
-        return meanflow_loss(u, x0, cond=cond, uncond=uncond, cond_drop_prob=config.cond_drop,
+        return meanflow_loss(u, x0, noise=None if noise is None else noise.to(x0.dtype),
+                             cond=cond, uncond=uncond, cond_drop_prob=config.cond_drop,
                              cfg_omega=config.cfg_omega, cfg_kappa=config.cfg_kappa,
                              ratio_r_neq_t=config.meanflow_ratio, generator=gen,
                              velocity=teacher)

@@ -609,3 +609,29 @@ def test_cli_teacher_flags(tmp_path, capsys):
     assert cmd[i + 1:i + 4] == ["1", "2", "2"]
     i = cmd.index("--teacher-guidance-interval")
     assert cmd[i + 1:i + 3] == ["0.0", "0.6"]
+
+
+def test_meanflow_on_couplings_uses_their_noise(tmp_path):
+    """With reflow couplings, MeanFlow's z and v come from the coupled noise (not fresh draws):
+    compute_loss equals meanflow_loss given that noise, and differs from fresh noise."""
+    from fmrt.losses import meanflow_loss
+    from fmrt.models import DiT, DiTConfig
+    from fmrt.train import compute_loss
+    torch.manual_seed(0)
+    cfg = tiny_config(tmp_path, objective="meanflow", cond_drop=0.0)
+    model = DiT(DiTConfig.preset("tiny", **dict(TINY, num_classes=6, meanflow=True)))
+    x0, y, noise = torch.randn(3, 3, 2, 8, 8), torch.tensor([0, 2, 5]), torch.randn(3, 3, 2, 8, 8)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(loss):   # the adaptive loss itself is ~1 whatever the noise: compare gradients
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+    got = grads(compute_loss(model, x0, y, noise, sched=None, config=cfg, null_class=6,
+                             gen=torch.Generator().manual_seed(5)))
+
+    def u(z, r, t, c=None):
+        return model(z, t, c, r=r)
+    want = grads(meanflow_loss(u, x0, noise=noise, cond=y, cond_drop_prob=0.0,
+                               generator=torch.Generator().manual_seed(5)))
+    fresh = grads(meanflow_loss(u, x0, cond=y, cond_drop_prob=0.0,
+                                generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(got, want) and (got - fresh).abs().max() > 1e-4 * got.abs().max()

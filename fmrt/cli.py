@@ -971,10 +971,10 @@ def _sp_setup(args: argparse.Namespace) -> None:
 
 def _sample_clips(args, model, meta, device, t0, policies: dict, main: bool = True) -> int:
     import torch
+    from fmrt.sampling import recorded_guidance
     rec = meta.get("sample", {}) or {}
     steps = args.steps or int(rec.get("steps") or 20)
-    scale = args.guidance_scale if args.guidance_scale is not None else \
-        float(rec.get("guidance_scale") or 1.0)
+    scale = args.guidance_scale if args.guidance_scale is not None else recorded_guidance(meta)
     if args.solver == "meanflow" and not model.config.meanflow:
         raise CLIError("--solver meanflow needs a MeanFlow model")
     labels = _labels(args, model.config.num_classes, args.num)
@@ -1337,7 +1337,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     labels = torch.arange(K).repeat_interleave(args.num_per_class)
     scales = args.guidance_scale
     if scales is None:
-        rec = float((meta.get("sample") or {}).get("guidance_scale") or 1.0)
+        from fmrt.sampling import recorded_guidance
+        rec = recorded_guidance(meta)
         scales = [1.0] if rec == 1.0 else [1.0, rec]
     rows = []
     print(f"{'solver':<8} {'steps':>5} {'cfg':>5} {'accuracy':>9} {'FD':>9} {'seconds':>8}")
@@ -1407,12 +1408,10 @@ def cmd_reflow(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from fmrt.sampling import generate_clips
+    from fmrt.sampling import generate_clips, recorded_guidance
     from fmrt.reflow import make_couplings, save_couplings
     model, meta, device = _load(args)
-    rec = meta.get("sample", {}) or {}
-    scale = args.guidance_scale if args.guidance_scale is not None else \
-        float(rec.get("guidance_scale") or 1.0)
+    scale = args.guidance_scale if args.guidance_scale is not None else recorded_guidance(meta)
     shape = _sample_shape(meta, args.checkpoint)
     _check_fits_in_memory(2 * 4 * args.num * math.prod(shape), f"--num {args.num}: the couplings")
     labels = _labels(args, model.config.num_classes, args.num)

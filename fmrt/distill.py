@@ -63,6 +63,8 @@ class TeacherVelocity:
             return self.model(z, t, cond)
         B = z.shape[0]
         unc = self._uncond(cond)
+        # both branches for every row (rows outside the interval or already unconditional
+        # discard their second half): a fixed-shape batch needs no host sync on a GPU
         out = self.model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, unc]))
         v_c, v_u = out[:B].float(), out[B:].float()
         g = torch.full((B,), self.guidance_scale, dtype=torch.float64, device=z.device)

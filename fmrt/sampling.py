@@ -780,6 +780,11 @@ def checkpoint_sigma_grid(meta: dict, steps: int, shift: Optional[float] = None,
     return sched.sigma_grid(device)
 
 
+def recorded_guidance(meta: dict) -> float:
+    """The guidance scale a model file records as its sampling default (1: none recorded)."""
+    return float((meta.get("sample") or {}).get("guidance_scale") or 1.0)
+
+
 def recorded_interval(meta: dict) -> Optional[tuple[float, float]]:
     """The guidance interval a model file records as its sampling default, or None."""
     iv = (meta.get("sample") or {}).get("guidance_interval")

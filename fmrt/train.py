@@ -344,15 +344,16 @@ def load_teacher(config: TrainConfig, student_cfg, sample_shape: tuple, device: 
     its guidance scale and interval are `config.teacher_guidance[_interval]`, else the ones
     the teacher's file records as its sampling defaults."""
     from fmrt.distill import TeacherVelocity
-    from fmrt.sampling import recorded_interval
+    from fmrt.sampling import recorded_guidance, recorded_interval
     model, meta = load_model(config.teacher)
     tcfg = model.config
     if tcfg.meanflow:
         raise ValueError(f"teacher {config.teacher} is a MeanFlow model; distil a flow-matching "
                          "one (v(z, t))")
-    if (tcfg.in_channels, tcfg.num_classes, tcfg.text_dim if tcfg.num_classes is None else None) \
-            != (student_cfg.in_channels, student_cfg.num_classes,
-                student_cfg.text_dim if student_cfg.num_classes is None else None):
+
+    def inputs(c):   # what the data feed a DiT: channels, and class labels or text embeddings
+        return c.in_channels, c.num_classes, c.text_dim if c.num_classes is None else None
+    if inputs(tcfg) != inputs(student_cfg):
         raise ValueError(f"teacher {config.teacher} does not fit this run's data: channels / "
                          f"classes / text width {tcfg.in_channels} / {tcfg.num_classes} / "
                          f"{tcfg.text_dim}, the student's {student_cfg.in_channels} / "
@@ -361,9 +362,8 @@ def load_teacher(config: TrainConfig, student_cfg, sample_shape: tuple, device: 
     if shape is not None and tuple(shape) != tuple(sample_shape):
         raise ValueError(f"teacher {config.teacher} was trained on samples {tuple(shape)}, this "
                          f"run's data are {tuple(sample_shape)}")
-    rec = meta.get("sample") or {}
     scale = config.teacher_guidance if config.teacher_guidance is not None else \
-        float(rec.get("guidance_scale") or 1.0)
+        recorded_guidance(meta)
     interval = config.teacher_guidance_interval if config.teacher_guidance_interval is not None \
         else recorded_interval(meta)
     model = model.to(device).eval().requires_grad_(False)

@@ -80,3 +80,12 @@ def test_generate_clips_uses_the_recorded_guidance_interval():
     # guidance 1: no unconditional branch, the interval is moot
     assert torch.equal(generate_clips(model, recorded, labels, steps=2),
                        generate_clips(model, meta, labels, steps=2))
+
+
+def test_recorded_sampling_defaults():
+    from fmrt.sampling import recorded_guidance, recorded_interval
+    assert recorded_guidance({}) == 1.0 and recorded_interval({}) is None
+    assert recorded_guidance({"sample": None}) == 1.0
+    meta = {"sample": {"guidance_scale": 2, "guidance_interval": [0, 0.6]}}
+    assert recorded_guidance(meta) == 2.0 and isinstance(recorded_guidance(meta), float)
+    assert recorded_interval(meta) == (0.0, 0.6)

@@ -646,7 +646,7 @@ def _check_run(config: TrainConfig, main: bool) -> tuple[Optional[str], list[str
                          f"it, or choose another --out-dir")
     if config.overwrite:
         for what, p in (("init", config.init), ("couplings", config.couplings),
-                        ("resume", resume_path)):
+                        ("teacher", config.teacher), ("resume", resume_path)):
             if p and os.path.isfile(p) and any(os.path.samefile(p, f) for f in earlier):
                 raise ValueError(f"--{what} {p} belongs to the run in {out_dir} that "
                                  f"--overwrite would remove")

@@ -256,6 +256,9 @@ def test_overwrite_never_removes_its_own_input(tmp_path):
     before = _snapshot(d)
     with pytest.raises(ValueError, match="belongs to the run"):
         train(tiny_config(d, steps=1, overwrite=True, init=str(d / "model.safetensors")))
+    with pytest.raises(ValueError, match="--teacher .* belongs to the run"):
+        train(tiny_config(d, steps=1, overwrite=True, objective="meanflow",
+                          teacher=str(d / "model.safetensors")))
     with pytest.raises(ValueError, match="contradict"):
         train(tiny_config(d, steps=1, overwrite=True, resume="auto"))
     assert _snapshot(d) == before

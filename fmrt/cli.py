@@ -449,10 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a DiT (SFT flow matching or MeanFlow)",
                        description="Train on the built-in shapes data (default), a folder of "
                                    ".safetensors latents (--data DIR) or reflow couplings "
-                                   "(--couplings FILE).")
+                                   "(--couplings FILE [FILE ...]).")
     t.add_argument("--out-dir", default="runs/fmrt")
     t.add_argument("--data", default="shapes", help="'shapes' (built in) or a latents folder")
-    t.add_argument("--couplings", default=None, help="reflow couplings from fmrt reflow")
+    t.add_argument("--couplings", nargs="+", default=None, metavar="FILE",
+                   help="reflow couplings from fmrt reflow: one file, or several shards (fmrt "
+                        "reflow runs with different --seed, e.g. one per core or GPU), trained "
+                        "on as one set")
     t.add_argument("--frames", type=_int_at_least(1), default=4, help="built-in data: frames")
     t.add_argument("--size", type=_int_at_least(8), default=16, help="built-in data: H = W")
     t.add_argument("--num-classes", type=_int_at_least(1), default=6)
@@ -483,9 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 = off")
     t.add_argument("--template", default="Wan", help="FlowMatchScheduler template")
     t.add_argument("--shift", type=_float(0.0, lo_open=True), default=None)
-    t.add_argument("--timestep-sampler", default="uniform_index",
-                   choices=("uniform_index", "uniform", "logit_normal", "mode", "cosmap"))
-    t.add_argument("--logit-mean", type=_float(), default=0.0)
+    t.add_argument("--timestep-sampler", default=None,
+                   choices=("uniform_index", "uniform", "logit_normal", "mode", "cosmap"),
+                   help="training times (default: uniform_index; with --objective meanflow, "
+                        "which takes logit_normal or uniform for its two times t, r: "
+                        "logit_normal)")
+    t.add_argument("--logit-mean", type=_float(), default=None,
+                   help="logit_normal's mean (default 0; with --objective meanflow -0.4)")
     t.add_argument("--logit-std", type=_float(0.0, lo_open=True), default=1.0)
     t.add_argument("--weighting", default="table",
                    choices=("table", "sigma_sqrt", "cosmap", "none"))

@@ -9,7 +9,8 @@
 - `LatentFolderDataset`: a folder of `.safetensors` files holding pre-encoded latents (key
   `latents`) and their conditioning (key `cond`: e.g. text embeddings, or `label`: class ids).
 - `CouplingDataset`: (noise, sample) couplings written by `fmrt reflow`
-  (`fmrt.reflow.save_couplings`: keys `noise`, `sample`, optional `cond`) for reflow training.
+  (`fmrt.reflow.save_couplings`: keys `noise`, `sample`, optional `cond`) for reflow training,
+  from one file or several shards.
 - `collate`: stacks `(x, cond)` items into a batch.
 """
 from __future__ import annotations
@@ -275,10 +276,44 @@ class LatentFolderDataset(torch.utils.data.Dataset):
 class CouplingDataset(torch.utils.data.Dataset):
     """(noise, sample) couplings for reflow training, as `fmrt.reflow.save_couplings` writes
     them (`fmrt reflow`): `noise` and `sample` `[N, C, T, H, W]`, optional `cond` (`[N]` class
-    labels or `[N, ...]` embeddings). Item: `(sample, label or cond or None, noise)`."""
+    labels or `[N, ...]` embeddings). Item: `(sample, label or cond or None, noise)`.
 
-    def __init__(self, path: Union[str, os.PathLike]):
-        path = os.fspath(path)
+    `paths` is one file or several (shards written by separate `fmrt reflow` runs with their own
+    `--seed`), concatenated in the order given. The shards must agree in sample shape and in
+    their conditioning (all class labels, all embeddings of one shape, or none), and no two may
+    start from the same noise: two runs with the same seed would repeat every coupling."""
+
+    def __init__(self, paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        paths = [os.fspath(p) for p in paths]
+        if not paths:
+            raise ValueError("no couplings file given")
+        shards = [self._load(p) for p in paths]
+        first_path, first = paths[0], shards[0]
+        for path, t in zip(paths[1:], shards[1:]):
+            for key, what in (("sample", "sample shape"), ("cond", "conditioning")):
+                a, b = first.get(key), t.get(key)
+                if _describe_part(a) != _describe_part(b):
+                    raise ValueError(f"{path}: its {what} ({_describe_part(b)}) differs from "
+                                     f"{first_path}'s ({_describe_part(a)})")
+        for i, (path, t) in enumerate(zip(paths, shards)):
+            for other_path, u in zip(paths[:i], shards[:i]):
+                if torch.equal(t["noise"][0], u["noise"][0]):
+                    raise ValueError(f"{path} starts from the same noise as {other_path} (the "
+                                     f"same file, or fmrt reflow run twice with one --seed): "
+                                     f"its couplings would be counted twice")
+        self.noise = torch.cat([t["noise"].float() for t in shards])
+        self.samples = torch.cat([t["sample"].float() for t in shards])
+        self.cond = None if first.get("cond") is None else torch.cat([t["cond"] for t in shards])
+        self.cond_key = None
+        if self.cond is not None:
+            self.cond_key = "cond" if self.cond.is_floating_point() else "labels"
+        self.sample_shape = tuple(self.samples.shape[1:])
+        self.paths = paths
+
+    @staticmethod
+    def _load(path: str) -> dict[str, Tensor]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such couplings file: {path}")
         from fmrt.reflow import load_couplings
@@ -290,13 +325,7 @@ class CouplingDataset(torch.utils.data.Dataset):
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
         if t["noise"].ndim < 2:
             raise ValueError(f"{path}: 'noise' and 'sample' must be [N, ...]")
-        self.noise, self.samples = t["noise"].float(), t["sample"].float()
-        self.cond = t.get("cond")
-        self.cond_key = None
-        if self.cond is not None:
-            self.cond_key = "cond" if self.cond.is_floating_point() else "labels"
-        self.sample_shape = tuple(self.samples.shape[1:])
-        self.path = path
+        return t
 
     def __len__(self) -> int:
         return self.samples.shape[0]
@@ -308,7 +337,18 @@ class CouplingDataset(torch.utils.data.Dataset):
         return self.samples[i], c, self.noise[i]
 
     def config(self) -> dict:
-        return dict(kind="couplings", path=self.path)
+        """The data part of model.json: `path` for one file (as before shards existed),
+        `paths` for several."""
+        if len(self.paths) == 1:
+            return dict(kind="couplings", path=self.paths[0])
+        return dict(kind="couplings", paths=list(self.paths))
+
+
+def _describe_part(t: Optional[Tensor]) -> str:
+    if t is None:
+        return "none"
+    kind = "float" if t.is_floating_point() else "labels"
+    return f"{kind} {list(t.shape[1:])} per coupling"
 
 
 def collate(items: Sequence[tuple]) -> tuple:

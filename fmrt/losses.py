@@ -158,6 +158,7 @@ import math  # noqa: E402
 from typing import Callable  # noqa: E402
 
 MEANFLOW_TIME_SAMPLERS = ("logit_normal", "uniform")
+MEANFLOW_TIME_MU = -0.4      # the MeanFlow paper's logit-normal mean (sigma 1.0)
 
 
 def _real(name: str, value, *, lo: Optional[float] = None, hi: Optional[float] = None,
@@ -295,7 +296,7 @@ def _call(model, z: Tensor, r: Tensor, t: Tensor, cond) -> Tensor:
 
 def meanflow_loss(model: Callable, x0: Tensor, *, noise: Optional[Tensor] = None, t=None,
                   r=None, cond: Optional[Tensor] = None, uncond: Optional[Tensor] = None,
-                  time_sampler: str = "logit_normal", time_mu: float = -0.4,
+                  time_sampler: str = "logit_normal", time_mu: float = MEANFLOW_TIME_MU,
                   time_sigma: float = 1.0, ratio_r_neq_t: float = 0.25, p: float = 1.0,
                   c: float = 1e-3, cfg_omega: float = 1.0, cfg_kappa: float = 0.0,
                   cond_drop_prob: float = 0.1, generator: Optional[torch.Generator] = None,

@@ -101,7 +101,7 @@ class TrainConfig:
     init: Optional[str] = None                # start from this exported model's weights
     # data: "shapes" (built in), a folder of .safetensors latents, or reflow couplings
     data: str = "shapes"
-    couplings: Optional[str] = None
+    couplings: Optional[tuple[str, ...]] = None   # one file or shards (a str is one file)
     frames: int = 4                           # built-in data: clip size [3, frames, size, size]
     size: int = 16
     num_classes: int = NUM_CLASSES
@@ -120,8 +120,11 @@ class TrainConfig:
     objective: str = "sft"
     template: str = "Wan"                     # FlowMatchScheduler template
     shift: Optional[float] = None             # None = the template's default
-    timestep_sampler: str = "uniform_index"   # FlowMatchScheduler.sample_sigmas samplers
-    logit_mean: float = 0.0
+    # training times: FlowMatchScheduler.sample_sigmas samplers (SFT, reflow) or MeanFlow's
+    # two draws per sample ("logit_normal" or "uniform"); None = the objective's default
+    # (SFT "uniform_index"; MeanFlow "logit_normal" with logit_mean -0.4, as in the paper)
+    timestep_sampler: Optional[str] = None
+    logit_mean: Optional[float] = None
     logit_std: float = 1.0
     weighting: str = "table"                  # FlowMatchScheduler.loss_weight weightings
     cond_drop: float = 0.1                    # label / text dropout (classifier-free guidance)
@@ -150,6 +153,18 @@ class TrainConfig:
     # recorded in model.json: what `fmrt sample` uses when not told
     sample_steps: int = 20
     sample_guidance: float = 3.0
+
+    def __post_init__(self):
+        from fmrt.losses import MEANFLOW_TIME_MU
+        meanflow = self.objective == "meanflow"
+        if self.timestep_sampler is None:
+            self.timestep_sampler = "logit_normal" if meanflow else "uniform_index"
+        if self.logit_mean is None:
+            self.logit_mean = MEANFLOW_TIME_MU if meanflow else 0.0
+        if isinstance(self.couplings, (str, os.PathLike)):
+            self.couplings = (os.fspath(self.couplings),)
+        elif self.couplings is not None:
+            self.couplings = tuple(os.fspath(p) for p in self.couplings) or None
 
     def validate(self) -> None:
         def pos(name, v, zero_ok=False):
@@ -220,6 +235,11 @@ class TrainConfig:
         if self.timestep_sampler not in SAMPLERS:
             raise ValueError(f"timestep_sampler must be one of {SAMPLERS}, "
                              f"got {self.timestep_sampler!r}")
+        from fmrt.losses import MEANFLOW_TIME_MU, MEANFLOW_TIME_SAMPLERS
+        if self.objective == "meanflow" and self.timestep_sampler not in MEANFLOW_TIME_SAMPLERS:
+            raise ValueError(f"MeanFlow draws its times (t, r) with one of "
+                             f"{MEANFLOW_TIME_SAMPLERS} (default logit_normal, logit_mean "
+                             f"{MEANFLOW_TIME_MU}), got {self.timestep_sampler!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.shift is not None and not self.shift > 0:
@@ -553,7 +573,8 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
                              cond=cond, uncond=uncond, cond_drop_prob=config.cond_drop,
                              cfg_omega=config.cfg_omega, cfg_kappa=config.cfg_kappa,
                              ratio_r_neq_t=config.meanflow_ratio, generator=gen,
-                             velocity=teacher)
+                             velocity=teacher, time_sampler=config.timestep_sampler,
+                             time_mu=config.logit_mean, time_sigma=config.logit_std)
     if noise is None:
         from fmrt.losses import sft_loss
         return sft_loss(model, x0, cond, scheduler=sched, sampler=config.timestep_sampler,
@@ -645,7 +666,7 @@ def _check_run(config: TrainConfig, main: bool) -> tuple[Optional[str], list[str
                          f"({_describe(earlier)}): --resume continues it, --overwrite replaces "
                          f"it, or choose another --out-dir")
     if config.overwrite:
-        for what, p in (("init", config.init), ("couplings", config.couplings),
+        for what, p in (("init", config.init), *(("couplings", c) for c in config.couplings or ()),
                         ("teacher", config.teacher), ("resume", resume_path)):
             if p and os.path.isfile(p) and any(os.path.samefile(p, f) for f in earlier):
                 raise ValueError(f"--{what} {p} belongs to the run in {out_dir} that "
@@ -673,7 +694,13 @@ def _check_resume(path: str, saved: dict, run: dict, config: TrainConfig, dp: in
         for k in sorted((set(old) | set(new)) - {"gradient_checkpointing"}):
             if old.get(k) != new.get(k):
                 refuse(f"{part}.{k}", old.get(k), new.get(k))
-    old_train, new_train = saved.get("train") or {}, config.to_dict()
+    old_train, new_train = dict(saved.get("train") or {}), config.to_dict()
+    if old_train.get("objective") == "meanflow" and old_train.get("timestep_sampler") in (
+            None, "uniform_index"):
+        # written before MeanFlow read these fields: it drew its times from its own default
+        from fmrt.losses import MEANFLOW_TIME_MU
+        old_train.update(timestep_sampler="logit_normal", logit_mean=MEANFLOW_TIME_MU,
+                         logit_std=1.0)
     for k, v in new_train.items():
         if k not in RESUME_MAY_CHANGE and k in old_train and old_train[k] != v:
             refuse(k, old_train[k], v)

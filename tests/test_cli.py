@@ -224,11 +224,16 @@ def test_reflow_then_train_on_couplings(tiny_model, tmp_path, capsys):
     again = generate_clips(model, meta, t["cond"][:2], steps=2, noise=t["noise"][:2],
                            clamp=False)
     torch.testing.assert_close(again, t["sample"][:2])
+    # a second shard from another seed; training reads both as one set
+    c2 = tmp_path / "c2.safetensors"
+    assert main(["reflow", "--checkpoint", tiny_model, "--num", "4", "--steps", "2",
+                 "--guidance-scale", "1", "--seed", "1", "--out", str(c2), "--no-progress"]) == 0
     out = tmp_path / "rf"
-    flags = [f for f in TINY_FLAGS]
-    assert main(["train", "--couplings", str(c), "--out-dir", str(out), "--steps", "2",
-                 "--init", tiny_model, *flags]) == 0
-    assert (out / "model.safetensors").exists()
+    assert main(["train", "--couplings", str(c), str(c2), "--out-dir", str(out), "--steps", "2",
+                 "--init", tiny_model, *TINY_FLAGS]) == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["data"] == dict(kind="couplings", paths=[str(c), str(c2)])
+    assert meta["train"]["couplings"] == [str(c), str(c2)]
 
 
 def test_reflow_guidance_interval(tiny_model, tmp_path, capsys):

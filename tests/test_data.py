@@ -125,3 +125,60 @@ def test_couplings(tmp_path):
         CouplingDataset(p)
     with pytest.raises(FileNotFoundError):
         CouplingDataset(str(tmp_path / "none.safetensors"))
+
+
+def _shard(path, n, seed, cond="labels", shape=(3, 2, 8, 8)):
+    from fmrt.reflow import save_couplings
+    g = torch.Generator().manual_seed(seed)
+    t = {"noise": torch.randn(n, *shape, generator=g), "sample": torch.randn(n, *shape, generator=g)}
+    if cond == "labels":
+        t["cond"] = torch.arange(n) % 3
+    elif cond == "embeddings":
+        t["cond"] = torch.randn(n, 4, 5, generator=g)
+    save_couplings(str(path), t)
+    return t
+
+
+def test_couplings_from_shards_concatenate_in_order(tmp_path):
+    a = _shard(tmp_path / "a.safetensors", 3, seed=0)
+    b = _shard(tmp_path / "b.safetensors", 2, seed=1)
+    ds = CouplingDataset([tmp_path / "a.safetensors", str(tmp_path / "b.safetensors")])
+    assert len(ds) == 5 and ds.sample_shape == (3, 2, 8, 8) and ds.cond_key == "labels"
+    assert torch.equal(ds.noise, torch.cat([a["noise"], b["noise"]]))
+    assert torch.equal(ds.samples, torch.cat([a["sample"], b["sample"]]))
+    x, y, n = ds[4]
+    assert torch.equal(x, b["sample"][1]) and torch.equal(n, b["noise"][1]) and y == 1
+    assert ds.config() == dict(kind="couplings", paths=[str(tmp_path / "a.safetensors"),
+                                                        str(tmp_path / "b.safetensors")])
+    # one file, given alone or as a one-element list, records `path` as before shards existed
+    one = str(tmp_path / "a.safetensors")
+    assert CouplingDataset(one).config() == CouplingDataset([one]).config() == dict(
+        kind="couplings", path=one)
+
+
+@pytest.mark.parametrize("other, match", [
+    (dict(shape=(3, 2, 8, 4)), "sample shape .*differs"),
+    (dict(cond=None), "conditioning \\(none\\) differs"),
+    (dict(cond="embeddings"), "conditioning \\(float \\[4, 5\\].*differs .*labels"),
+])
+def test_couplings_shards_must_agree(tmp_path, other, match):
+    _shard(tmp_path / "a.safetensors", 3, seed=0)
+    _shard(tmp_path / "b.safetensors", 2, seed=1, **other)
+    with pytest.raises(ValueError, match=match):
+        CouplingDataset([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+
+
+def test_couplings_shards_from_one_seed_are_refused(tmp_path):
+    """Two reflow runs with the same --seed (or one file twice) repeat every coupling."""
+    _shard(tmp_path / "a.safetensors", 3, seed=0)
+    _shard(tmp_path / "b.safetensors", 2, seed=1)
+    _shard(tmp_path / "a2.safetensors", 3, seed=0)
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for again in (tmp_path / "a.safetensors", tmp_path / "a2.safetensors"):
+        with pytest.raises(ValueError, match="a2?.safetensors starts from the same noise as "
+                                             ".*a.safetensors"):
+            CouplingDataset(paths + [again])
+    with pytest.raises(ValueError, match="no couplings file"):
+        CouplingDataset([])
+    with pytest.raises(FileNotFoundError, match="none.safetensors"):
+        CouplingDataset(paths + [tmp_path / "none.safetensors"])

@@ -262,6 +262,11 @@ def test_overwrite_never_removes_its_own_input(tmp_path):
     with pytest.raises(ValueError, match="contradict"):
         train(tiny_config(d, steps=1, overwrite=True, resume="auto"))
     assert _snapshot(d) == before
+    with pytest.raises(ValueError, match="--couplings .*model.safetensors belongs to the run"):
+        # every shard is checked, not only the first
+        train(tiny_config(d, steps=1, overwrite=True, couplings=[
+            str(tmp_path / "elsewhere.safetensors"), str(d / "model.safetensors")]))
+    assert _snapshot(d) == before
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
@@ -462,6 +467,68 @@ def test_meanflow_guidance_folded_into_training(tmp_path):
                 dict(objective="meanflow", cfg_omega=2.0, cond_drop=0.0)):
         with pytest.raises(ValueError, match="cfg_omega"):
             tiny_config(tmp_path, **bad).validate()
+
+
+@pytest.mark.parametrize("times, want_kw", [
+    (dict(), dict()),                                                  # MeanFlow's own default
+    (dict(timestep_sampler="uniform"), dict(time_sampler="uniform")),
+    (dict(timestep_sampler="logit_normal", logit_mean=0.5, logit_std=0.8),
+     dict(time_mu=0.5, time_sigma=0.8)),
+])
+def test_meanflow_times_follow_the_timestep_sampler(tmp_path, times, want_kw):
+    """--timestep-sampler / --logit-mean / --logit-std reach meanflow_loss's time law (they
+    were ignored by the MeanFlow objective once); unset, MeanFlow keeps its paper's
+    logit-normal(-0.4, 1), and SFT its uniform_index."""
+    from fmrt.losses import meanflow_loss
+    from fmrt.models import DiT, DiTConfig
+    from fmrt.train import compute_loss
+    torch.manual_seed(0)
+    base = dict(out_dir=str(tmp_path), model_overrides=dict(TINY, num_classes=6), frames=2,
+                size=8, objective="meanflow", cond_drop=0.0, meanflow_ratio=1.0)
+    cfg = TrainConfig(**base, **times)
+    cfg.validate()
+    model = DiT(DiTConfig.preset("tiny", **dict(TINY, num_classes=6, meanflow=True)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x0, y = torch.randn(3, 3, 2, 8, 8), torch.tensor([0, 2, 5])
+    got = compute_loss(model, x0, y, None, sched=None, config=cfg, null_class=6,
+                       gen=torch.Generator().manual_seed(5))
+
+    def u(z, r, t, c=None):
+        return model(z, t, c, r=r)
+
+    def loss(**kw):
+        return meanflow_loss(u, x0, cond=y, ratio_r_neq_t=1.0,
+                             generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(got, loss(**want_kw))
+    if want_kw:
+        assert not torch.equal(got, loss())
+    assert TrainConfig(**dict(base, objective="sft")).timestep_sampler == "uniform_index"
+    assert TrainConfig(**dict(base, objective="sft")).logit_mean == 0.0
+    for bad in ("mode", "cosmap", "uniform_index"):
+        with pytest.raises(ValueError, match="MeanFlow draws its times"):
+            TrainConfig(**base, timestep_sampler=bad).validate()
+
+
+def test_resume_of_a_meanflow_run_recorded_before_its_times_were_read(tmp_path):
+    """A MeanFlow checkpoint whose train record says uniform_index (written when MeanFlow
+    ignored the field and drew logit-normal(-0.4, 1) times) resumes under the default; another
+    time law is refused."""
+    d = tmp_path / "run"
+    train(tiny_config(d, steps=2, objective="meanflow", timestep_sampler=None,
+                      checkpoint_every=1))
+    ck = list_checkpoints(str(d))[-1][1]
+    meta_path = ck[: -len(".safetensors")] + ".json"
+    meta = json.loads(open(meta_path).read())
+    assert meta["train"]["timestep_sampler"] == "logit_normal"
+    meta["train"].update(timestep_sampler="uniform_index", logit_mean=0.0)
+    open(meta_path, "w").write(json.dumps(meta))
+    with pytest.raises(ValueError, match="timestep_sampler was 'logit_normal', now 'uniform'"):
+        train(tiny_config(d, steps=3, objective="meanflow", timestep_sampler="uniform",
+                          resume="auto"))
+    train(tiny_config(d, steps=3, objective="meanflow", timestep_sampler=None, resume="auto"))
+    assert _metric_steps(d)[-1] == 3
 
 
 def test_init_class_model_with_text_dim_starts_as_that_model(tmp_path):

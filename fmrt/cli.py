@@ -496,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--logit-std", type=_float(0.0, lo_open=True), default=1.0)
     t.add_argument("--weighting", default="table",
                    choices=("table", "sigma_sqrt", "cosmap", "none"))
+    t.add_argument("--huber-c", type=_float(0.0, lo_open=True), default=None, metavar="C",
+                   help="SFT / reflow: the pseudo-Huber loss sqrt(mse + C^2) - C per sample "
+                        "instead of the MSE (iCT, Lee et al. 2024 for reflow; their constant "
+                        "is C = 0.00054 on this per-element scale)")
     t.add_argument("--cond-drop", type=_float(0.0, 1.0, hi_open=True), default=0.1,
                    help="label dropout for classifier-free guidance")
     t.add_argument("--cfg-omega", type=_float(), default=1.0,
@@ -1304,7 +1308,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
         objective=args.objective, template=args.template, shift=args.shift,
         timestep_sampler=args.timestep_sampler, logit_mean=args.logit_mean,
-        logit_std=args.logit_std, weighting=args.weighting, cond_drop=args.cond_drop,
+        logit_std=args.logit_std, weighting=args.weighting, huber_c=args.huber_c,
+        cond_drop=args.cond_drop,
         cfg_omega=args.cfg_omega, cfg_kappa=args.cfg_kappa, meanflow_ratio=args.meanflow_ratio,
         teacher=args.teacher, teacher_guidance=args.teacher_guidance,
         teacher_guidance_interval=None if args.teacher_guidance_interval is None

@@ -58,7 +58,7 @@ def sft_loss(model, x0: Tensor, cond=None, *, scheduler, sampler: str = "uniform
              seed=None, generator: Optional[torch.Generator] = None,
              compat: Optional[str] = None, sigma: Optional[Tensor] = None,
              reduction: str = "mean", logit_mean: float = 0.0, logit_std: float = 1.0,
-             mode_scale: float = 1.29) -> Tensor:
+             mode_scale: float = 1.29, huber_c: Optional[float] = None) -> Tensor:
     """One supervised flow-matching step's loss (SPEC 1-3): float32 scalar (`[B]` with
     reduction="none").
 
@@ -80,8 +80,15 @@ def sft_loss(model, x0: Tensor, cond=None, *, scheduler, sampler: str = "uniform
     elementwise op rounding to x0's dtype, `mse_loss(pred.float(), target.float()) * table
     weight`. The model then gets `sigma = timestep / 1000` (the DiT embeds `1000 sigma`, i.e.
     DiffSynth's timestep). seed, sampler, weighting and reduction are ignored there.
+
+    huber_c: the per-sample pseudo-Huber loss instead of the MSE (`pseudo_huber`; refused with
+    compat).
     """
     _sft_check(x0, first_frame, compat, sampler, weighting, reduction, sigma)
+    if huber_c is not None:
+        check_huber_c(huber_c)
+        if compat is not None:
+            raise ValueError("huber_c cannot be combined with compat (DiffSynth's loss is the MSE)")
     if compat == "diffsynth":
         return _sft_loss_diffsynth(model, x0, cond, scheduler, first_frame,
                                    min_timestep_boundary, max_timestep_boundary, generator)
@@ -113,8 +120,41 @@ def sft_loss(model, x0: Tensor, cond=None, *, scheduler, sampler: str = "uniform
     pred = model(x_t, model_sigma, cond)
     _check_pred(pred, x0)
     weight = scheduler.loss_weight(sigma, weighting)
-    return ops.flow_matching_loss(pred, x0, seed=seed_t, weight=weight, mask=mask,
-                                  reduction=reduction)
+    return flow_loss(pred, x0, seed=seed_t, weight=weight, mask=mask, reduction=reduction,
+                     huber_c=huber_c)
+
+
+def check_huber_c(huber_c) -> float:
+    return _real("huber_c", huber_c, lo=0.0, lo_open=True)
+
+
+def flow_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None, *, seed=None,
+              weight=None, mask: Optional[Tensor] = None, reduction: str = "mean",
+              huber_c: Optional[float] = None) -> Tensor:
+    """`ops.flow_matching_loss` (the weighted MSE, `noise` given or regenerated from `seed`),
+    or with `huber_c` its pseudo-Huber form: per sample `weight_b (sqrt(m_b + c^2) - c)`, where
+    m_b is sample b's (masked) mean squared error, then reduced as `reduction` says.
+
+    The pseudo-Huber loss is the one iCT and "Improving the Training of Rectified Flows" (Lee et
+    al. 2024) train with, sqrt(||d||^2 + C^2) - C with C = 0.00054 sqrt(dim): divided by
+    sqrt(dim) it is the form above on the per-element mean with c = 0.00054 (the same loss up
+    to a constant factor). Near 0 it is m_b / (2 c); for m_b >> c^2 it is the RMS error, so each
+    sample's gradient is its MSE gradient scaled by 1 / (2 sqrt(m_b + c^2)): samples the model
+    already fits well are not drowned out by the worst ones."""
+    from fmrt import ops
+    if huber_c is None:
+        return ops.flow_matching_loss(pred, x0, noise, seed=seed, weight=weight, mask=mask,
+                                      reduction=reduction)
+    c = check_huber_c(huber_c)
+    if reduction not in ops.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
+    m = ops.flow_matching_loss(pred, x0, noise, seed=seed, mask=mask, reduction="none")
+    per = torch.sqrt(m + c * c) - c
+    if weight is not None:
+        per = per * weight
+    if reduction == "none":
+        return per
+    return per.sum() if reduction == "sum" else per.mean()
 
 
 def _sft_loss_diffsynth(model, x0: Tensor, cond, scheduler, first_frame, min_boundary: float,

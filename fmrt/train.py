@@ -127,6 +127,7 @@ class TrainConfig:
     logit_mean: Optional[float] = None
     logit_std: float = 1.0
     weighting: str = "table"                  # FlowMatchScheduler.loss_weight weightings
+    huber_c: Optional[float] = None           # SFT / reflow: pseudo-Huber instead of the MSE
     cond_drop: float = 0.1                    # label / text dropout (classifier-free guidance)
     cfg_omega: float = 1.0                    # MeanFlow: guidance folded into training
     cfg_kappa: float = 0.0                    # (fmrt.losses.meanflow_loss's cfg_omega / kappa)
@@ -191,6 +192,12 @@ class TrainConfig:
             raise ValueError("cfg_omega / cfg_kappa fold guidance into MeanFlow training: they "
                              "need objective='meanflow' and cond_drop > 0 (the unconditional "
                              "branch)")
+        if self.huber_c is not None:
+            from fmrt.losses import check_huber_c
+            check_huber_c(self.huber_c)
+            if self.objective == "meanflow":
+                raise ValueError("huber_c is the SFT / reflow loss's: MeanFlow weights its "
+                                 "loss adaptively itself")
         if not 0.0 <= self.meanflow_ratio <= 1.0:
             raise ValueError(f"meanflow_ratio must be in [0, 1], got {self.meanflow_ratio}")
         if self.meanflow_ratio != 0.25 and self.objective != "meanflow":
@@ -579,15 +586,17 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
         from fmrt.losses import sft_loss
         return sft_loss(model, x0, cond, scheduler=sched, sampler=config.timestep_sampler,
                         weighting=config.weighting, generator=gen,
-                        logit_mean=config.logit_mean, logit_std=config.logit_std)
+                        logit_mean=config.logit_mean, logit_std=config.logit_std,
+                        huber_c=config.huber_c)
     from fmrt import ops
+    from fmrt.losses import flow_loss
     sigma = sched.sample_sigmas(B, sampler=config.timestep_sampler, generator=gen,
                                 device=gen.device, logit_mean=config.logit_mean,
                                 logit_std=config.logit_std).to(x0.device)
     x_t, _ = ops.add_noise(x0, sigma, noise.to(x0.dtype))
     pred = model(x_t, sigma, cond)
-    return ops.flow_matching_loss(pred, x0, noise.to(x0.dtype),
-                                  weight=sched.loss_weight(sigma, config.weighting))
+    return flow_loss(pred, x0, noise.to(x0.dtype),
+                     weight=sched.loss_weight(sigma, config.weighting), huber_c=config.huber_c)
 
 
 # ---------------------------------------------------------------------------------------------

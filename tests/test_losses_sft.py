@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fmrt import reference as ref, use_backend
-from fmrt.losses import sft_loss
+from fmrt.losses import flow_loss, sft_loss
 from fmrt.schedule import FlowMatchScheduler
 from tests.helpers import assert_close, stable_randn_like
 
@@ -79,6 +79,67 @@ def test_sft_loss_matches_unfused_step(backend, ti2v):
         assert torch.allclose(s_in[:, 1:], sigma[:, None].expand(3, 4))
     else:
         assert torch.equal(s_in, sigma)
+
+
+def _pseudo_huber_reference(pred, x0, noise, c, weight, mask, reduction):
+    """sqrt(||d||^2 + C^2) - C per sample with C = c sqrt(dim) (iCT's form), divided by sqrt(dim),
+    on the reference's per-sample masked MSE; then weighted and reduced."""
+    m = ref.flow_matching_loss(pred, x0, noise, mask=mask, reduction="none").double()
+    dim = ref.mask_denominator(mask, pred.shape).double()
+    C = c * dim.sqrt()
+    per = (torch.sqrt(m * dim + C * C) - C) / dim.sqrt()
+    per = per * (torch.as_tensor(weight, dtype=torch.float64) if weight is not None else 1.0)
+    return {"none": per, "sum": per.sum(), "mean": per.mean()}[reduction]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weight, masked", [(None, False), ("per_sample", True), (0.5, False)])
+def test_pseudo_huber_flow_loss_values_and_gradients(backend, reduction, weight, masked):
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(4, 3, 2, 5, 6, generator=g), torch.randn(4, 3, 2, 5, 6, generator=g)
+    # errors of very different sizes per sample: one nearly fitted (the Huber region)
+    pred = (noise - x0) + torch.randn(4, 3, 2, 5, 6, generator=g) * torch.tensor(
+        [1.0, 0.1, 1e-4, 3.0]).view(4, 1, 1, 1, 1)
+    pred.requires_grad_(True)
+    w = torch.tensor([1.0, 0.5, 2.0, 0.25]) if weight == "per_sample" else weight
+    mask = (torch.arange(2) > 0).float().view(1, 1, 2, 1, 1) if masked else None
+    c = 1e-3
+    with use_backend(backend):
+        got = flow_loss(pred, x0, noise, weight=w, mask=mask, reduction=reduction, huber_c=c)
+        gg, = torch.autograd.grad(got.sum(), pred)
+    want = _pseudo_huber_reference(pred, x0, noise, c, w, mask, reduction)
+    gw, = torch.autograd.grad(want.sum(), pred)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(gg, gw, rtol=1e-4, atol=1e-9)
+    # far from 0 it is the RMS error, near 0 the MSE / (2c)
+    per = flow_loss(pred.detach(), x0, noise, mask=mask, reduction="none", huber_c=c)
+    mse = flow_loss(pred.detach(), x0, noise, mask=mask, reduction="none")
+    assert torch.allclose(per[3], mse[3].sqrt() - c, rtol=1e-4)
+    assert torch.allclose(per[2], mse[2] / (2 * c), rtol=0.05)
+    # without huber_c it is ops.flow_matching_loss itself
+    from fmrt import ops
+    with use_backend(backend):
+        assert torch.equal(flow_loss(pred, x0, noise, weight=w, mask=mask, reduction=reduction),
+                           ops.flow_matching_loss(pred, x0, noise, weight=w, mask=mask,
+                                                  reduction=reduction))
+
+
+def test_sft_loss_pseudo_huber_is_the_huber_of_its_mse():
+    """sft_loss(huber_c=c) = weight * (sqrt(m + c^2) - c) of the per-sample MSE the same draws
+    give, for every weighting."""
+    x0 = torch.randn(3, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    sched = FlowMatchScheduler("Wan")
+    sched.set_timesteps(1000, training=True)
+    sigma = torch.tensor([0.9, 0.5, 0.2])
+    for weighting in ("none", "table"):
+        m = sft_loss(ToyModel(), x0, scheduler=sched, seed=7, sigma=sigma, weighting="none",
+                     reduction="none")
+        got = sft_loss(ToyModel(), x0, scheduler=sched, seed=7, sigma=sigma,
+                       weighting=weighting, reduction="none", huber_c=0.01)
+        want = (torch.sqrt(m + 1e-4) - 0.01) * sched.loss_weight(sigma, weighting)
+        torch.testing.assert_close(got, want)
 
 
 def test_sft_loss_ti2v_ignores_frame_zero_prediction():
@@ -220,4 +281,13 @@ def test_sft_loss_bad_input():
         sft_loss(model, x0, scheduler=sched, sigma=torch.rand(3))
     with pytest.raises(ValueError, match="model output"):
         sft_loss(lambda x, s, c: x[:, :1], x0, scheduler=sched, seed=1)
+    for c in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="huber_c"):
+            sft_loss(model, x0, scheduler=sched, seed=1, huber_c=c)
+    with pytest.raises(TypeError, match="huber_c"):
+        sft_loss(model, x0, scheduler=sched, seed=1, huber_c="0.1")
+    with pytest.raises(ValueError, match="huber_c cannot be combined with compat"):
+        sft_loss(model, x0, scheduler=sched, compat="diffsynth", huber_c=0.1)
+    with pytest.raises(ValueError, match="reduction"):
+        flow_loss(x0, x0, x0, huber_c=0.1, reduction="max")
     assert not calls

@@ -654,6 +654,8 @@ def test_teacher_distillation_uses_the_teachers_guided_velocity(tmp_path):
      "guidance_interval"),
     (dict(objective="meanflow", meanflow_ratio=1.5), "meanflow_ratio"),
     (dict(meanflow_ratio=0.5), "meanflow_ratio"),
+    (dict(objective="meanflow", huber_c=0.01), "MeanFlow weights its loss adaptively"),
+    (dict(huber_c=0.0), "huber_c must be > 0"),
 ])
 def test_bad_distillation_config(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -705,3 +707,37 @@ def test_meanflow_on_couplings_uses_their_noise(tmp_path):
     fresh = grads(meanflow_loss(u, x0, cond=y, cond_drop_prob=0.0,
                                 generator=torch.Generator().manual_seed(5)))
     assert torch.equal(got, want) and (got - fresh).abs().max() > 1e-4 * got.abs().max()
+
+
+@pytest.mark.parametrize("couplings", [False, True], ids=["sft", "reflow"])
+def test_pseudo_huber_reaches_the_sft_and_reflow_losses(tmp_path, monkeypatch, couplings):
+    """huber_c: compute_loss is the pseudo-Huber of the per-sample MSE that the same draws give
+    (on the couplings' noise for reflow), times the scheduler's weight."""
+    import fmrt.losses as L
+    from fmrt.models import DiT, DiTConfig
+    from fmrt.schedule import FlowMatchScheduler
+    from fmrt.train import compute_loss
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.preset("tiny", **dict(TINY, num_classes=6)))
+    x0, y = torch.randn(3, 3, 2, 8, 8), torch.tensor([0, 2, 5])
+    noise = torch.randn(3, 3, 2, 8, 8) if couplings else None
+    sched = FlowMatchScheduler("Wan")
+    sched.set_timesteps(1000, training=True)
+
+    def loss(huber_c):
+        return compute_loss(model, x0, y, noise, sched=sched,
+                            config=tiny_config(tmp_path, weighting="table", huber_c=huber_c),
+                            gen=torch.Generator().manual_seed(5))
+    seen, real = {}, L.flow_loss
+
+    def spy(pred, x0_, noise_=None, **kw):   # record the MSE path's per-sample terms
+        seen["mse"] = real(pred, x0_, noise_, seed=kw.get("seed"), mask=kw.get("mask"),
+                           reduction="none")
+        seen["w"] = kw["weight"]
+        return real(pred, x0_, noise_, **kw)
+    monkeypatch.setattr(L, "flow_loss", spy)
+    plain = loss(None)
+    monkeypatch.undo()
+    m, w = seen["mse"], seen["w"]
+    torch.testing.assert_close(plain, (m * w).mean())
+    torch.testing.assert_close(loss(0.05), ((torch.sqrt(m + 0.05 ** 2) - 0.05) * w).mean())

@@ -439,25 +439,32 @@ def test_fsdp_meanflow_refused_on_old_torch(tmp_path, monkeypatch):
         train(tiny_config(tmp_path, objective="meanflow", fsdp=True))
 
 
-def test_meanflow_guidance_folded_into_training(tmp_path):
-    """cfg_omega / cfg_kappa reach fmrt.losses.meanflow_loss (the same loss, same draws) and
-    need the MeanFlow objective with label dropout."""
-    from fmrt.losses import meanflow_loss
+def _meanflow_dit():
+    """A tiny MeanFlow DiT with every weight perturbed (its zero-initialised parts too), and its
+    u(z, r, t, c) in meanflow_loss's convention."""
     from fmrt.models import DiT, DiTConfig
-    from fmrt.train import compute_loss
-    torch.manual_seed(0)
-    cfg = tiny_config(tmp_path, objective="meanflow", cfg_omega=2.0, cfg_kappa=0.3)
-    cfg.validate()
     model = DiT(DiTConfig.preset("tiny", **dict(TINY, num_classes=6, meanflow=True)))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    x0, y = torch.randn(3, 3, 2, 8, 8), torch.tensor([0, 2, 5])
-    got = compute_loss(model, x0, y, None, sched=None, config=cfg, null_class=6,
-                       gen=torch.Generator().manual_seed(5))
 
     def u(z, r, t, c=None):
         return model(z, t, c, r=r)
+    return model, u
+
+
+def test_meanflow_guidance_folded_into_training(tmp_path):
+    """cfg_omega / cfg_kappa reach fmrt.losses.meanflow_loss (the same loss, same draws) and
+    need the MeanFlow objective with label dropout."""
+    from fmrt.losses import meanflow_loss
+    from fmrt.train import compute_loss
+    torch.manual_seed(0)
+    cfg = tiny_config(tmp_path, objective="meanflow", cfg_omega=2.0, cfg_kappa=0.3)
+    cfg.validate()
+    model, u = _meanflow_dit()
+    x0, y = torch.randn(3, 3, 2, 8, 8), torch.tensor([0, 2, 5])
+    got = compute_loss(model, x0, y, None, sched=None, config=cfg, null_class=6,
+                       gen=torch.Generator().manual_seed(5))
     want = meanflow_loss(u, x0, cond=y, uncond=torch.full_like(y, 6), cond_drop_prob=0.1,
                          cfg_omega=2.0, cfg_kappa=0.3, generator=torch.Generator().manual_seed(5))
     plain = meanflow_loss(u, x0, cond=y, uncond=torch.full_like(y, 6), cond_drop_prob=0.1,
@@ -480,23 +487,16 @@ def test_meanflow_times_follow_the_timestep_sampler(tmp_path, times, want_kw):
     were ignored by the MeanFlow objective once); unset, MeanFlow keeps its paper's
     logit-normal(-0.4, 1), and SFT its uniform_index."""
     from fmrt.losses import meanflow_loss
-    from fmrt.models import DiT, DiTConfig
     from fmrt.train import compute_loss
     torch.manual_seed(0)
     base = dict(out_dir=str(tmp_path), model_overrides=dict(TINY, num_classes=6), frames=2,
                 size=8, objective="meanflow", cond_drop=0.0, meanflow_ratio=1.0)
     cfg = TrainConfig(**base, **times)
     cfg.validate()
-    model = DiT(DiTConfig.preset("tiny", **dict(TINY, num_classes=6, meanflow=True)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, u = _meanflow_dit()
     x0, y = torch.randn(3, 3, 2, 8, 8), torch.tensor([0, 2, 5])
     got = compute_loss(model, x0, y, None, sched=None, config=cfg, null_class=6,
                        gen=torch.Generator().manual_seed(5))
-
-    def u(z, r, t, c=None):
-        return model(z, t, c, r=r)
 
     def loss(**kw):
         return meanflow_loss(u, x0, cond=y, ratio_r_neq_t=1.0,

@@ -325,6 +325,8 @@ class CouplingDataset(torch.utils.data.Dataset):
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
         if t["noise"].ndim < 2:
             raise ValueError(f"{path}: 'noise' and 'sample' must be [N, ...]")
+        if t["noise"].shape[0] == 0:
+            raise ValueError(f"{path} holds no couplings (N = 0)")
         return t
 
     def __len__(self) -> int:

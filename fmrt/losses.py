@@ -81,7 +81,7 @@ def sft_loss(model, x0: Tensor, cond=None, *, scheduler, sampler: str = "uniform
     weight`. The model then gets `sigma = timestep / 1000` (the DiT embeds `1000 sigma`, i.e.
     DiffSynth's timestep). seed, sampler, weighting and reduction are ignored there.
 
-    huber_c: the per-sample pseudo-Huber loss instead of the MSE (`pseudo_huber`; refused with
+    huber_c: the per-sample pseudo-Huber loss instead of the MSE (see `flow_loss`; refused with
     compat).
     """
     _sft_check(x0, first_frame, compat, sampler, weighting, reduction, sigma)

@@ -182,3 +182,7 @@ def test_couplings_shards_from_one_seed_are_refused(tmp_path):
         CouplingDataset([])
     with pytest.raises(FileNotFoundError, match="none.safetensors"):
         CouplingDataset(paths + [tmp_path / "none.safetensors"])
+    _shard(tmp_path / "empty.safetensors", 0, seed=2)
+    for given in ([tmp_path / "empty.safetensors"], paths + [tmp_path / "empty.safetensors"]):
+        with pytest.raises(ValueError, match="empty.safetensors holds no couplings"):
+            CouplingDataset(given)

@@ -500,6 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SFT / reflow: the pseudo-Huber loss sqrt(mse + C^2) - C per sample "
                         "instead of the MSE (iCT, Lee et al. 2024 for reflow; their constant "
                         "is C = 0.00054 on this per-element scale)")
+    t.add_argument("--sigma-points", type=_float(0.0, 1.0, lo_open=True), nargs="+",
+                   default=None, metavar="S",
+                   help="SFT / reflow: also train at exactly these sigmas (with probability "
+                        "--sigma-points-prob per sample, each point equally likely; the rest "
+                        "from --timestep-sampler), e.g. the sigmas a few-step sampler visits: "
+                        "1 0.5 for 1- and 2-step Euler at shift 1")
+    t.add_argument("--sigma-points-prob", type=_float(0.0, 1.0, lo_open=True), default=None,
+                   metavar="P", help="share of samples drawn from --sigma-points (default 0.5)")
     t.add_argument("--cond-drop", type=_float(0.0, 1.0, hi_open=True), default=0.1,
                    help="label dropout for classifier-free guidance")
     t.add_argument("--cfg-omega", type=_float(), default=1.0,
@@ -566,7 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     # -- reflow -------------------------------------------------------------------------------
     r = sub.add_parser("reflow", help="generate (noise, sample) couplings for reflow training",
                        description="Sample the model from seeded noise and save the pairs as a "
-                                   "safetensors dataset for `fmrt train --couplings`.")
+                                   "safetensors dataset for `fmrt train --couplings`. With "
+                                   "--no-progress a plain line per batch goes to stderr instead "
+                                   "of the bar (for logs of long runs).")
     _add_sampling_args(r)
     r.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), default=50)
     r.add_argument("--guidance-scale", type=_float(0.0), default=None)
@@ -1309,6 +1319,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         objective=args.objective, template=args.template, shift=args.shift,
         timestep_sampler=args.timestep_sampler, logit_mean=args.logit_mean,
         logit_std=args.logit_std, weighting=args.weighting, huber_c=args.huber_c,
+        sigma_points=None if args.sigma_points is None else tuple(args.sigma_points),
+        sigma_points_prob=(args.sigma_points_prob if args.sigma_points_prob is not None
+                           else 0.5 if args.sigma_points else 0.0),
         cond_drop=args.cond_drop,
         cfg_omega=args.cfg_omega, cfg_kappa=args.cfg_kappa, meanflow_ratio=args.meanflow_ratio,
         teacher=args.teacher, teacher_guidance=args.teacher_guidance,
@@ -1432,16 +1445,21 @@ def cmd_reflow(args: argparse.Namespace) -> int:
     bar = tqdm(total=-(-args.num // args.batch_size), desc="fmrt reflow", unit="batch",
                leave=False, disable=True if args.no_progress else None)
     batch = itertools.count()
+    t0 = time.time()
 
     def sample_fn(m, noise, cond=None):
+        i = next(batch)
         x = generate_clips(m, meta, cond, steps=args.steps, solver=args.solver,
                            guidance_scale=scale, shift=args.shift, device=device,
                            dtype=_dtype(args.dtype), noise=noise, clamp=False,
-                           seed=_batch_seed(args.seed, next(batch)), **policies)
+                           seed=_batch_seed(args.seed, i), **policies)
         bar.update()
+        if args.no_progress:
+            done = min((i + 1) * args.batch_size, args.num)
+            print(f"fmrt reflow: batch {i + 1}/{bar.total} ({done}/{args.num} couplings), "
+                  f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         return x
 
-    t0 = time.time()
     with bar:
         couplings = make_couplings(model, args.num, shape, sample_fn=sample_fn, cond=labels,
                                    seed=args.seed, batch_size=args.batch_size, device=device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 # SFT flow-matching loss
 # ---------------------------------------------------------------------------------------------
 
-from typing import Optional  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -58,7 +58,8 @@ def sft_loss(model, x0: Tensor, cond=None, *, scheduler, sampler: str = "uniform
              seed=None, generator: Optional[torch.Generator] = None,
              compat: Optional[str] = None, sigma: Optional[Tensor] = None,
              reduction: str = "mean", logit_mean: float = 0.0, logit_std: float = 1.0,
-             mode_scale: float = 1.29, huber_c: Optional[float] = None) -> Tensor:
+             mode_scale: float = 1.29, huber_c: Optional[float] = None,
+             sigma_points: Sequence[float] = (), sigma_points_prob: float = 0.0) -> Tensor:
     """One supervised flow-matching step's loss (SPEC 1-3): float32 scalar (`[B]` with
     reduction="none").
 
@@ -82,13 +83,20 @@ def sft_loss(model, x0: Tensor, cond=None, *, scheduler, sampler: str = "uniform
     DiffSynth's timestep). seed, sampler, weighting and reduction are ignored there.
 
     huber_c: the per-sample pseudo-Huber loss instead of the MSE (see `flow_loss`; refused with
-    compat).
+    compat). sigma_points / sigma_points_prob: `sample_sigmas`' points / points_prob (refused
+    with compat and with a given `sigma`).
     """
     _sft_check(x0, first_frame, compat, sampler, weighting, reduction, sigma)
     if huber_c is not None:
         check_huber_c(huber_c)
         if compat is not None:
             raise ValueError("huber_c cannot be combined with compat (DiffSynth's loss is the MSE)")
+    if sigma_points or sigma_points_prob:
+        from fmrt.schedule import check_sigma_points
+        check_sigma_points(sigma_points, sigma_points_prob)
+        if compat is not None or sigma is not None:
+            raise ValueError("sigma_points shape the drawn sigmas: they cannot be combined with "
+                             "compat (DiffSynth's own draw) or a given sigma")
     if compat == "diffsynth":
         return _sft_loss_diffsynth(model, x0, cond, scheduler, first_frame,
                                    min_timestep_boundary, max_timestep_boundary, generator)
@@ -102,7 +110,8 @@ def sft_loss(model, x0: Tensor, cond=None, *, scheduler, sampler: str = "uniform
                                         min_boundary=min_timestep_boundary,
                                         max_boundary=max_timestep_boundary,
                                         logit_mean=logit_mean, logit_std=logit_std,
-                                        mode_scale=mode_scale)
+                                        mode_scale=mode_scale, points=sigma_points,
+                                        points_prob=sigma_points_prob)
     sigma = sigma.to(device=dev, dtype=torch.float32, non_blocking=True)
     if seed is None and generator is not None:
         seed = torch.randint(0, ops.SEED_LIMIT - 1, (), dtype=torch.int64, generator=generator,

@@ -67,7 +67,7 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -168,6 +168,38 @@ class _DeviceGrid:
     timesteps: Tensor           # [N]
     grid: Tensor                # [N + 1], final 0
     weights: Optional[Tensor]   # [N] or None
+
+
+def check_sigma_points(points, points_prob) -> tuple[tuple[float, ...], float]:
+    """`sample_sigmas`' points / points_prob checked: (points as floats, probability). Both or
+    neither: points in (0, 1] (no repeats) with 0 < points_prob <= 1, or () with 0."""
+    if isinstance(points, (str, bytes, numbers.Real, Tensor)) or not hasattr(points, "__iter__"):
+        raise TypeError(f"points must be a sequence of sigmas, got {type(points).__name__}")
+    pts = tuple(_real("points", v) for v in points)
+    p = _real("points_prob", points_prob)
+    if not pts:
+        if p != 0.0:
+            raise ValueError(f"points_prob={points_prob} needs points (the sigmas to draw)")
+        return pts, 0.0
+    bad = [v for v in pts if not 0.0 < v <= 1.0]
+    if bad:
+        raise ValueError(f"points must be sigmas in (0, 1], got {bad[0]}")
+    if len(set(pts)) != len(pts):
+        raise ValueError(f"points must not repeat, got {list(pts)}")
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"points_prob must be in (0, 1] when points are given, got {points_prob}")
+    return pts, p
+
+
+def _mix_points(sigma: Tensor, pts: tuple, p: float, generator) -> Tensor:
+    """Each entry of sigma replaced, with probability p, by a uniformly chosen point."""
+    if not pts:
+        return sigma
+    b, dev = sigma.shape[0], sigma.device
+    pick = torch.rand((b,), device=dev, generator=generator) < p
+    idx = torch.randint(0, len(pts), (b,), device=dev, generator=generator)
+    table = torch.tensor(pts, dtype=sigma.dtype, device=dev)
+    return torch.where(pick, table.take(idx), sigma)
 
 
 def _real(name: str, value, *, positive: bool = False) -> float:
@@ -463,10 +495,19 @@ class FlowMatchScheduler:
                       generator: Optional[torch.Generator] = None, device: Device = None,
                       min_boundary: float = 0.0, max_boundary: float = 1.0,
                       logit_mean: float = 0.0, logit_std: float = 1.0,
-                      mode_scale: float = 1.29) -> Tensor:
+                      mode_scale: float = 1.29, points: Sequence[float] = (),
+                      points_prob: float = 0.0) -> Tensor:
         """Training sigmas, one per sample: `[batch_size]` float32 on `device` (default: the
         generator's device, else CPU). See the module docstring for each sampler and how the
-        shift and the boundaries apply. Draws on the device: no host sync."""
+        shift and the boundaries apply. Draws on the device: no host sync.
+
+        points, points_prob: with probability `points_prob` a sample's sigma is instead one of
+        `points` (sigmas in (0, 1], taken as given: no shift, no boundaries), each equally
+        likely; typically the sigmas a few-step sampler evaluates the model at (1 and 0.5 for
+        1- and 2-step Euler at shift 1), so that a few-step student spends its capacity where
+        it is used. The draws for the mixture come after the sampler's own, so the sampler's
+        sigmas for the same generator are unchanged where a point is not picked."""
+        pts, p = check_sigma_points(points, points_prob)
         if isinstance(batch_size, bool):
             raise TypeError("batch_size must be an int, got bool")
         try:
@@ -498,7 +539,7 @@ class FlowMatchScheduler:
             g = self._on(dev)
             if self.bf16_timestep_lookup:   # the index DiffSynth's add_noise really uses
                 idx = self.timestep_index(g.timesteps.take(idx))
-            return g.sigmas.take(idx)
+            return _mix_points(g.sigmas.take(idx), pts, p, generator)
 
         if sampler == "logit_normal":
             std = _real("logit_std", logit_std, positive=True)
@@ -518,7 +559,7 @@ class FlowMatchScheduler:
             elif sampler == "cosmap":
                 u = cosmap_map(u)
         u = (1.0 - hi) + (hi - lo) * u
-        return self.apply_shift(u.to(torch.float32))
+        return _mix_points(self.apply_shift(u.to(torch.float32)), pts, p, generator)
 
     def loss_weight(self, sigma: Union[float, Tensor], weighting: str = "table") -> Tensor:
         """Per-sample loss weight: float32 of sigma's shape on sigma's device.

@@ -128,6 +128,10 @@ class TrainConfig:
     logit_std: float = 1.0
     weighting: str = "table"                  # FlowMatchScheduler.loss_weight weightings
     huber_c: Optional[float] = None           # SFT / reflow: pseudo-Huber instead of the MSE
+    # SFT / reflow: with probability sigma_points_prob a sample trains at one of these sigmas
+    # (sample_sigmas' points: e.g. the grid a few-step sampler visits); None = off
+    sigma_points: Optional[tuple] = None
+    sigma_points_prob: float = 0.0
     cond_drop: float = 0.1                    # label / text dropout (classifier-free guidance)
     cfg_omega: float = 1.0                    # MeanFlow: guidance folded into training
     cfg_kappa: float = 0.0                    # (fmrt.losses.meanflow_loss's cfg_omega / kappa)
@@ -166,6 +170,8 @@ class TrainConfig:
             self.couplings = (os.fspath(self.couplings),)
         elif self.couplings is not None:
             self.couplings = tuple(os.fspath(p) for p in self.couplings) or None
+        if self.sigma_points is not None and not isinstance(self.sigma_points, (str, bytes)):
+            self.sigma_points = tuple(self.sigma_points) or None
 
     def validate(self) -> None:
         def pos(name, v, zero_ok=False):
@@ -198,6 +204,14 @@ class TrainConfig:
             if self.objective == "meanflow":
                 raise ValueError("huber_c is the SFT / reflow loss's: MeanFlow weights its "
                                  "loss adaptively itself")
+        if self.sigma_points is not None or self.sigma_points_prob != 0.0:
+            from fmrt.schedule import check_sigma_points
+            if not self.sigma_points:
+                raise ValueError("sigma_points_prob needs sigma_points (the sigmas to draw)")
+            check_sigma_points(self.sigma_points, self.sigma_points_prob)
+            if self.objective == "meanflow":
+                raise ValueError("sigma_points is the SFT / reflow sampler's: MeanFlow draws "
+                                 "two times (t, r) with its own law")
         if not 0.0 <= self.meanflow_ratio <= 1.0:
             raise ValueError(f"meanflow_ratio must be in [0, 1], got {self.meanflow_ratio}")
         if self.meanflow_ratio != 0.25 and self.objective != "meanflow":
@@ -258,8 +272,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
+        # as JSON gives it back (lists), so a resume compares the record with this like for like
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -587,12 +601,14 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
         return sft_loss(model, x0, cond, scheduler=sched, sampler=config.timestep_sampler,
                         weighting=config.weighting, generator=gen,
                         logit_mean=config.logit_mean, logit_std=config.logit_std,
-                        huber_c=config.huber_c)
+                        huber_c=config.huber_c, sigma_points=config.sigma_points or (),
+                        sigma_points_prob=config.sigma_points_prob)
     from fmrt import ops
     from fmrt.losses import flow_loss
     sigma = sched.sample_sigmas(B, sampler=config.timestep_sampler, generator=gen,
                                 device=gen.device, logit_mean=config.logit_mean,
-                                logit_std=config.logit_std).to(x0.device)
+                                logit_std=config.logit_std, points=config.sigma_points or (),
+                                points_prob=config.sigma_points_prob).to(x0.device)
     x_t, _ = ops.add_noise(x0, sigma, noise.to(x0.dtype))
     pred = model(x_t, sigma, cond)
     return flow_loss(pred, x0, noise.to(x0.dtype),

@@ -226,8 +226,13 @@ def test_reflow_then_train_on_couplings(tiny_model, tmp_path, capsys):
     torch.testing.assert_close(again, t["sample"][:2])
     # a second shard from another seed; training reads both as one set
     c2 = tmp_path / "c2.safetensors"
+    capsys.readouterr()
     assert main(["reflow", "--checkpoint", tiny_model, "--num", "4", "--steps", "2",
-                 "--guidance-scale", "1", "--seed", "1", "--out", str(c2), "--no-progress"]) == 0
+                 "--guidance-scale", "1", "--seed", "1", "--out", str(c2), "--no-progress",
+                 "--batch-size", "3"]) == 0
+    log = capsys.readouterr().err.splitlines()   # --no-progress: a plain line per batch
+    assert [x.split(", ")[0] for x in log] == ["fmrt reflow: batch 1/2 (3/4 couplings)",
+                                               "fmrt reflow: batch 2/2 (4/4 couplings)"]
     out = tmp_path / "rf"
     assert main(["train", "--couplings", str(c), str(c2), "--out-dir", str(out), "--steps", "2",
                  "--init", tiny_model, *TINY_FLAGS]) == 0

@@ -290,4 +290,12 @@ def test_sft_loss_bad_input():
         sft_loss(model, x0, scheduler=sched, compat="diffsynth", huber_c=0.1)
     with pytest.raises(ValueError, match="reduction"):
         flow_loss(x0, x0, x0, huber_c=0.1, reduction="max")
+    with pytest.raises(ValueError, match="sigma_points .*compat"):
+        sft_loss(model, x0, scheduler=sched, compat="diffsynth", sigma_points=(1.0,),
+                 sigma_points_prob=0.5)
+    with pytest.raises(ValueError, match="sigma_points .*given sigma"):
+        sft_loss(model, x0, scheduler=sched, sigma=torch.rand(2), sigma_points=(1.0,),
+                 sigma_points_prob=0.5)
+    with pytest.raises(ValueError, match="points_prob"):
+        sft_loss(model, x0, scheduler=sched, seed=1, sigma_points=(1.0,))
     assert not calls

@@ -371,6 +371,49 @@ def test_continuous_samplers_match_diffusers_at_shift_1(sampler):
     torch.testing.assert_close(got, want.float(), atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("sampler", ["uniform_index", "logit_normal"])
+def test_sigma_points_mix_exact_sigmas_into_any_sampler(sampler):
+    """points / points_prob: where a point is not picked the sampler's own draw is unchanged
+    (same generator); picked entries are exactly a point (no shift), each equally likely, and
+    the share picked is points_prob."""
+    s = sched("Wan", 1000, training=True, shift=3.0)
+    n, pts, p = 20000, (1.0, 0.5, 0.25), 0.4
+    base = s.sample_sigmas(n, sampler=sampler, generator=gen(12))
+    got = s.sample_sigmas(n, sampler=sampler, generator=gen(12), points=pts, points_prob=p)
+    g = gen(12)
+    s.sample_sigmas(n, sampler=sampler, generator=g)          # the sampler's draws come first
+    pick = torch.rand(n, generator=g) < p
+    idx = torch.randint(0, 3, (n,), generator=g)
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    assert torch.equal(got[~pick], base[~pick])
+    assert torch.equal(got[pick], torch.tensor(pts)[idx[pick]])
+    assert float(pick.float().mean()) == pytest.approx(p, abs=0.015)
+    share = torch.bincount(idx[pick], minlength=3).float() / pick.sum()
+    torch.testing.assert_close(share, torch.full((3,), 1 / 3), atol=0.02, rtol=0)
+    # points_prob 1: only the points; no points: the plain sampler, draw for draw
+    only = s.sample_sigmas(64, sampler=sampler, generator=gen(1), points=[0.5], points_prob=1)
+    assert torch.equal(only, torch.full((64,), 0.5))
+    assert torch.equal(s.sample_sigmas(8, sampler=sampler, generator=gen(2), points=()),
+                       s.sample_sigmas(8, sampler=sampler, generator=gen(2)))
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(points=(1.0, 0.5)), ValueError, "points_prob must be in"),      # prob 0
+    (dict(points=(1.0,), points_prob=1.5), ValueError, "points_prob must be in"),
+    (dict(points_prob=0.5), ValueError, "needs points"),
+    (dict(points=(0.0,), points_prob=0.5), ValueError, r"sigmas in \(0, 1\]"),
+    (dict(points=(1.2,), points_prob=0.5), ValueError, r"sigmas in \(0, 1\]"),
+    (dict(points=(0.5, 0.5), points_prob=0.5), ValueError, "must not repeat"),
+    (dict(points=(float("nan"),), points_prob=0.5), ValueError, "points must be a finite"),
+    (dict(points=0.5, points_prob=0.5), TypeError, "sequence of sigmas"),
+    (dict(points="1", points_prob=0.5), TypeError, "sequence of sigmas"),
+    (dict(points=(True,), points_prob=0.5), TypeError, "points must be a real"),
+])
+def test_bad_sigma_points(kw, err, match):
+    with pytest.raises(err, match=match):
+        FlowMatchScheduler("Wan").sample_sigmas(4, **kw)
+
+
 @pytest.mark.parametrize("sampler", ["uniform", "logit_normal", "mode", "cosmap"])
 def test_continuous_samplers_apply_the_template_shift(sampler):
     """sample = apply_shift(unshifted draw); apply_shift maps DiffSynth's unshifted grid onto

@@ -656,6 +656,11 @@ def test_teacher_distillation_uses_the_teachers_guided_velocity(tmp_path):
     (dict(meanflow_ratio=0.5), "meanflow_ratio"),
     (dict(objective="meanflow", huber_c=0.01), "MeanFlow weights its loss adaptively"),
     (dict(huber_c=0.0), "huber_c must be > 0"),
+    (dict(sigma_points_prob=0.5), "needs sigma_points"),
+    (dict(sigma_points=(1.0, 0.5)), "points_prob must be in"),
+    (dict(sigma_points=(1.5,), sigma_points_prob=0.5), r"sigmas in \(0, 1\]"),
+    (dict(objective="meanflow", sigma_points=(1.0,), sigma_points_prob=0.5),
+     "MeanFlow draws two times"),
 ])
 def test_bad_distillation_config(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -741,3 +746,66 @@ def test_pseudo_huber_reaches_the_sft_and_reflow_losses(tmp_path, monkeypatch, c
     m, w = seen["mse"], seen["w"]
     torch.testing.assert_close(plain, (m * w).mean())
     torch.testing.assert_close(loss(0.05), ((torch.sqrt(m + 0.05 ** 2) - 0.05) * w).mean())
+
+
+@pytest.mark.parametrize("couplings", [False, True], ids=["sft", "reflow"])
+def test_sigma_points_reach_the_sft_and_reflow_losses(tmp_path, couplings):
+    """sigma_points with sigma_points_prob 1: the model is trained at those sigmas only; with
+    0.5 at them and at the sampler's draws, on both loss paths."""
+    from fmrt.models import DiT, DiTConfig
+    from fmrt.schedule import FlowMatchScheduler
+    from fmrt.train import compute_loss
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.preset("tiny", **dict(TINY, num_classes=6)))
+    seen = []
+
+    def spy(x, sigma, c):
+        seen.append(sigma.detach().clone())
+        return model(x, sigma, c)
+    x0, y = torch.randn(64, 3, 2, 8, 8), torch.randint(0, 6, (64,))
+    noise = torch.randn(64, 3, 2, 8, 8) if couplings else None
+    sched = FlowMatchScheduler("Wan")
+    sched.set_timesteps(1000, training=True)
+    for prob in (1.0, 0.5):
+        cfg = tiny_config(tmp_path, sigma_points=(1.0, 0.5), sigma_points_prob=prob)
+        loss = compute_loss(spy, x0, y, noise, sched=sched, config=cfg,
+                            gen=torch.Generator().manual_seed(3))
+        assert torch.isfinite(loss)
+        on = (seen[-1] == 1.0) | (seen[-1] == 0.5)
+        assert bool(on.all()) if prob == 1.0 else 10 < int(on.sum()) < 54
+        assert {0.5, 1.0} <= set(seen[-1].tolist())
+
+
+def test_a_run_with_sigma_points_resumes_and_refuses_other_points(tmp_path):
+    """Tuple fields (sigma_points, teacher_guidance_interval, betas) survive the JSON record:
+    a resume compares like with like."""
+    d = tmp_path / "run"
+    kw = dict(sigma_points=(1.0, 0.5), sigma_points_prob=0.5, betas=(0.9, 0.99))
+    train(tiny_config(d, steps=2, **kw))
+    out = train(tiny_config(d, steps=3, resume="auto", **kw))
+    assert out["step"] == 3
+    assert load_model(out["model_path"])[1]["train"]["sigma_points"] == [1.0, 0.5]
+    with pytest.raises(ValueError, match=r"sigma_points was \[1.0, 0.5\], now \[1.0\]"):
+        train(tiny_config(d, steps=4, resume="auto", **dict(kw, sigma_points=(1.0,))))
+    c = tiny_config(d, objective="meanflow", teacher="t.safetensors",
+                    teacher_guidance_interval=(0.0, 0.6), betas=(0.9, 0.99))
+    assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))).to_dict() == c.to_dict()
+
+
+def test_cli_sigma_points_flags(tmp_path, capsys):
+    from fmrt.cli import main
+    run = tmp_path / "run"
+    assert main(["train", "--out-dir", str(run), "--steps", "1", "--sigma-points", "1", "0.5",
+                 *CLI_TINY]) == 0
+    rec = load_model(str(run / "model.safetensors"))[1]["train"]
+    assert (rec["sigma_points"], rec["sigma_points_prob"]) == ([1.0, 0.5], 0.5)   # default share
+    capsys.readouterr()
+    for argv, msg in ((["--sigma-points-prob", "0.3"], "needs sigma_points"),
+                      (["--sigma-points", "1", "--objective", "meanflow"], "MeanFlow draws two")):
+        assert main(["train", "--out-dir", str(tmp_path / "bad"), *argv, *CLI_TINY]) == 2
+        assert msg in capsys.readouterr().err
+    for argv in (["--sigma-points", "0"], ["--sigma-points", "1", "--sigma-points-prob", "0"]):
+        with pytest.raises(SystemExit) as e:           # argparse's own range check
+            main(["train", "--out-dir", str(tmp_path / "bad"), *argv, *CLI_TINY])
+        assert e.value.code == 2 and "must be > 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -379,6 +379,57 @@ def _meanflow_from_flow_model(base: nn.Module, path: str) -> nn.Module:
     return model.to(dtype=next(base.parameters()).dtype)
 
 
+# the --init model's shape fields a run may not change (num_layers may grow: _deepened)
+_INIT_FIXED = ("dim", "num_heads", "ffn_dim", "patch_size", "text_dim", "class_tokens")
+
+
+def _grown_to_fit(base: nn.Module, overrides: dict, path: str) -> nn.Module:
+    """The `--init` model for a run that asks for `overrides` (DiTConfig fields given
+    explicitly): `base` itself, or deepened to a larger `num_layers`; any other shape change is
+    refused (the weights would not fit) instead of being silently ignored."""
+    cfg = base.config
+    for k in _INIT_FIXED:
+        if k in overrides and overrides[k] is not None:
+            want, have = overrides[k], getattr(cfg, k)
+            if (tuple(want) if k == "patch_size" else want) != (
+                    tuple(have) if k == "patch_size" else have):
+                raise ValueError(f"--init {path}: the model's {k} is {have}, the run asks for "
+                                 f"{want}; only num_layers may change (upwards: the new blocks "
+                                 f"start as the identity)")
+    n = overrides.get("num_layers")
+    if n is None or n == cfg.num_layers:
+        return base
+    if n < cfg.num_layers:
+        raise ValueError(f"--init {path}: the model has {cfg.num_layers} blocks, the run asks "
+                         f"for {n}; a model can be deepened, not cut")
+    return _deepened(base, n, path)
+
+
+def _deepened(base: nn.Module, num_layers: int, path: str) -> nn.Module:
+    """A DiT of `num_layers` blocks that computes what `base` computes: every weight of `base`
+    copied (its blocks first), each extra block appended at the usual init (seeded) but with
+    the Linears that write into the residual stream (self-attention out, cross-attention out,
+    FFN out) at zero, so that it adds nothing at first yet gets gradients."""
+    from fmrt.models import DiT
+    n0 = base.config.num_layers
+    torch.manual_seed(_mix(0xDEE9E4, n0, num_layers))
+    model = DiT(dataclasses.replace(base.config, num_layers=num_layers))
+    state = dict(base.state_dict())
+    for k, v in model.state_dict().items():
+        if k.startswith("blocks.") and int(k.split(".")[1]) >= n0:
+            state[k] = v
+    load_state(model, state, path)
+    with torch.no_grad():
+        for block in model.blocks[n0:]:
+            outs = [block.self_attn.o, block.ffn[2]]
+            if block.cross_attn is not None:
+                outs.append(block.cross_attn.o)
+            for lin in outs:
+                lin.weight.zero_()
+                lin.bias.zero_()
+    return model.to(dtype=next(base.parameters()).dtype)
+
+
 def load_teacher(config: TrainConfig, student_cfg, sample_shape: tuple, device: torch.device):
     """The frozen teacher of a distillation run (`config.teacher`) as a
     `fmrt.distill.TeacherVelocity`, and what it resolved to (recorded in the run's metadata):
@@ -901,7 +952,8 @@ def _train(config: TrainConfig, dataset, di: _Dist, device: torch.device,
             if config.objective == "meanflow" and not base_cfg.meanflow:
                 base = _meanflow_from_flow_model(base, config.init)
                 base_cfg = base.config
-            mcfg = base_cfg
+            base = _grown_to_fit(base, config.model_overrides, config.init)
+            mcfg = base.config
         model = base.train().requires_grad_(True)
     if config.lora_rank:
         model = apply_lora(model, config.lora_rank, config.lora_alpha)

@@ -197,6 +197,36 @@ def test_meanflow_init_from_flow_model_starts_as_that_model(tmp_path):
         {k: v for k, v in fm.config.to_dict().items() if k != "meanflow"}
 
 
+@pytest.mark.parametrize("text_dim", [None, 16], ids=["class", "class_text"])
+def test_init_with_more_layers_starts_as_that_model(tmp_path, text_dim):
+    """--init with a larger num_layers: the extra blocks start as the identity (their output
+    Linears at zero), so the deeper model computes exactly what the base computes; they then
+    train. Other shape changes, or fewer layers, are refused instead of silently ignored."""
+    from fmrt.train import _deepened
+    over = dict(TINY, num_classes=6, text_dim=text_dim)
+    base = train(tiny_config(tmp_path / "fm", steps=1, model_overrides=over))
+    fm, _ = load_model(base["model_path"])
+    with torch.no_grad():                       # weights far from the init everywhere
+        for p in fm.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    deep = _deepened(fm, 3, base["model_path"]).eval()
+    assert deep.config.num_layers == 3 and len(deep.blocks) == 3
+    x, t, y = torch.randn(2, 3, 2, 8, 8), torch.tensor([0.9, 0.3]), torch.tensor([1, 6])
+    with torch.no_grad():
+        assert torch.equal(deep(x, t, y), fm.eval()(x, t, y))
+    # through train(): the run is deeper, records it, and the new blocks learn
+    out = train(tiny_config(tmp_path / "deep", steps=2, lr=1e-2, ema_decay=0.0,
+                            init=base["model_path"], model_overrides=dict(over, num_layers=2)))
+    tuned, meta = load_model(out["model_path"])
+    assert meta["model"]["num_layers"] == 2 and tuned.blocks[1].self_attn.o.weight.abs().sum() > 0
+    for bad, match in ((dict(over, num_layers=2, dim=48), "dim is 32, the run asks for 48"),
+                       (dict(over, num_layers=1), "deepened, not cut")):
+        with pytest.raises(ValueError, match=match):
+            train(tiny_config(tmp_path / "bad", steps=1, init=out["model_path"],
+                              model_overrides=bad))
+    assert not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # the run folder: earlier runs, resume, interrupts, failures, non-finite weights
 # ---------------------------------------------------------------------------------------------

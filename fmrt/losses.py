@@ -91,12 +91,11 @@ def sft_loss(model, x0: Tensor, cond=None, *, scheduler, sampler: str = "uniform
         check_huber_c(huber_c)
         if compat is not None:
             raise ValueError("huber_c cannot be combined with compat (DiffSynth's loss is the MSE)")
-    if sigma_points or sigma_points_prob:
-        from fmrt.schedule import check_sigma_points
-        check_sigma_points(sigma_points, sigma_points_prob)
-        if compat is not None or sigma is not None:
-            raise ValueError("sigma_points shape the drawn sigmas: they cannot be combined with "
-                             "compat (DiffSynth's own draw) or a given sigma")
+    from fmrt.schedule import check_sigma_points
+    if check_sigma_points(sigma_points, sigma_points_prob)[0] and (
+            compat is not None or sigma is not None):
+        raise ValueError("sigma_points shape the drawn sigmas: they cannot be combined with "
+                         "compat (DiffSynth's own draw) or a given sigma")
     if compat == "diffsynth":
         return _sft_loss_diffsynth(model, x0, cond, scheduler, first_frame,
                                    min_timestep_boundary, max_timestep_boundary, generator)

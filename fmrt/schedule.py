@@ -192,14 +192,16 @@ def check_sigma_points(points, points_prob) -> tuple[tuple[float, ...], float]:
 
 
 def _mix_points(sigma: Tensor, pts: tuple, p: float, generator) -> Tensor:
-    """Each entry of sigma replaced, with probability p, by a uniformly chosen point."""
+    """Each entry of sigma replaced, with probability p, by a uniformly chosen point. The
+    points enter as scalars (no host-to-device copy, so no sync per training step)."""
     if not pts:
         return sigma
     b, dev = sigma.shape[0], sigma.device
     pick = torch.rand((b,), device=dev, generator=generator) < p
     idx = torch.randint(0, len(pts), (b,), device=dev, generator=generator)
-    table = torch.tensor(pts, dtype=sigma.dtype, device=dev)
-    return torch.where(pick, table.take(idx), sigma)
+    for j, v in enumerate(pts):
+        sigma = torch.where(pick & (idx == j), v, sigma)
+    return sigma
 
 
 def _real(name: str, value, *, positive: bool = False) -> float:

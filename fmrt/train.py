@@ -388,11 +388,13 @@ def _grown_to_fit(base: nn.Module, overrides: dict, path: str) -> nn.Module:
     explicitly): `base` itself, or deepened to a larger `num_layers`; any other shape change is
     refused (the weights would not fit) instead of being silently ignored."""
     cfg = base.config
+
+    def norm(v):                              # patch_size: a list from the CLI, a tuple here
+        return tuple(v) if isinstance(v, (list, tuple)) else v
     for k in _INIT_FIXED:
-        if k in overrides and overrides[k] is not None:
+        if overrides.get(k) is not None:
             want, have = overrides[k], getattr(cfg, k)
-            if (tuple(want) if k == "patch_size" else want) != (
-                    tuple(have) if k == "patch_size" else have):
+            if norm(want) != norm(have):
                 raise ValueError(f"--init {path}: the model's {k} is {have}, the run asks for "
                                  f"{want}; only num_layers may change (upwards: the new blocks "
                                  f"start as the identity)")

@@ -10,6 +10,10 @@ safetensors header under "fmrt", so the weights file alone is enough):
   `load_train_state`): `model.*` weights, `ema.*` (fp32), `optim.<param id>.<name>` (AdamW),
   `rng.torch` / `rng.cuda`; the JSON adds the step and the optimizer's param groups.
 
+`export_for_sampling` re-exports a model with other sampling defaults; `export_average` writes
+the weight average of several (`average_models`: SWA across learning-rate cycles, a model
+soup), recording its sources under "averaged_from".
+
 Writes are atomic: bytes go to `<name>.tmp<PID>`, are synced, then renamed over `<name>`, so a
 crash never leaves a half-written file that looks valid (`remove_stale_temporaries` removes
 what a killed writer left). Nothing non-finite is ever written: every floating tensor is checked
@@ -23,10 +27,11 @@ same folder is refused).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -254,9 +259,69 @@ def export_for_sampling(src: str, out: str, **changes) -> dict:
     LoRA merged) to `out` (.safetensors + .json) with `with_sampling_defaults(**changes)`; the
     weights are the ones `load_model(src)` samples with, bit for bit. Returns the new meta."""
     model, meta = load_model(src)
+    return _export_sampling(out, model.state_dict(), meta, changes)
+
+
+def average_models(srcs: Sequence[str], weights: Optional[Sequence[float]] = None
+                   ) -> tuple[dict[str, Tensor], dict]:
+    """The weighted average of the models in `srcs` (each what `load_model` samples with: an
+    exported model, or a training checkpoint's EMA weights, LoRA merged), parameter by
+    parameter: sum_i w_i theta_i with `weights` (default equal) scaled to sum to 1, accumulated
+    in float64 and stored in each tensor's dtype. This is stochastic weight averaging across
+    the ends of learning-rate cycles (Izmailov et al., 2018) or a uniform model soup (Wortsman
+    et al., 2022); it only makes sense for models fine-tuned from one another. Returns (state,
+    the first model's meta with `averaged_from` = [{path, weight}, ...] added).
+    ValueError with a one-line message on fewer than two models, one file given twice, weights
+    that are not positive and finite or do not match the models, models whose architecture
+    differs, or a buffer (a fixed table such as `class_text`, never averaged) that differs."""
+    srcs = list(srcs)
+    if len(srcs) < 2:
+        raise ValueError(f"averaging needs at least two models, got {len(srcs)}")
+    w = [1.0] * len(srcs) if weights is None else [float(x) for x in weights]
+    if len(w) != len(srcs):
+        raise ValueError(f"{len(w)} weights for {len(srcs)} models")
+    if not all(math.isfinite(x) and x > 0 for x in w):
+        raise ValueError(f"weights must be positive and finite, got {list(weights)}")
+    total = sum(w)
+    w = [x / total for x in w]
+    for i, a in enumerate(srcs):
+        for b in srcs[:i]:
+            if os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b):
+                raise ValueError(f"{a} is given twice (weight a model with weights instead)")
+    acc: dict[str, Tensor] = {}
+    first_meta: dict = {}
+    for i, (src, wi) in enumerate(zip(srcs, w)):
+        model, meta = load_model(src)
+        params = {k: p.detach() for k, p in model.named_parameters()}
+        buffers = {k: b for k, b in model.state_dict().items() if k not in params}
+        if i == 0:
+            first_meta, dtypes, fixed = meta, {k: v.dtype for k, v in params.items()}, buffers
+            acc = {k: v.double() * wi for k, v in params.items()}
+            continue
+        if meta.get("model") != first_meta.get("model"):
+            raise ValueError(f"{src}: its architecture differs from {srcs[0]}'s "
+                             f"({meta.get('model')} against {first_meta.get('model')})")
+        for k, v in buffers.items():          # fixed tables (class_text): never averaged
+            if not torch.equal(v, fixed[k]):
+                raise ValueError(f"{src}: buffer {k} differs from {srcs[0]}'s")
+        for k, v in params.items():
+            acc[k] += v.double() * wi
+    out = dict(fixed, **{k: v.to(dtypes[k]) for k, v in acc.items()})
+    return out, dict(first_meta, averaged_from=[dict(path=p, weight=x) for p, x in zip(srcs, w)])
+
+
+def export_average(srcs: Sequence[str], out: str, weights: Optional[Sequence[float]] = None,
+                   **changes) -> dict:
+    """`average_models(srcs, weights)` exported to `out` as `export_for_sampling` does (the
+    first model's sampling defaults, changed by `changes`). Returns the new meta."""
+    state, meta = average_models(srcs, weights)
+    return _export_sampling(out, state, meta, changes)
+
+
+def _export_sampling(out: str, state: dict[str, Tensor], meta: dict, changes: dict) -> dict:
     keep = {k: v for k, v in meta.items() if k not in ("format", "optim_groups")}
     new = with_sampling_defaults(keep, **changes)
-    export_model(out, {k: v.contiguous() for k, v in model.state_dict().items()}, new)
+    export_model(out, {k: v.contiguous() for k, v in state.items()}, new)
     return dict(new, format=MODEL_FORMAT)
 
 

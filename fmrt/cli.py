@@ -592,14 +592,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_reflow)
 
     # -- export -------------------------------------------------------------------------------
-    x = sub.add_parser("export", help="write a model file with other sampling defaults",
+    x = sub.add_parser("export", help="write a model file with other sampling defaults, or "
+                                      "the weight average of several models",
                        description="Write the model of --checkpoint (an exported model, or a "
                                    "training checkpoint: its EMA weights, LoRA merged) as a new "
                                    "model file (.safetensors + .json) whose recorded sampling "
                                    "defaults (what fmrt sample and fmrt eval use when their "
                                    "flags are not given) are changed by the flags below; the "
-                                   "weights are unchanged. It never replaces a model file.")
-    x.add_argument("--checkpoint", required=True, help="model or training checkpoint to read")
+                                   "weights are unchanged. Given several, it writes their "
+                                   "weight average (stochastic weight averaging across the "
+                                   "ends of learning-rate cycles, a model soup: for models "
+                                   "fine-tuned from one another, with one architecture) with "
+                                   "the first one's sampling defaults, and records the sources "
+                                   "in the .json. It never replaces a model file.")
+    x.add_argument("--checkpoint", required=True, nargs="+", metavar="MODEL",
+                   help="model or training checkpoint to read; several: average them")
+    x.add_argument("--weights", type=_float(0.0, lo_open=True), nargs="+", default=None,
+                   metavar="W", help="with several --checkpoint: one positive weight each, "
+                                     "scaled to sum to 1 (default: equal)")
     x.add_argument("--out", required=True, help="model file to write (.safetensors)")
     x.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), default=None)
     x.add_argument("--guidance-scale", type=_float(0.0), default=None)
@@ -702,7 +712,17 @@ def prepare_export(args: argparse.Namespace) -> None:
         _interval_flag(args.guidance_interval)
     if not args.out.endswith(".safetensors"):
         raise CLIError(f"--out {args.out}: a model file ends with .safetensors")
-    _check_outputs(_checkpoint_inputs(args.checkpoint),
+    if args.weights is not None and len(args.checkpoint) == 1:
+        raise CLIError("--weights weights an average: give several --checkpoint models")
+    if args.weights is not None and len(args.weights) != len(args.checkpoint):
+        raise CLIError(f"--weights: {len(args.weights)} given for {len(args.checkpoint)} "
+                       f"--checkpoint models (one each)")
+    inputs = [i for path in args.checkpoint for i in _checkpoint_inputs(path)]
+    for i, path in enumerate(args.checkpoint):
+        if any(_same_file(path, p) for p in args.checkpoint[:i]):
+            raise CLIError(f"--checkpoint {path} is given twice (use --weights to weight a "
+                           f"model)")
+    _check_outputs(inputs,
                    [Output("--out", args.out, (".safetensors",), replace_own=False),
                     Output("--out's metadata", args.out[:-len(".safetensors")] + ".json",
                            (".json",), replace_own=False)],
@@ -1409,17 +1429,23 @@ def _check_fits_in_memory(nbytes: int, what: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fmrt.checkpoint import export_for_sampling
+    from fmrt.checkpoint import export_average, export_for_sampling
     changes = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
                                  ("shift", args.shift)) if v is not None}
     if args.guidance_interval is not None:
         changes["guidance_interval"] = tuple(args.guidance_interval)
     elif args.no_guidance_interval:
         changes["guidance_interval"] = None
-    meta = export_for_sampling(args.checkpoint, args.out, **changes)
+    if len(args.checkpoint) == 1:
+        meta = export_for_sampling(args.checkpoint[0], args.out, **changes)
+        what = ""
+    else:
+        meta = export_average(args.checkpoint, args.out, args.weights, **changes)
+        what = "the average of " + ", ".join(
+            f"{a['path']} ({a['weight']:.3g})" for a in meta["averaged_from"]) + "; "
     s = meta["sample"]
     iv = s.get("guidance_interval")
-    print(f"wrote {args.out} (+ .json): sampling defaults {s.get('steps')} steps, guidance "
+    print(f"wrote {args.out} (+ .json): {what}sampling defaults {s.get('steps')} steps, guidance "
           f"{s.get('guidance_scale')}{'' if iv is None else f' on sigma in [{iv[0]:g}, {iv[1]:g}]'}"
           f", shift {s.get('shift')}")
     return 0

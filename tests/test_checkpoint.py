@@ -191,3 +191,59 @@ def test_sampling_defaults_and_export_for_sampling(tmp_path):
         src_meta["sample"]
     for k, v in want.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_average_models_exact_and_refusals(tmp_path):
+    """The weighted average of two exported models, parameter by parameter, to the float32
+    rounding of the exact float64 sum; a checkpoint averaged with its own export is that export
+    bit for bit; the fixed class_text table is copied, never averaged; bad input refused."""
+    from fmrt.checkpoint import average_models, export_average, export_for_sampling
+    a, b = _dit(text_dim=16), _dit(text_dim=16)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    pa, pb = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    export_model(pa, a.state_dict(), _meta(a))
+    export_model(pb, b.state_dict(), dict(_meta(b), sample=dict(steps=7)))
+    state, meta = average_models([pa, pb], [1, 3])
+    assert meta["averaged_from"] == [dict(path=pa, weight=0.25), dict(path=pb, weight=0.75)]
+    assert meta["sample"] == _meta(a)["sample"]                 # the first model's defaults
+    for k, p in a.named_parameters():
+        want = (0.25 * p.double() + 0.75 * dict(b.named_parameters())[k].double()).float()
+        assert torch.equal(state[k], want), k
+    assert torch.equal(state["class_text"], a.class_text)
+    # equal weights by default; the export samples with exactly these weights
+    out = str(tmp_path / "avg.safetensors")
+    written = export_average([pa, pb], out, steps=4)
+    model, got = load_model(out)
+    assert got == written and got["sample"]["steps"] == 4 and len(got["averaged_from"]) == 2
+    for k, p in a.named_parameters():
+        want = (0.5 * p.double() + 0.5 * dict(b.named_parameters())[k].double()).float()
+        assert torch.equal(model.state_dict()[k], want), k
+    # a training checkpoint (its EMA weights) averaged with its own export: unchanged
+    run = train(tiny_config(tmp_path / "run", steps=2, checkpoint_every=2))
+    exp = str(tmp_path / "exp.safetensors")
+    export_for_sampling(run["checkpoint"], exp)
+    same, _ = average_models([run["checkpoint"], exp])
+    for k, v in load_model(exp)[0].state_dict().items():
+        assert torch.equal(same[k], v), k
+    # refusals, one line each
+    c = _dit(text_dim=16, class_text_seed=1)
+    pc = str(tmp_path / "c.safetensors")
+    export_model(pc, c.state_dict(), _meta(c))
+    sd = dict(a.state_dict(), class_text=a.class_text + 1)     # a hand-edited table
+    pd = str(tmp_path / "d.safetensors")
+    export_model(pd, sd, _meta(a))
+    pe = str(tmp_path / "e.safetensors")
+    export_model(pe, _dit().state_dict(), _meta(_dit()))
+    for args, match in (([pa], "at least two"), ([pa, pa], "given twice"),
+                        ([pa, pb, [1.0]], "1 weights for 2 models"),
+                        ([pa, pb, [1.0, 0.0]], "positive and finite"),
+                        ([pa, pb, [1.0, float("nan")]], "positive and finite"),
+                        ([pa, pc], "architecture differs"), ([pa, pe], "architecture differs"),
+                        ([pa, pd], "buffer class_text differs")):
+        srcs, weights = (args[:2], args[2]) if len(args) == 3 else (args, None)
+        with pytest.raises(ValueError, match=match):
+            average_models(srcs, weights)
+    with pytest.raises(FileNotFoundError):
+        average_models([pa, str(tmp_path / "missing.safetensors")])

@@ -286,6 +286,51 @@ def test_training_checkpoints_are_never_overwritten(tiny_model, tmp_path):
     assert_unchanged(before)
 
 
+def test_export_averages_several_models(tiny_model, tmp_path, capsys):
+    """fmrt export --checkpoint A B [--weights ...] writes the weight average (the first model's
+    sampling defaults, the sources recorded) that fmrt sample then loads; bad input is one line
+    and writes nothing."""
+    from fmrt.checkpoint import load_model, read_meta
+    run = os.path.dirname(tiny_model)
+    ck = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    ck = os.path.join(run, "checkpoints", [f for f in ck if f.endswith(".safetensors")][0])
+    other = str(tmp_path / "other.safetensors")       # the same model, other weights
+    model, meta = load_model(tiny_model)
+    from fmrt.checkpoint import export_model
+    export_model(other, {k: v + 1 if v.is_floating_point() else v
+                         for k, v in model.state_dict().items()},
+                 {k: v for k, v in meta.items() if k != "format"})
+    out = str(tmp_path / "avg.safetensors")
+    assert main(["export", "--checkpoint", tiny_model, other, "--weights", "3", "1",
+                 "--out", out, "--steps", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "the average of" in printed and "(0.75)" in printed and "(0.25)" in printed
+    got = read_meta(out)
+    assert got["sample"]["steps"] == 5 and [a["weight"] for a in got["averaged_from"]] == \
+        [0.75, 0.25]
+    avg = load_model(out)[0].state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.allclose(avg[k], v + 0.25, atol=1e-6), k
+    png = str(tmp_path / "s.png")
+    assert main(["sample", "--checkpoint", out, "--num", "2", "--out", png,
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    bad = str(tmp_path / "bad.safetensors")
+    for argv, match in [
+        (["--checkpoint", tiny_model, "--weights", "1"], "give several --checkpoint"),
+        (["--checkpoint", tiny_model, other, "--weights", "1"], "1 given for 2"),
+        (["--checkpoint", tiny_model, tiny_model], "given twice"),
+        (["--checkpoint", tiny_model, str(tmp_path / "none.safetensors")], "none.safetensors"),
+    ]:
+        _one_line_error(capsys, ["export", *argv, "--out", bad], match)
+    with pytest.raises(SystemExit) as e:            # argparse: a weight must be positive
+        main(["export", "--checkpoint", tiny_model, ck, "--weights", "1", "0", "--out", bad])
+    assert e.value.code == 2 and "--weights: must be > 0" in capsys.readouterr().err
+    _one_line_error(capsys, ["export", "--checkpoint", tiny_model, other, "--out", other],
+                    "same file as --checkpoint")
+    assert not os.path.exists(bad)
+
+
 def test_export_records_sampling_defaults_that_sample_and_eval_use(tiny_model, tmp_path, capsys):
     from fmrt.checkpoint import load_model, read_meta
     m = str(tmp_path / "m.safetensors")

@@ -714,15 +714,8 @@ def prepare_export(args: argparse.Namespace) -> None:
         raise CLIError(f"--out {args.out}: a model file ends with .safetensors")
     if args.weights is not None and len(args.checkpoint) == 1:
         raise CLIError("--weights weights an average: give several --checkpoint models")
-    if args.weights is not None and len(args.weights) != len(args.checkpoint):
-        raise CLIError(f"--weights: {len(args.weights)} given for {len(args.checkpoint)} "
-                       f"--checkpoint models (one each)")
-    inputs = [i for path in args.checkpoint for i in _checkpoint_inputs(path)]
-    for i, path in enumerate(args.checkpoint):
-        if any(_same_file(path, p) for p in args.checkpoint[:i]):
-            raise CLIError(f"--checkpoint {path} is given twice (use --weights to weight a "
-                           f"model)")
-    _check_outputs(inputs,
+    # the weight count and a model given twice: average_models' own checks, before any load
+    _check_outputs([i for path in args.checkpoint for i in _checkpoint_inputs(path)],
                    [Output("--out", args.out, (".safetensors",), replace_own=False),
                     Output("--out's metadata", args.out[:-len(".safetensors")] + ".json",
                            (".json",), replace_own=False)],

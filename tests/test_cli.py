@@ -318,7 +318,7 @@ def test_export_averages_several_models(tiny_model, tmp_path, capsys):
     bad = str(tmp_path / "bad.safetensors")
     for argv, match in [
         (["--checkpoint", tiny_model, "--weights", "1"], "give several --checkpoint"),
-        (["--checkpoint", tiny_model, other, "--weights", "1"], "1 given for 2"),
+        (["--checkpoint", tiny_model, other, "--weights", "1"], "1 weights for 2 models"),
         (["--checkpoint", tiny_model, tiny_model], "given twice"),
         (["--checkpoint", tiny_model, str(tmp_path / "none.safetensors")], "none.safetensors"),
     ]:

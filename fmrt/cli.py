@@ -268,7 +268,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="model .safetensors (with its .json) written by fmrt train "
                         "(default: the embedded model)")
-    p.add_argument("--solver", default="euler", choices=SOLVERS)
+    p.add_argument("--solver", default=None, choices=SOLVERS,
+                   help="default: meanflow for a MeanFlow model (u(z, r, t), one call per "
+                        "step), else euler")
     p.add_argument("--shift", type=_float(0.0, lo_open=True), default=None,
                    help="sigma-grid shift (default: the checkpoint's)")
     p.add_argument("--seed", type=_seed, default=0)
@@ -338,7 +340,7 @@ def _policies(args: argparse.Namespace) -> dict:
     from fmrt.cache import parse_cache
     out = {}
     if args.guidance_reuse is not None:
-        if getattr(args, "solver", "euler") != "euler":
+        if getattr(args, "solver", None) not in (None, "euler"):
             raise CLIError("--guidance-reuse needs --solver euler")
         out["guidance_reuse"] = args.guidance_reuse
     if args.guidance_interval is not None:
@@ -355,7 +357,7 @@ def _policies(args: argparse.Namespace) -> dict:
     except (ValueError, TypeError) as e:
         raise CLIError(f"--cache: {e}") from None
     if cache is not None:
-        if getattr(args, "solver", "euler") in ("heun", "meanflow"):
+        if getattr(args, "solver", None) in ("heun", "meanflow"):
             raise CLIError(f"--cache needs a one-evaluation-per-step solver, not "
                            f"--solver {args.solver}")
         out["cache"] = cache
@@ -520,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MeanFlow: distil this flow-matching model (fmrt.distill): its guided "
                         "velocity replaces noise - x0 as the target's tangent, so the student "
                         "learns the flow map of the teacher's sampling ODE (usually with "
-                        "--init MODEL too, and --sample-guidance 1: the guidance is folded in)")
+                        "--init MODEL too; the recorded sampling guidance defaults to 1: the "
+                        "guidance is folded in)")
     t.add_argument("--teacher-guidance", type=_float(0.0), default=None, metavar="S",
                    help="the teacher's CFG scale (default: the one its file records)")
     _add_interval_arg(t, "--teacher-guidance-interval",
@@ -550,8 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--sample-steps", type=_int_at_least(1), default=20,
                    help="recorded in model.json: the steps fmrt sample uses by default")
-    t.add_argument("--sample-guidance", type=_float(0.0), default=3.0,
-                   help="recorded in model.json: the guidance fmrt sample uses by default")
+    t.add_argument("--sample-guidance", type=_float(0.0), default=None,
+                   help="recorded in model.json: the guidance fmrt sample uses by default "
+                        "(default 3; 1 with --teacher, --couplings or --cfg-omega / "
+                        "--cfg-kappa, whose guidance is folded into the weights)")
     t.set_defaults(func=cmd_train)
 
     # -- eval ---------------------------------------------------------------------------------
@@ -652,7 +657,8 @@ def prepare_sample(args: argparse.Namespace) -> None:
 
 def prepare_sample_diffusers(args: argparse.Namespace) -> None:
     for flag, given in (("--checkpoint", args.checkpoint != DEFAULT_CHECKPOINT),
-                        ("--solver", args.solver != "euler"), ("--class", args.label is not None),
+                        ("--solver", args.solver not in (None, "euler")),
+                        ("--class", args.label is not None),
                         ("--gif", args.gif is not None), ("--diagnostics", args.diagnostics)):
         if given:
             raise CLIError(f"{flag} does not apply to --diffusers (the pipeline's own model and "
@@ -904,6 +910,13 @@ def _load(args):
     if model.config.num_classes is None:
         raise CLIError(f"{args.checkpoint}: not a class-conditional model; fmrt sample/eval "
                        f"need one (use fmrt.sampling.sample from Python for others)")
+    if args.solver is None:     # the model's own sampler: a MeanFlow model's is u(z, r, t)
+        args.solver = "meanflow" if model.config.meanflow else "euler"
+        if args.solver == "meanflow" and (getattr(args, "guidance_reuse", None) is not None
+                                          or getattr(args, "cache", None) not in (None, "off")):
+            raise CLIError(f"{args.checkpoint} is a MeanFlow model, sampled with --solver "
+                           f"meanflow, which takes no --guidance-reuse or --cache: pass "
+                           f"--solver euler to use them")
     return model, meta, device
 
 

@@ -155,9 +155,11 @@ class TrainConfig:
     sp: int = 1                               # sequence-parallel degree (Ulysses, fmrt.parallel)
     gradient_checkpointing: bool = False
     progress: bool = True
-    # recorded in model.json: what `fmrt sample` uses when not told
+    # recorded in model.json: what `fmrt sample` uses when not told; sample_guidance None:
+    # 1 where guidance is folded into training (a teacher, reflow couplings, cfg_omega / kappa),
+    # else 3
     sample_steps: int = 20
-    sample_guidance: float = 3.0
+    sample_guidance: Optional[float] = None
 
     def __post_init__(self):
         from fmrt.losses import MEANFLOW_TIME_MU
@@ -170,6 +172,10 @@ class TrainConfig:
             self.couplings = (os.fspath(self.couplings),)
         elif self.couplings is not None:
             self.couplings = tuple(os.fspath(p) for p in self.couplings) or None
+        if self.sample_guidance is None:
+            folded = bool(self.teacher or self.couplings or self.cfg_omega != 1.0
+                          or self.cfg_kappa != 0.0)
+            self.sample_guidance = 1.0 if folded else 3.0
         if self.sigma_points is not None and not isinstance(self.sigma_points, (str, bytes)):
             self.sigma_points = tuple(self.sigma_points) or None
 

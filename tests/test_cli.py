@@ -72,6 +72,39 @@ def test_sample_class_and_solver(tiny_model, tmp_path, capsys):
     assert out.exists()
 
 
+def test_meanflow_model_samples_with_its_own_solver_by_default(tmp_path, capsys):
+    # a MeanFlow model's sampler is u(z, r, t): without --solver, sample and eval use it (and
+    # the same samples as an explicit --solver meanflow); a flow model keeps euler; policies
+    # that need euler are refused with the way out
+    d = tmp_path / "mf"
+    flags = TINY_FLAGS[:-2]
+    assert flags[-2:] == ["--sample-steps", "3"]         # no --sample-guidance: the default
+    assert main(["train", "--out-dir", str(d), "--steps", "1", "--objective", "meanflow",
+                 "--cond-drop", "0.5", "--cfg-omega", "2", *flags]) == 0
+    model = str(d / "model.safetensors")
+    assert json.load(open(d / "model.json"))["sample"]["guidance_scale"] == 1.0   # folded
+    capsys.readouterr()
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["sample", "--checkpoint", model, "--out", str(a), "--num", "2",
+                 "--steps", "1"]) == 0
+    assert "meanflow 1 steps" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint", model, "--out", str(b), "--num", "2",
+                 "--steps", "1", "--solver", "meanflow"]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    js = tmp_path / "q.json"
+    assert main(["eval", "--checkpoint", model, "--steps", "1", "--num-per-class", "2",
+                 "--no-progress", "--json", str(js)]) == 0
+    res = json.load(open(js))["results"]
+    assert [(r["solver"], r["guidance_scale"]) for r in res] == [("real data", 0.0),
+                                                                  ("meanflow", 1.0)]
+    assert main(["sample", "--checkpoint", model, "--out", str(tmp_path / "c.png"),
+                 "--cache", "periodic:2"]) == 2
+    assert "pass --solver euler" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", model, "--out", str(tmp_path / "c.png"), "--num",
+                 "2", "--steps", "1", "--solver", "euler"]) == 0
+    assert "euler 1 steps" in capsys.readouterr().out
+
+
 def test_train_wan_conditioned_then_sample_and_eval(tmp_path, capsys):
     """--text-dim: class labels through fixed text-like embeddings (Wan's conditioning);
     --patch-size; the model samples and evaluates like any class-conditional one."""

@@ -628,6 +628,23 @@ def test_train_into_a_folder_another_run_writes_to_is_refused(tmp_path, capsys):
 # distillation: a frozen teacher's guided velocity as the MeanFlow target (fmrt.distill)
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("kw, want", [
+    (dict(), 3.0),
+    (dict(objective="meanflow"), 3.0),
+    (dict(couplings="c.safetensors"), 1.0),
+    (dict(objective="meanflow", teacher="t.safetensors"), 1.0),
+    (dict(objective="meanflow", cond_drop=0.1, cfg_omega=2.0), 1.0),
+    (dict(objective="meanflow", cond_drop=0.1, cfg_kappa=0.5), 1.0),
+    (dict(couplings="c.safetensors", sample_guidance=2.0), 2.0),
+    (dict(sample_guidance=0.0), 0.0),
+], ids=["sft", "meanflow", "reflow", "distill", "omega", "kappa", "explicit", "explicit0"])
+def test_recorded_sample_guidance_is_1_where_guidance_is_folded_in(tmp_path, kw, want):
+    # a student whose guidance is in its weights would get CFG 3 on top from `fmrt sample`
+    # (FD 1510 against 170 in the README's MeanFlow table); an explicit value always wins
+    cfg = tiny_config(tmp_path, **kw)
+    assert cfg.sample_guidance == want and cfg.to_dict()["sample_guidance"] == want
+
+
 def test_teacher_distillation_uses_the_teachers_guided_velocity(tmp_path):
     """compute_loss with a teacher is meanflow_loss with velocity=TeacherVelocity (same draws);
     the guidance scale and interval default to the ones the teacher's file records, and the run
@@ -645,6 +662,7 @@ def test_teacher_distillation_uses_the_teachers_guided_velocity(tmp_path):
     assert meta["distill"] == dict(teacher=teacher_path, guidance_scale=2.5,
                                    guidance_interval=[0.0, 0.5])
     assert meta["train"]["meanflow_ratio"] == 0.5 and student.config.meanflow
+    assert meta["sample"]["guidance_scale"] == 1.0   # folded in: no CFG on top by default
 
     tv, info = load_teacher(dataclasses.replace(cfg, teacher_guidance=3.0,
                                                teacher_guidance_interval=(0.2, 1.0)),

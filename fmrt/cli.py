@@ -340,8 +340,6 @@ def _policies(args: argparse.Namespace) -> dict:
     from fmrt.cache import parse_cache
     out = {}
     if args.guidance_reuse is not None:
-        if getattr(args, "solver", None) not in (None, "euler"):
-            raise CLIError("--guidance-reuse needs --solver euler")
         out["guidance_reuse"] = args.guidance_reuse
     if args.guidance_interval is not None:
         out["guidance_interval"] = _interval_flag(args.guidance_interval)
@@ -357,11 +355,19 @@ def _policies(args: argparse.Namespace) -> dict:
     except (ValueError, TypeError) as e:
         raise CLIError(f"--cache: {e}") from None
     if cache is not None:
-        if getattr(args, "solver", None) in ("heun", "meanflow"):
-            raise CLIError(f"--cache needs a one-evaluation-per-step solver, not "
-                           f"--solver {args.solver}")
         out["cache"] = cache
+    if getattr(args, "solver", None) is not None:   # else checked once _load resolves it
+        _check_solver_policies(args.solver, out)
     return out
+
+
+def _check_solver_policies(solver: str, policies: dict, hint: str = "") -> None:
+    """CLIError where a policy of `_policies` does not fit the solver."""
+    if "guidance_reuse" in policies and solver != "euler":
+        raise CLIError(f"--guidance-reuse needs --solver euler{hint}")
+    if "cache" in policies and solver in ("heun", "meanflow"):
+        raise CLIError(f"--cache needs a one-evaluation-per-step solver, not --solver "
+                       f"{solver}{hint}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -903,7 +909,10 @@ def _dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _load(args):
+def _load(args, policies: Optional[dict] = None):
+    """(model, meta, device) of --checkpoint; --solver, when not given, resolved to the
+    model's own sampler (meanflow for a MeanFlow model, else euler) and checked against
+    `policies`."""
     from fmrt.checkpoint import load_model
     device = _device(args.device)
     model, meta = load_model(args.checkpoint, device=device, dtype=_dtype(args.dtype))
@@ -912,11 +921,11 @@ def _load(args):
                        f"need one (use fmrt.sampling.sample from Python for others)")
     if args.solver is None:     # the model's own sampler: a MeanFlow model's is u(z, r, t)
         args.solver = "meanflow" if model.config.meanflow else "euler"
-        if args.solver == "meanflow" and (getattr(args, "guidance_reuse", None) is not None
-                                          or getattr(args, "cache", None) not in (None, "off")):
-            raise CLIError(f"{args.checkpoint} is a MeanFlow model, sampled with --solver "
-                           f"meanflow, which takes no --guidance-reuse or --cache: pass "
-                           f"--solver euler to use them")
+        if args.solver == "meanflow":                   # (euler takes every policy)
+            _check_solver_policies(args.solver, policies or {},
+                                   f" ({args.checkpoint} is a MeanFlow model, sampled with "
+                                   f"--solver meanflow by default: pass --solver euler to use "
+                                   f"it)")
     return model, meta, device
 
 
@@ -986,7 +995,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise CLIError("--diagnostics records per-sample statistics: it does not run with "
                            "--sp (sample without --sp to plot them)")
         _sp_setup(args)
-    model, meta, device = _load(args)
+    model, meta, device = _load(args, policies)
     if args.sp > 1:
         import torch.distributed as dist
 
@@ -1382,7 +1391,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from fmrt.eval import CLASSIFIER_PATH, evaluate_clips, load_classifier
     policies = _policies(args)
-    model, meta, device = _load(args)
+    model, meta, device = _load(args, policies)
     clf, _ = load_classifier(args.classifier or CLASSIFIER_PATH)
     K = model.config.num_classes
     labels = torch.arange(K).repeat_interleave(args.num_per_class)

@@ -100,6 +100,14 @@ def test_meanflow_model_samples_with_its_own_solver_by_default(tmp_path, capsys)
     assert main(["sample", "--checkpoint", model, "--out", str(tmp_path / "c.png"),
                  "--cache", "periodic:2"]) == 2
     assert "pass --solver euler" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", model, "--out", str(tmp_path / "c.png"),
+                 "--guidance-reuse", "static:2"]) == 2
+    assert "--guidance-reuse needs --solver euler" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", model, "--out", str(tmp_path / "c.png"),
+                 "--solver", "heun", "--cache", "periodic:2"]) == 2
+    assert "--cache needs a one-evaluation-per-step solver, not --solver heun" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
     assert main(["sample", "--checkpoint", model, "--out", str(tmp_path / "c.png"), "--num",
                  "2", "--steps", "1", "--solver", "euler"]) == 0
     assert "euler 1 steps" in capsys.readouterr().out

@@ -279,6 +279,32 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPES)
 
 
+def _add_guide_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guide-model", default=None, metavar="MODEL",
+                   help="autoguidance (Karras et al. 2024) instead of classifier-free guidance: "
+                        "guide away from this weaker model of the same classes (an earlier or "
+                        "smaller one), v = g + scale (v - g); needs --guidance-scale other "
+                        "than 1, Euler-type solvers; as many model calls as CFG")
+
+
+def _load_guide(args, model, device, scales):
+    """The --guide-model (None without one), loaded like --checkpoint and checked against it."""
+    if args.guide_model is None:
+        return None
+    if all(s == 1.0 for s in scales):
+        raise CLIError("--guide-model guides: give a --guidance-scale other than 1")
+    if args.solver == "meanflow":
+        raise CLIError("--guide-model runs with the Euler-type solvers, not meanflow")
+    from fmrt.checkpoint import load_model
+    from fmrt.sampling import check_guide_model
+    guide, _ = load_model(args.guide_model, device=device, dtype=_dtype(args.dtype))
+    try:
+        check_guide_model(model, guide)
+    except ValueError as e:
+        raise CLIError(f"--guide-model {args.guide_model}: {e}") from None
+    return guide
+
+
 def _add_batch_args(p: argparse.ArgumentParser, *, batch_default: int, what: str) -> None:
     p.add_argument("--batch-size", type=_int_at_least(1), default=batch_default,
                    help=f"{what} per model batch (default {batch_default}); the noise does not "
@@ -394,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--checkpoint on idle cores).")
     _add_sampling_args(s)
     _add_policy_args(s)
+    _add_guide_arg(s)
     s.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), default=None,
                    help="solver steps (default: the checkpoint's recommended, 20 for the "
                         "embedded model)")
@@ -572,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "real clips in its feature space.")
     _add_sampling_args(e)
     _add_policy_args(e)
+    _add_guide_arg(e)
     e.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), nargs="+",
                    default=[1, 2, 4, 8, 50])
     e.add_argument("--guidance-scale", type=_float(0.0), nargs="+", default=None,
@@ -981,6 +1009,9 @@ def generate_batched(model, meta: dict, labels, *, seed: int, batch_size: int, p
 
 def cmd_sample(args: argparse.Namespace) -> int:
     if args.diffusers is not None:
+        if args.guide_model is not None:
+            raise CLIError("--guide-model guides fmrt's own DiT; diffusers' AutoGuidance "
+                           "guider is its own")
         if args.sp > 1:
             raise CLIError("--sp runs fmrt's own DiT; with --diffusers use diffusers' "
                            "ContextParallelConfig (see the README)")
@@ -991,6 +1022,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(sample_threads())   # small tensors: see --help
     if args.sp > 1:
+        if args.guide_model is not None:
+            raise CLIError("--guide-model does not run with --sp")
         if args.diagnostics:
             raise CLIError("--diagnostics records per-sample statistics: it does not run with "
                            "--sp (sample without --sp to plot them)")
@@ -1034,6 +1067,7 @@ def _sample_clips(args, model, meta, device, t0, policies: dict, main: bool = Tr
     if args.solver == "meanflow" and not model.config.meanflow:
         raise CLIError("--solver meanflow needs a MeanFlow model")
     labels = _labels(args, model.config.num_classes, args.num)
+    guide = _load_guide(args, model, device, [scale])
     recorder = None
     if args.diagnostics:
         if scale == 1.0:
@@ -1046,7 +1080,7 @@ def _sample_clips(args, model, meta, device, t0, policies: dict, main: bool = Tr
                                  progress=not args.no_progress, desc="fmrt sample",
                                  recorder=recorder, steps=steps, solver=args.solver,
                                  guidance_scale=scale, shift=args.shift, device=device,
-                                 dtype=_dtype(args.dtype), **policies)
+                                 dtype=_dtype(args.dtype), guide_model=guide, **policies)
     if not main:        # sequence-parallel ranks > 0 gathered the same clips
         return 0
     save_clips(clips, args.out, class_names(labels))
@@ -1059,6 +1093,7 @@ def _sample_clips(args, model, meta, device, t0, policies: dict, main: bool = Tr
         written.append(args.diagnostics)
     print(f"wrote {', '.join(written)}  ({args.num} clips {tuple(clips.shape[1:])}, "
           f"{args.solver} {steps} steps, guidance {scale:g}{_interval_note(scale, policies, meta)}"
+          f"{f' away from {args.guide_model}' if guide is not None else ''}"
           f", seed {args.seed}, "
           f"{f'{torch.get_num_threads()} CPU threads, ' if device.type == 'cpu' else ''}"
           f"{time.time() - t0:.1f}s)")
@@ -1400,6 +1435,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from fmrt.sampling import recorded_guidance
         rec = recorded_guidance(meta)
         scales = [1.0] if rec == 1.0 else [1.0, rec]
+    guide = _load_guide(args, model, device, scales)
     rows = []
     print(f"{'solver':<8} {'steps':>5} {'cfg':>5} {'accuracy':>9} {'FD':>9} {'seconds':>8}")
     # the floor: real clips (another data seed) scored the same way
@@ -1418,12 +1454,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     model, meta, labels, seed=args.seed, batch_size=args.batch_size,
                     progress=not args.no_progress, desc=f"{args.solver} {steps} steps cfg "
                     f"{scale:g}", steps=steps, solver=args.solver, guidance_scale=scale,
-                    shift=args.shift, device=device, dtype=_dtype(args.dtype), **policies)
+                    shift=args.shift, device=device, dtype=_dtype(args.dtype),
+                    guide_model=guide, **policies)
             dt = time.time() - t0
             q = evaluate_clips(clips, labels, classifier=clf)
             iv = _guidance_interval(scale, policies, meta)
             rows.append(dict(solver=args.solver, steps=steps, guidance_scale=scale,
                              guidance_interval=None if iv is None else list(iv),
+                             guide_model=args.guide_model if scale != 1.0 else None,
                              seconds=dt, **q))
             print(f"{args.solver:<8} {steps:>5} {scale:>5g} {q['accuracy']:>9.3f} "
                   f"{q['fd']:>9.3f} {dt:>8.1f}{_interval_note(scale, policies, meta)}",

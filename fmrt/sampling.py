@@ -791,13 +791,44 @@ def recorded_interval(meta: dict) -> Optional[tuple[float, float]]:
     return None if iv is None else (float(iv[0]), float(iv[1]))
 
 
+class _AutoGuided:
+    """Autoguidance's network (Karras et al. 2024, "Guiding a diffusion model with a bad version
+    of itself"): called with the condition object `guide_cond` it runs `guide` on `labels` (the
+    same classes), with anything else `model`. `generate_clips` passes `guide_cond` as the
+    sampler's unconditional condition, with separate (unbatched) CFG forwards, so that CFG's
+    `v = u + s (c - u)` becomes `v = g + s (c - g)`, g the guide's velocity for the same class.
+    The branch is told by object identity, not by the values: no device sync per call."""
+
+    def __init__(self, model, guide, labels: Tensor):
+        self.model, self.guide, self.labels = model, guide, labels
+        self.guide_cond = labels.clone()
+
+    def __call__(self, x: Tensor, sigma, cond, **kw) -> Tensor:
+        if cond is self.guide_cond:
+            return self.guide(x, sigma, self.labels, **kw)
+        if isinstance(cond, Tensor) and cond.shape[0] != self.labels.shape[0]:
+            raise ValueError("autoguidance runs the model and its guide separately: a batched "
+                             "CFG call reached it")
+        return self.model(x, sigma, cond, **kw)
+
+
+def check_guide_model(model, guide) -> None:
+    """A guide for autoguidance must take the model's inputs: same classes, channels, patch
+    size and time inputs (both flow models, or both MeanFlow models)."""
+    a, b = model.config, guide.config
+    for field in ("num_classes", "in_channels", "out_channels", "patch_size", "meanflow"):
+        if getattr(a, field) != getattr(b, field):
+            raise ValueError(f"the guide model's {field} ({getattr(b, field)}) is not the "
+                             f"model's ({getattr(a, field)})")
+
+
 @torch.no_grad()
 def generate_clips(model, meta: dict, labels: Tensor, *, steps: int = 20, solver: str = "euler",
                    guidance_scale: float = 1.0, seed: int = 0, shift: Optional[float] = None,
                    device=None, dtype: Optional[torch.dtype] = None,
                    noise: Optional[Tensor] = None, clamp: bool = True,
                    guidance_interval: Optional[Sequence[float]] = None,
-                   **sample_kwargs) -> Tensor:
+                   guide_model=None, **sample_kwargs) -> Tensor:
     """Sample clips of classes `labels` `[N]` from a class-conditional DiT loaded with
     `fmrt.checkpoint.load_model` (`meta`: its metadata): noise from `seed` (sample i is the i-th
     draw of one CPU generator; `noise` `[N, C, T, H, W]`: use this noise instead), the grid of
@@ -805,7 +836,11 @@ def generate_clips(model, meta: dict, labels: Tensor, *, steps: int = 20, solver
     when guidance_scale != 1, only where lo <= sigma <= hi when a guidance interval applies:
     `guidance_interval` (lo, hi), or else the model's recorded one (`meta["sample"]
     ["guidance_interval"]`, see `fmrt.checkpoint.with_sampling_defaults`); (0, 1) guides every
-    step. Other keyword arguments (recorder, progress, ...) go to `sample`.
+    step. `guide_model`: autoguidance instead of CFG (Karras et al. 2024): the guided velocity
+    is `g + guidance_scale (c - g)` with g this weaker model's velocity for the same classes
+    (`check_guide_model`; Euler-type solvers, not meanflow), as many model calls as CFG; the
+    guidance interval applies as for CFG. Other keyword arguments (recorder, progress, ...) go
+    to `sample`.
     Returns float32 `[N, C, T, H, W]`, clamped to [-1, 1] unless clamp=False."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     shape = tuple((meta.get("sample") or {}).get("sample_shape") or ())
@@ -821,6 +856,15 @@ def generate_clips(model, meta: dict, labels: Tensor, *, steps: int = 20, solver
     sigmas = checkpoint_sigma_grid(meta, steps, shift, device)
     uncond = torch.full_like(labels, int(model.config.num_classes))
     dt = dtype or next(model.parameters()).dtype
+    if guide_model is not None:
+        if solver == "meanflow":
+            raise ValueError("guide_model (autoguidance) runs with the Euler-type solvers, "
+                             "not meanflow")
+        check_guide_model(model, guide_model)
+        if guidance_scale != 1.0:
+            model = _AutoGuided(model, guide_model, labels)
+            uncond = model.guide_cond
+            sample_kwargs["batch_cfg"] = False
     if solver == "meanflow":
         def net(z, r, t, c):   # the sampler's u(z, r, t) convention -> the DiT's
             return model(z, t, c, r=r)

@@ -162,6 +162,32 @@ def test_eval_cli(tiny_model, tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
+def test_eval_and_sample_with_a_guide_model(tiny_model, tmp_path, capsys):
+    """Autoguidance (--guide-model): guided by the model itself, g = c, so any scale gives the
+    unguided clips exactly; the JSON names the guide on the guided rows."""
+    js = tmp_path / "q.json"
+    assert main(["eval", "--checkpoint", tiny_model, "--guide-model", tiny_model, "--steps", "2",
+                 "--guidance-scale", "1", "3", "--num-per-class", "2", "--json", str(js)]) == 0
+    res = json.load(open(js))["results"]
+    assert [(r["guidance_scale"], r["guide_model"]) for r in res[1:]] == [(1.0, None),
+                                                                          (3.0, tiny_model)]
+    assert res[1]["fd"] == pytest.approx(res[2]["fd"], rel=1e-4)
+    out = tmp_path / "s.png"
+    assert main(["sample", "--checkpoint", tiny_model, "--guide-model", tiny_model, "--out",
+                 str(out), "--num", "2", "--guidance-scale", "2"]) == 0
+    assert f"away from {tiny_model}" in capsys.readouterr().out and out.exists()
+    for argv, match in [
+        (["eval", "--guidance-scale", "1"], "other than 1"),
+        (["sample", "--guidance-scale", "2", "--guide-model", str(tmp_path / "none.safetensors"),
+          "--checkpoint", tiny_model], "none"),
+    ]:
+        if "--checkpoint" not in argv:
+            argv = argv[:1] + ["--checkpoint", tiny_model, "--guide-model", tiny_model] + argv[1:]
+        _one_line_error(capsys, argv + ["--out" if argv[0] == "sample" else "--json",
+                                        str(tmp_path / ("x.png" if argv[0] == "sample" else "x.json"))],
+                        match)
+
+
 def _one_line_error(capsys, argv, match):
     code = main(argv)
     err = capsys.readouterr().err

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from fmrt.checkpoint import export_model, load_model
-from fmrt.models import DiT, DiTConfig
 from fmrt.reflow import make_couplings, save_couplings
 from fmrt.sampling import generate_clips
-from tests.test_train import TINY
+from tests.test_sampling_clips import _model as tiny_clip_model
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
-SHAPE = (3, 2, 8, 8)
+SHAPE = (3, 2, 8, 8)              # tiny_clip_model's sample_shape
 
 
 def _script(name: str):
@@ -27,14 +26,9 @@ def _script(name: str):
 @pytest.fixture
 def tiny(tmp_path):
     """A tiny exported DiT and 8 couplings drawn from it with one Euler step."""
-    torch.manual_seed(0)
-    model = DiT(DiTConfig.preset("tiny", **dict(TINY, num_classes=6))).eval()
-    with torch.no_grad():     # the output layers start at zero: give the model a field
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, meta = tiny_clip_model()
     meta = dict(model=model.config.to_dict(),
-                sample=dict(sample_shape=list(SHAPE), template="Wan", shift=1.0, steps=1,
-                            guidance_scale=1.0, num_classes=6))
+                sample=dict(meta["sample"], steps=1, guidance_scale=1.0, num_classes=6))
     path = str(tmp_path / "m.safetensors")
     export_model(path, model.state_dict(), meta)
     model, meta = load_model(path)

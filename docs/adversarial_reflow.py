@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 
 import torch
@@ -65,6 +66,12 @@ def main() -> None:
     p.add_argument("--d-warmup", type=int, default=50)
     p.add_argument("--seed", type=int, default=7)
     a = p.parse_args()
+    half = f"_step{max(1, a.steps // 2):04d}"
+    outs = [f"{a.out}{suffix}" for suffix in (".safetensors", ".json", ".log.jsonl",
+                                              f"{half}.safetensors", f"{half}.json")]
+    taken = [f for f in outs if os.path.exists(f)]
+    if taken:           # never replace a file, the --init model least of all
+        raise SystemExit(f"adversarial_reflow.py: {taken[0]} exists; pick another --out")
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
     model, meta = load_model(a.init)

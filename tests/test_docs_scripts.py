@@ -71,6 +71,13 @@ def test_adversarial_reflow_trains_and_exports(tiny, tmp_path, monkeypatch, caps
                                                    last.state_dict().values())]
     assert any(moved)
     assert "wall" in capsys.readouterr().out
+    # it never replaces a file: not its earlier output, not the model it starts from
+    monkeypatch.setattr("sys.argv", ["adversarial_reflow.py", "--init", path, "--out",
+                                     path[:-len(".safetensors")], "--couplings", cpath])
+    before = open(path, "rb").read()
+    with pytest.raises(SystemExit, match="exists; pick another --out"):
+        _script("adversarial_reflow").main()
+    assert open(path, "rb").read() == before
 
 
 def test_element_huber_loss_is_the_per_element_pseudo_huber():

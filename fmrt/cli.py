@@ -552,16 +552,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--meanflow-ratio", type=_float(0.0, 1.0), default=0.25,
                    help="MeanFlow: share of samples with r != t (the rest learn u(z, t, t) = v)")
     t.add_argument("--teacher", default=None, metavar="MODEL",
-                   help="MeanFlow: distil this flow-matching model (fmrt.distill): its guided "
-                        "velocity replaces noise - x0 as the target's tangent, so the student "
-                        "learns the flow map of the teacher's sampling ODE (usually with "
+                   help="distil this flow-matching model (fmrt.distill): its guided velocity "
+                        "at the data's noisy points replaces noise - x0, as the target's "
+                        "tangent with --objective meanflow (the student learns the flow map of "
+                        "the teacher's sampling ODE) or as the target itself with sft (guidance "
+                        "distillation: the student needs no guidance at sampling). Usually with "
                         "--init MODEL too; the recorded sampling guidance defaults to 1: the "
-                        "guidance is folded in)")
+                        "guidance is folded in")
     t.add_argument("--teacher-guidance", type=_float(0.0), default=None, metavar="S",
-                   help="the teacher's CFG scale (default: the one its file records)")
+                   help="the teacher's CFG scale, or with --teacher-guide-model its "
+                        "autoguidance scale (default: the CFG scale its file records)")
     _add_interval_arg(t, "--teacher-guidance-interval",
                       help="guide the teacher only where LO <= sigma <= HI (default: the interval "
                         "its file records, if any; 0 1 guides everywhere)")
+    t.add_argument("--teacher-guide-model", default=None, metavar="MODEL",
+                   help="autoguide the teacher instead of CFG: g + S (v - g), g this weaker "
+                        "model's velocity for the same classes (as fmrt sample --guide-model; "
+                        "needs --teacher-guidance S and --cond-drop 0)")
     t.add_argument("--lora-rank", type=_int_at_least(0), default=0, help="0 = full training")
     t.add_argument("--lora-alpha", type=_float(0.0, lo_open=True), default=None)
     t.add_argument("--checkpoint-every", type=_int_at_least(0), default=0)
@@ -739,12 +746,22 @@ def prepare_train(args: argparse.Namespace) -> None:
     if iv is not None:
         _interval_flag(iv, "--teacher-guidance-interval")
     if args.teacher is None:
-        if args.teacher_guidance is not None or iv is not None:
-            raise CLIError("--teacher-guidance / --teacher-guidance-interval need --teacher")
-    elif args.objective != "meanflow":
-        raise CLIError("--teacher distils into a MeanFlow student: add --objective meanflow")
-    elif not os.path.isfile(args.teacher):
-        raise CLIError(f"--teacher {args.teacher}: no such model file")
+        if args.teacher_guidance is not None or iv is not None or \
+                args.teacher_guide_model is not None:
+            raise CLIError("--teacher-guidance / --teacher-guidance-interval / "
+                           "--teacher-guide-model need --teacher")
+        return
+    for flag, path in (("--teacher", args.teacher),
+                       ("--teacher-guide-model", args.teacher_guide_model)):
+        if path is not None and not os.path.isfile(path):
+            raise CLIError(f"{flag} {path}: no such model file")
+    if args.teacher_guide_model is not None:
+        if args.teacher_guidance is None:
+            raise CLIError("--teacher-guide-model autoguides the teacher: give its scale with "
+                           "--teacher-guidance S")
+        if args.cond_drop != 0.0:
+            raise CLIError("--teacher-guide-model: an autoguided teacher has no unconditional "
+                           "branch to distil; add --cond-drop 0")
 
 
 def prepare_export(args: argparse.Namespace) -> None:
@@ -1395,6 +1412,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cond_drop=args.cond_drop,
         cfg_omega=args.cfg_omega, cfg_kappa=args.cfg_kappa, meanflow_ratio=args.meanflow_ratio,
         teacher=args.teacher, teacher_guidance=args.teacher_guidance,
+        teacher_guide=args.teacher_guide_model,
         teacher_guidance_interval=None if args.teacher_guidance_interval is None
         else tuple(args.teacher_guidance_interval),
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,

@@ -1,4 +1,5 @@
-"""A frozen teacher's velocity as a training target (distillation into a flow map).
+"""A frozen teacher's velocity as a training target (distillation into a flow map, or into a
+flow model that needs no guidance at sampling).
 
 MeanFlow (SPEC 6) regresses the average velocity u(z, r, t) on `v~ - (t - r) du/dt` along the
 tangent `v~`. From data, `v~ = noise - x0` is the *conditional* velocity, an unbiased but
@@ -15,6 +16,16 @@ replaced by a frozen teacher's.
           g = s where lo <= t <= hi (per sample, compared in float64 like the sampler's host
           grid), else 1 (the conditional velocity); a sample whose c is the null condition
           gets v(z, t | null) itself. Computed in float32.
+
+    TeacherVelocity(model, guidance_scale=s, interval=(lo, hi), guide=G)(z, t, c)
+        = G(z, t | c) + g (v(z, t | c) - G(z, t | c))
+
+autoguidance (Karras et al. 2024): the guided branch is a weaker model G of the same classes
+instead of the null condition (a reflow student has no unconditional branch); g as above.
+
+The flow-matching objective regresses the student's v(z, t) on this velocity directly
+(`fmrt.train.compute_loss`): guidance distillation (Meng et al. 2023), the student then needs
+no guidance and one model call per sampler step.
 """
 from __future__ import annotations
 
@@ -34,7 +45,7 @@ class TeacherVelocity:
 
     def __init__(self, model: nn.Module, *, guidance_scale: float = 1.0,
                  interval: Optional[tuple[float, float]] = None,
-                 null_class: Optional[int] = None):
+                 null_class: Optional[int] = None, guide: Optional[nn.Module] = None):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         if getattr(getattr(model, "config", None), "meanflow", False):
@@ -48,6 +59,13 @@ class TeacherVelocity:
         self.guidance_scale = float(guidance_scale)
         self.interval = check_interval(interval)
         self.null_class = null_class
+        if guide is not None:
+            if not callable(guide):
+                raise TypeError(f"guide must be callable, got {type(guide).__name__}")
+            if getattr(getattr(guide, "config", None), "meanflow", False):
+                raise ValueError("the guide must be a flow-matching model (v(z, t)), not a "
+                                 "MeanFlow one")
+        self.guide = guide
 
     def _uncond(self, cond: Tensor) -> Tensor:
         if cond.dtype == torch.long:
@@ -61,18 +79,27 @@ class TeacherVelocity:
     def __call__(self, z: Tensor, t: Tensor, cond: Optional[Tensor]) -> Tensor:
         if cond is None or self.guidance_scale == 1.0:
             return self.model(z, t, cond)
+        if self.guide is not None:
+            v_c, v_g = self.model(z, t, cond).float(), self.guide(z, t, cond).float()
+            g = self._scale(t, v_c)
+            return v_g + g * (v_c - v_g)
         B = z.shape[0]
         unc = self._uncond(cond)
         # both branches for every row (rows outside the interval or already unconditional
         # discard their second half): a fixed-shape batch needs no host sync on a GPU
         out = self.model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, unc]))
         v_c, v_u = out[:B].float(), out[B:].float()
-        g = torch.full((B,), self.guidance_scale, dtype=torch.float64, device=z.device)
+        guided = v_u + self._scale(t, v_c) * (v_c - v_u)
+        null = (cond == unc).reshape(B, -1).all(dim=1).view((B,) + (1,) * (z.ndim - 1))
+        return torch.where(null, v_u, guided)
+
+    def _scale(self, t: Tensor, v: Tensor) -> Tensor:
+        """Per-sample guidance `[B, 1, ...]` in v's dtype: the scale inside the interval, else
+        1 (compared in float64, like the sampler's host grid)."""
+        B = v.shape[0]
+        g = torch.full((B,), self.guidance_scale, dtype=torch.float64, device=v.device)
         if self.interval is not None:
             lo, hi = self.interval
-            td = t.detach().to(torch.float64)
+            td = t.detach().to(torch.float64).reshape(-1).expand(B)
             g = torch.where((td >= lo) & (td <= hi), g, torch.ones_like(g))
-        shape = (B,) + (1,) * (z.ndim - 1)
-        guided = v_u + g.to(v_c.dtype).view(shape) * (v_c - v_u)
-        null = (cond == unc).reshape(B, -1).all(dim=1).view(shape)
-        return torch.where(null, v_u, guided)
+        return g.to(v.dtype).view((B,) + (1,) * (v.ndim - 1))

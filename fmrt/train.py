@@ -136,9 +136,12 @@ class TrainConfig:
     cfg_omega: float = 1.0                    # MeanFlow: guidance folded into training
     cfg_kappa: float = 0.0                    # (fmrt.losses.meanflow_loss's cfg_omega / kappa)
     meanflow_ratio: float = 0.25              # MeanFlow: share of samples with r != t
-    teacher: Optional[str] = None             # MeanFlow: distil this flow model's velocity
+    # distil this flow model's guided velocity: MeanFlow learns its flow map, SFT the velocity
+    # itself (guidance distillation); on the data's noisy points, not couplings
+    teacher: Optional[str] = None
     teacher_guidance: Optional[float] = None  # its CFG scale (None: the teacher's recorded one)
     teacher_guidance_interval: Optional[tuple] = None   # (lo, hi); None: the recorded one
+    teacher_guide: Optional[str] = None       # autoguidance: guide away from this weaker model
     # LoRA (peft)
     lora_rank: int = 0                        # 0 = train all weights
     lora_alpha: Optional[float] = None        # None = lora_rank
@@ -224,9 +227,6 @@ class TrainConfig:
             raise ValueError("meanflow_ratio is a MeanFlow setting: it needs "
                              "objective='meanflow'")
         if self.teacher is not None:
-            if self.objective != "meanflow":
-                raise ValueError("teacher distils a flow model into a MeanFlow student: it "
-                                 "needs objective='meanflow'")
             if self.cfg_omega != 1.0 or self.cfg_kappa != 0.0:
                 raise ValueError("with a teacher, guidance comes from the teacher "
                                  "(teacher_guidance): leave cfg_omega = 1 and cfg_kappa = 0")
@@ -235,8 +235,17 @@ class TrainConfig:
             if self.sp > 1:
                 raise ValueError("teacher distillation with sequence parallelism (sp > 1) is "
                                  "not supported")
-        elif self.teacher_guidance is not None or self.teacher_guidance_interval is not None:
-            raise ValueError("teacher_guidance / teacher_guidance_interval need a teacher")
+            if self.teacher_guide is not None:
+                if self.teacher_guidance is None:
+                    raise ValueError("teacher_guide (autoguidance) needs its scale: give "
+                                     "teacher_guidance")
+                if self.cond_drop != 0.0:
+                    raise ValueError("an autoguided teacher (teacher_guide) has no "
+                                     "unconditional branch to distil: set cond_drop = 0")
+        elif (self.teacher_guidance is not None or self.teacher_guidance_interval is not None
+              or self.teacher_guide is not None):
+            raise ValueError("teacher_guidance / teacher_guidance_interval / teacher_guide "
+                             "need a teacher")
         if self.teacher_guidance is not None and not (
                 0.0 <= self.teacher_guidance < float("inf")):
             raise ValueError(f"teacher_guidance must be a finite number >= 0, got "
@@ -467,11 +476,23 @@ def load_teacher(config: TrainConfig, student_cfg, sample_shape: tuple, device: 
     interval = config.teacher_guidance_interval if config.teacher_guidance_interval is not None \
         else recorded_interval(meta)
     model = model.to(device).eval().requires_grad_(False)
+    guide = None
+    if config.teacher_guide is not None:
+        from fmrt.sampling import check_guide_model
+        guide, _ = load_model(config.teacher_guide)
+        try:
+            check_guide_model(model, guide)
+        except ValueError as e:
+            raise ValueError(f"teacher_guide {config.teacher_guide}: {e}") from None
+        guide = guide.to(device).eval().requires_grad_(False)
     velocity = TeacherVelocity(model, guidance_scale=scale, interval=interval,
-                               null_class=tcfg.num_classes)
-    return velocity, dict(teacher=config.teacher, guidance_scale=scale,
-                          guidance_interval=None if velocity.interval is None
-                          else list(velocity.interval))
+                               null_class=tcfg.num_classes, guide=guide)
+    info = dict(teacher=config.teacher, guidance_scale=scale,
+                guidance_interval=None if velocity.interval is None
+                else list(velocity.interval))
+    if guide is not None:
+        info["guide"] = config.teacher_guide
+    return velocity, info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,7 +659,10 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
     weighted flow-matching MSE on the given noise (`ops.add_noise` + `ops.flow_matching_loss`),
     or `fmrt.losses.meanflow_loss` (which drops conditions itself, to `null_class`; with
     couplings on their noise, so that the straight path from noise to the coupled sample is the
-    target; `teacher`: a `fmrt.distill.TeacherVelocity` whose velocity replaces noise - x0)."""
+    target; `teacher`: a `fmrt.distill.TeacherVelocity` whose velocity replaces noise - x0).
+    SFT with a teacher (guidance distillation): the same noisy point x_t = (1 - sigma) x0 +
+    sigma noise (noise drawn from `gen`, sigma as in SFT), the target the teacher's velocity
+    there instead of noise - x0 (conditions as for SFT: the training loop drops them)."""
     B = x0.shape[0]
     if config.objective == "meanflow":
         from fmrt.losses import meanflow_loss
@@ -655,6 +679,9 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
                              ratio_r_neq_t=config.meanflow_ratio, generator=gen,
                              velocity=teacher, time_sampler=config.timestep_sampler,
                              time_mu=config.logit_mean, time_sigma=config.logit_std)
+    if teacher is not None:
+        return _teacher_flow_loss(model, x0, cond, sched=sched, config=config, gen=gen,
+                                  teacher=teacher)
     if noise is None:
         from fmrt.losses import sft_loss
         return sft_loss(model, x0, cond, scheduler=sched, sampler=config.timestep_sampler,
@@ -671,6 +698,27 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
     x_t, _ = ops.add_noise(x0, sigma, noise.to(x0.dtype))
     pred = model(x_t, sigma, cond)
     return flow_loss(pred, x0, noise.to(x0.dtype),
+                     weight=sched.loss_weight(sigma, config.weighting), huber_c=config.huber_c)
+
+
+def _teacher_flow_loss(model, x0: Tensor, cond, *, sched, config: TrainConfig,
+                       gen: torch.Generator, teacher: Callable):
+    """SFT on a teacher's velocity (see `compute_loss`; conditions arrive already dropped)."""
+    from fmrt import ops
+    from fmrt.losses import flow_loss
+    B = x0.shape[0]
+    sigma = sched.sample_sigmas(B, sampler=config.timestep_sampler, generator=gen,
+                                device=gen.device, logit_mean=config.logit_mean,
+                                logit_std=config.logit_std, points=config.sigma_points or (),
+                                points_prob=config.sigma_points_prob).to(x0.device)
+    noise = torch.randn(x0.shape, generator=gen, device=gen.device,
+                        dtype=torch.float32).to(device=x0.device, dtype=x0.dtype)
+    x_t, _ = ops.add_noise(x0, sigma, noise)
+    v = teacher(x_t, sigma, cond).to(x0.dtype)
+    pred = model(x_t, sigma, cond)
+    # the fused flow-matching loss regresses pred on noise - x0: with x0 = 0 and noise = v that
+    # is v itself, exactly, with the same weighting and Huber options as every SFT run
+    return flow_loss(pred, torch.zeros_like(v), v,
                      weight=sched.loss_weight(sigma, config.weighting), huber_c=config.huber_c)
 
 
@@ -751,7 +799,8 @@ def _check_run(config: TrainConfig, main: bool) -> tuple[Optional[str], list[str
                          f"it, or choose another --out-dir")
     if config.overwrite:
         for what, p in (("init", config.init), *(("couplings", c) for c in config.couplings or ()),
-                        ("teacher", config.teacher), ("resume", resume_path)):
+                        ("teacher", config.teacher), ("teacher-guide-model", config.teacher_guide),
+                        ("resume", resume_path)):
             if p and os.path.isfile(p) and any(os.path.samefile(p, f) for f in earlier):
                 raise ValueError(f"--{what} {p} belongs to the run in {out_dir} that "
                                  f"--overwrite would remove")

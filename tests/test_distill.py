@@ -1,5 +1,5 @@
 """fmrt.distill.TeacherVelocity: the guided velocity by hand (per-sample interval, null rows,
-embedding conditions), no gradients, and bad input."""
+embedding conditions, an autoguidance guide), no gradients, and bad input."""
 import pytest
 import torch
 from torch import nn
@@ -94,6 +94,40 @@ def test_embedding_conditions_use_zeros_as_uncond():
     torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-6)
 
 
+class Weak(Toy):
+    """A guide: v(z, t | c) = b[c] z + 2 t."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.25, 1.0, -0.5, 0.75, 1.5], dtype=torch.float64))
+
+    def forward(self, z, t, c):
+        return super().forward(z, t, c) + t.view(-1, *([1] * (z.ndim - 1)))
+
+
+@pytest.mark.parametrize("s,interval", [(2.0, None), (3.0, (0.3, 0.6)), (0.0, None)])
+def test_autoguided_velocity_by_hand(s, interval):
+    """With a guide: g + s (v - g) per row, the guide called with the same classes (no null
+    branch: a row with the null label is guided like any other), s only inside the interval."""
+    m, w = Toy(), Weak()
+    z, t, c = case()
+    got = TeacherVelocity(m, guidance_scale=s, interval=interval, guide=w)(z, t, c)
+    lo, hi = interval or (0.0, 1.0)
+    want = []
+    for i in range(5):
+        v = m.a[c[i]] * z[i] + t[i]
+        g = w.a[c[i]] * z[i] + 2 * t[i]
+        k = s if lo <= float(t[i]) <= hi else 1.0
+        want.append(g + k * (v - g))
+    torch.testing.assert_close(got, torch.stack(want).detach().float(), rtol=1e-6, atol=1e-6)
+    assert got.dtype == torch.float32 and not got.requires_grad
+    assert m.calls == [(5, False)] and w.calls == [(5, False)]
+    # scale 1 is the teacher alone: the guide is not called
+    w.calls.clear()
+    out = TeacherVelocity(m, guidance_scale=1.0, guide=w)(z, t, c)
+    assert torch.equal(out, m(z, t, c).detach()) and w.calls == []
+
+
 def test_bad_input():
     m = Toy()
     with pytest.raises(TypeError, match="callable"):
@@ -112,3 +146,7 @@ def test_bad_input():
                               num_classes=2, meanflow=True))
     with pytest.raises(ValueError, match="MeanFlow"):
         TeacherVelocity(mf)
+    with pytest.raises(ValueError, match="guide must be a flow-matching"):
+        TeacherVelocity(m, guidance_scale=2.0, guide=mf)
+    with pytest.raises(TypeError, match="guide must be callable"):
+        TeacherVelocity(m, guidance_scale=2.0, guide=3)

@@ -625,7 +625,7 @@ def test_train_into_a_folder_another_run_writes_to_is_refused(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# distillation: a frozen teacher's guided velocity as the MeanFlow target (fmrt.distill)
+# distillation: a frozen teacher's guided velocity as the MeanFlow or SFT target (fmrt.distill)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw, want", [
@@ -633,11 +633,13 @@ def test_train_into_a_folder_another_run_writes_to_is_refused(tmp_path, capsys):
     (dict(objective="meanflow"), 3.0),
     (dict(couplings="c.safetensors"), 1.0),
     (dict(objective="meanflow", teacher="t.safetensors"), 1.0),
+    (dict(teacher="t.safetensors"), 1.0),
     (dict(objective="meanflow", cond_drop=0.1, cfg_omega=2.0), 1.0),
     (dict(objective="meanflow", cond_drop=0.1, cfg_kappa=0.5), 1.0),
     (dict(couplings="c.safetensors", sample_guidance=2.0), 2.0),
     (dict(sample_guidance=0.0), 0.0),
-], ids=["sft", "meanflow", "reflow", "distill", "omega", "kappa", "explicit", "explicit0"])
+], ids=["sft", "meanflow", "reflow", "distill", "guidance-distill", "omega", "kappa", "explicit",
+        "explicit0"])
 def test_recorded_sample_guidance_is_1_where_guidance_is_folded_in(tmp_path, kw, want):
     # a student whose guidance is in its weights would get CFG 3 on top from `fmrt sample`
     # (FD 1510 against 170 in the README's MeanFlow table); an explicit value always wins
@@ -690,8 +692,62 @@ def test_teacher_distillation_uses_the_teachers_guided_velocity(tmp_path):
                           model_overrides=dict(TINY, num_classes=3), num_classes=3))
 
 
+def test_sft_on_a_teachers_velocity_is_guidance_distillation(tmp_path):
+    """SFT with a teacher: the same sigma and noise draws as SFT, the teacher's (auto)guided
+    velocity at x_t as the target (by hand), with the scheduler's weight; a tiny run records
+    the teacher, its scale and its guide, and the folded-in sampling guidance 1."""
+    from fmrt.distill import TeacherVelocity
+    from fmrt.schedule import FlowMatchScheduler
+    from fmrt.train import compute_loss, load_teacher
+    teacher = train(tiny_config(tmp_path / "t", steps=1))["model_path"]
+    guide = train(tiny_config(tmp_path / "g", steps=1, seed=3))["model_path"]
+    cfg = tiny_config(tmp_path / "s", steps=2, init=teacher, teacher=teacher,
+                      teacher_guide=guide, teacher_guidance=2.0, cond_drop=0.0,
+                      weighting="table", sigma_points=(1.0, 0.5), sigma_points_prob=0.5)
+    out = train(cfg)
+    student, meta = load_model(out["model_path"])
+    assert meta["distill"] == dict(teacher=teacher, guidance_scale=2.0, guidance_interval=None,
+                                   guide=guide)
+    assert meta["sample"]["guidance_scale"] == 1.0 and not student.config.meanflow
+
+    tv, _ = load_teacher(cfg, student.config, (3, 2, 8, 8), torch.device("cpu"))
+    assert isinstance(tv, TeacherVelocity) and tv.guide is not None
+    assert not any(p.requires_grad for p in tv.guide.parameters())
+    sched = FlowMatchScheduler("Wan")
+    sched.set_timesteps(1000, training=True)
+    x0, y = torch.randn(5, 3, 2, 8, 8), torch.tensor([0, 2, 5, 1, 1])
+    got = compute_loss(student, x0, y, None, sched=sched, config=cfg,
+                       gen=torch.Generator().manual_seed(5), teacher=tv)
+    g = torch.Generator().manual_seed(5)
+    sigma = sched.sample_sigmas(5, sampler="logit_normal", generator=g, logit_mean=0.0,
+                                logit_std=1.0, points=(1.0, 0.5), points_prob=0.5)
+    noise = torch.randn(x0.shape, generator=g)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+    with torch.no_grad():
+        v, w = tv.model(x_t, sigma, y), tv.guide(x_t, sigma, y)
+    target = w + 2.0 * (v - w)
+    per = ((student(x_t, sigma, y) - target) ** 2).flatten(1).mean(1)
+    want = (per * sched.loss_weight(sigma, "table")).mean()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # not the data's own target
+    plain = compute_loss(student, x0, y, None, sched=sched, config=dataclasses.replace(
+        cfg, teacher=None, teacher_guide=None, teacher_guidance=None),
+        gen=torch.Generator().manual_seed(5))
+    assert not torch.allclose(got, plain)
+    # a guide that does not fit the teacher is refused before the first step
+    other = train(tiny_config(tmp_path / "o", steps=1, num_classes=3,
+                              model_overrides=dict(TINY, num_classes=3)))["model_path"]
+    with pytest.raises(ValueError, match="teacher_guide .*num_classes"):
+        train(dataclasses.replace(cfg, out_dir=str(tmp_path / "s2"), teacher_guide=other))
+
+
 @pytest.mark.parametrize("bad,match", [
-    (dict(teacher="t.safetensors"), "objective='meanflow'"),
+    (dict(teacher="t.safetensors", teacher_guide="g.safetensors", cond_drop=0.0),
+     "needs its scale"),
+    (dict(teacher="t.safetensors", teacher_guide="g.safetensors", teacher_guidance=2.0),
+     "cond_drop = 0"),
+    (dict(teacher_guide="g.safetensors"), "need a teacher"),
     (dict(objective="meanflow", teacher="t.safetensors", cfg_omega=2.0), "cfg_omega"),
     (dict(objective="meanflow", teacher="t.safetensors", couplings="c.safetensors"), "pick one"),
     (dict(objective="meanflow", teacher_guidance=2.0), "need a teacher"),
@@ -718,9 +774,17 @@ def test_bad_distillation_config(tmp_path, bad, match):
 def test_cli_teacher_flags(tmp_path, capsys):
     from fmrt.cli import _resume_command, build_parser, main
     t = tmp_path / "t.safetensors"
-    for argv, msg in ((["--teacher", str(t)], "--objective meanflow"),
-                      (["--objective", "meanflow", "--teacher", str(t)], "no such model file"),
+    t.write_bytes(b"")
+    g = tmp_path / "g.safetensors"
+    for argv, msg in ((["--objective", "meanflow", "--teacher", str(g)], "no such model file"),
+                      (["--teacher", str(t), "--teacher-guide-model", str(g)],
+                       "--teacher-guide-model " + str(g) + ": no such model file"),
+                      (["--teacher", str(t), "--teacher-guide-model", str(t)],
+                       "--teacher-guidance S"),
+                      (["--teacher", str(t), "--teacher-guide-model", str(t),
+                        "--teacher-guidance", "2"], "--cond-drop 0"),
                       (["--teacher-guidance", "2"], "need --teacher"),
+                      (["--teacher-guide-model", str(t)], "need --teacher"),
                       (["--objective", "meanflow", "--teacher", str(t),
                         "--teacher-guidance-interval", "0.6", "0.1"], "LO must be <= HI")):
         assert main(["train", "--out-dir", str(tmp_path / "run"), *argv, *CLI_TINY]) == 2

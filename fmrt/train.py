@@ -679,10 +679,7 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
                              ratio_r_neq_t=config.meanflow_ratio, generator=gen,
                              velocity=teacher, time_sampler=config.timestep_sampler,
                              time_mu=config.logit_mean, time_sigma=config.logit_std)
-    if teacher is not None:
-        return _teacher_flow_loss(model, x0, cond, sched=sched, config=config, gen=gen,
-                                  teacher=teacher)
-    if noise is None:
+    if noise is None and teacher is None:
         from fmrt.losses import sft_loss
         return sft_loss(model, x0, cond, scheduler=sched, sampler=config.timestep_sampler,
                         weighting=config.weighting, generator=gen,
@@ -695,31 +692,18 @@ def compute_loss(model, x0: Tensor, cond, noise: Optional[Tensor], *, sched, con
                                 device=gen.device, logit_mean=config.logit_mean,
                                 logit_std=config.logit_std, points=config.sigma_points or (),
                                 points_prob=config.sigma_points_prob).to(x0.device)
-    x_t, _ = ops.add_noise(x0, sigma, noise.to(x0.dtype))
-    pred = model(x_t, sigma, cond)
-    return flow_loss(pred, x0, noise.to(x0.dtype),
-                     weight=sched.loss_weight(sigma, config.weighting), huber_c=config.huber_c)
-
-
-def _teacher_flow_loss(model, x0: Tensor, cond, *, sched, config: TrainConfig,
-                       gen: torch.Generator, teacher: Callable):
-    """SFT on a teacher's velocity (see `compute_loss`; conditions arrive already dropped)."""
-    from fmrt import ops
-    from fmrt.losses import flow_loss
-    B = x0.shape[0]
-    sigma = sched.sample_sigmas(B, sampler=config.timestep_sampler, generator=gen,
-                                device=gen.device, logit_mean=config.logit_mean,
-                                logit_std=config.logit_std, points=config.sigma_points or (),
-                                points_prob=config.sigma_points_prob).to(x0.device)
-    noise = torch.randn(x0.shape, generator=gen, device=gen.device,
-                        dtype=torch.float32).to(device=x0.device, dtype=x0.dtype)
+    if noise is None:       # a teacher (never with couplings): fresh noise after the sigmas
+        noise = torch.randn(x0.shape, generator=gen, device=gen.device, dtype=torch.float32)
+    noise = noise.to(device=x0.device, dtype=x0.dtype)
     x_t, _ = ops.add_noise(x0, sigma, noise)
-    v = teacher(x_t, sigma, cond).to(x0.dtype)
     pred = model(x_t, sigma, cond)
+    weight = sched.loss_weight(sigma, config.weighting)
+    if teacher is None:
+        return flow_loss(pred, x0, noise, weight=weight, huber_c=config.huber_c)
     # the fused flow-matching loss regresses pred on noise - x0: with x0 = 0 and noise = v that
-    # is v itself, exactly, with the same weighting and Huber options as every SFT run
-    return flow_loss(pred, torch.zeros_like(v), v,
-                     weight=sched.loss_weight(sigma, config.weighting), huber_c=config.huber_c)
+    # is the teacher's velocity v itself, exactly, with the same weighting and Huber options
+    v = teacher(x_t, sigma, cond).to(x0.dtype)
+    return flow_loss(pred, torch.zeros_like(v), v, weight=weight, huber_c=config.huber_c)
 
 
 # ---------------------------------------------------------------------------------------------

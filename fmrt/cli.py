@@ -264,7 +264,7 @@ def _needs_module(module: str, what: str, extra: str) -> None:
 # parser
 # ---------------------------------------------------------------------------------------------
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, several_seeds: bool = False) -> None:
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="model .safetensors (with its .json) written by fmrt train "
                         "(default: the embedded model)")
@@ -273,7 +273,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "step), else euler")
     p.add_argument("--shift", type=_float(0.0, lo_open=True), default=None,
                    help="sigma-grid shift (default: the checkpoint's)")
-    p.add_argument("--seed", type=_seed, default=0)
+    if several_seeds:
+        p.add_argument("--seed", type=_seed, nargs="+", default=[0],
+                       help="noise seed; several: each setting is scored at every seed, then "
+                            "the mean and spread of accuracy and FD over them (FD from 32 "
+                            "clips per class swings by several units from seed to seed)")
+    else:
+        p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", type=_device_name, default="cpu",
                    help="cpu (default), cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
@@ -604,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate clips of every class and report the accuracy of "
                                    "fmrt's clip classifier on them and the Frechet distance to "
                                    "real clips in its feature space.")
-    _add_sampling_args(e)
+    _add_sampling_args(e, several_seeds=True)
     _add_policy_args(e)
     _add_guide_arg(e)
     e.add_argument("--steps", type=_int_at_least(1, MAX_SAMPLING_STEPS), nargs="+",
@@ -1442,7 +1448,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from fmrt.eval import CLASSIFIER_PATH, evaluate_clips, load_classifier
+    from fmrt.eval import CLASSIFIER_PATH, evaluate_clips, load_classifier, over_seeds
+    if len(set(args.seed)) != len(args.seed):
+        raise CLIError(f"--seed: give each seed once, got {' '.join(map(str, args.seed))}")
     policies = _policies(args)
     model, meta, device = _load(args, policies)
     clf, _ = load_classifier(args.classifier or CLASSIFIER_PATH)
@@ -1454,8 +1462,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rec = recorded_guidance(meta)
         scales = [1.0] if rec == 1.0 else [1.0, rec]
     guide = _load_guide(args, model, device, scales)
+    seeds = args.seed
+    several = len(seeds) > 1
+    seed_col = f" {'seed':>6}" if several else ""
     rows = []
-    print(f"{'solver':<8} {'steps':>5} {'cfg':>5} {'accuracy':>9} {'FD':>9} {'seconds':>8}")
+    print(f"{'solver':<8} {'steps':>5} {'cfg':>5}{seed_col} {'accuracy':>9} {'FD':>9} "
+          f"{'seconds':>8}")
     # the floor: real clips (another data seed) scored the same way
     from fmrt.data import ShapesVideo
     shape = (meta.get("sample") or {}).get("sample_shape") or [3, 4, 16, 16]
@@ -1463,29 +1475,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     real = torch.cat([ds.clips_of_class(c, args.num_per_class) for c in range(K)])
     q = evaluate_clips(real, labels, classifier=clf)
     rows.append(dict(solver="real data", steps=0, guidance_scale=0.0, seconds=0.0, **q))
-    print(f"{'real':<8} {'-':>5} {'-':>5} {q['accuracy']:>9.3f} {q['fd']:>9.3f} {'-':>8}")
+    dash = f" {'-':>6}" if several else ""
+    print(f"{'real':<8} {'-':>5} {'-':>5}{dash} {q['accuracy']:>9.3f} {q['fd']:>9.3f} {'-':>8}")
     for scale in scales:
         for steps in args.steps:
-            t0 = time.time()
-            with torch.no_grad():
-                clips = generate_batched(
-                    model, meta, labels, seed=args.seed, batch_size=args.batch_size,
-                    progress=not args.no_progress, desc=f"{args.solver} {steps} steps cfg "
-                    f"{scale:g}", steps=steps, solver=args.solver, guidance_scale=scale,
-                    shift=args.shift, device=device, dtype=_dtype(args.dtype),
-                    guide_model=guide, **policies)
-            dt = time.time() - t0
-            q = evaluate_clips(clips, labels, classifier=clf)
-            iv = _guidance_interval(scale, policies, meta)
-            rows.append(dict(solver=args.solver, steps=steps, guidance_scale=scale,
-                             guidance_interval=None if iv is None else list(iv),
-                             guide_model=args.guide_model if scale != 1.0 else None,
-                             seconds=dt, **q))
-            print(f"{args.solver:<8} {steps:>5} {scale:>5g} {q['accuracy']:>9.3f} "
-                  f"{q['fd']:>9.3f} {dt:>8.1f}{_interval_note(scale, policies, meta)}",
-                  flush=True)
+            for seed in seeds:
+                t0 = time.time()
+                with torch.no_grad():
+                    clips = generate_batched(
+                        model, meta, labels, seed=seed, batch_size=args.batch_size,
+                        progress=not args.no_progress, desc=f"{args.solver} {steps} steps cfg "
+                        f"{scale:g}" + (f" seed {seed}" if several else ""), steps=steps,
+                        solver=args.solver, guidance_scale=scale, shift=args.shift,
+                        device=device, dtype=_dtype(args.dtype), guide_model=guide, **policies)
+                dt = time.time() - t0
+                q = evaluate_clips(clips, labels, classifier=clf)
+                iv = _guidance_interval(scale, policies, meta)
+                rows.append(dict(solver=args.solver, steps=steps, guidance_scale=scale,
+                                 guidance_interval=None if iv is None else list(iv),
+                                 guide_model=args.guide_model if scale != 1.0 else None,
+                                 seed=seed, seconds=dt, **q))
+                col = f" {seed:>6}" if several else ""
+                print(f"{args.solver:<8} {steps:>5} {scale:>5g}{col} {q['accuracy']:>9.3f} "
+                      f"{q['fd']:>9.3f} {dt:>8.1f}{_interval_note(scale, policies, meta)}",
+                      flush=True)
+    over = over_seeds(rows[1:])
+    if several:
+        print(f"over {len(seeds)} seeds: mean (sd, min-max)")
+        for o in over:
+            print(f"{args.solver:<8} {o['steps']:>5} {o['guidance_scale']:>5g} accuracy "
+                  f"{o['accuracy_mean']:.3f}  FD {o['fd_mean']:.3f} ({o['fd_sd']:.3f}, "
+                  f"{o['fd_min']:.3f}-{o['fd_max']:.3f})")
     if args.json:
-        save_json(dict(checkpoint=args.checkpoint, device=str(device), results=rows), args.json)
+        save_json(dict(checkpoint=args.checkpoint, device=str(device), seeds=list(seeds),
+                       results=rows, over_seeds=over), args.json)
     return 0
 
 

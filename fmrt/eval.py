@@ -175,6 +175,24 @@ def evaluate_clips(clips: Tensor, labels: Tensor, *, classifier: Optional[ClipCl
                 fd=frechet_distance(fr, fg), num=int(clips.shape[0]))
 
 
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """`fmrt eval` rows of one setting (steps, guidance scale) at several seeds, summarised:
+    mean accuracy, mean FD and its spread (sample sd; None with one seed), in the rows' order."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["steps"], r["guidance_scale"]), []).append(r)
+    out = []
+    for (steps, scale), rs in groups.items():
+        fd = [r["fd"] for r in rs]
+        mean = sum(fd) / len(fd)
+        sd = ((sum((x - mean) ** 2 for x in fd) / (len(fd) - 1)) ** 0.5 if len(fd) > 1
+              else None)
+        out.append(dict(steps=steps, guidance_scale=scale, seeds=[r["seed"] for r in rs],
+                        accuracy_mean=sum(r["accuracy"] for r in rs) / len(rs), fd_mean=mean,
+                        fd_sd=sd, fd_min=min(fd), fd_max=max(fd)))
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m fmrt.eval --write-asset`: (re)train the shipped classifier."""
     import argparse

@@ -162,6 +162,33 @@ def test_eval_cli(tiny_model, tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
+def test_eval_cli_several_seeds(tiny_model, tmp_path, capsys):
+    """--seed S S ...: each seed's rows are the single-seed run's, and the summary is their
+    mean and spread; a seed given twice is refused before anything runs."""
+    common = ["eval", "--checkpoint", tiny_model, "--steps", "1", "2", "--guidance-scale", "1",
+              "--num-per-class", "2", "--no-progress"]
+    assert main(common + ["--seed", "3", "5", "--json", str(tmp_path / "m.json")]) == 0
+    assert "over 2 seeds" in capsys.readouterr().out
+    doc = json.load(open(tmp_path / "m.json"))
+    assert doc["seeds"] == [3, 5]
+    rows = doc["results"][1:]
+    assert [(r["steps"], r["seed"]) for r in rows] == [(1, 3), (1, 5), (2, 3), (2, 5)]
+    for seed in (3, 5):
+        assert main(common + ["--seed", str(seed), "--json", str(tmp_path / f"{seed}.json")]) == 0
+        one = json.load(open(tmp_path / f"{seed}.json"))
+        assert one["over_seeds"][0]["fd_sd"] is None
+        for r1 in one["results"][1:]:
+            (r,) = [r for r in rows if (r["steps"], r["seed"]) == (r1["steps"], seed)]
+            assert r["fd"] == r1["fd"] and r["accuracy"] == r1["accuracy"]
+    for o in doc["over_seeds"]:
+        fds = [r["fd"] for r in rows if r["steps"] == o["steps"]]
+        assert o["seeds"] == [3, 5] and o["fd_mean"] == pytest.approx(sum(fds) / 2)
+        assert o["fd_sd"] == pytest.approx(abs(fds[0] - fds[1]) / 2 ** 0.5)
+        assert (o["fd_min"], o["fd_max"]) == (min(fds), max(fds))
+    capsys.readouterr()
+    _one_line_error(capsys, common + ["--seed", "1", "1"], "each seed once")
+
+
 def test_eval_and_sample_with_a_guide_model(tiny_model, tmp_path, capsys):
     """Autoguidance (--guide-model): guided by the model itself, g = c, so any scale gives the
     unguided clips exactly; the JSON names the guide on the guided rows."""

@@ -36,7 +36,7 @@ def main(argv) -> None:
     out, specs = argv[0], argv[1:]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.axhspan(*REAL_BAND, color="0.9", label="real clips vs real (10-90 %)")
-    for i, spec in enumerate(specs):
+    for spec in specs:
         label, files = spec.split("=", 1)
         for (steps, scale), fds in sorted(series(files.split(",")).items()):
             seeds = sorted(fds)

@@ -34,6 +34,9 @@ def main(argv) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out, specs = argv[0], argv[1:]
+    inputs = {f for spec in specs for f in spec.split("=", 1)[-1].split(",")}
+    if not out.endswith(".png") or out in inputs:
+        raise SystemExit(f"OUT must be a .png that is not one of the eval JSONs, got {out}")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.axhspan(*REAL_BAND, color="0.9", label="real clips vs real (10-90 %)")
     for spec in specs:

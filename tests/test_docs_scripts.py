@@ -143,5 +143,9 @@ def test_fd_over_seeds_reads_eval_json(tmp_path):
     with pytest.raises(SystemExit, match="without a seed"):
         m.series([str(old)])
     pytest.importorskip("matplotlib")
+    for bad in (str(p), str(tmp_path / "f.json")):    # never written over an input, nor as JSON
+        with pytest.raises(SystemExit, match="OUT must be a .png"):
+            m.main([bad, f"x={p}"])
+    assert json.loads(p.read_text())["seeds"] == [3, 5]
     m.main([str(tmp_path / "f.png"), f"x={p}"])
     assert (tmp_path / "f.png").stat().st_size > 1000

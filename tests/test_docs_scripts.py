@@ -10,7 +10,7 @@ import torch
 from fmrt.checkpoint import export_model, load_model
 from fmrt.data import ShapesVideo
 from fmrt.reflow import make_couplings, save_couplings
-from fmrt.sampling import generate_clips
+from fmrt.sampling import generate_clips, sample
 from tests.test_sampling_clips import _model as tiny_clip_model
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
@@ -149,3 +149,26 @@ def test_fd_over_seeds_reads_eval_json(tmp_path):
     assert json.loads(p.read_text())["seeds"] == [3, 5]
     m.main([str(tmp_path / "f.png"), f"x={p}"])
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_teacher_from_midpoint_joins_the_two_models_grids():
+    m = _script("teacher_from_midpoint")
+    model, _ = tiny_clip_model()
+    labels = torch.tensor([0, 3, 5])
+    z = torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(4))
+    unguided = {"sample": {"guidance_scale": 1.0}}
+    with torch.no_grad():
+        want = sample(model, z, sigmas=[1.0, 0.5, 0.25, 0.0], solver="euler", cond=labels)
+        one = sample(model, z, sigmas=[1.0, 0.0], solver="euler", cond=labels)
+    x0, x = m.finish_with_teacher(model, model, unguided, z, labels, mid=0.5, steps=2)
+    torch.testing.assert_close(x0, one, atol=1e-6, rtol=0)
+    torch.testing.assert_close(x, want, atol=1e-5, rtol=1e-5)     # one model: one Euler grid
+    # the teacher's recorded guidance applies on its own steps, only inside its interval
+    late = {"sample": {"guidance_scale": 3.0, "guidance_interval": [0.0, 0.3]}}
+    _, x1 = m.finish_with_teacher(model, model, late, z, labels, mid=0.5, steps=1)
+    _, u1 = m.finish_with_teacher(model, model, unguided, z, labels, mid=0.5, steps=1)
+    assert torch.equal(x1, u1)                    # sigma 0.5 lies outside [0, 0.3]
+    _, x2 = m.finish_with_teacher(model, model, late, z, labels, mid=0.5, steps=2)
+    assert (x2 - x).abs().max() > 1e-3            # the step at sigma 0.25 is guided
+    with pytest.raises(SystemExit):
+        m.main(["unused.safetensors", "0", "--mid", "1.5"])

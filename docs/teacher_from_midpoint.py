@@ -23,23 +23,24 @@ from fmrt.eval import evaluate_clips, load_classifier
 from fmrt.sampling import recorded_guidance, recorded_interval, sample
 
 
-def finish_with_teacher(student, teacher, teacher_meta: dict, noise, labels, *, mid: float,
-                        steps: int):
-    """(the student's 1-step samples, the samples the teacher finishes in `steps` Euler steps
-    from the student's first step to sigma `mid`); float32, not clamped."""
+def student_step(student, noise, labels, *, mid: float):
+    """(the student's 1-step samples, its first Euler step's point at sigma `mid`); float32."""
     with torch.no_grad():
         x0 = sample(student, noise, sigmas=[1.0, 0.0], solver="euler", cond=labels).float()
-        x_mid = mid * noise.float() + (1.0 - mid) * x0         # = z - (1 - mid) v(z, 1)
-        scale = recorded_guidance(teacher_meta)
-        kw = {}
-        if scale != 1.0:
-            kw = dict(guidance_scale=scale,
-                      uncond=torch.full_like(labels, int(teacher.config.num_classes)))
-            if recorded_interval(teacher_meta) is not None:
-                kw["guidance_interval"] = tuple(recorded_interval(teacher_meta))
-        x = sample(teacher, x_mid, sigmas=torch.linspace(mid, 0.0, steps + 1).tolist(),
-                   solver="euler", cond=labels, **kw).float()
-    return x0, x
+    return x0, mid * noise.float() + (1.0 - mid) * x0             # = z - (1 - mid) v(z, 1)
+
+
+def teacher_finish(teacher, teacher_meta: dict, x_mid, labels, *, mid: float, steps: int):
+    """The teacher's `steps` Euler steps from `x_mid` at sigma `mid` to 0, with its recorded
+    guidance scale and interval; float32, not clamped."""
+    kw = {}
+    if recorded_guidance(teacher_meta) != 1.0:
+        kw = dict(guidance_scale=recorded_guidance(teacher_meta),
+                  uncond=torch.full_like(labels, int(teacher.config.num_classes)),
+                  guidance_interval=recorded_interval(teacher_meta))
+    with torch.no_grad():
+        return sample(teacher, x_mid, sigmas=torch.linspace(mid, 0.0, steps + 1).tolist(),
+                      solver="euler", cond=labels, **kw).float()
 
 
 def main(argv=None) -> None:
@@ -61,13 +62,13 @@ def main(argv=None) -> None:
     labels = torch.arange(student.config.num_classes).repeat_interleave(args.num_per_class)
     shape = (len(labels), *smeta["sample"]["sample_shape"])
     z = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))   # fmrt eval's
-    for i, k in enumerate(args.K):
+    x0, x_mid = student_step(student, z, labels, mid=args.mid)
+    q = evaluate_clips(x0.clamp(-1, 1), labels, classifier=clf)
+    print(f"seed {args.seed}: the student's 1 step: accuracy {q['accuracy']:.3f} "
+          f"FD {q['fd']:.3f}", flush=True)
+    for k in args.K:
         t0 = time.time()
-        x0, x = finish_with_teacher(student, teacher, tmeta, z, labels, mid=args.mid, steps=k)
-        if i == 0:
-            q = evaluate_clips(x0.clamp(-1, 1), labels, classifier=clf)
-            print(f"seed {args.seed}: the student's 1 step: accuracy {q['accuracy']:.3f} "
-                  f"FD {q['fd']:.3f}", flush=True)
+        x = teacher_finish(teacher, tmeta, x_mid, labels, mid=args.mid, steps=k)
         q = evaluate_clips(x.clamp(-1, 1), labels, classifier=clf)
         print(f"seed {args.seed}: the student to sigma {args.mid:g}, then the teacher in {k} "
               f"steps: accuracy {q['accuracy']:.3f} FD {q['fd']:.3f} ({time.time() - t0:.0f} s)",

@@ -160,15 +160,16 @@ def test_teacher_from_midpoint_joins_the_two_models_grids():
     with torch.no_grad():
         want = sample(model, z, sigmas=[1.0, 0.5, 0.25, 0.0], solver="euler", cond=labels)
         one = sample(model, z, sigmas=[1.0, 0.0], solver="euler", cond=labels)
-    x0, x = m.finish_with_teacher(model, model, unguided, z, labels, mid=0.5, steps=2)
+    x0, x_mid = m.student_step(model, z, labels, mid=0.5)
+    x = m.teacher_finish(model, unguided, x_mid, labels, mid=0.5, steps=2)
     torch.testing.assert_close(x0, one, atol=1e-6, rtol=0)
     torch.testing.assert_close(x, want, atol=1e-5, rtol=1e-5)     # one model: one Euler grid
     # the teacher's recorded guidance applies on its own steps, only inside its interval
     late = {"sample": {"guidance_scale": 3.0, "guidance_interval": [0.0, 0.3]}}
-    _, x1 = m.finish_with_teacher(model, model, late, z, labels, mid=0.5, steps=1)
-    _, u1 = m.finish_with_teacher(model, model, unguided, z, labels, mid=0.5, steps=1)
+    x1 = m.teacher_finish(model, late, x_mid, labels, mid=0.5, steps=1)
+    u1 = m.teacher_finish(model, unguided, x_mid, labels, mid=0.5, steps=1)
     assert torch.equal(x1, u1)                    # sigma 0.5 lies outside [0, 0.3]
-    _, x2 = m.finish_with_teacher(model, model, late, z, labels, mid=0.5, steps=2)
+    x2 = m.teacher_finish(model, late, x_mid, labels, mid=0.5, steps=2)
     assert (x2 - x).abs().max() > 1e-3            # the step at sigma 0.25 is guided
     with pytest.raises(SystemExit):
         m.main(["unused.safetensors", "0", "--mid", "1.5"])

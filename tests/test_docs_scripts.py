@@ -173,3 +173,54 @@ def test_teacher_from_midpoint_joins_the_two_models_grids():
     assert (x2 - x).abs().max() > 1e-3            # the step at sigma 0.25 is guided
     with pytest.raises(SystemExit):
         m.main(["unused.safetensors", "0", "--mid", "1.5"])
+
+
+def test_second_step_distill_targets_loss_and_export(tmp_path):
+    from fmrt.models import DiT, DiTConfig
+    m = _script("second_step_distill")
+    torch.manual_seed(0)          # a Wan-conditioned ("class_text") DiT: it has a buffer too
+    model = DiT(DiTConfig.preset("tiny", dim=32, num_layers=1, num_heads=2, ffn_dim=64,
+                                 num_classes=6, freq_dim=32, text_dim=16))
+    for p in model.parameters():  # a non-zero output (the DiT's head starts at zero)
+        p.data.add_(0.05 * torch.randn_like(p))
+    path = str(tmp_path / "m.safetensors")
+    export_model(path, model.state_dict(), dict(model=model.config.to_dict(), sample=dict(
+        template="Wan", shift=1.0, sample_shape=list(SHAPE), steps=1, guidance_scale=1.0,
+        num_classes=6)))
+    model, meta = load_model(path)
+    assert model.config.conditioning == "class_text"
+    # the model as its own teacher, one Euler step from the midpoint: both targets are the
+    # model's own velocities there, so its loss is zero on either point
+    t = m.make_targets(model, model, meta, seed=3, num_per_class=1, mid=0.25, teacher_steps=1,
+                       batch_size=4)
+    assert t["noise"].shape == (6, *SHAPE) and t["labels"].tolist() == list(range(6))
+    torch.testing.assert_close(t["x_mid"], 0.25 * t["noise"] + 0.75 * t["x0_hat"])
+    with torch.no_grad():
+        want = sample(model, t["noise"], sigmas=[1.0, 0.0], solver="euler", cond=t["labels"])
+    torch.testing.assert_close(t["x0_hat"], want, atol=1e-6, rtol=0)
+    first, second = torch.zeros(6, dtype=torch.bool), torch.ones(6, dtype=torch.bool)
+    with torch.no_grad():
+        assert float(m.second_step_loss(model, t, first)) < 1e-10
+        assert float(m.second_step_loss(model, t, second)) < 1e-10
+        # a teacher finish 0.1 lower everywhere: the second step's target moves by 0.1 / MID
+        off = dict(t, x_teacher=t["x_teacher"] - 0.1)
+        assert float(m.second_step_loss(model, off, first)) < 1e-10
+        assert float(m.second_step_loss(model, off, second)) == pytest.approx(0.16, rel=1e-4)
+        half = torch.tensor([True, False] * 3)
+        assert float(m.second_step_loss(model, off, half)) == pytest.approx(0.08, rel=1e-4)
+    # train and export: a loadable model whose 2-step default grid has its midpoint at MID
+    from safetensors.torch import save_file
+    tpath, out = str(tmp_path / "t.safetensors"), str(tmp_path / "s.safetensors")
+    save_file(off, tpath)
+    m.main(["train", path, tpath, "--out", out, "--steps", "3", "--batch-size", "4",
+            "--warmup-steps", "1"])
+    got, gmeta = load_model(out)
+    assert gmeta["sample"]["steps"] == 2 and gmeta["second_step"]["mid"] == 0.25
+    assert any(not torch.equal(a, b) for a, b in zip(got.parameters(), model.parameters()))
+    z = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = sample(got, z, sigmas=[1.0, 0.25, 0.0], solver="euler", cond=torch.tensor([0, 1]))
+    torch.testing.assert_close(generate_clips(got, gmeta, torch.tensor([0, 1]), steps=2,
+                                              noise=z, clamp=False), want)
+    with pytest.raises(SystemExit):                  # never over an existing file
+        m.main(["train", path, tpath, "--out", out, "--steps", "1"])

@@ -20,7 +20,6 @@ after a linear warm-up, gradient clipping at 1, and an EMA of the weights, which
 the student's meta (sampling defaults: 2 steps at shift MID / (1 - MID), so that `fmrt eval
 --steps 2` puts the midpoint at MID; 1 step is untouched by the shift)."""
 import argparse
-import math
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fmrt.checkpoint import export_model, load_model, with_sampling_defaults
-from fmrt.train import EMA
+from fmrt.train import EMA, TrainConfig, _lr_at
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from teacher_from_midpoint import student_step, teacher_finish  # noqa: E402
@@ -71,9 +70,10 @@ def train(student_path: str, targets: dict, out: str, *, steps: int, batch_size:
           warmup_steps: int, ema_decay: float, seed: int, log_every: int = 25) -> list[float]:
     model, meta = load_model(student_path)
     model.train().requires_grad_(True)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     ema = EMA(list(model.named_parameters()), ema_decay)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    schedule = TrainConfig(lr=lr, steps=steps, warmup_steps=warmup_steps, lr_schedule="cosine")
     gen = torch.Generator().manual_seed(seed)
     n = len(targets["labels"])
     order, pos, losses, t0 = torch.randperm(n, generator=gen), 0, [], time.time()
@@ -83,10 +83,8 @@ def train(student_path: str, targets: dict, out: str, *, steps: int, batch_size:
         idx, pos = order[pos:pos + batch_size], pos + batch_size
         batch = {k: (v if v.dim() == 0 else v[idx]) for k, v in targets.items()}
         pick_mid = torch.rand(len(idx), generator=gen) < 0.5
-        scale = (step + 1) / warmup_steps if step < warmup_steps else \
-            0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
         for g in opt.param_groups:
-            g["lr"] = lr * scale
+            g["lr"] = _lr_at(schedule, step)            # `fmrt train`'s warm-up + cosine
         loss = second_step_loss(model, batch, pick_mid)
         if not torch.isfinite(loss):
             raise SystemExit(f"second_step_distill.py: non-finite loss at step {step}")
@@ -132,9 +130,8 @@ def main(argv=None) -> None:
     r.add_argument("--ema-decay", type=float, default=0.995)
     r.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for path in (args.out,):
-        if os.path.exists(path):
-            p.error(f"{path} exists: not overwriting it")
+    if os.path.exists(args.out):
+        p.error(f"{args.out} exists: not overwriting it")
     if args.cmd == "targets":
         if not 0.0 < args.mid < 1.0 or args.teacher_steps < 1 or args.num_per_class < 1:
             p.error("--mid must be in (0, 1), --teacher-steps and --num-per-class >= 1")

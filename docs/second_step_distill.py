@@ -67,7 +67,14 @@ def second_step_loss(model, batch: dict, pick_mid: torch.Tensor) -> torch.Tensor
 
 
 def train(student_path: str, targets: dict, out: str, *, steps: int, batch_size: int, lr: float,
-          warmup_steps: int, ema_decay: float, seed: int, log_every: int = 25) -> list[float]:
+          warmup_steps: int, ema_decay: float, seed: int, log_every: int = 25,
+          loss_fn=None, tag: str = "second_step") -> list[float]:
+    """Fine-tune the student on `targets` and export its EMA to `out` (sampling defaults: 2 steps
+    with the midpoint at MID; `meta[tag]` records the run). `loss_fn(model, batch, u)`, u uniform
+    in [0, 1) per sample, picks each sample's term; default: `second_step_loss` at u < 1/2."""
+    if loss_fn is None:
+        def loss_fn(model, batch, u):
+            return second_step_loss(model, batch, u < 0.5)
     model, meta = load_model(student_path)
     model.train().requires_grad_(True)
     params = list(model.parameters())
@@ -82,12 +89,11 @@ def train(student_path: str, targets: dict, out: str, *, steps: int, batch_size:
             order, pos = torch.randperm(n, generator=gen), 0
         idx, pos = order[pos:pos + batch_size], pos + batch_size
         batch = {k: (v if v.dim() == 0 else v[idx]) for k, v in targets.items()}
-        pick_mid = torch.rand(len(idx), generator=gen) < 0.5
         for g in opt.param_groups:
             g["lr"] = _lr_at(schedule, step)            # `fmrt train`'s warm-up + cosine
-        loss = second_step_loss(model, batch, pick_mid)
+        loss = loss_fn(model, batch, torch.rand(len(idx), generator=gen))
         if not torch.isfinite(loss):
-            raise SystemExit(f"second_step_distill.py: non-finite loss at step {step}")
+            raise SystemExit(f"non-finite loss at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -100,7 +106,7 @@ def train(student_path: str, targets: dict, out: str, *, steps: int, batch_size:
                   f"({time.time() - t0:.0f} s)", flush=True)
     mid = float(targets["mid"])
     meta = with_sampling_defaults(meta, steps=2, shift=mid / (1.0 - mid))
-    meta["second_step"] = dict(student=student_path, mid=mid, n_targets=n, steps=steps,
+    meta[tag] = dict(student=student_path, mid=mid, n_targets=n, steps=steps,
                                batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed)
     state = dict(model.state_dict(), **ema.state())       # buffers (class_text) as they are
     export_model(out, {k: v.detach().contiguous() for k, v in state.items()}, meta)
@@ -119,16 +125,7 @@ def main(argv=None) -> None:
     t.add_argument("--mid", type=float, default=0.5)
     t.add_argument("--teacher-steps", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=256)
-    r = sub.add_parser("train")
-    r.add_argument("student")
-    r.add_argument("targets", nargs="+", help="one or more files of `targets` (same MID)")
-    r.add_argument("--out", required=True)
-    r.add_argument("--steps", type=int, default=1000)
-    r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--lr", type=float, default=1e-4)
-    r.add_argument("--warmup-steps", type=int, default=20)
-    r.add_argument("--ema-decay", type=float, default=0.995)
-    r.add_argument("--seed", type=int, default=0)
+    add_train_args(sub.add_parser("train"))
     args = p.parse_args(argv)
     if os.path.exists(args.out):
         p.error(f"{args.out} exists: not overwriting it")
@@ -144,16 +141,33 @@ def main(argv=None) -> None:
                            teacher_steps=args.teacher_steps, batch_size=args.batch_size)
         save_file(out, args.out)
     else:
-        if args.steps < 1 or args.batch_size < 1 or args.warmup_steps < 0 or args.lr <= 0:
-            p.error("--steps, --batch-size >= 1, --warmup-steps >= 0, --lr > 0")
-        parts = [load_file(f) for f in args.targets]
-        if len({float(t["mid"]) for t in parts}) != 1:
-            p.error("the targets files were made at different midpoints")
-        targets = {k: (parts[0][k] if k == "mid" else torch.cat([t[k] for t in parts]))
-                   for k in parts[0]}
-        train(args.student, targets, args.out, steps=args.steps, batch_size=args.batch_size,
-              lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
-              seed=args.seed)
+        run_train(p, args)
+
+
+def add_train_args(r: argparse.ArgumentParser) -> None:
+    r.add_argument("student")
+    r.add_argument("targets", nargs="+", help="one or more files of `targets` (same MID)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--steps", type=int, default=1000)
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--lr", type=float, default=1e-4)
+    r.add_argument("--warmup-steps", type=int, default=20)
+    r.add_argument("--ema-decay", type=float, default=0.995)
+    r.add_argument("--seed", type=int, default=0)
+
+
+def run_train(p: argparse.ArgumentParser, args, **kw) -> list[float]:
+    """`train` on the targets files of `args` (checked, joined); `kw` to `train`."""
+    if args.steps < 1 or args.batch_size < 1 or args.warmup_steps < 0 or args.lr <= 0:
+        p.error("--steps, --batch-size >= 1, --warmup-steps >= 0, --lr > 0")
+    parts = [load_file(f) for f in args.targets]
+    if len({float(t["mid"]) for t in parts}) != 1:
+        p.error("the targets files were made at different midpoints")
+    targets = {k: (parts[0][k] if k == "mid" else torch.cat([t[k] for t in parts]))
+               for k in parts[0]}
+    return train(args.student, targets, args.out, steps=args.steps, batch_size=args.batch_size,
+                 lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
+                 seed=args.seed, **kw)
 
 
 if __name__ == "__main__":

@@ -33,14 +33,20 @@ def student_step(student, noise, labels, *, mid: float):
 def teacher_finish(teacher, teacher_meta: dict, x_mid, labels, *, mid: float, steps: int):
     """The teacher's `steps` Euler steps from `x_mid` at sigma `mid` to 0, with its recorded
     guidance scale and interval; float32, not clamped."""
+    return teacher_euler(teacher, teacher_meta, x_mid, labels,
+                         torch.linspace(mid, 0.0, steps + 1).tolist())
+
+
+def teacher_euler(teacher, teacher_meta: dict, x, labels, sigmas):
+    """The teacher's Euler steps over the grid `sigmas` (x at sigmas[0]), with its recorded
+    guidance scale and interval; float32, not clamped."""
     kw = {}
     if recorded_guidance(teacher_meta) != 1.0:
         kw = dict(guidance_scale=recorded_guidance(teacher_meta),
                   uncond=torch.full_like(labels, int(teacher.config.num_classes)),
                   guidance_interval=recorded_interval(teacher_meta))
     with torch.no_grad():
-        return sample(teacher, x_mid, sigmas=torch.linspace(mid, 0.0, steps + 1).tolist(),
-                      solver="euler", cond=labels, **kw).float()
+        return sample(teacher, x, sigmas=sigmas, solver="euler", cond=labels, **kw).float()
 
 
 def main(argv=None) -> None:

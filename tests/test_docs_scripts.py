@@ -224,3 +224,70 @@ def test_second_step_distill_targets_loss_and_export(tmp_path):
                                               noise=z, clamp=False), want)
     with pytest.raises(SystemExit):                  # never over an existing file
         m.main(["train", path, tpath, "--out", out, "--steps", "1"])
+
+
+def test_two_step_flow_map_targets_loss_and_export(tmp_path):
+    from safetensors.torch import save_file
+
+    from fmrt.checkpoint import with_sampling_defaults
+    from fmrt.models import DiT, DiTConfig
+    m = _script("two_step_flow_map")
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.preset("tiny", dim=32, num_layers=1, num_heads=2, ffn_dim=64,
+                                 num_classes=6, freq_dim=32, text_dim=16, meanflow=True))
+    for p in model.parameters():  # a non-zero output (the DiT's head starts at zero)
+        p.data.add_(0.05 * torch.randn_like(p))
+    meta = dict(model=model.config.to_dict(), sample=dict(
+        template="Wan", shift=1.0, sample_shape=list(SHAPE), steps=1, guidance_scale=1.0,
+        num_classes=6))
+    path, tpath_model = str(tmp_path / "m.safetensors"), str(tmp_path / "teacher.safetensors")
+    export_model(path, model.state_dict(), meta)
+    export_model(tpath_model, model.state_dict(), with_sampling_defaults(
+        meta, steps=4, guidance_scale=2.0, guidance_interval=(0.0, 0.6)))
+    student, smeta = load_model(path)
+    teacher, tmeta = load_model(tpath_model)     # the same weights, as a velocity model (h = 0)
+    # two teacher steps to MID 0.5 and two more: the teacher's own guided 4-step sample
+    t = m.make_targets(student, teacher, tmeta, seed=3, num_per_class=1, mid=0.5,
+                       teacher_steps=2, batch_size=4)
+    z, c = t["noise"], t["labels"]
+    assert z.shape == (6, *SHAPE) and c.tolist() == list(range(6))
+    torch.testing.assert_close(t["x_teacher"], generate_clips(
+        teacher, tmeta, c, steps=4, guidance_scale=2.0, noise=z, clamp=False))
+    with torch.no_grad():
+        torch.testing.assert_close(t["x0_hat"], z - student(z, 1.0, c, r=0.0))
+        x_mid = z - 0.5 * student(z, 1.0, c, r=0.5)     # the student's own two jumps
+        exact = dict(t, x_mid=x_mid, x_teacher=x_mid - 0.5 * student(x_mid, 0.5, c, r=0.0))
+        for k in range(3):
+            assert float(m.flow_map_loss(student, exact, torch.full((6,), k))) < 1e-10
+        off = dict(exact, x_teacher=exact["x_teacher"] - 0.1)    # the end 0.1 lower: only
+        losses = [float(m.flow_map_loss(student, off, torch.full((6,), k))) for k in range(3)]
+        assert losses[0] < 1e-10 and losses[1] < 1e-10            # the last jump moves, by 0.2
+        assert losses[2] == pytest.approx(0.04, rel=1e-4)
+        assert float(m.flow_map_loss(student, off, torch.tensor([0, 1, 2] * 2))) == \
+            pytest.approx(0.04 / 3, rel=1e-4)
+        up = dict(exact, x_mid=exact["x_mid"] + 0.1)              # the midpoint 0.1 higher:
+        assert float(m.flow_map_loss(student, up, torch.ones(6, dtype=torch.long))) == \
+            pytest.approx(0.04, rel=1e-4)                          # the first jump by 0.2
+    # train and export: a loadable MeanFlow model whose 2-step default grid has its midpoint at
+    # MID, sampled as its two jumps
+    tpath, out = str(tmp_path / "t.safetensors"), str(tmp_path / "s.safetensors")
+    save_file(dict(off, mid=torch.tensor(0.25)), tpath)
+    m.main(["train", path, tpath, "--out", out, "--steps", "3", "--batch-size", "4",
+            "--warmup-steps", "1"])
+    got, gmeta = load_model(out)
+    assert gmeta["sample"]["steps"] == 2 and gmeta["two_step_flow_map"]["mid"] == 0.25
+    assert any(not torch.equal(a, b) for a, b in zip(got.parameters(), student.parameters()))
+    with torch.no_grad():
+        x = z[:2] - 0.75 * got(z[:2], 1.0, c[:2], r=0.25)
+        want = x - 0.25 * got(x, 0.25, c[:2], r=0.0)
+    torch.testing.assert_close(generate_clips(got, gmeta, c[:2], steps=2, noise=z[:2],
+                                              solver="meanflow", clamp=False), want)
+    with pytest.raises(SystemExit):                  # never over an existing file
+        m.main(["train", path, tpath, "--out", out, "--steps", "1"])
+    plain = str(tmp_path / "plain.safetensors")      # a velocity model has one path only
+    export_model(plain, DiT(DiTConfig.preset("tiny", dim=32, num_layers=1, num_heads=2,
+                                             ffn_dim=64, num_classes=6, freq_dim=32,
+                                             text_dim=16)).state_dict(),
+                 dict(meta, model=dict(meta["model"], meanflow=False)))
+    with pytest.raises(SystemExit):
+        m.main(["train", plain, tpath, "--out", str(tmp_path / "p2.safetensors")])

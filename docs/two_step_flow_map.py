@@ -1,0 +1,120 @@
+"""Prototype (not a shipped option): give a MeanFlow student the teacher's own two-step path,
+keeping its one-step map.
+
+    python docs/two_step_flow_map.py targets STUDENT --seed S --num-per-class N --out T.safetensors
+        [--teacher MODEL] [--mid 0.5] [--teacher-steps 25] [--batch-size 256]
+    python docs/two_step_flow_map.py train STUDENT T.safetensors [T2 ...] --out OUT.safetensors
+        [--steps 1000] [--batch-size 32] [--lr 1e-4] [--warmup-steps 20] [--ema-decay 0.995]
+        [--seed 0]
+
+A velocity model's two Euler steps start with half its one step, x_mid = z - (1 - MID) v(z, 1),
+a point off the teacher's path at MID that no second step finishes well from
+(`docs/teacher_from_midpoint.py`). A MeanFlow model's average velocity u(z, r, t) takes each
+jump t -> r on its own, so 2-step sampling, z -> MID -> 0, can follow the teacher while 1-step
+sampling, z -> 0, stays what it is.
+
+`targets` draws noise z (class-balanced labels, `--seed`), takes the student's 1-step sample
+x0_hat = z - u(z, 0, 1), and lets the teacher, with its recorded guidance, integrate from z in
+`--teacher-steps` Euler steps to x_mid at MID and as many more to x_teacher at 0 (at MID 0.5 and
+25 steps, its 50-step sampling grid: x_teacher is its 50-step sample). `train` (the loop of
+`docs/second_step_distill.py`) starts from the student and regresses, on each sample of a batch,
+with probability 1/3 each,
+    u(z, 0, 1)       on z - x0_hat                    (the one step: pinned to the student's own)
+    u(z, MID, 1)     on (z - x_mid) / (1 - MID)       (two steps' first: to the teacher's x_mid)
+    u(x_mid, 0, MID) on (x_mid - x_teacher) / MID     (and their second: to the teacher's end)
+the three jumps 1- and 2-step MeanFlow sampling make, and exports the EMA with 2-step defaults
+at shift MID / (1 - MID) (MID is then 2-step sampling's midpoint; 1 step is untouched)."""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from safetensors.torch import save_file
+
+from fmrt.checkpoint import load_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from second_step_distill import add_train_args, run_train  # noqa: E402
+from teacher_from_midpoint import teacher_euler  # noqa: E402
+
+
+def make_targets(student, teacher, teacher_meta: dict, *, seed: int, num_per_class: int,
+                 mid: float, teacher_steps: int, batch_size: int) -> dict:
+    labels = torch.arange(student.config.num_classes).repeat_interleave(num_per_class)
+    shape = (len(labels), *teacher_meta["sample"]["sample_shape"])
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    first = torch.linspace(1.0, mid, teacher_steps + 1).tolist()
+    second = torch.linspace(mid, 0.0, teacher_steps + 1).tolist()
+    parts = {"noise": [], "x0_hat": [], "x_mid": [], "x_teacher": []}
+    t0 = time.time()
+    for i in range(0, len(labels), batch_size):
+        z, c = noise[i:i + batch_size], labels[i:i + batch_size]
+        with torch.no_grad():
+            x0_hat = z - student(z, 1.0, c, r=0.0).float()
+        x_mid = teacher_euler(teacher, teacher_meta, z, c, first)
+        x_t = teacher_euler(teacher, teacher_meta, x_mid, c, second)
+        for k, v in zip(parts, (z, x0_hat, x_mid, x_t)):
+            parts[k].append(v)
+        print(f"targets {i + len(c)}/{len(labels)} ({time.time() - t0:.0f} s)", flush=True)
+    out = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+    out["labels"] = labels
+    out["mid"] = torch.tensor(mid)
+    return out
+
+
+def flow_map_loss(model, batch: dict, term: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of u on the jump `term` (per sample: 0 = 1 -> 0 against z - x0_hat,
+    1 = 1 -> MID against (z - x_mid) / (1 - MID), 2 = MID -> 0 against (x_mid - x_teacher) /
+    MID)."""
+    mid = float(batch["mid"])
+    z, x_mid = batch["noise"], batch["x_mid"]
+    view = (-1, *([1] * (z.dim() - 1)))
+    at_mid = (term == 2).view(view)
+    x = torch.where(at_mid, x_mid, z)
+    target = torch.where(at_mid, (x_mid - batch["x_teacher"]) / mid,
+                         torch.where((term == 1).view(view), (z - x_mid) / (1.0 - mid),
+                                     z - batch["x0_hat"]))
+    t = torch.where(term == 2, torch.tensor(mid), torch.tensor(1.0))
+    r = torch.where(term == 1, torch.tensor(mid), torch.tensor(0.0))
+    return (model(x, t, batch["labels"], r=r).float() - target).pow(2).mean()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("targets")
+    t.add_argument("student")
+    t.add_argument("--seed", type=int, required=True)
+    t.add_argument("--num-per-class", type=int, required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--teacher", default="fmrt/assets/default_dit.safetensors")
+    t.add_argument("--mid", type=float, default=0.5)
+    t.add_argument("--teacher-steps", type=int, default=25)
+    t.add_argument("--batch-size", type=int, default=256)
+    add_train_args(sub.add_parser("train"))
+    args = p.parse_args(argv)
+    if os.path.exists(args.out):
+        p.error(f"{args.out} exists: not overwriting it")
+    student, smeta = load_model(args.student)
+    if not student.config.meanflow:
+        p.error(f"{args.student} is not a MeanFlow model (u(z, r, t)): its 2-step path cannot "
+                f"leave its 1-step one")
+    if args.cmd == "targets":
+        if not 0.0 < args.mid < 1.0 or args.teacher_steps < 1 or args.num_per_class < 1:
+            p.error("--mid must be in (0, 1), --teacher-steps and --num-per-class >= 1")
+        teacher, tmeta = load_model(args.teacher)
+        if smeta["sample"]["sample_shape"] != tmeta["sample"]["sample_shape"]:
+            p.error("the student and the teacher sample clips of different shapes")
+        out = make_targets(student, teacher, tmeta, seed=args.seed,
+                           num_per_class=args.num_per_class, mid=args.mid,
+                           teacher_steps=args.teacher_steps, batch_size=args.batch_size)
+        save_file(out, args.out)
+    else:
+        del student
+        run_train(p, args, tag="two_step_flow_map",
+                  loss_fn=lambda model, batch, u: flow_map_loss(model, batch, (3 * u).long()))
+
+
+if __name__ == "__main__":
+    main()

@@ -107,7 +107,7 @@ def train(student_path: str, targets: dict, out: str, *, steps: int, batch_size:
     mid = float(targets["mid"])
     meta = with_sampling_defaults(meta, steps=2, shift=mid / (1.0 - mid))
     meta[tag] = dict(student=student_path, mid=mid, n_targets=n, steps=steps,
-                               batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed)
+                     batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed)
     state = dict(model.state_dict(), **ema.state())       # buffers (class_text) as they are
     export_model(out, {k: v.detach().contiguous() for k, v in state.items()}, meta)
     return losses

@@ -6,6 +6,7 @@ keeping its one-step map.
     python docs/two_step_flow_map.py train STUDENT T.safetensors [T2 ...] --out OUT.safetensors
         [--steps 1000] [--batch-size 32] [--lr 1e-4] [--warmup-steps 20] [--ema-decay 0.995]
         [--seed 0]
+    python docs/two_step_flow_map.py distances MODEL T.safetensors [--every 8]
 
 A velocity model's two Euler steps start with half its one step, x_mid = z - (1 - MID) v(z, 1),
 a point off the teacher's path at MID that no second step finishes well from
@@ -30,7 +31,7 @@ import sys
 import time
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fmrt.checkpoint import load_model
 
@@ -80,6 +81,24 @@ def flow_map_loss(model, batch: dict, term: torch.Tensor) -> torch.Tensor:
     return (model(x, t, batch["labels"], r=r).float() - target).pow(2).mean()
 
 
+def jump_distances(model, targets: dict, every: int = 1) -> dict:
+    """Mean squared distances of the model's jumps on every `every`-th target: its 1 step to
+    x0_hat and to x_teacher, its first of 2 jumps to x_mid, its 2 steps to x_teacher, and its
+    second jump from the teacher's own x_mid to x_teacher."""
+    mid = float(targets["mid"])
+    z, x_mid, x_t, x0, c = (targets[k][::every] for k in
+                            ("noise", "x_mid", "x_teacher", "x0_hat", "labels"))
+    with torch.no_grad():
+        one = z - model(z, 1.0, c, r=0.0).float()
+        half = z - (1.0 - mid) * model(z, 1.0, c, r=mid).float()
+        two = half - mid * model(half, mid, c, r=0.0).float()
+        second = x_mid - mid * model(x_mid, mid, c, r=0.0).float()
+    d = lambda a, b: float((a - b).pow(2).mean())      # noqa: E731
+    return {"one_vs_x0_hat": d(one, x0), "one_vs_teacher": d(one, x_t),
+            "mid_vs_x_mid": d(half, x_mid), "two_vs_teacher": d(two, x_t),
+            "second_from_x_mid_vs_teacher": d(second, x_t)}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -93,7 +112,18 @@ def main(argv=None) -> None:
     t.add_argument("--teacher-steps", type=int, default=25)
     t.add_argument("--batch-size", type=int, default=256)
     add_train_args(sub.add_parser("train"))
+    dd = sub.add_parser("distances", help="jump_distances of a model on a targets file")
+    dd.add_argument("student")
+    dd.add_argument("targets")
+    dd.add_argument("--every", type=int, default=1)
     args = p.parse_args(argv)
+    if args.cmd == "distances":
+        if args.every < 1:
+            p.error("--every must be >= 1")
+        model = load_model(args.student)[0].eval()
+        for k, v in jump_distances(model, load_file(args.targets), args.every).items():
+            print(f"{k:30s} {v:.5f}")
+        return
     if os.path.exists(args.out):
         p.error(f"{args.out} exists: not overwriting it")
     student, smeta = load_model(args.student)

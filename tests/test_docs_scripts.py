@@ -268,6 +268,12 @@ def test_two_step_flow_map_targets_loss_and_export(tmp_path):
         up = dict(exact, x_mid=exact["x_mid"] + 0.1)              # the midpoint 0.1 higher:
         assert float(m.flow_map_loss(student, up, torch.ones(6, dtype=torch.long))) == \
             pytest.approx(0.04, rel=1e-4)                          # the first jump by 0.2
+    d = m.jump_distances(student, exact)                  # the student's own jumps: exact
+    assert d["mid_vs_x_mid"] < 1e-12 and d["two_vs_teacher"] < 1e-12 and d["one_vs_x0_hat"] < 1e-12
+    d = m.jump_distances(student, off, every=2)           # the end 0.1 off: 0.01 from both
+    assert d["two_vs_teacher"] == pytest.approx(0.01, rel=1e-4)
+    assert d["second_from_x_mid_vs_teacher"] == pytest.approx(0.01, rel=1e-4)
+    assert d["mid_vs_x_mid"] < 1e-12
     # train and export: a loadable MeanFlow model whose 2-step default grid has its midpoint at
     # MID, sampled as its two jumps
     tpath, out = str(tmp_path / "t.safetensors"), str(tmp_path / "s.safetensors")

@@ -116,32 +116,41 @@ def train(student_path: str, targets: dict, out: str, *, steps: int, batch_size:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("targets")
-    t.add_argument("student")
-    t.add_argument("--seed", type=int, required=True)
-    t.add_argument("--num-per-class", type=int, required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--teacher", default="fmrt/assets/default_dit.safetensors")
-    t.add_argument("--mid", type=float, default=0.5)
-    t.add_argument("--teacher-steps", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=256)
+    add_targets_args(sub.add_parser("targets"), teacher_steps=10)
     add_train_args(sub.add_parser("train"))
     args = p.parse_args(argv)
     if os.path.exists(args.out):
         p.error(f"{args.out} exists: not overwriting it")
     if args.cmd == "targets":
-        if not 0.0 < args.mid < 1.0 or args.teacher_steps < 1 or args.num_per_class < 1:
-            p.error("--mid must be in (0, 1), --teacher-steps and --num-per-class >= 1")
-        student, smeta = load_model(args.student)
-        teacher, tmeta = load_model(args.teacher)
-        if smeta["sample"]["sample_shape"] != tmeta["sample"]["sample_shape"]:
-            p.error("the student and the teacher sample clips of different shapes")
+        student, teacher, tmeta = load_targets_models(p, args)
         out = make_targets(student, teacher, tmeta, seed=args.seed,
                            num_per_class=args.num_per_class, mid=args.mid,
                            teacher_steps=args.teacher_steps, batch_size=args.batch_size)
         save_file(out, args.out)
     else:
         run_train(p, args)
+
+
+def add_targets_args(t: argparse.ArgumentParser, *, teacher_steps: int) -> None:
+    t.add_argument("student")
+    t.add_argument("--seed", type=int, required=True)
+    t.add_argument("--num-per-class", type=int, required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--teacher", default="fmrt/assets/default_dit.safetensors")
+    t.add_argument("--mid", type=float, default=0.5)
+    t.add_argument("--teacher-steps", type=int, default=teacher_steps)
+    t.add_argument("--batch-size", type=int, default=256)
+
+
+def load_targets_models(p: argparse.ArgumentParser, args):
+    """The student, the teacher and its meta for `targets`, after checking `args`."""
+    if not 0.0 < args.mid < 1.0 or args.teacher_steps < 1 or args.num_per_class < 1:
+        p.error("--mid must be in (0, 1), --teacher-steps and --num-per-class >= 1")
+    student, smeta = load_model(args.student)
+    teacher, tmeta = load_model(args.teacher)
+    if smeta["sample"]["sample_shape"] != tmeta["sample"]["sample_shape"]:
+        p.error("the student and the teacher sample clips of different shapes")
+    return student, teacher, tmeta
 
 
 def add_train_args(r: argparse.ArgumentParser) -> None:

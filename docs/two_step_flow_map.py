@@ -33,10 +33,11 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-from fmrt.checkpoint import load_model
+from fmrt.checkpoint import load_model, read_meta
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from second_step_distill import add_train_args, run_train  # noqa: E402
+from second_step_distill import (add_targets_args, add_train_args,  # noqa: E402
+                                 load_targets_models, run_train)
 from teacher_from_midpoint import teacher_euler  # noqa: E402
 
 
@@ -102,15 +103,7 @@ def jump_distances(model, targets: dict, every: int = 1) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("targets")
-    t.add_argument("student")
-    t.add_argument("--seed", type=int, required=True)
-    t.add_argument("--num-per-class", type=int, required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--teacher", default="fmrt/assets/default_dit.safetensors")
-    t.add_argument("--mid", type=float, default=0.5)
-    t.add_argument("--teacher-steps", type=int, default=25)
-    t.add_argument("--batch-size", type=int, default=256)
+    add_targets_args(sub.add_parser("targets"), teacher_steps=25)
     add_train_args(sub.add_parser("train"))
     dd = sub.add_parser("distances", help="jump_distances of a model on a targets file")
     dd.add_argument("student")
@@ -126,22 +119,16 @@ def main(argv=None) -> None:
         return
     if os.path.exists(args.out):
         p.error(f"{args.out} exists: not overwriting it")
-    student, smeta = load_model(args.student)
-    if not student.config.meanflow:
+    if not read_meta(args.student)["model"].get("meanflow"):
         p.error(f"{args.student} is not a MeanFlow model (u(z, r, t)): its 2-step path cannot "
                 f"leave its 1-step one")
     if args.cmd == "targets":
-        if not 0.0 < args.mid < 1.0 or args.teacher_steps < 1 or args.num_per_class < 1:
-            p.error("--mid must be in (0, 1), --teacher-steps and --num-per-class >= 1")
-        teacher, tmeta = load_model(args.teacher)
-        if smeta["sample"]["sample_shape"] != tmeta["sample"]["sample_shape"]:
-            p.error("the student and the teacher sample clips of different shapes")
+        student, teacher, tmeta = load_targets_models(p, args)
         out = make_targets(student, teacher, tmeta, seed=args.seed,
                            num_per_class=args.num_per_class, mid=args.mid,
                            teacher_steps=args.teacher_steps, batch_size=args.batch_size)
         save_file(out, args.out)
     else:
-        del student
         run_train(p, args, tag="two_step_flow_map",
                   loss_fn=lambda model, batch, u: flow_map_loss(model, batch, (3 * u).long()))
 

@@ -297,3 +297,80 @@ def test_two_step_flow_map_targets_loss_and_export(tmp_path):
                  dict(meta, model=dict(meta["model"], meanflow=False)))
     with pytest.raises(SystemExit):
         m.main(["train", plain, tpath, "--out", str(tmp_path / "p2.safetensors")])
+
+
+def test_second_step_dmd_direction_generator_and_export(tmp_path):
+    from fmrt.checkpoint import with_sampling_defaults
+    from fmrt.models import DiT, DiTConfig
+    m = _script("second_step_dmd")
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.preset("tiny", dim=32, num_layers=1, num_heads=2, ffn_dim=64,
+                                 num_classes=6, freq_dim=32, text_dim=16))
+    for p in model.parameters():  # a non-zero output (the DiT's head starts at zero)
+        p.data.add_(0.05 * torch.randn_like(p))
+    meta = dict(model=model.config.to_dict(), sample=dict(
+        template="Wan", shift=1.0, sample_shape=list(SHAPE), steps=1, guidance_scale=1.0,
+        num_classes=6))
+    path, gpath = str(tmp_path / "m.safetensors"), str(tmp_path / "guided.safetensors")
+    export_model(path, model.state_dict(), meta)
+    export_model(gpath, model.state_dict(), with_sampling_defaults(
+        meta, guidance_scale=2.0, guidance_interval=(0.0, 0.6)))
+    net, plain = load_model(path)
+    _, guided = load_model(gpath)
+    g = torch.Generator().manual_seed(1)
+    z, n = torch.randn((4, *SHAPE), generator=g), torch.randn((4, *SHAPE), generator=g)
+    c, s = torch.tensor([0, 1, 2, 5]), torch.tensor([0.3, 0.6, 0.61, 0.9])
+    with torch.no_grad():
+        vc, vu = net(z, s, c), net(z, s, torch.full_like(c, 6))
+        # the recorded guidance: CFG 2 on [0, 0.6], both ends included; the cond branch outside
+        torch.testing.assert_close(m.guided_velocity(net, plain, z, s, c), vc)
+        want = torch.cat([vu[:2] + 2 * (vc[:2] - vu[:2]), vc[2:]])
+        torch.testing.assert_close(m.guided_velocity(net, guided, z, s, c), want)
+        # the generator with an untrained copy: 2-step Euler at MID, the pin exactly zero
+        x0, v1, v0 = m.generator_sample(net, net, z, c, mid=0.25)
+        torch.testing.assert_close(x0, sample(net, z, sigmas=[1.0, 0.25, 0.0], solver="euler",
+                                              cond=c))
+        torch.testing.assert_close(v1, v0)
+        # the fake equal to an unguided teacher: no direction; to the guided one: s (g - 1)
+        # (v_c - v_u) inside the interval, over the mean |x0 - x0_real| per sample
+        assert m.dmd_direction(net, plain, net, x0, c, s, n).abs().max() == 0
+        sv = s.view(-1, 1, 1, 1, 1)
+        x_s = (1 - sv) * x0 + sv * n
+        vc, vu = net(x_s, s, c), net(x_s, s, torch.full_like(c, 6))
+        gap = torch.cat([(sv * (vc - vu))[:2], torch.zeros_like(x0[2:])])
+        x0_real = x_s - sv * m.guided_velocity(net, guided, x_s, s, c)
+        norm = (x0 - x0_real).abs().flatten(1).mean(1).view(-1, 1, 1, 1, 1)
+        got = m.dmd_direction(net, guided, net, x0, c, s, n)
+        torch.testing.assert_close(got, gap / norm)
+        assert got[2:].abs().max() == 0 and got[:2].abs().max() > 1e-4
+        # the fake's flow matching loss: its velocity against n - x0
+        want = (net((1 - sv) * x0 + sv * n, s, c) - (n - x0)).pow(2).mean()
+        torch.testing.assert_close(m.fake_loss(net, x0, c, s, n), want)
+    # a fake already equal to an unguided teacher gives no gradient: nothing moves
+    out = str(tmp_path / "still")
+    m.main([path, "--teacher", path, "--out-dir", out, "--steps", "2", "--batch-size", "3",
+            "--fake-updates", "0", "--fake-warmup", "0", "--pin", "0", "--mid", "0.25"])
+    got, gmeta = load_model(os.path.join(out, "model.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(got.parameters(), net.parameters()))
+    assert gmeta["sample"]["steps"] == 2 and gmeta["second_step_dmd"]["mid"] == 0.25
+    # against the guided teacher, with fake updates: the second step moves, the checkpoints
+    # are exported, the 2-step default grid has its midpoint at MID
+    out = str(tmp_path / "moved")
+    m.main([path, "--teacher", gpath, "--out-dir", out, "--steps", "3", "--batch-size", "3",
+            "--fake-updates", "1", "--fake-warmup", "1", "--checkpoint-every", "2",
+            "--mid", "0.25", "--lr", "1e-3"])
+    assert sorted(os.listdir(out)) == ["log.json", "model.json", "model.safetensors",
+                                       "step_00002.json", "step_00002.safetensors"]
+    got, gmeta = load_model(os.path.join(out, "model.safetensors"))
+    assert any(not torch.equal(a, b) for a, b in zip(got.parameters(), net.parameters()))
+    with open(os.path.join(out, "log.json")) as f:
+        log = json.load(f)
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["g_rms"] > 0 for r in log)
+    with torch.no_grad():
+        want = sample(got, z[:2], sigmas=[1.0, 0.25, 0.0], solver="euler", cond=c[:2])
+    torch.testing.assert_close(generate_clips(got, gmeta, c[:2], steps=2, noise=z[:2],
+                                              clamp=False), want)
+    with pytest.raises(SystemExit):                  # never into a run directory with files
+        m.main([path, "--out-dir", out, "--steps", "1"])
+    with pytest.raises(SystemExit):
+        m.main([path, "--out-dir", str(tmp_path / "x"), "--mid", "1"])

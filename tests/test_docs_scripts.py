@@ -353,6 +353,12 @@ def test_second_step_dmd_direction_generator_and_export(tmp_path):
     got, gmeta = load_model(os.path.join(out, "model.safetensors"))
     assert all(torch.equal(a, b) for a, b in zip(got.parameters(), net.parameters()))
     assert gmeta["sample"]["steps"] == 2 and gmeta["second_step_dmd"]["mid"] == 0.25
+    out = str(tmp_path / "still2")               # so is the guided teacher with guidance 1
+    m.main([path, "--teacher", gpath, "--out-dir", out, "--steps", "1", "--batch-size", "3",
+            "--fake-updates", "0", "--fake-warmup", "0", "--pin", "0", "--real-guidance", "1"])
+    got, gmeta = load_model(os.path.join(out, "model.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(got.parameters(), net.parameters()))
+    assert gmeta["second_step_dmd"]["real_guidance"] == 1.0
     # against the guided teacher, with fake updates: the second step moves, the checkpoints
     # are exported, the 2-step default grid has its midpoint at MID
     out = str(tmp_path / "moved")

@@ -4,7 +4,7 @@ matching (DMD, Yin et al. 2024, with DMD2's two time-scale updates), keeping its
     python docs/second_step_dmd.py STUDENT --out-dir DIR [--teacher MODEL] [--mid 0.5]
         [--steps 400] [--batch-size 32] [--lr 2e-5] [--fake-lr 1e-4] [--fake-updates 2]
         [--fake-warmup 100] [--pin 10] [--ema-decay 0.99] [--checkpoint-every 100] [--seed 0]
-        [--real-guidance G]
+        [--real-guidance G] [--fake-init MODEL]
 
 The generator is the student's 2-step Euler sample with the midpoint at MID and its first step
 frozen (v0: the student as loaded, never trained; v: the copy being trained):
@@ -13,7 +13,8 @@ Each step draws noise z with class-balanced labels, noises x0 again, x_s = (1 - 
 s ~ U[0.02, 0.98], and compares two denoisers there:
     x0_real = x_s - s v_T(x_s, s)    the teacher with its recorded guidance (scale and interval;
                                      `--real-guidance` replaces the scale, 1: no guidance)
-    x0_fake = x_s - s v_F(x_s, s)    a copy of the teacher trained on the generator's samples
+    x0_fake = x_s - s v_F(x_s, s)    a copy of the teacher (or of `--fake-init`) trained on the
+                                     generator's samples
     g = (x0_fake - x0_real) / mean|x0 - x0_real|    (the mean per sample, no gradient)
     loss = 0.5 mean((x0 - sg(x0 - g))^2) + PIN mean((v(z, 1) - v0(z, 1))^2)
 The first term's gradient in x0 is g / numel: x0 moves towards where the guided teacher's
@@ -91,17 +92,17 @@ def fake_loss(fake, x0, labels, s, n):
 def train(student_path: str, teacher_path: str, out_dir: str, *, mid: float, steps: int,
           batch_size: int, lr: float, fake_lr: float, fake_updates: int, fake_warmup: int,
           pin: float, ema_decay: float, checkpoint_every: int, seed: int,
-          real_guidance=None, log_every: int = 10) -> list[dict]:
+          real_guidance=None, fake_init=None, log_every: int = 10) -> list[dict]:
     student, smeta = load_model(student_path)
     frozen, _ = load_model(student_path)
     teacher, tmeta = load_model(teacher_path)
-    fake, _ = load_model(teacher_path)
+    fake, _ = load_model(fake_init or teacher_path)
     if real_guidance is not None:
         tmeta = with_sampling_defaults(tmeta, guidance_scale=real_guidance)
     if smeta["sample"]["sample_shape"] != tmeta["sample"]["sample_shape"]:
         raise SystemExit("the student and the teacher sample clips of different shapes")
-    if student.config.num_classes != teacher.config.num_classes:
-        raise SystemExit("the student and the teacher have different numbers of classes")
+    if len({m.config.num_classes for m in (student, teacher, fake)}) != 1:
+        raise SystemExit("the student, the teacher and the fake have different numbers of classes")
     for m in (frozen, teacher):
         m.eval().requires_grad_(False)
     student.train().requires_grad_(True)
@@ -120,7 +121,8 @@ def train(student_path: str, teacher_path: str, out_dir: str, *, mid: float, ste
                                        fake_lr=fake_lr, fake_updates=fake_updates,
                                        fake_warmup=fake_warmup, pin=pin, ema_decay=ema_decay,
                                        seed=seed, real_guidance=recorded_guidance(tmeta),
-                                       real_interval=recorded_interval(tmeta))
+                                       real_interval=recorded_interval(tmeta),
+                                       fake_init=fake_init or teacher_path)
 
     def draw():
         labels = torch.randperm(batch_size, generator=gen) % K
@@ -199,6 +201,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real-guidance", type=float, default=None,
                    help="the teacher's guidance scale for the real denoiser (default: recorded)")
+    p.add_argument("--fake-init", default=None,
+                   help="the fake denoiser's initial weights (default: the teacher's)")
     args = p.parse_args(argv)
     if not 0.0 < args.mid < 1.0:
         p.error("--mid must be in (0, 1)")
@@ -214,7 +218,7 @@ def main(argv=None) -> None:
           batch_size=args.batch_size, lr=args.lr, fake_lr=args.fake_lr,
           fake_updates=args.fake_updates, fake_warmup=args.fake_warmup, pin=args.pin,
           ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, seed=args.seed,
-          real_guidance=args.real_guidance)
+          real_guidance=args.real_guidance, fake_init=args.fake_init)
 
 
 if __name__ == "__main__":

@@ -364,7 +364,7 @@ def test_second_step_dmd_direction_generator_and_export(tmp_path):
     out = str(tmp_path / "moved")
     m.main([path, "--teacher", gpath, "--out-dir", out, "--steps", "3", "--batch-size", "3",
             "--fake-updates", "1", "--fake-warmup", "1", "--checkpoint-every", "2",
-            "--mid", "0.25", "--lr", "1e-3"])
+            "--mid", "0.25", "--lr", "1e-3", "--fake-init", path])
     assert sorted(os.listdir(out)) == ["log.json", "model.json", "model.safetensors",
                                        "step_00002.json", "step_00002.safetensors"]
     got, gmeta = load_model(os.path.join(out, "model.safetensors"))
@@ -372,6 +372,7 @@ def test_second_step_dmd_direction_generator_and_export(tmp_path):
     with open(os.path.join(out, "log.json")) as f:
         log = json.load(f)
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["g_rms"] > 0 for r in log)
+    assert gmeta["second_step_dmd"]["fake_init"] == path
     with torch.no_grad():
         want = sample(got, z[:2], sigmas=[1.0, 0.25, 0.0], solver="euler", cond=c[:2])
     torch.testing.assert_close(generate_clips(got, gmeta, c[:2], steps=2, noise=z[:2],

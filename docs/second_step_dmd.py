@@ -50,7 +50,8 @@ def guided_velocity(teacher, meta: dict, x, s, labels):
     if g == 1.0:
         return teacher(x, s, labels).float()
     uncond = torch.full_like(labels, int(teacher.config.num_classes))
-    c, u = teacher(torch.cat([x, x]), torch.cat([s, s]), torch.cat([labels, uncond])).float().chunk(2)
+    both = teacher(torch.cat([x, x]), torch.cat([s, s]), torch.cat([labels, uncond]))
+    c, u = both.float().chunk(2)
     guided = u + g * (c - u)
     if interval is None:
         return guided
@@ -169,7 +170,8 @@ def train(student_path: str, teacher_path: str, out_dir: str, *, mid: float, ste
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(params, step)
-        rec = dict(step=step + 1, g_rms=float(g.pow(2).mean().sqrt()), pin_mse=float(pin_mse.detach()),
+        rec = dict(step=step + 1, g_rms=float(g.pow(2).mean().sqrt()),
+                   pin_mse=float(pin_mse.detach()),
                    fake_loss=sum(fls) / max(len(fls), 1), seconds=round(time.time() - t0, 1))
         log.append(rec)
         if (step + 1) % log_every == 0 or step + 1 == steps:

@@ -151,6 +151,39 @@ def test_fd_over_seeds_reads_eval_json(tmp_path):
     assert (tmp_path / "f.png").stat().st_size > 1000
 
 
+def test_fd_table_ratios_means_and_goal_counts(tmp_path):
+    m = _script("fd_table")
+
+    def write(name, rows, seeds):
+        p = tmp_path / name
+        p.write_text(json.dumps(dict(seeds=seeds, results=rows)))
+        return str(p)
+    teacher = write("t.json", [dict(steps=50, guidance_scale=2.0, seed=s, fd=f)
+                               for s, f in ((0, 4.0), (1, 2.0))], [0, 1])
+    one = write("a0.json", [dict(steps=1, guidance_scale=1.0, fd=5.0),        # seed from the file
+                            dict(steps=2, guidance_scale=1.0, fd=4.4)], [0])
+    two = write("a1.json", [dict(steps=1, guidance_scale=1.0, fd=2.0),
+                            dict(steps=2, guidance_scale=1.0, fd=2.3)], [1])
+    lines = m.table([f"T={teacher}", f"S={one},{two}"]).splitlines()
+    assert lines[0] == "|  | seed 0 | seed 1 | mean | mean / teacher | seeds in goal |"
+    assert lines[2] == "| T (50 steps, guidance 2) | 4.00 | 2.00 | 3.00 | 1.00x | - |"
+    # 1 step: 1.25x and 1.00x, both within 1.25; 2 steps: 1.10x within 1.10, 1.15x not
+    assert lines[3] == ("| S (1 step, guidance 1) | 5.00 (1.25x) | 2.00 (1.00x) | 3.50 | 1.17x "
+                        "| 2 of 2 |")
+    assert lines[4] == ("| S (2 steps, guidance 1) | 4.40 (1.10x) | 2.30 (1.15x) | 3.35 | 1.12x "
+                        "| 1 of 2 |")
+    old = tmp_path / "old.json"          # a one-seed file without its seed: named as PATH@SEED
+    old.write_text(json.dumps(dict(results=[dict(steps=50, guidance_scale=2.0, fd=2.0)])))
+    t2 = write("t0.json", [dict(steps=50, guidance_scale=2.0, seed=0, fd=4.0)], [0])
+    assert m.table([f"T={t2},{old}@1", f"S={one},{two}"]).splitlines()[2:] == lines[2:]
+    with pytest.raises(SystemExit, match="records seed"):
+        m.table([f"T={t2}@1", f"S={one},{two}"])
+    with pytest.raises(SystemExit, match="no FD at seed"):         # a seed the teacher has
+        m.table([f"T={teacher}", f"S={one}"])
+    with pytest.raises(SystemExit, match="one .steps, guidance. setting"):
+        m.table([f"T={one}", f"S={two}"])
+
+
 def test_teacher_from_midpoint_joins_the_two_models_grids():
     m = _script("teacher_from_midpoint")
     model, _ = tiny_clip_model()

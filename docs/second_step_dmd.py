@@ -17,14 +17,13 @@ s ~ U[0.02, 0.98], and compares two denoisers there:
                                      generator's samples
     g = (x0_fake - x0_real) / mean|x0 - x0_real|    (the mean per sample, no gradient)
     loss = 0.5 mean((x0 - sg(x0 - g))^2) + PIN mean((v(z, 1) - v0(z, 1))^2)
-The first term's gradient in x0 is g / numel: x0 moves towards where the guided teacher's
+The first term's gradient in x0 is g / numel: x0 moves towards where the teacher's
 denoiser points and away from where the fake one does, the gradient of the KL divergence from
 the generator's distribution to the teacher's (DMD, eq. 7, in x0-prediction form). The second
 pins the 1-step sample to the student's own. F learns by flow matching on the generator's
 detached samples (velocity target n - x0, the same law of s, fresh s and n each time),
 `--fake-updates` times per generator step on that step's samples before g is taken, and alone
-for `--fake-warmup` steps before the first. Both use AdamW (betas
-0, 0.999), a linear warm-up of 20 steps and cosine decay for the generator, and gradient
+for `--fake-warmup` steps before the first. Both use AdamW (betas 0, 0.999), a linear warm-up of 20 steps and cosine decay for the generator, and gradient
 clipping at 1; the generator's EMA is exported every `--checkpoint-every` steps as
 DIR/step_NNNNN.safetensors and at the end as DIR/model.safetensors, with the student's meta
 and sampling defaults of 2 steps at shift MID / (1 - MID) (`fmrt eval --steps 2` puts the

@@ -208,18 +208,26 @@ def test_teacher_from_midpoint_joins_the_two_models_grids():
         m.main(["unused.safetensors", "0", "--mid", "1.5"])
 
 
-def test_second_step_distill_targets_loss_and_export(tmp_path):
+def _tiny_dit(meanflow: bool = False):
+    """A tiny Wan-conditioned ("class_text": it has a buffer too) DiT with a non-zero output
+    (the DiT's head starts at zero; seeded), and the meta of a 1-step, unguided export of it."""
     from fmrt.models import DiT, DiTConfig
-    m = _script("second_step_distill")
-    torch.manual_seed(0)          # a Wan-conditioned ("class_text") DiT: it has a buffer too
+    torch.manual_seed(0)
     model = DiT(DiTConfig.preset("tiny", dim=32, num_layers=1, num_heads=2, ffn_dim=64,
-                                 num_classes=6, freq_dim=32, text_dim=16))
-    for p in model.parameters():  # a non-zero output (the DiT's head starts at zero)
+                                 num_classes=6, freq_dim=32, text_dim=16, meanflow=meanflow))
+    for p in model.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
-    path = str(tmp_path / "m.safetensors")
-    export_model(path, model.state_dict(), dict(model=model.config.to_dict(), sample=dict(
+    meta = dict(model=model.config.to_dict(), sample=dict(
         template="Wan", shift=1.0, sample_shape=list(SHAPE), steps=1, guidance_scale=1.0,
-        num_classes=6)))
+        num_classes=6))
+    return model, meta
+
+
+def test_second_step_distill_targets_loss_and_export(tmp_path):
+    m = _script("second_step_distill")
+    model, meta = _tiny_dit()
+    path = str(tmp_path / "m.safetensors")
+    export_model(path, model.state_dict(), meta)
     model, meta = load_model(path)
     assert model.config.conditioning == "class_text"
     # the model as its own teacher, one Euler step from the midpoint: both targets are the
@@ -265,14 +273,7 @@ def test_two_step_flow_map_targets_loss_and_export(tmp_path):
     from fmrt.checkpoint import with_sampling_defaults
     from fmrt.models import DiT, DiTConfig
     m = _script("two_step_flow_map")
-    torch.manual_seed(0)
-    model = DiT(DiTConfig.preset("tiny", dim=32, num_layers=1, num_heads=2, ffn_dim=64,
-                                 num_classes=6, freq_dim=32, text_dim=16, meanflow=True))
-    for p in model.parameters():  # a non-zero output (the DiT's head starts at zero)
-        p.data.add_(0.05 * torch.randn_like(p))
-    meta = dict(model=model.config.to_dict(), sample=dict(
-        template="Wan", shift=1.0, sample_shape=list(SHAPE), steps=1, guidance_scale=1.0,
-        num_classes=6))
+    model, meta = _tiny_dit(meanflow=True)
     path, tpath_model = str(tmp_path / "m.safetensors"), str(tmp_path / "teacher.safetensors")
     export_model(path, model.state_dict(), meta)
     export_model(tpath_model, model.state_dict(), with_sampling_defaults(
@@ -334,16 +335,8 @@ def test_two_step_flow_map_targets_loss_and_export(tmp_path):
 
 def test_second_step_dmd_direction_generator_and_export(tmp_path):
     from fmrt.checkpoint import with_sampling_defaults
-    from fmrt.models import DiT, DiTConfig
     m = _script("second_step_dmd")
-    torch.manual_seed(0)
-    model = DiT(DiTConfig.preset("tiny", dim=32, num_layers=1, num_heads=2, ffn_dim=64,
-                                 num_classes=6, freq_dim=32, text_dim=16))
-    for p in model.parameters():  # a non-zero output (the DiT's head starts at zero)
-        p.data.add_(0.05 * torch.randn_like(p))
-    meta = dict(model=model.config.to_dict(), sample=dict(
-        template="Wan", shift=1.0, sample_shape=list(SHAPE), steps=1, guidance_scale=1.0,
-        num_classes=6))
+    model, meta = _tiny_dit()
     path, gpath = str(tmp_path / "m.safetensors"), str(tmp_path / "guided.safetensors")
     export_model(path, model.state_dict(), meta)
     export_model(gpath, model.state_dict(), with_sampling_defaults(

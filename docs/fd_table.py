@@ -7,11 +7,16 @@
 The first LABEL=files is the teacher; it must hold one (steps, guidance) setting. Every other
 label gets a row per (steps, guidance) setting in its `fmrt eval --json` files (read as
 `docs/fd_over_seeds.py` reads them), over the seeds the teacher has: FD and its ratio to the
-teacher's FD at that seed, then the mean FD over those seeds, the ratio of the means, and at how
+teacher's FD at that seed, then the mean FD over those seeds, the ratio of the means, at how
 many seeds the row is within the goal (1 step: <= 1.25x the teacher, 2 steps: <= 1.10x; other
-step counts: no goal, "-"). A row missing a seed the teacher has stops with an error.
+step counts: no goal, "-"), and the goal margin: the mean over seeds of FD - goal x the
+teacher's FD (negative: within the goal on the mean) with its standard error over seeds in
+brackets (the seeds' sample standard deviation / sqrt(n); "-" with one seed), so a margin
+smaller than about twice its error is not a verdict. A row missing a seed the teacher has stops
+with an error.
 """
 import json
+import math
 import os
 import sys
 
@@ -39,6 +44,16 @@ def read(files: list) -> dict:
     return out
 
 
+def margin(diffs: list) -> str:
+    """'mean (standard error)' of per-seed differences; '-' for the error of a single seed."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return f"{mean:+.2f} (-)"
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    return f"{mean:+.2f} ({sd / math.sqrt(n):.2f})"
+
+
 def table(specs: list) -> str:
     parsed = []
     for spec in specs:
@@ -53,11 +68,12 @@ def table(specs: list) -> str:
     (tsteps, tscale), teacher = next(iter(tseries.items()))
     seeds = sorted(teacher)
     tmean = sum(teacher.values()) / len(seeds)
-    head = ["", *[f"seed {s}" for s in seeds], "mean", "mean / teacher", "seeds in goal"]
+    head = ["", *[f"seed {s}" for s in seeds], "mean", "mean / teacher", "seeds in goal",
+            "goal margin (se)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     lines.append("| " + " | ".join([f"{tlabel} ({tsteps} steps, guidance {tscale:g})",
                                     *[f"{teacher[s]:.2f}" for s in seeds], f"{tmean:.2f}",
-                                    "1.00x", "-"]) + " |")
+                                    "1.00x", "-", "-"]) + " |")
     for label, ser in rows:
         for (steps, scale), fds in sorted(ser.items()):
             missing = [s for s in seeds if s not in fds]
@@ -67,10 +83,11 @@ def table(specs: list) -> str:
             mean = sum(fds[s] for s in seeds) / len(seeds)
             goal = GOAL.get(steps)
             inside = "-" if goal is None else f"{sum(r <= goal for r in ratios)} of {len(seeds)}"
+            slack = "-" if goal is None else margin([fds[s] - goal * teacher[s] for s in seeds])
             cells = [f"{fds[s]:.2f} ({r:.2f}x)" for s, r in zip(seeds, ratios)]
             name = f"{label} ({steps} step{'s' if steps > 1 else ''}, guidance {scale:g})"
             lines.append("| " + " | ".join([name, *cells, f"{mean:.2f}", f"{mean / tmean:.2f}x",
-                                            inside]) + " |")
+                                            inside, slack]) + " |")
     return "\n".join(lines)
 
 

@@ -165,19 +165,22 @@ def test_fd_table_ratios_means_and_goal_counts(tmp_path):
     two = write("a1.json", [dict(steps=1, guidance_scale=1.0, fd=2.0),
                             dict(steps=2, guidance_scale=1.0, fd=2.3)], [1])
     lines = m.table([f"T={teacher}", f"S={one},{two}"]).splitlines()
-    assert lines[0] == "|  | seed 0 | seed 1 | mean | mean / teacher | seeds in goal |"
-    assert lines[2] == "| T (50 steps, guidance 2) | 4.00 | 2.00 | 3.00 | 1.00x | - |"
-    # 1 step: 1.25x and 1.00x, both within 1.25; 2 steps: 1.10x within 1.10, 1.15x not
+    assert lines[0] == ("|  | seed 0 | seed 1 | mean | mean / teacher | seeds in goal "
+                        "| goal margin (se) |")
+    assert lines[2] == "| T (50 steps, guidance 2) | 4.00 | 2.00 | 3.00 | 1.00x | - | - |"
+    # 1 step: 1.25x and 1.00x, both within 1.25; 2 steps: 1.10x within 1.10, 1.15x not.
+    # margins: 1 step FD - 1.25 T = 0, -0.5: mean -0.25, sd 0.354, se 0.25; 2 steps 0, +0.1
     assert lines[3] == ("| S (1 step, guidance 1) | 5.00 (1.25x) | 2.00 (1.00x) | 3.50 | 1.17x "
-                        "| 2 of 2 |")
+                        "| 2 of 2 | -0.25 (0.25) |")
     assert lines[4] == ("| S (2 steps, guidance 1) | 4.40 (1.10x) | 2.30 (1.15x) | 3.35 | 1.12x "
-                        "| 1 of 2 |")
+                        "| 1 of 2 | +0.05 (0.05) |")
     old = tmp_path / "old.json"          # a one-seed file without its seed: named as PATH@SEED
     old.write_text(json.dumps(dict(results=[dict(steps=50, guidance_scale=2.0, fd=2.0)])))
     t2 = write("t0.json", [dict(steps=50, guidance_scale=2.0, seed=0, fd=4.0)], [0])
     assert m.table([f"T={t2},{old}@1", f"S={one},{two}"]).splitlines()[2:] == lines[2:]
     with pytest.raises(SystemExit, match="records seed"):
         m.table([f"T={t2}@1", f"S={one},{two}"])
+    assert m.margin([0.5]) == "+0.50 (-)" and m.margin([-1.0, -3.0]) == "-2.00 (1.00)"
     with pytest.raises(SystemExit, match="no FD at seed"):         # a seed the teacher has
         m.table([f"T={teacher}", f"S={one}"])
     with pytest.raises(SystemExit, match="one .steps, guidance. setting"):

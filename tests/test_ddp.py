@@ -32,6 +32,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool, objectiv
                     "indices": _Batches(make_dataset(cfg), cfg.batch_size, world, rank,
                                         cfg.seed).indices(0)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # every rank done before any tears gloo down, as in test_parallel._entry: fsdp2_meanflow
+        # aborted once in CI on 2 busy cores ("terminate called without an active exception",
+        # no Python traceback), the teardown race diagnosed there, presumably
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

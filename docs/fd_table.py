@@ -18,6 +18,7 @@ with an error.
 import json
 import math
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,8 +51,7 @@ def margin(diffs: list) -> str:
     mean = sum(diffs) / n
     if n < 2:
         return f"{mean:+.2f} (-)"
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    return f"{mean:+.2f} ({sd / math.sqrt(n):.2f})"
+    return f"{mean:+.2f} ({statistics.stdev(diffs) / math.sqrt(n):.2f})"
 
 
 def table(specs: list) -> str:

@@ -1448,7 +1448,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from fmrt.eval import CLASSIFIER_PATH, evaluate_clips, load_classifier, over_seeds
+    from fmrt.eval import (CLASSIFIER_PATH, evaluate_clips, load_classifier, over_seeds,
+                           reference_features)
     if len(set(args.seed)) != len(args.seed):
         raise CLIError(f"--seed: give each seed once, got {' '.join(map(str, args.seed))}")
     policies = _policies(args)
@@ -1473,7 +1474,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     shape = (meta.get("sample") or {}).get("sample_shape") or [3, 4, 16, 16]
     ds = ShapesVideo(10 ** 6, frames=shape[1], size=shape[2], seed=4242)
     real = torch.cat([ds.clips_of_class(c, args.num_per_class) for c in range(K)])
-    q = evaluate_clips(real, labels, classifier=clf)
+    ref = reference_features(clf, labels, frames=shape[1], size=shape[2])  # once, for every row
+    q = evaluate_clips(real, labels, classifier=clf, real_features=ref)
     rows.append(dict(solver="real data", steps=0, guidance_scale=0.0, seconds=0.0, **q))
     dash = f" {'-':>6}" if several else ""
     print(f"{'real':<8} {'-':>5} {'-':>5}{dash} {q['accuracy']:>9.3f} {q['fd']:>9.3f} {'-':>8}")
@@ -1489,7 +1491,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         solver=args.solver, guidance_scale=scale, shift=args.shift,
                         device=device, dtype=_dtype(args.dtype), guide_model=guide, **policies)
                 dt = time.time() - t0
-                q = evaluate_clips(clips, labels, classifier=clf)
+                q = evaluate_clips(clips, labels, classifier=clf, real_features=ref)
                 iv = _guidance_interval(scale, policies, meta)
                 rows.append(dict(solver=args.solver, steps=steps, guidance_scale=scale,
                                  guidance_interval=None if iv is None else list(iv),

@@ -139,35 +139,56 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
 
 @torch.no_grad()
 def _features_logits(model: ClipClassifier, x: Tensor, batch: int = 64) -> tuple[Tensor, Tensor]:
+    """(features, logits) of clips x, on the classifier's device in batches; returned on CPU."""
+    device = next(model.parameters()).device
     fs, ls = [], []
     for i in range(0, x.shape[0], batch):
-        f = model.features(x[i:i + batch].float())
-        fs.append(f)
-        ls.append(model.head(f))
+        f = model.features(x[i:i + batch].to(device).float())
+        fs.append(f.cpu())
+        ls.append(model.head(f).cpu())
     return torch.cat(fs), torch.cat(ls)
 
 
 @torch.no_grad()
+def reference_features(classifier: ClipClassifier, labels: Tensor, *, frames: int, size: int,
+                       data_seed: int = 999) -> Tensor:
+    """Classifier features `[N, D]` (CPU) of the real clips `evaluate_clips` compares with by
+    default: as many clips of each class as `labels` holds, from the built-in data with
+    `data_seed`. Computed once, they serve every call with labels of the same class counts."""
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    ds = ShapesVideo(10 ** 6, frames=frames, size=size, seed=data_seed)
+    counts = torch.bincount(labels, minlength=NUM_CLASSES)
+    real = torch.cat([ds.clips_of_class(c, int(n)) for c, n in enumerate(counts.tolist())
+                      if n > 0])
+    return _features_logits(classifier, real)[0]
+
+
+@torch.no_grad()
 def evaluate_clips(clips: Tensor, labels: Tensor, *, classifier: Optional[ClipClassifier] = None,
-                   real: Optional[Tensor] = None, data_seed: int = 999) -> dict:
+                   real: Optional[Tensor] = None, data_seed: int = 999,
+                   real_features: Optional[Tensor] = None) -> dict:
     """Quality of generated clips `[N, 3, T, H, W]` (in [-1, 1]) meant to be of classes
     `labels` `[N]`. Returns {"accuracy", "per_class_accuracy": {name: acc}, "fd"} where fd is
-    the Frechet distance to `real` clips (default: as many real clips of the same classes from
-    the built-in data with `data_seed`)."""
+    the Frechet distance to `real` clips (default: `reference_features`, as many real clips of
+    the same classes from the built-in data with `data_seed`), or to `real_features`, their
+    classifier features computed beforehand. The classifier runs on its own device."""
     from fmrt.data import CLASS_NAMES
     if clips.ndim != 5:
         raise ValueError(f"clips must be [N, C, T, H, W], got {tuple(clips.shape)}")
     labels = torch.as_tensor(labels).long().reshape(-1)
     if labels.shape[0] != clips.shape[0]:
         raise ValueError(f"labels must have {clips.shape[0]} entries, got {labels.shape[0]}")
+    if real is not None and real_features is not None:
+        raise ValueError("give real clips or their real_features, not both")
     model = classifier if classifier is not None else load_classifier()[0]
-    if real is None:
-        ds = ShapesVideo(10 ** 6, frames=clips.shape[2], size=clips.shape[3], seed=data_seed)
-        counts = torch.bincount(labels, minlength=NUM_CLASSES)
-        real = torch.cat([ds.clips_of_class(c, int(n)) for c, n in enumerate(counts.tolist())
-                          if n > 0])
+    if real_features is not None:
+        fr = real_features
+    elif real is not None:
+        fr = _features_logits(model, real)[0]
+    else:
+        fr = reference_features(model, labels, frames=clips.shape[2], size=clips.shape[3],
+                                data_seed=data_seed)
     fg, lg = _features_logits(model, clips.clamp(-1, 1))
-    fr, _ = _features_logits(model, real)
     pred = lg.argmax(-1)
     per_class = {CLASS_NAMES[c]: float((pred[labels == c] == c).float().mean())
                  for c in labels.unique().tolist()}

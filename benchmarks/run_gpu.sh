@@ -18,6 +18,9 @@
 #   bash benchmarks/run_gpu.sh models     bench_dit, bench_wan_diffusers, the MeanFlow-vs-FM cost
 #   bash benchmarks/run_gpu.sh diffusers  bench_diffusers_models: FLUX.1/.2, Qwen-Image, HunyuanVideo,
 #                                         LTX transformer fwd+bwd, stock vs accelerate (~2-3 min)
+#   bash benchmarks/run_gpu.sh fewstep    issue 16's few-step goal over many seeds at 960 clips
+#                                         (benchmarks/few_step_goal.py: the teacher at 50 steps and
+#                                         three students, seeds fixed beforehand; at most 300 s)
 #   bash benchmarks/run_gpu.sh PHASE 'pytest -k expression'   a subset of a phase
 #   FMRT_PHASE_LIMIT=SECONDS bash benchmarks/run_gpu.sh PHASE  another cap for a one-step phase
 #
@@ -35,7 +38,7 @@
 # the package out in a scratch copy where `kernels/` sits at `fmrt/kernels`, as setup.py does.
 # See benchmarks/README.md for the exact device-tool calls, their timeouts and the time budget.
 set -uo pipefail
-phase=${1:?usage: run_gpu.sh first|tests|goals|diag|training|sampling|attention|models|diffusers [pytest -k expression]}
+phase=${1:?usage: run_gpu.sh first|tests|goals|diag|training|sampling|attention|models|diffusers|fewstep [pytest -k expression]}
 src=$(cd "$(dirname "$0")/.." && pwd)
 t_start=$SECONDS
 stamp() { echo "[run_gpu $phase +$((SECONDS - t_start))s] $*"; }
@@ -114,6 +117,13 @@ case $phase in
                timeout -k 10 100 python3 benchmarks/meanflow_cost.py --device cuda --steps 10 \
                    --json "$out/${gpu}_meanflow_cost.json" | tail -n 5 ;;
     diffusers) bench "${limit:-170}" benchmarks/bench_diffusers_models.py ;;
+    fewstep)   fs=(--out "$out/${gpu}_fewstep" --root "$src" --time-limit "${limit:-300}")
+               # without CUDA: a dry run (12 clips, a 2-step teacher, one seed of each kind)
+               [ "$gpu" = cpu ] && fs+=(--device cpu --num-per-class 2 --teacher-steps 2
+                                        --check-seeds 0 --seeds 13)
+               stamp "few-step goal (seeds until ${limit:-300}s have passed)"
+               timeout -k 10 $(( ${limit:-300} + 120 )) python3 -m benchmarks.few_step_goal \
+                   "${fs[@]}" 2>&1 | tee "$base.log" | tail -n 40 ;;
     *)  echo "unknown phase $phase" >&2; exit 2 ;;
 esac
 # this phase's tables; the README's come from all phases' files once committed (see README)

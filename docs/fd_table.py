@@ -1,6 +1,6 @@
 """FD per noise seed against a teacher, as a markdown table: item 2's goal seed by seed.
 
-    python docs/fd_table.py TEACHER=EVAL.json[,EVAL.json ...] LABEL=EVAL.json[,...] ...
+    python docs/fd_table.py [--summary] TEACHER=EVAL.json[,EVAL.json ...] LABEL=EVAL.json[,...] ...
 
 (EVAL.json@SEED names the seed of a one-seed file written before `fmrt eval --json` recorded it.)
 
@@ -13,7 +13,7 @@ step counts: no goal, "-"), and the goal margin: the mean over seeds of FD - goa
 teacher's FD (negative: within the goal on the mean) with its standard error over seeds in
 brackets (the seeds' sample standard deviation / sqrt(n); "-" with one seed), so a margin
 smaller than about twice its error is not a verdict. A row missing a seed the teacher has stops
-with an error.
+with an error. `--summary` leaves out the per-seed columns (for many seeds).
 """
 import json
 import math
@@ -54,7 +54,9 @@ def margin(diffs: list) -> str:
     return f"{mean:+.2f} ({statistics.stdev(diffs) / math.sqrt(n):.2f})"
 
 
-def table(specs: list) -> str:
+def table(specs: list, per_seed: bool = True) -> str:
+    """The markdown table of `specs` (LABEL=files, the teacher first); without `per_seed`, only
+    the columns from "mean" on (for many seeds)."""
     parsed = []
     for spec in specs:
         if "=" not in spec:
@@ -68,11 +70,12 @@ def table(specs: list) -> str:
     (tsteps, tscale), teacher = next(iter(tseries.items()))
     seeds = sorted(teacher)
     tmean = sum(teacher.values()) / len(seeds)
-    head = ["", *[f"seed {s}" for s in seeds], "mean", "mean / teacher", "seeds in goal",
+    shown = seeds if per_seed else []
+    head = ["", *[f"seed {s}" for s in shown], "mean", "mean / teacher", "seeds in goal",
             "goal margin (se)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     lines.append("| " + " | ".join([f"{tlabel} ({tsteps} steps, guidance {tscale:g})",
-                                    *[f"{teacher[s]:.2f}" for s in seeds], f"{tmean:.2f}",
+                                    *[f"{teacher[s]:.2f}" for s in shown], f"{tmean:.2f}",
                                     "1.00x", "-", "-"]) + " |")
     for label, ser in rows:
         for (steps, scale), fds in sorted(ser.items()):
@@ -84,7 +87,7 @@ def table(specs: list) -> str:
             goal = GOAL.get(steps)
             inside = "-" if goal is None else f"{sum(r <= goal for r in ratios)} of {len(seeds)}"
             slack = "-" if goal is None else margin([fds[s] - goal * teacher[s] for s in seeds])
-            cells = [f"{fds[s]:.2f} ({r:.2f}x)" for s, r in zip(seeds, ratios)]
+            cells = [f"{fds[s]:.2f} ({r:.2f}x)" for s, r in zip(seeds, ratios)] if per_seed else []
             name = f"{label} ({steps} step{'s' if steps > 1 else ''}, guidance {scale:g})"
             lines.append("| " + " | ".join([name, *cells, f"{mean:.2f}", f"{mean / tmean:.2f}x",
                                             inside, slack]) + " |")
@@ -92,6 +95,8 @@ def table(specs: list) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
+    summary = "--summary" in sys.argv[1:]
+    specs = [a for a in sys.argv[1:] if a != "--summary"]
+    if len(specs) < 2:
         raise SystemExit(__doc__)
-    print(table(sys.argv[1:]))
+    print(table(specs, per_seed=not summary))

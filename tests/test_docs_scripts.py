@@ -183,6 +183,10 @@ def test_fd_table_ratios_means_and_goal_counts(tmp_path):
     assert m.margin([0.5]) == "+0.50 (-)" and m.margin([-1.0, -3.0]) == "-2.00 (1.00)"
     with pytest.raises(SystemExit, match="no FD at seed"):         # a seed the teacher has
         m.table([f"T={teacher}", f"S={one}"])
+    summary = m.table([f"T={teacher}", f"S={one},{two}"], per_seed=False).splitlines()
+    assert summary[0] == "|  | mean | mean / teacher | seeds in goal | goal margin (se) |"
+    assert summary[3] == "| S (1 step, guidance 1) | 3.50 | 1.17x | 2 of 2 | -0.25 (0.25) |"
+    assert len(summary) == len(lines) and summary[1].count("|") == 6
     with pytest.raises(SystemExit, match="one .steps, guidance. setting"):
         m.table([f"T={one}", f"S={two}"])
 

@@ -37,10 +37,10 @@ without CUDA); its figures are no measurement.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -151,9 +151,17 @@ def split(path: str, out_dir: str, tag: Optional[str] = None) -> list[str]:
     return written
 
 
+def _fd_table(root: str):
+    """docs/fd_table.py of the checkout `root` (a script beside the evaluations, not a package)."""
+    spec = importlib.util.spec_from_file_location("fd_table", os.path.join(root, "docs",
+                                                                         "fd_table.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _report(args, check: dict, done: list[int], stopped: Optional[str], rows_dir: str) -> str:
-    sys.path.insert(0, os.path.join(args.root, "docs"))
-    from fd_table import table
+    table = _fd_table(args.root).table
     lines = [f"# Few-step goal: {args.device_name}, {args.num_per_class * 6} clips per seed, "
              f"teacher {args.teacher_steps} steps", ""]
     lines += ["## Check: the same seeds as the committed CPU evaluations", "",

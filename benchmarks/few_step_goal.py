@@ -48,6 +48,8 @@ from typing import Optional
 
 import torch
 
+from fmrt.checkpoint import atomic_write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -107,13 +109,6 @@ def _cpu_figure(root: str, row: Row, steps: int, seed: int) -> Optional[float]:
     return None
 
 
-def _write(path: str, doc: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _load_rows(root: str, device: torch.device) -> dict:
     from fmrt.checkpoint import load_model
     from fmrt.sampling import check_guide_model
@@ -146,7 +141,7 @@ def split(path: str, out_dir: str, tag: Optional[str] = None) -> list[str]:
         out = os.path.join(out_dir, f"quality_{name}_{'check_' if check else ''}{label}.json")
         if os.path.exists(out):
             raise SystemExit(f"{out} exists: not replaced")
-        _write(out, doc)
+        atomic_write_json(out, doc)
         written.append(out)
     return written
 
@@ -272,7 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             doc["seeds"].append(seed)
             doc["results"] += results[row.name]
             doc["over_seeds"] = over_seeds(doc["results"])
-        _write(os.path.join(args.out, "few_step.json"), docs)
+        atomic_write_json(os.path.join(args.out, "few_step.json"), docs)
         last = time.time() - t_seed
         if not kind:
             done.append(seed)

@@ -618,6 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance-scale", type=_float(0.0), nargs="+", default=None,
                    help="guidance scales to try (default: 1 and the checkpoint's recommended)")
     e.add_argument("--num-per-class", type=_int_at_least(2, MAX_EVAL_PER_CLASS), default=32)
+    e.add_argument("--reference-per-class", type=_int_at_least(2, 4 * MAX_EVAL_PER_CLASS),
+                   default=None,
+                   help="real clips per class the FD compares with (default: as many as "
+                        "--num-per-class, the same set at every seed). Near the floor a "
+                        "small reference's own draw can move the ratio of two models' FDs by "
+                        "tens of percent (docs/fd_large_n.py): compare models against a large "
+                        "one, e.g. 1280")
     e.add_argument("--classifier", default=None, help="classifier weights (default: shipped)")
     e.add_argument("--json", default=None, help="also write the results as JSON (.json)")
     _add_batch_args(e, batch_default=256, what="clips")
@@ -1474,7 +1481,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     shape = (meta.get("sample") or {}).get("sample_shape") or [3, 4, 16, 16]
     ds = ShapesVideo(10 ** 6, frames=shape[1], size=shape[2], seed=4242)
     real = torch.cat([ds.clips_of_class(c, args.num_per_class) for c in range(K)])
-    ref = reference_features(clf, labels, frames=shape[1], size=shape[2])  # once, for every row
+    ref_labels = labels if args.reference_per_class is None else \
+        torch.arange(K).repeat_interleave(args.reference_per_class)
+    ref = reference_features(clf, ref_labels, frames=shape[1], size=shape[2])  # once, every row
     q = evaluate_clips(real, labels, classifier=clf, real_features=ref)
     rows.append(dict(solver="real data", steps=0, guidance_scale=0.0, seconds=0.0, **q))
     dash = f" {'-':>6}" if several else ""
@@ -1510,6 +1519,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   f"{o['fd_min']:.3f}-{o['fd_max']:.3f})")
     if args.json:
         save_json(dict(checkpoint=args.checkpoint, device=str(device), seeds=list(seeds),
+                       reference_per_class=args.reference_per_class or args.num_per_class,
                        results=rows, over_seeds=over), args.json)
     return 0
 

@@ -162,6 +162,33 @@ def test_eval_cli(tiny_model, tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
+def test_eval_cli_reference_per_class(tiny_model, tmp_path, capsys):
+    """--reference-per-class K: every row's FD is against K real clips of each class (data seed
+    999), however many clips are generated; the JSON records the reference's size."""
+    from fmrt.checkpoint import load_model
+    from fmrt.data import ShapesVideo
+    from fmrt.eval import frechet_distance, load_classifier, reference_features, _features_logits
+    js = tmp_path / "q.json"
+    assert main(["eval", "--checkpoint", tiny_model, "--steps", "1", "--guidance-scale", "1",
+                 "--num-per-class", "2", "--reference-per-class", "5", "--no-progress",
+                 "--json", str(js)]) == 0
+    doc = json.load(open(js))
+    assert doc["reference_per_class"] == 5
+    _, meta = load_model(tiny_model)
+    _, frames, size, _ = meta["sample"]["sample_shape"]
+    K = meta["sample"]["num_classes"]
+    clf = load_classifier()[0]
+    ref = reference_features(clf, torch.arange(K).repeat_interleave(5), frames=frames, size=size)
+    assert ref.shape[0] == 5 * K
+    ds = ShapesVideo(10 ** 6, frames=frames, size=size, seed=4242)
+    real = torch.cat([ds.clips_of_class(c, 2) for c in range(K)])
+    assert doc["results"][0]["fd"] == frechet_distance(ref, _features_logits(clf, real)[0])
+    assert main(["eval", "--checkpoint", tiny_model, "--steps", "1", "--guidance-scale", "1",
+                 "--num-per-class", "2", "--no-progress", "--json", str(tmp_path / "d.json")]) == 0
+    assert json.load(open(tmp_path / "d.json"))["reference_per_class"] == 2
+    assert json.load(open(tmp_path / "d.json"))["results"][0]["fd"] != doc["results"][0]["fd"]
+
+
 def test_eval_cli_several_seeds(tiny_model, tmp_path, capsys):
     """--seed S S ...: each seed's rows are the single-seed run's, and the summary is their
     mean and spread; a seed given twice is refused before anything runs."""
@@ -235,6 +262,7 @@ def test_bad_arguments(capsys, tmp_path):
         (["train", "--lr", "0"], "--lr"),
         (["train", "--timestep-sampler", "x"], "--timestep-sampler"),
         (["eval", "--num-per-class", "1"], "--num-per-class"),
+        (["eval", "--reference-per-class", "1"], "--reference-per-class"),
         (["nonsense"], "invalid choice"),
     ]:
         with pytest.raises(SystemExit) as e:

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from fmrt.data import NUM_CLASSES, ShapesVideo
-from fmrt.eval import (ClassifierTraining, evaluate_clips, frechet_distance, load_classifier,
-                       reference_features, train_classifier)
+from fmrt.eval import (ClassifierTraining, evaluate_clips, frechet_distance,
+                       frechet_distance_infinity, load_classifier, reference_features,
+                       train_classifier)
 
 
 def test_frechet_distance_exact():
@@ -23,6 +24,42 @@ def test_frechet_distance_exact():
         frechet_distance(x, x * 2), rel=1e-6)
     with pytest.raises(ValueError):
         frechet_distance(torch.zeros(1, 3), torch.zeros(4, 3))
+
+
+def test_frechet_distance_infinity_removes_the_small_sample_bias():
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(30000, 8, generator=g)
+    # the same distribution: FD of 150 samples is far from 0, the extrapolation is not
+    same = frechet_distance_infinity(torch.randn(1200, 8, generator=g), ref)
+    assert same["points"][0][0] == 150 and same["points"][-1][0] == 1200
+    assert same["points"][0][1] > 0.15 and same["slope"] > 0
+    assert abs(same["fd_inf"]) < 0.05 and same["se"] < 0.05
+    assert same["fd"] == pytest.approx(same["points"][-1][1], rel=1e-9)
+    assert 0 < same["fd_se"] < same["fd"]
+    # a known distance: the covariance scaled by s^2 gives D (1 - s)^2 = 8 * 0.25 = 2
+    wide = frechet_distance_infinity(1.5 * torch.randn(1200, 8, generator=g), ref)
+    assert wide["points"][0][1] > wide["points"][-1][1] > 2.0
+    assert wide["fd_inf"] == pytest.approx(2.0, abs=0.25) and wide["se"] < 0.25
+    # two classes far apart, sampled in fixed proportions: stratified subsets keep them so
+    lab = torch.arange(2).repeat_interleave(600)
+    x = torch.randn(1200, 8, generator=g)
+    x[:, 0] += 6 * lab - 3
+    mix = torch.randn(30000, 8, generator=g)
+    mix[:, 0] += 6 * torch.arange(2).repeat_interleave(15000) - 3
+    strat = frechet_distance_infinity(x, mix, labels=lab)
+    assert abs(strat["fd_inf"]) < 0.05 and strat["points"][0][0] == 150
+    # deterministic for a seed; the jackknife can be left out
+    x = x[:300]
+    assert frechet_distance_infinity(x, ref, seed=3) == frechet_distance_infinity(x, ref, seed=3)
+    one = frechet_distance_infinity(x, ref, blocks=1)
+    assert one["se"] is None and one["fd_se"] is None
+    assert one["fd"] == frechet_distance(x, ref) == pytest.approx(one["points"][-1][1], rel=1e-9)
+    for bad in (dict(fractions=(0.5,)), dict(fractions=(0, 1)), dict(draws=0),
+                dict(fractions=(0.001, 1)), dict(labels=lab)):
+        with pytest.raises(ValueError):
+            frechet_distance_infinity(x, ref, **bad)
+    with pytest.raises(ValueError):
+        frechet_distance_infinity(x, ref[:, :4])
 
 
 def test_shipped_classifier_separates_real_from_wrong():

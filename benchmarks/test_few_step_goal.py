@@ -37,9 +37,10 @@ def test_rows_name_committed_models_and_cpu_evaluations():
 
 
 def test_fewstep_phase_dry_run_matches_fmrt_eval(tmp_path):
-    """`bash benchmarks/run_gpu.sh fewstep` without CUDA: 12 clips, a 2-step teacher, check seed
+    """`bash benchmarks/run_gpu.sh fewstep` without CUDA: 96 clips, a 2-step teacher, check seed
     0 and verdict seed 13. Two files come back; the students' FDs are those `fmrt eval` gives
-    for the same model, steps, guidance and seed; --split writes one eval JSON per row."""
+    for the same model, steps, guidance and seed; the pooled verdict (one seed here) scores
+    every row against the large reference; --split writes one eval JSON per row."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
     env["OUT"] = str(tmp_path / "out")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -50,11 +51,21 @@ def test_fewstep_phase_dry_run_matches_fmrt_eval(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["few_step.json", "few_step.md"]
     docs = json.loads((out / "few_step.json").read_text())
     assert sorted(docs) == sorted([r.name for r in fsg.ROWS]
-                                  + ["check_" + r.name for r in fsg.ROWS])
+                                  + ["check_" + r.name for r in fsg.ROWS] + ["pooled"])
+    pooled = docs.pop("pooled")
+    assert pooled["seeds"] == [13] and pooled["ref_per_class"] == 32
+    assert [(r["row"], r["steps"]) for r in pooled["rows"]] == [("real", None)] + [
+        (r.name, s) for i, r in enumerate(fsg.ROWS) for s in ((2,) if i == 0 else r.steps)]
+    assert [r["num"] for r in pooled["rows"]] == [384] + [96] * 7
+    teacher = pooled["rows"][1]
+    for r in pooled["rows"][2:]:      # FD of the one seed's clips against the 192 real clips
+        assert r["margin_fd"] == pytest.approx(r["fd"] - r["factor"] * teacher["fd"])
+        assert r["factor"] == {1: 1.25, 2: 1.10}[r["steps"]] and r["margin_fd_inf_se"] > 0
     assert all(docs[r.name]["seeds"] == [13] and docs["check_" + r.name]["seeds"] == [0]
                for r in fsg.ROWS)
     md = (out / "few_step.md").read_text()
     assert "| teacher (2 steps, guidance 2) |" in md and "1 finished: 13" in md
+    assert "pooled, against 192 real clips" in md
     assert md.count(" step, guidance ") + md.count(" steps, guidance ") == 1 + 6
 
     for name, extra, scale in (("reflow_v3_cfg775", ["--guide-model",
@@ -63,7 +74,7 @@ def test_fewstep_phase_dry_run_matches_fmrt_eval(tmp_path):
         row = next(r for r in fsg.ROWS if r.name == name)
         js = tmp_path / f"{name}.json"
         assert fmrt_main(["eval", "--checkpoint", row.checkpoint, "--steps", "1", "2",
-                          "--guidance-scale", str(scale), "--num-per-class", "2", "--seed", "13",
+                          "--guidance-scale", str(scale), "--num-per-class", "16", "--seed", "13",
                           "--no-progress", "--json", str(js), *extra]) == 0
         want = {r["steps"]: r["fd"] for r in json.loads(js.read_text())["results"] if r["steps"]}
         got = {r["steps"]: r["fd"] for r in docs[name]["results"]}

@@ -28,8 +28,20 @@ Fixed before the first run (2026-12-03), nothing chosen on its figures:
   clips are; 32 draws per size, the default fractions and 8 blocks, seed 0; a first run
   without stratification and with 4 draws gave standard errors of 2 to 4 FD, mostly the noise
   of random class proportions, and was not used);
-- the goal read on FD_inf: margin = student - 1.25 x teacher (1 step) or 1.10 x (2 steps),
-  se = sqrt(se_student^2 + factor^2 se_teacher^2) (independent sets).
+- the goal read on FD at N and on FD_inf: margin = student - 1.25 x teacher (1 step) or
+  1.10 x (2 steps), se = sqrt(se_student^2 + factor^2 se_teacher^2) (independent sets).
+The first run (the students at noise seed 1000, the teacher from couplings 9000 / 9001) left
+the teacher's own FD with a jackknife se of 0.76, most of every margin's; so, fixed after it
+and before any figure of the second: the students again at noise seed 1001 (the same rows),
+both seeds' clips scored together (1280 per class), and the teacher from couplings 9000, 9001,
+9003 and 9004 (`fmrt reflow --seed 9003` / `9004`, the first 1280 of each class); the rest
+as above:
+
+    python docs/fd_large_n.py --seed 1000 --features runs/fd_large_n_students_1000.pt --out ...
+    python docs/fd_large_n.py --seed 1001 --features runs/fd_large_n_students_1001.pt --out ...
+    python docs/fd_large_n.py --from-features runs/fd_large_n_students_100{0,1}.pt \
+        --teacher-couplings runs/tc/teacher50_900{0,1,3,4}.safetensors \
+        --out docs/fd_large_n.json --plot docs/fd_large_n.png
 
 Writes --out (JSON: every figure, the settings, the seconds each row took) and prints a
 markdown table; --plot draws FD_n against 1/n with the fitted lines; --features keeps every

@@ -17,7 +17,9 @@ standard error (README, "A third check"); a verdict needs several times the seed
   first and are compared with the committed CPU evaluations
   (docs/quality_<row>_960clips_seed<S>.json), to show what the GPU's float32 changes;
 - the stopping rule: a seed starts only if the time left covers the previous seed's time, and
-  the verdict is over the seeds every row finished, whatever their scores.
+  the verdict is over the seeds every row finished, whatever their scores (the time counts
+  from the start, loading included, since the pooled verdict below runs after the seeds,
+  inside run_gpu.sh's 120 s beyond the limit).
 Added later the same day (2026-12-03, still before any GPU run), after `docs/fd_large_n.py`
 showed that `fmrt eval`'s reference (960 real clips, the same set at every seed) moves the
 students' ratios to the teacher from 0.62x to 1.66x between eight disjoint sets of real clips,
@@ -167,19 +169,22 @@ def _fd_table(root: str):
 GOAL = {1: 1.25, 2: 1.10}          # issue 16: one step within 25 %, two within 10 %
 
 
-def pooled_verdict(pools: dict, labels_per_seed, ref_big, real_pool, real_labels) -> list[dict]:
+def pooled_verdict(pools: dict, labels_per_seed, ref_big, real_pool, real_labels,
+                   device=None) -> list[dict]:
     """Every row's clips from the verdict seeds as one set (features `pools[(row, steps)]`, a
     list per seed, class by class as `labels_per_seed`): FD against the large reference and
-    FD_inf with jackknife errors (`frechet_distance_infinity`, stratified, 4 draws), real
-    clips scored the same way first; then each student's goal margin against the teacher
-    (student - factor x teacher, the two errors combined as independent)."""
+    FD_inf with jackknife errors (`frechet_distance_infinity`, stratified, 4 draws; on
+    `device`, where the covariances of tens of thousands of clips cost least), real clips
+    scored the same way first; then each student's goal margin against the teacher (student -
+    factor x teacher, the two errors combined as independent)."""
     from fmrt.eval import frechet_distance_infinity
     out = []
     sets = [("real", None, real_pool, real_labels)]
     sets += [(name, steps, torch.cat(f), labels_per_seed.repeat(len(f)))
              for (name, steps), f in pools.items() if f]
+    ref_big = ref_big.to(device)
     for name, steps, x, lab in sets:
-        r = frechet_distance_infinity(x, ref_big, labels=lab, draws=4)
+        r = frechet_distance_infinity(x.to(device), ref_big, labels=lab, draws=4)
         out.append(dict(row=name, steps=steps, num=int(x.shape[0]), fd=r["fd"],
                         fd_se=r["fd_se"], fd_inf=r["fd_inf"], fd_inf_se=r["se"]))
     teacher = next((r for r in out if r["row"] == ROWS[0].name), None)
@@ -267,6 +272,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("--num-per-class >= 2, --teacher-steps >= 1, --batch-size >= 1, "
                          "--ref-per-class >= 2")
 
+    t0 = time.time()      # the time limit counts loading too: the pooled verdict comes after
     from fmrt.cli import generate_batched
     from fmrt.eval import (_features_logits, evaluate_clips, load_classifier, over_seeds,
                            reference_features)
@@ -299,7 +305,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"few-step goal on {args.device_name}: {len(ROWS)} rows, check seeds {check_seeds}, "
           f"verdict seeds {seeds[0] if seeds else '-'}..{seeds[-1] if seeds else '-'}, "
           f"time limit {args.time_limit}", flush=True)
-    t0, last, done, check, stopped = time.time(), 0.0, [], {}, None
+    last, done, check, stopped = 0.0, [], {}, None
     for seed in check_seeds + seeds:
         if not time_for_another(time.time() - t0, last, args.time_limit):
             stopped = (f"Stopped by the time limit ({args.time_limit:g} s) before seed {seed}: "
@@ -347,7 +353,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               flush=True)
     pooled = None
     if done:
-        pooled = pooled_verdict(pools, labels, ref_big, real_pool, labels.repeat(4))
+        pooled = pooled_verdict(pools, labels, ref_big, real_pool, labels.repeat(4), device)
         docs["pooled"] = dict(seeds=done, ref_per_class=args.ref_per_class, rows=pooled)
         atomic_write_json(os.path.join(args.out, "few_step.json"), docs)
     with tempfile.TemporaryDirectory() as rows_dir:

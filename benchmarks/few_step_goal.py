@@ -169,6 +169,13 @@ def _fd_table(root: str):
 GOAL = {1: 1.25, 2: 1.10}          # issue 16: one step within 25 %, two within 10 %
 
 
+def goal_margin(student: float, student_se: float, teacher: float, teacher_se: float,
+                factor: float) -> tuple[float, float]:
+    """(student - factor x teacher, its standard error for independent estimates): below 0
+    is inside the goal."""
+    return student - factor * teacher, (student_se ** 2 + (factor * teacher_se) ** 2) ** 0.5
+
+
 def pooled_verdict(pools: dict, labels_per_seed, ref_big, real_pool, real_labels,
                    device=None) -> list[dict]:
     """Every row's clips from the verdict seeds as one set (features `pools[(row, steps)]`, a
@@ -194,8 +201,8 @@ def pooled_verdict(pools: dict, labels_per_seed, ref_big, real_pool, real_labels
         k = GOAL[r["steps"]]
         r["factor"] = k
         for key, se in (("fd", "fd_se"), ("fd_inf", "fd_inf_se")):
-            r[f"margin_{key}"] = r[key] - k * teacher[key]
-            r[f"margin_{key}_se"] = (r[se] ** 2 + (k * teacher[se]) ** 2) ** 0.5
+            r[f"margin_{key}"], r[f"margin_{key}_se"] = goal_margin(
+                r[key], r[se], teacher[key], teacher[se], k)
     return out
 
 
@@ -230,7 +237,7 @@ def _report(args, check: dict, done: list[int], stopped: Optional[str], rows_dir
         lines.append(f"\n(no CPU figure at this size: the CPU evaluations are at "
                      f"{CPU_CLIPS_PER_CLASS * 6} clips, teacher 50 steps)")
     if pooled:
-        lines += [""] + _pooled_table(pooled, args.ref_per_class * len(args.class_counts))
+        lines += [""] + _pooled_table(pooled, args.ref_per_class * 6)
     lines += ["", f"## The goal over the verdict seeds ({len(done)} finished: "
               f"{', '.join(map(str, done)) or 'none'})", ""]
     if stopped:
@@ -289,7 +296,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     _, frames, size, _ = meta0["sample"]["sample_shape"]
     labels = torch.arange(teacher.config.num_classes).repeat_interleave(args.num_per_class)
     ref = reference_features(clf, labels, frames=frames, size=size)
-    args.class_counts = [args.ref_per_class] * teacher.config.num_classes
     big = torch.arange(teacher.config.num_classes).repeat_interleave(args.ref_per_class)
     ref_big = reference_features(clf, big, frames=frames, size=size)    # data seed 999
     real_pool = reference_features(clf, labels.repeat(4), frames=frames, size=size,

@@ -61,13 +61,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.few_step_goal import ROWS, _load_rows  # noqa: E402
+from benchmarks.few_step_goal import GOAL, ROWS, _load_rows, goal_margin  # noqa: E402
 from fmrt.checkpoint import atomic_write_json  # noqa: E402
 from fmrt.data import NUM_CLASSES  # noqa: E402
 from fmrt.eval import (_features_logits, frechet_distance,  # noqa: E402
                        frechet_distance_infinity, load_classifier, reference_features)
 
-GOAL = {1: 1.25, 2: 1.10}      # issue 16: one step within 25 %, two within 10 %
 DRAWS = 32                     # random subsets per size for FD_inf
 
 
@@ -133,8 +132,8 @@ def goal_rows(rows: list[dict]) -> list[dict]:
                      r["fd_by_eval_reference"], teacher["fd_by_eval_reference"])])
         for key, se in (("fd_full", "fd_full_se"), ("fd_inf", "se")):
             g[f"ratio_{key}"] = r[key] / teacher[key]
-            g[f"margin_{key}"] = r[key] - k * teacher[key]
-            g[f"margin_{key}_se"] = (r[se] ** 2 + (k * teacher[se]) ** 2) ** 0.5
+            g[f"margin_{key}"], g[f"margin_{key}_se"] = goal_margin(
+                r[key], r[se], teacher[key], teacher[se], k)
         out.append(g)
     return out
 

@@ -178,10 +178,10 @@ def plot(rows: list[dict], path: str, eval_per_class: int, ref_num: int) -> None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    fig, ax = plt.subplots(figsize=(8, 6.5), dpi=100)
     for r in rows:
         x = [1 / n for n, _ in r["points"]]
-        steps = f", {r['steps']} steps" if r["steps"] else ""
+        steps = f", {r['steps']} step{'s' if r['steps'] > 1 else ''}" if r["steps"] else ""
         line = ax.plot(x, [f for _, f in r["points"]], "o", ms=4)[0]
         ax.plot([0, max(x)], [r["fd_inf"], r["fd_inf"] + r["slope"] * max(x)], "-",
                 color=line.get_color(), lw=1,
@@ -193,9 +193,9 @@ def plot(rows: list[dict], path: str, eval_per_class: int, ref_num: int) -> None
     ax.set_xlabel("1 / number of generated clips")
     ax.set_ylabel(f"FD against {ref_num} real clips")
     ax.set_title("FD shrinks as 1/N towards FD_inf (lines: least-squares fits)", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
 
 
 def sample_rows(args, clf) -> dict:

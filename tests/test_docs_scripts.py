@@ -414,3 +414,32 @@ def test_second_step_dmd_direction_generator_and_export(tmp_path):
         m.main([path, "--out-dir", out, "--steps", "1"])
     with pytest.raises(SystemExit):
         m.main([path, "--out-dir", str(tmp_path / "x"), "--mid", "1"])
+
+
+def test_fd_large_n_slices_merge_and_goal():
+    """docs/fd_large_n.py: eval-size sets keep the class-by-class order, two seeds' features merge
+    class by class, and the committed JSON's goal table is its rows' figures (the margins as
+    few_step_goal.goal_margin gives them)."""
+    mod = _script("fd_large_n")
+    K = mod.NUM_CLASSES
+    feats = torch.arange(K * 4, dtype=torch.float64)[:, None].repeat(1, 2)   # row i holds i
+    sets = mod.class_slices(feats, 4, 2)
+    assert len(sets) == 2
+    assert sets[1][:, 0].tolist() == [c * 4 + j for c in range(K) for j in (2, 3)]
+    a = dict(per_class=2, seeds=[1], device="cpu", features={"x_1": torch.zeros(2 * K, 3)},
+             rows=[dict(row="x", label="x", steps=1, seconds=[1.0], source="a")])
+    b = dict(per_class=3, seeds=[2], device="cpu", features={"x_1": torch.ones(3 * K, 3)},
+             rows=[dict(row="x", label="x", steps=1, seconds=[2.0], source="b")])
+    m = mod.merge([a, b])
+    assert m["per_class"] == 5 and m["seeds"] == [1, 2] and m["device"] == "cpu"
+    assert m["features"]["x_1"][:, 0].tolist() == ([0.0] * 2 + [1.0] * 3) * K
+    assert m["rows"][0]["seconds"] == [1.0, 2.0] and m["rows"][0]["source"] == "a; b"
+    doc = json.load(open(os.path.join(DOCS, "fd_large_n.json")))
+    assert doc["goal"] == mod.goal_rows(doc["rows"])
+    teacher = next(r for r in doc["rows"] if r["row"] == "teacher")
+    for g in doc["goal"]:
+        r = next(r for r in doc["rows"] if (r["row"], r["steps"]) == (g["row"], g["steps"]))
+        assert g["factor"] == {1: 1.25, 2: 1.10}[g["steps"]]
+        assert g["margin_fd_inf"] == pytest.approx(r["fd_inf"] - g["factor"] * teacher["fd_inf"])
+        assert g["margin_fd_full_se"] == pytest.approx(
+            (r["fd_full_se"] ** 2 + (g["factor"] * teacher["fd_full_se"]) ** 2) ** 0.5)

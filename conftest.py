@@ -1,8 +1,32 @@
 """Root conftest (tests/ and benchmarks/): without CUDA, turn on Triton's interpreter before
 anything imports Triton, so every kernel runs on CPU tensors; skip `gpu` tests without CUDA."""
+import importlib
+import importlib.metadata
 import os
+import sys
 
 import torch
+
+
+def _installed_kernels_first() -> None:
+    """This repository's kernels/ (installed as `fmrt.kernels`) sits at its root, which pytest
+    puts on sys.path, so a bare `import kernels` finds it. Hugging Face's `kernels`
+    distribution has that name too, and transformers >= 5.25 requires and imports it (through
+    diffusers' LoRA loaders): when it is installed, import it first, from where pip put it."""
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    root = os.path.dirname(os.path.abspath(__file__))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    try:
+        importlib.import_module("kernels")
+    finally:
+        sys.path[:] = saved
+
+
+_installed_kernels_first()
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -157,7 +157,10 @@ def frechet_distance_infinity(feats: Tensor, ref_feats: Tensor, *,
     randomness cancels instead of inflating the se.
     Returns dict(fd_inf, slope, se (None when blocks < 2), fd (of all N, as
     `frechet_distance`), fd_se (its jackknife standard error, or None), points=[[n, mean FD_n],
-    ...]); deterministic for a given seed."""
+    ...], replicates and fd_replicates (fd_inf and fd without each block, or None), design (a
+    string naming N, the labels, seed, blocks, draws and fractions: two calls with the same
+    design draw the same subsets and blocks, which `paired_margin` needs)); deterministic for
+    a given seed."""
     if feats.ndim != 2 or ref_feats.ndim != 2 or feats.shape[1] != ref_feats.shape[1]:
         raise ValueError(f"features must be [N, D] with the same D, got "
                          f"{tuple(feats.shape)} and {tuple(ref_feats.shape)}")
@@ -208,17 +211,47 @@ def frechet_distance_infinity(feats: Tensor, ref_feats: Tensor, *,
         slope = float((ic * (y - y.mean())).sum() / ic.pow(2).sum())
         return float(y.mean() - slope * inv.mean()), slope, points
 
-    def jackknife_se(est: list) -> float:
-        e = torch.tensor(est, dtype=torch.float64)
-        return float(((blocks - 1) / blocks * (e - e.mean()).pow(2).sum()).sqrt())
-
     fd_inf, slope, points = fit(torch.ones(n, dtype=torch.bool))
-    se = fd_se = None
+    se = fd_se = reps = fd_reps = None
     if blocks > 1:
-        se = jackknife_se([fit(block != b)[0] for b in range(blocks)])
-        fd_se = jackknife_se([fd_to_ref(x[block != b]) for b in range(blocks)])
+        reps = [fit(block != b)[0] for b in range(blocks)]
+        fd_reps = [fd_to_ref(x[block != b]) for b in range(blocks)]
+        se, fd_se = _jackknife_se(reps), _jackknife_se(fd_reps)
+    lab = torch.zeros(n, dtype=torch.long) if labels is None else labels.long()
+    tag = int(((lab + 1) * (torch.arange(n) % 9973 + 1)).sum())    # the labels' order, cheaply
+    design = (f"n={n} labels={tag} seed={seed} blocks={blocks} draws={draws} "
+              f"fractions={','.join(f'{f:.6g}' for f in fractions)}")
     return dict(fd_inf=fd_inf, slope=slope, se=se, fd=frechet_distance(x, ref), fd_se=fd_se,
-                points=[[m, v] for m, v in points])
+                points=[[m, v] for m, v in points], replicates=reps, fd_replicates=fd_reps,
+                design=design)
+
+
+def _jackknife_se(est: Sequence[float]) -> float:
+    """Delete-one-block jackknife standard error from the block replicates `est`."""
+    e = torch.tensor(list(est), dtype=torch.float64)
+    return float(((len(est) - 1) / len(est) * (e - e.mean()).pow(2).sum()).sqrt())
+
+
+def paired_margin(a: dict, b: dict, factor: float = 1.0,
+                  key: str = "fd_inf") -> tuple[float, float]:
+    """`a[key] - factor * b[key]` and its jackknife standard error, for two
+    `frechet_distance_infinity` results (key "fd_inf", or "fd" for FD at N) on paired samples:
+    row i of one set drawn with row i of the other (the same noise and class through two
+    samplers), scored with the same labels, seed and blocks (the same `design`). Each block's
+    replicate of the difference drops the same noises from both sides, so whatever the two
+    sets share cancels from the error instead of adding to it, as `sqrt(se_a^2 + factor^2
+    se_b^2)` (independent sets) would have it. Against the same reference both ways; the
+    reference's own draw is not in either error."""
+    if key not in ("fd_inf", "fd"):
+        raise ValueError(f"key must be 'fd_inf' or 'fd', got {key!r}")
+    reps = "replicates" if key == "fd_inf" else "fd_replicates"
+    if a.get(reps) is None or b.get(reps) is None:
+        raise ValueError("paired_margin needs jackknife replicates: blocks > 1 on both sides")
+    if a.get("design") != b.get("design"):
+        raise ValueError(f"the two results were not scored with the same design (paired rows, "
+                         f"labels, seed, blocks): {a.get('design')!r} vs {b.get('design')!r}")
+    diff = [x - factor * y for x, y in zip(a[reps], b[reps])]
+    return a[key] - factor * b[key], _jackknife_se(diff)
 
 
 @torch.no_grad()

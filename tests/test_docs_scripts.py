@@ -443,3 +443,66 @@ def test_fd_large_n_slices_merge_and_goal():
         assert g["margin_fd_inf"] == pytest.approx(r["fd_inf"] - g["factor"] * teacher["fd_inf"])
         assert g["margin_fd_full_se"] == pytest.approx(
             (r["fd_full_se"] ** 2 + (g["factor"] * teacher["fd_full_se"]) ** 2) ** 0.5)
+
+
+def test_fd_paired_samples_on_the_couplings_noise_and_pairs_the_margin(tmp_path, monkeypatch):
+    """docs/fd_paired.py end to end on 12 clips a class: couplings cut to the rarest class's
+    count, class by class; each student clip is the row's sample from that coupling's noise
+    and class; the goal's margins are `paired_margin`'s; --from-features gives the same JSON."""
+    import dataclasses
+
+    from benchmarks.few_step_goal import ROWS
+    from fmrt.eval import paired_margin
+    mod = _script("fd_paired")
+    soup = dataclasses.replace(ROWS[3], steps=(1,))
+    monkeypatch.setattr(mod, "ROWS", (ROWS[0], soup))
+    model, meta = load_model(os.path.join(os.path.dirname(DOCS), soup.checkpoint))
+    shape = tuple(meta["sample"]["sample_shape"])
+    g = torch.Generator().manual_seed(0)
+    cond = torch.arange(6).repeat(13)[:-1]             # 13 of each class but the last: 12
+    noise = torch.randn(77, *shape, generator=g)
+    # the "teacher" is the student itself: paired, the margin is -0.25 x its FD, the error 0.25 x
+    pairs = dict(noise=noise, cond=cond,
+                 sample=generate_clips(model, meta, cond, steps=1, noise=noise))
+    paths = []
+    for i, part in enumerate((slice(0, 40), slice(40, 77))):
+        paths.append(str(tmp_path / f"c{i}.safetensors"))
+        save_couplings(paths[-1], {k: v[part] for k, v in pairs.items()})
+    coup = mod.balanced_couplings(paths)
+    assert coup["per_class"] == 12 and coup["cond"].tolist() == [c for c in range(6)
+                                                                  for _ in range(12)]
+    assert torch.equal(coup["noise"][12], pairs["noise"][1])      # class 1's first coupling
+    with pytest.raises(SystemExit, match="too few"):
+        mod.balanced_couplings(paths, per_class=13)
+    out, feats = str(tmp_path / "p.json"), str(tmp_path / "f.pt")
+    args = ["--couplings", *paths, "--ref-per-class", "12", "--draws", "2", "--device", "cpu"]
+    assert mod.main(args + ["--out", out, "--features", feats]) == 0
+    kept = torch.load(feats)
+    clf, _ = mod.load_classifier()
+    one = generate_clips(model, meta, coup["cond"][12:13], steps=1, noise=coup["noise"][12:13])
+    assert torch.allclose(kept["features"][f"{soup.name}_1"][12],
+                          mod._features_logits(clf, one)[0][0], atol=1e-4)
+    doc = json.load(open(out))
+    assert [r["row"] for r in doc["rows"]] == ["real", "teacher", soup.name]
+    assert all(r["num"] == 72 for r in doc["rows"])
+    (goal,) = doc["goal"]
+    student, teacher = doc["rows"][2], doc["rows"][1]
+    for key, se in (("fd", "fd_se"), ("fd_inf", "se")):
+        m, paired_se = paired_margin(student, teacher, 1.25, key)
+        assert (goal[f"margin_{key}"], goal[f"margin_{key}_se"]) == pytest.approx((m, paired_se))
+        assert student[key] == pytest.approx(teacher[key], rel=1e-3)
+        assert m == pytest.approx(-0.25 * teacher[key], rel=1e-2)
+        assert paired_se == pytest.approx(0.25 * teacher[se], rel=2e-2)
+        assert goal[f"margin_{key}_se_independent"] == pytest.approx(
+            (1 + 1.25 ** 2) ** 0.5 * teacher[se], rel=2e-2)
+    ms = [(goal[f"margin_{k}"], goal[f"margin_{k}_se"]) for k in ("fd", "fd_inf")]
+    assert goal["met"] == ("reliably" if all(m <= -2 * se for m, se in ms) else
+                           "on the point estimate" if all(m < 0 for m, _ in ms) else "no")
+    again = str(tmp_path / "q.json")
+    assert mod.main(args + ["--out", again, "--from-features", feats]) == 0
+    assert json.load(open(again))["rows"] == doc["rows"]
+    with pytest.raises(SystemExit, match="exists"):
+        mod.main(args + ["--out", out])
+    with pytest.raises(SystemExit, match="other couplings"):
+        mod.main(args + ["--out", str(tmp_path / "r.json"), "--from-features", feats,
+                         "--per-class", "11"])

@@ -5,8 +5,8 @@ import torch
 
 from fmrt.data import NUM_CLASSES, ShapesVideo
 from fmrt.eval import (ClassifierTraining, evaluate_clips, frechet_distance,
-                       frechet_distance_infinity, load_classifier, reference_features,
-                       train_classifier)
+                       frechet_distance_infinity, load_classifier, paired_margin,
+                       reference_features, train_classifier)
 
 
 def test_frechet_distance_exact():
@@ -60,6 +60,42 @@ def test_frechet_distance_infinity_removes_the_small_sample_bias():
             frechet_distance_infinity(x, ref, **bad)
     with pytest.raises(ValueError):
         frechet_distance_infinity(x, ref[:, :4])
+
+
+def test_paired_margin_cancels_what_paired_sets_share():
+    g = torch.Generator().manual_seed(2)
+    ref = torch.randn(20000, 6, generator=g)
+    lab = torch.arange(3).repeat_interleave(200)
+    z = torch.randn(600, 6, generator=g)              # the shared "noise"
+    teacher = 1.3 * z
+    student = 1.3 * z + 0.1 * torch.randn(600, 6, generator=g)   # close to it, sample by sample
+    other = 1.3 * torch.randn(600, 6, generator=g)                # the same law, other noise
+    t, s, o = (frechet_distance_infinity(v, ref, labels=lab, draws=2) for v in
+               (teacher, student, other))
+    # exact: a set against itself, and the replicates' own jackknife formula
+    assert paired_margin(t, t, 1.0) == (0.0, 0.0)
+    assert paired_margin(t, t, 1.0, key="fd") == (0.0, 0.0)
+    m, se = paired_margin(s, t, 1.25)
+    assert m == pytest.approx(s["fd_inf"] - 1.25 * t["fd_inf"], rel=1e-12)
+    d = torch.tensor(s["replicates"], dtype=torch.float64) - 1.25 * torch.tensor(
+        t["replicates"], dtype=torch.float64)
+    assert se == pytest.approx(math.sqrt(7 / 8 * float((d - d.mean()).pow(2).sum())), rel=1e-9)
+    # paired: far below the independent-sets error; unpaired sets of the same law: not
+    independent = math.hypot(s["se"], 1.25 * t["se"])
+    assert se < 0.5 * independent
+    assert paired_margin(o, t, 1.25)[1] > 0.5 * math.hypot(o["se"], 1.25 * t["se"])
+    fd_m, fd_se = paired_margin(s, t, 1.25, key="fd")
+    assert fd_m == pytest.approx(s["fd"] - 1.25 * t["fd"]) and fd_se < 0.5 * math.hypot(
+        s["fd_se"], 1.25 * t["fd_se"])
+    # not the same design, no replicates, or a bad key: refused
+    with pytest.raises(ValueError, match="design"):
+        paired_margin(s, frechet_distance_infinity(teacher, ref, labels=lab, draws=2, seed=1))
+    with pytest.raises(ValueError, match="design"):
+        paired_margin(s, frechet_distance_infinity(teacher, ref, draws=2))
+    with pytest.raises(ValueError, match="replicates"):
+        paired_margin(s, frechet_distance_infinity(teacher, ref, labels=lab, draws=2, blocks=1))
+    with pytest.raises(ValueError, match="key"):
+        paired_margin(s, t, key="se")
 
 
 def test_shipped_classifier_separates_real_from_wrong():

@@ -1,0 +1,212 @@
+"""Issue 16's few-step goal with the students and the teacher paired: every student clip drawn
+from the same noise and class as a teacher clip, so the margin's jackknife drops the same
+noises from both sides (`fmrt.eval.paired_margin`) instead of adding two independent errors.
+
+    python docs/fd_paired.py --couplings runs/tc/teacher50_9100.safetensors ... \\
+        --out docs/fd_paired.json [--features runs/fd_paired_features.pt] [--device cpu]
+    python docs/fd_paired.py --couplings ... --from-features runs/fd_paired_features.pt --out ...
+
+Why: on 7680 clips a row (`docs/fd_large_n.py`) the average student's margins to the goal
+were 0.2-0.3 FD with standard errors near 0.4, most of it the teacher's own clips' sampling
+error. A reflow student maps a noise to roughly the teacher's sample from that noise, so the
+two sets' sampling errors move together; scored on the same noises, they cancel.
+
+Fixed before it ran (2026-12-03, night), nothing chosen on its figures:
+- the teacher: its own 50-step samples (50 Euler steps, CFG 2 on sigma <= 0.775), the
+  couplings of `fmrt reflow --steps 50 --seed S` for noise seeds never used in training or
+  evaluation (9100, 9101, ...; the students were trained on 9000/9001 and the 5120 set);
+- the students: the rows of `benchmarks/few_step_goal.py` (ROWS) at 1 and 2 steps, each
+  sampled from the couplings' own noise and classes, as `fmrt eval` samples (Euler,
+  float32, the rows' guidance);
+- the couplings' classes are random: every class is cut to the count of the rarest one
+  (the first of each, in the couplings' order), so the sets are balanced as the reference is;
+- the reference: 1280 real clips per class of data seed 999 (`docs/fd_large_n.py`'s); real
+  clips of data seed 4242 (as many per class) give the floor, unpaired;
+- per row: FD of all clips and FD_inf (`frechet_distance_infinity`: stratified by class, 32
+  draws, 8 blocks, seed 0, the same design for every row, so the jackknife blocks pair);
+- the goal: margin = student - 1.25 x teacher (1 step) or 1.10 x (2 steps), on FD and FD_inf,
+  se from the paired jackknife (also reported: the independent-sets se, for comparison); met
+  reliably when the margin is below 0 by two paired standard errors or more on both, on the
+  point estimate when it is below 0 by less. The reference's own draw is outside every error:
+  the real row says how large it is.
+
+Writes --out (JSON: every figure, the settings, the seconds each row took) and prints a
+markdown table; --features keeps every row's classifier features (a torch file), from which
+--from-features redoes every figure without sampling again.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.few_step_goal import GOAL, ROWS, _load_rows, goal_margin  # noqa: E402
+from fmrt.checkpoint import atomic_write_json  # noqa: E402
+from fmrt.data import NUM_CLASSES  # noqa: E402
+from fmrt.eval import (_features_logits, frechet_distance_infinity,  # noqa: E402
+                       load_classifier, paired_margin, reference_features)
+
+DRAWS = 32                     # random subsets per size for FD_inf
+
+
+def balanced_couplings(paths: list[str], per_class: int | None = None) -> dict:
+    """The couplings of `paths`, cut to the same count of each class (the rarest class's, or
+    `per_class`), class by class, in the files' order within a class: dict(noise, sample,
+    cond, per_class)."""
+    from fmrt.reflow import load_couplings
+    parts = [load_couplings(p) for p in paths]
+    if any("cond" not in c for c in parts):
+        raise SystemExit("the couplings carry no classes (cond): not a class-conditional teacher")
+    cond = torch.cat([c["cond"] for c in parts]).long()
+    counts = torch.bincount(cond, minlength=NUM_CLASSES)
+    m = int(counts.min()) if per_class is None else per_class
+    if m < 1 or int(counts.min()) < m:
+        raise SystemExit(f"the couplings hold {counts.tolist()} samples per class: too few for "
+                         f"{m} of each")
+    idx = torch.cat([(cond == k).nonzero().flatten()[:m] for k in range(NUM_CLASSES)])
+    noise = torch.cat([c["noise"] for c in parts]).float()[idx]
+    sample = torch.cat([c["sample"] for c in parts]).float()[idx].clamp(-1, 1)
+    return dict(noise=noise, sample=sample, cond=cond[idx], per_class=m)
+
+
+def sample_students(coup: dict, device: torch.device, batch_size: int) -> dict:
+    """Every student row's clips from the couplings' noise and classes, as classifier features
+    (computed by the caller): dict(rows=[dict(row, label, steps, seconds, source)],
+    clips={"<row>_<steps>": [N, C, T, H, W]})."""
+    from fmrt.sampling import generate_clips
+    models = _load_rows(ROOT, device)
+    out = dict(rows=[], clips={})
+    for row in ROWS[1:]:
+        model, meta, guide = models[row.name]
+        for steps in row.steps:
+            t = time.time()
+            parts = []
+            for i in range(0, coup["cond"].shape[0], batch_size):
+                with torch.no_grad():
+                    parts.append(generate_clips(
+                        model, meta, coup["cond"][i:i + batch_size], steps=steps,
+                        solver="euler", guidance_scale=row.guidance_scale, device=device,
+                        dtype=torch.float32, noise=coup["noise"][i:i + batch_size],
+                        guide_model=guide).cpu())
+            out["clips"][f"{row.name}_{steps}"] = torch.cat(parts)
+            out["rows"].append(dict(row=row.name, label=row.label, steps=steps,
+                                    seconds=time.time() - t,
+                                    source=f"{row.checkpoint}, the couplings' noise"))
+            print(f"{row.label} {steps}: sampled in {time.time() - t:.0f} s", flush=True)
+    return out
+
+
+def goal_rows(rows: list[dict]) -> list[dict]:
+    """Each student row's goal against the teacher row: ratio and margin on FD and FD_inf,
+    with the paired jackknife se and, for comparison, the independent-sets se."""
+    teacher = next(r for r in rows if r["row"] == "teacher")
+    out = []
+    for r in rows:
+        if r["row"] in ("teacher", "real") or r["steps"] not in GOAL:
+            continue
+        k = GOAL[r["steps"]]
+        g = dict(row=r["row"], label=r["label"], steps=r["steps"], factor=k)
+        for key, se, short in (("fd", "fd_se", "fd"), ("fd_inf", "se", "fd_inf")):
+            g[f"ratio_{short}"] = r[key] / teacher[key]
+            g[f"margin_{short}"], g[f"margin_{short}_se"] = paired_margin(r, teacher, k, key)
+            g[f"margin_{short}_se_independent"] = goal_margin(r[key], r[se], teacher[key],
+                                                              teacher[se], k)[1]
+        g["met"] = ("reliably" if all(g[f"margin_{s}"] <= -2 * g[f"margin_{s}_se"]
+                                      for s in ("fd", "fd_inf"))
+                    else "on the point estimate" if all(g[f"margin_{s}"] < 0
+                                                        for s in ("fd", "fd_inf"))
+                    else "no")
+        out.append(g)
+    return out
+
+
+def table(rows: list[dict], goals: list[dict]) -> str:
+    n = rows[0]["num"]
+    lines = [f"| row | steps | FD at {n} (se) | FD_inf (se) |", "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['steps'] or '-'} | {r['fd']:.2f} ({r['fd_se']:.2f}) "
+                     f"| {r['fd_inf']:.2f} ({r['se']:.2f}) |")
+    lines += ["", "| row | steps | goal | on FD: ratio, margin (paired se; independent se) "
+              "| on FD_inf: ratio, margin (paired se; independent se) | met |",
+              "|---|---:|---:|---:|---:|---|"]
+    for g in goals:
+        cells = [f"{g[f'ratio_{s}']:.2f}x, {g[f'margin_{s}']:+.2f} ({g[f'margin_{s}_se']:.2f}; "
+                 f"{g[f'margin_{s}_se_independent']:.2f})" for s in ("fd", "fd_inf")]
+        lines.append(f"| {g['label']} | {g['steps']} | {g['factor']:.2f}x | {cells[0]} | "
+                     f"{cells[1]} | {g['met']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python docs/fd_paired.py",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--couplings", nargs="+", required=True,
+                   help="the teacher's couplings (fmrt reflow --steps 50), never trained on")
+    p.add_argument("--out", required=True, help="JSON with every figure")
+    p.add_argument("--features", help="keep every row's features here (torch.save)")
+    p.add_argument("--from-features", metavar="FILE",
+                   help="a --features file of the same couplings: score it, sample nothing")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="clips per class (default: the rarest class's count in the couplings)")
+    p.add_argument("--ref-per-class", type=int, default=1280)
+    p.add_argument("--draws", type=int, default=DRAWS, help="FD_inf's subsets per size")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if os.path.exists(args.out):
+        raise SystemExit(f"{args.out} exists: not replaced")
+    device = torch.device(args.device)
+    clf, training = load_classifier()
+    clf = clf.to(device)
+    coup = balanced_couplings(args.couplings, args.per_class)
+    m = coup["per_class"]
+    if args.from_features:
+        kept = torch.load(args.from_features)
+        if kept["couplings"] != args.couplings or kept["per_class"] != m:
+            raise SystemExit(f"{args.from_features} holds other couplings "
+                             f"({kept['couplings']}, {kept['per_class']} a class)")
+    else:
+        students = sample_students(coup, device, args.batch_size)
+        kept = dict(couplings=args.couplings, per_class=m, rows=students["rows"],
+                    device=str(device) if device.type != "cpu" else
+                    f"cpu ({platform.processor() or platform.machine()}, "
+                    f"{torch.get_num_threads()} threads)",
+                    features={k: _features_logits(clf, v)[0]
+                              for k, v in students["clips"].items()})
+        if args.features:
+            torch.save(kept, args.features)
+    labels = coup["cond"]
+    ref_big = reference_features(clf, torch.arange(NUM_CLASSES).repeat_interleave(
+        args.ref_per_class), frames=training["frames"], size=training["size"], data_seed=999)
+    pools = [(dict(row="real", label="real clips (data seed 4242)", steps=None,
+                   source="ShapesVideo data seed 4242"),
+              reference_features(clf, labels, frames=training["frames"],
+                                 size=training["size"], data_seed=4242)),
+             (dict(row="teacher", label=ROWS[0].label, steps=50,
+                   source="couplings " + " ".join(args.couplings)),
+              _features_logits(clf, coup["sample"])[0])]
+    pools += [(r, kept["features"][f"{r['row']}_{r['steps']}"]) for r in kept["rows"]]
+    rows = []
+    for meta, f in pools:
+        inf = frechet_distance_infinity(f, ref_big, labels=labels, draws=args.draws)
+        rows.append(dict(meta, num=int(f.shape[0]), **inf))
+        print(f"{meta['label']} {meta['steps'] or '-'}: FD {inf['fd']:.3f} (se "
+              f"{inf['fd_se']:.3f}), FD_inf {inf['fd_inf']:.3f} (se {inf['se']:.3f})",
+              flush=True)
+    goals = goal_rows(rows)
+    atomic_write_json(args.out, dict(
+        device=kept["device"], couplings=args.couplings, per_class=m,
+        ref_per_class=args.ref_per_class, draws=args.draws, rows=rows, goal=goals))
+    print(table(rows, goals))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

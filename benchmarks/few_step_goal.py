@@ -27,7 +27,10 @@ an error no number of seeds averages away: the verdict is read on the verdict se
 pooled per row, against `--ref-per-class` (default 6400: 38400) real clips of data seed 999,
 as FD of the pool and FD_inf (`fmrt.eval.frechet_distance_infinity`, stratified by class,
 jackknife standard errors), with real clips of data seed 4242 as the floor; the per-seed
-table at 960 clips stays, as the committed CPU tables measured it.
+table at 960 clips stays, as the committed CPU tables measured it. Added that night, still
+before any GPU run, after `docs/fd_paired.py` found on 330 CPU clips that pairing the
+teacher's and a student's clips by noise cuts the margin's error 3 to 5 times: each margin
+also carries its paired error (`fmrt.eval.paired_margin`; every row samples a seed's noise).
 
 Per seed, per row: `fmrt eval`'s clips (`fmrt.cli.generate_batched`: the noise is drawn on the
 CPU from the seed, so any device and batch size sample the same noise) scored against the real
@@ -183,15 +186,18 @@ def pooled_verdict(pools: dict, labels_per_seed, ref_big, real_pool, real_labels
     FD_inf with jackknife errors (`frechet_distance_infinity`, stratified, 4 draws; on
     `device`, where the covariances of tens of thousands of clips cost least), real clips
     scored the same way first; then each student's goal margin against the teacher (student -
-    factor x teacher, the two errors combined as independent)."""
-    from fmrt.eval import frechet_distance_infinity
-    out = []
+    factor x teacher) with two errors: the two rows' combined as independent, and the paired
+    one (`fmrt.eval.paired_margin`: every row samples a seed's noise, so clip i of a student
+    and of the teacher share their noise and class)."""
+    from fmrt.eval import frechet_distance_infinity, paired_margin
+    out, full = [], {}
     sets = [("real", None, real_pool, real_labels)]
     sets += [(name, steps, torch.cat(f), labels_per_seed.repeat(len(f)))
              for (name, steps), f in pools.items() if f]
     ref_big = ref_big.to(device)
     for name, steps, x, lab in sets:
         r = frechet_distance_infinity(x.to(device), ref_big, labels=lab, draws=4)
+        full[(name, steps)] = r
         out.append(dict(row=name, steps=steps, num=int(x.shape[0]), fd=r["fd"],
                         fd_se=r["fd_se"], fd_inf=r["fd_inf"], fd_inf_se=r["se"]))
     teacher = next((r for r in out if r["row"] == ROWS[0].name), None)
@@ -203,17 +209,21 @@ def pooled_verdict(pools: dict, labels_per_seed, ref_big, real_pool, real_labels
         for key, se in (("fd", "fd_se"), ("fd_inf", "fd_inf_se")):
             r[f"margin_{key}"], r[f"margin_{key}_se"] = goal_margin(
                 r[key], r[se], teacher[key], teacher[se], k)
+            r[f"margin_{key}_se_paired"] = paired_margin(
+                full[(r["row"], r["steps"])], full[(teacher["row"], teacher["steps"])], k, key)[1]
     return out
 
 
 def _pooled_table(pooled: list[dict], ref_num: int) -> list[str]:
     label = {r.name: r.label for r in ROWS}
     lines = [f"## The goal on the verdict seeds' clips pooled, against {ref_num} real clips", "",
-             "| row | steps | clips | FD (se) | FD_inf (se) | goal | margin on FD (se) | "
-             "margin on FD_inf (se) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| row | steps | clips | FD (se) | FD_inf (se) | goal | margin on FD (paired se; "
+             "independent se) | margin on FD_inf (paired se; independent se) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in pooled:
-        goal = (f"{r['factor']:.2f}x | {r['margin_fd']:+.2f} ({r['margin_fd_se']:.2f}) | "
-                f"{r['margin_fd_inf']:+.2f} ({r['margin_fd_inf_se']:.2f})"
+        goal = (f"{r['factor']:.2f}x | " + " | ".join(
+            f"{r[f'margin_{k}']:+.2f} ({r[f'margin_{k}_se_paired']:.2f}; "
+            f"{r[f'margin_{k}_se']:.2f})" for k in ("fd", "fd_inf"))
                 if "factor" in r else "- | - | -")
         lines.append(f"| {label.get(r['row'], 'real clips (data seed 4242)')} | "
                      f"{r['steps'] or '-'} | {r['num']} | {r['fd']:.3f} ({r['fd_se']:.3f}) | "

@@ -118,9 +118,9 @@ case $phase in
                    --json "$out/${gpu}_meanflow_cost.json" | tail -n 5 ;;
     diffusers) bench "${limit:-170}" benchmarks/bench_diffusers_models.py ;;
     fewstep)   fs=(--out "$out/${gpu}_fewstep" --root "$src" --time-limit "${limit:-300}")
-               # without CUDA: a dry run (96 clips, a 2-step teacher, one seed of each kind,
+               # without CUDA: a dry run (60 clips, a 2-step teacher, one seed of each kind,
                # a 192-clip reference for the pooled verdict)
-               [ "$gpu" = cpu ] && fs+=(--device cpu --num-per-class 16 --teacher-steps 2
+               [ "$gpu" = cpu ] && fs+=(--device cpu --num-per-class 10 --teacher-steps 2
                                         --check-seeds 0 --seeds 13 --ref-per-class 32)
                stamp "few-step goal (seeds until ${limit:-300}s have passed)"
                timeout -k 10 $(( ${limit:-300} + 120 )) python3 -m benchmarks.few_step_goal \

@@ -3,7 +3,7 @@ from the same noise and class as a teacher clip, so the margin's jackknife drops
 noises from both sides (`fmrt.eval.paired_margin`) instead of adding two independent errors.
 
     python docs/fd_paired.py --couplings runs/tc/teacher50_9100.safetensors ... \\
-        --out docs/fd_paired.json [--features runs/fd_paired_features.pt] [--device cpu]
+        --out docs/fd_paired.json [--plot docs/fd_paired.png] [--features runs/f.pt] [--device cpu]
     python docs/fd_paired.py --couplings ... --from-features runs/fd_paired_features.pt --out ...
 
 Why: on 7680 clips a row (`docs/fd_large_n.py`) the average student's margins to the goal
@@ -21,7 +21,8 @@ Fixed before it ran (2026-12-03, night), nothing chosen on its figures:
 - the couplings' classes are random: every class is cut to the count of the rarest one
   (the first of each, in the couplings' order), so the sets are balanced as the reference is;
 - the reference: 1280 real clips per class of data seed 999 (`docs/fd_large_n.py`'s); real
-  clips of data seed 4242 (as many per class) give the floor, unpaired;
+  clips of data seed 4242 (as many per class) give the floor, unpaired; the same figures
+  against a second reference (`--ref-seed 5151`) show how far the reference's draw moves them;
 - per row: FD of all clips and FD_inf (`frechet_distance_infinity`: stratified by class, 32
   draws, 8 blocks, seed 0, the same design for every row, so the jackknife blocks pair);
 - the goal: margin = student - 1.25 x teacher (1 step) or 1.10 x (2 steps), on FD and FD_inf,
@@ -144,6 +145,36 @@ def table(rows: list[dict], goals: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(goals: list[dict], path: str, num: int) -> None:
+    """The margins with two-standard-error bars, paired (thick) and independent (thin), on FD
+    and FD_inf: left of 0 is inside the goal."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.55 * len(goals)), dpi=100)
+    names = []
+    for i, g in enumerate(goals):
+        for j, (key, colour) in enumerate((("fd", "tab:blue"), ("fd_inf", "tab:orange"))):
+            y = i + (j - 0.5) * 0.3
+            m = g[f"margin_{key}"]
+            ax.errorbar(m, y, xerr=2 * g[f"margin_{key}_se_independent"], fmt="none",
+                        ecolor=colour, elinewidth=1, capsize=2, alpha=0.5)
+            ax.errorbar(m, y, xerr=2 * g[f"margin_{key}_se"], fmt="o", color=colour, ms=4,
+                        elinewidth=3, label=(f"margin on {'FD' if key == 'fd' else 'FD_inf'}"
+                                             if i == 0 else None))
+        names.append(f"{g['label']}, {g['steps']} step{'s' if g['steps'] > 1 else ''} "
+                     f"(goal {g['factor']:.2f}x)")
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(range(len(goals)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("student FD - goal x teacher FD (left of 0: inside the goal)")
+    ax.set_title(f"{num} clips a row, paired by noise: bars are 2 se, thick paired, thin "
+                 f"independent", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python docs/fd_paired.py",
                                 description=__doc__.split("\n\n")[0])
@@ -151,11 +182,14 @@ def main(argv=None) -> int:
                    help="the teacher's couplings (fmrt reflow --steps 50), never trained on")
     p.add_argument("--out", required=True, help="JSON with every figure")
     p.add_argument("--features", help="keep every row's features here (torch.save)")
+    p.add_argument("--plot", help="PNG: the margins with paired and independent error bars")
     p.add_argument("--from-features", metavar="FILE",
                    help="a --features file of the same couplings: score it, sample nothing")
     p.add_argument("--per-class", type=int, default=None,
                    help="clips per class (default: the rarest class's count in the couplings)")
     p.add_argument("--ref-per-class", type=int, default=1280)
+    p.add_argument("--ref-seed", type=int, default=999,
+                   help="the reference's data seed (another one: how much its draw moves things)")
     p.add_argument("--draws", type=int, default=DRAWS, help="FD_inf's subsets per size")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -184,7 +218,8 @@ def main(argv=None) -> int:
             torch.save(kept, args.features)
     labels = coup["cond"]
     ref_big = reference_features(clf, torch.arange(NUM_CLASSES).repeat_interleave(
-        args.ref_per_class), frames=training["frames"], size=training["size"], data_seed=999)
+        args.ref_per_class), frames=training["frames"], size=training["size"],
+        data_seed=args.ref_seed)
     pools = [(dict(row="real", label="real clips (data seed 4242)", steps=None,
                    source="ShapesVideo data seed 4242"),
               reference_features(clf, labels, frames=training["frames"],
@@ -203,7 +238,10 @@ def main(argv=None) -> int:
     goals = goal_rows(rows)
     atomic_write_json(args.out, dict(
         device=kept["device"], couplings=args.couplings, per_class=m,
-        ref_per_class=args.ref_per_class, draws=args.draws, rows=rows, goal=goals))
+        ref_per_class=args.ref_per_class, ref_seed=args.ref_seed, draws=args.draws, rows=rows,
+        goal=goals))
+    if args.plot:
+        plot(goals, args.plot, rows[0]["num"])
     print(table(rows, goals))
     return 0
 

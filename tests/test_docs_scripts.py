@@ -476,7 +476,9 @@ def test_fd_paired_samples_on_the_couplings_noise_and_pairs_the_margin(tmp_path,
         mod.balanced_couplings(paths, per_class=13)
     out, feats = str(tmp_path / "p.json"), str(tmp_path / "f.pt")
     args = ["--couplings", *paths, "--ref-per-class", "12", "--draws", "2", "--device", "cpu"]
-    assert mod.main(args + ["--out", out, "--features", feats]) == 0
+    assert mod.main(args + ["--out", out, "--features", feats, "--plot",
+                            str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 0
     kept = torch.load(feats)
     clf, _ = mod.load_classifier()
     one = generate_clips(model, meta, coup["cond"][12:13], steps=1, noise=coup["noise"][12:13])

@@ -37,8 +37,8 @@ The pilot (2026-12-03, night): 384 couplings of noise seed 9100 (`fmrt reflow --
 to see whether pairing pays: the margins' paired errors came out 3 to 6 times below the
 independent ones (the average student: 0.72-1.31 against 4.2-6.2 FD). Fixed after it, before
 any figure of the run: the verdict on the couplings of noise seeds 9101 and 9102 (1536 each,
-the two in parallel on one thread each), never looked at before; the same with the pilot's
-384 added, and against a second reference (data seed 5151), reported beside it:
+the two in parallel on one thread each), never looked at before (the pilot's clips, which
+were, stay out); the same against a second reference (data seed 5151), reported beside it:
 
     for s in 9101 9102; do
       OMP_NUM_THREADS=1 fmrt reflow --steps 50 --num 1536 --seed $s --batch-size 64 \
@@ -48,8 +48,6 @@ the two in parallel on one thread each), never looked at before; the same with t
         --features runs/fd_paired_features.pt --out docs/fd_paired.json --plot docs/fd_paired.png
     python docs/fd_paired.py --couplings runs/tc/teacher50_910{1,2}.safetensors \
         --from-features runs/fd_paired_features.pt --ref-seed 5151 --out docs/fd_paired_ref5151.json
-    python docs/fd_paired.py --couplings runs/tc/teacher50_910{1,2}.safetensors \
-        runs/tc/pilot_9100.safetensors --out docs/fd_paired_with_pilot.json
 
 Writes --out (JSON: every figure, the settings, the seconds each row took) and prints a
 markdown table; --features keeps every row's classifier features (a torch file), from which

@@ -508,3 +508,21 @@ def test_fd_paired_samples_on_the_couplings_noise_and_pairs_the_margin(tmp_path,
     with pytest.raises(SystemExit, match="other couplings"):
         mod.main(args + ["--out", str(tmp_path / "r.json"), "--from-features", feats,
                          "--per-class", "11"])
+
+
+@pytest.mark.parametrize("name", ["fd_paired", "fd_paired_ref5151"])
+def test_fd_paired_committed_goal_is_its_rows(name):
+    """docs/fd_paired*.json: the goal table is its rows' figures, the margins' errors are the
+    paired jackknife's, and every row was scored on the same design (so the blocks pair)."""
+    from fmrt.eval import paired_margin
+    mod = _script("fd_paired")
+    doc = json.load(open(os.path.join(DOCS, f"{name}.json")))
+    assert doc["goal"] == mod.goal_rows(doc["rows"])
+    assert len({r["design"] for r in doc["rows"]}) == 1
+    assert all(len(r["replicates"]) == doc["blocks"] for r in doc["rows"])
+    teacher = next(r for r in doc["rows"] if r["row"] == "teacher")
+    for g in doc["goal"]:
+        r = next(r for r in doc["rows"] if (r["row"], r["steps"]) == (g["row"], g["steps"]))
+        assert g["factor"] == {1: 1.25, 2: 1.10}[g["steps"]]
+        assert (g["margin_fd_inf"], g["margin_fd_inf_se"]) == pytest.approx(
+            paired_margin(r, teacher, g["factor"]))

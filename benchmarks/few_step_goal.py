@@ -28,9 +28,10 @@ pooled per row, against `--ref-per-class` (default 6400: 38400) real clips of da
 as FD of the pool and FD_inf (`fmrt.eval.frechet_distance_infinity`, stratified by class,
 jackknife standard errors), with real clips of data seed 4242 as the floor; the per-seed
 table at 960 clips stays, as the committed CPU tables measured it. Added that night, still
-before any GPU run, after `docs/fd_paired.py` found on 330 CPU clips that pairing the
-teacher's and a student's clips by noise cuts the margin's error 3 to 5 times: each margin
-also carries its paired error (`fmrt.eval.paired_margin`; every row samples a seed's noise).
+before any GPU run, after `docs/fd_paired.py` found on CPU that pairing the teacher's and a
+student's clips by noise cuts the margin's error 3 to 6 times on a 384-clip pilot and 1.4 to
+3.9 times on 3072 clips: each margin also carries its paired error
+(`fmrt.eval.paired_margin`; every row samples a seed's noise).
 
 Per seed, per row: `fmrt eval`'s clips (`fmrt.cli.generate_batched`: the noise is drawn on the
 CPU from the seed, so any device and batch size sample the same noise) scored against the real

@@ -217,7 +217,7 @@ def frechet_distance_infinity(feats: Tensor, ref_feats: Tensor, *,
         reps = [fit(block != b)[0] for b in range(blocks)]
         fd_reps = [fd_to_ref(x[block != b]) for b in range(blocks)]
         se, fd_se = _jackknife_se(reps), _jackknife_se(fd_reps)
-    lab = torch.zeros(n, dtype=torch.long) if labels is None else labels.long()
+    lab = torch.zeros(n, dtype=torch.long) if labels is None else labels.long().cpu()
     tag = int(((lab + 1) * (torch.arange(n) % 9973 + 1)).sum())    # the labels' order, cheaply
     design = (f"n={n} labels={tag} seed={seed} blocks={blocks} draws={draws} "
               f"fractions={','.join(f'{f:.6g}' for f in fractions)}")

@@ -213,8 +213,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if os.path.exists(args.out):
-        raise SystemExit(f"{args.out} exists: not replaced")
+    for path in (args.out, args.plot, None if args.from_features else args.features):
+        if path and os.path.exists(path):      # before any sampling: nothing is lost
+            raise SystemExit(f"{path} exists: not replaced")
     device = torch.device(args.device)
     clf, training = load_classifier()
     clf = clf.to(device)

@@ -505,6 +505,8 @@ def test_fd_paired_samples_on_the_couplings_noise_and_pairs_the_margin(tmp_path,
     assert json.load(open(again))["rows"] == doc["rows"]
     with pytest.raises(SystemExit, match="exists"):
         mod.main(args + ["--out", out])
+    with pytest.raises(SystemExit, match="f.pt exists"):       # a run's features are kept
+        mod.main(args + ["--out", str(tmp_path / "s.json"), "--features", feats])
     with pytest.raises(SystemExit, match="other couplings"):
         mod.main(args + ["--out", str(tmp_path / "r.json"), "--from-features", feats,
                          "--per-class", "11"])

@@ -49,6 +49,23 @@ were, stay out); the same against a second reference (data seed 5151), reported 
     python docs/fd_paired.py --couplings runs/tc/teacher50_910{1,2}.safetensors \
         --from-features runs/fd_paired_features.pt --ref-seed 5151 --out docs/fd_paired_ref5151.json
 
+The second look (fixed 2026-12-03, before any of its clips existed): the run above left the
+average student inside the two goals by 1.9-2.2 paired se, the teacher's heavy-tailed FD most
+of the error, so more teacher clips: noise seeds 9103 and 9104 (1536 each, as above, in
+parallel on one thread each). Scored twice: the 3072 new clips alone (an independent replicate,
+nothing shared with the first run but the reference), and the verdict: all 6144 clips pooled
+(the two runs' balanced sets together, `--from-features` of both feature files; 16 blocks,
+everything else as above). The rule stays two paired se on both FD and FD_inf. Looking again
+after a borderline first look is a sequential test: the pooled 2-se bar is a little less strict
+than it reads, which the note beside the figures says.
+
+    for s in 9103 9104; do ... (as above) ...; done; wait
+    python docs/fd_paired.py --couplings runs/tc/teacher50_910{3,4}.safetensors \
+        --features runs/fd_paired_9103_features.pt --out docs/fd_paired_9103.json
+    python docs/fd_paired.py --couplings runs/tc/teacher50_910{1,2,3,4}.safetensors \
+        --from-features runs/fd_paired_features.pt runs/fd_paired_9103_features.pt \
+        --out docs/fd_paired_pooled.json --plot docs/fd_paired_pooled.png
+
 Writes --out (JSON: every figure, the settings, the seconds each row took) and prints a
 markdown table; --features keeps every row's classifier features (a torch file), from which
 --from-features redoes every figure without sampling again.

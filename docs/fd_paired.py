@@ -112,6 +112,34 @@ def balanced_couplings(paths: list[str], per_class: int | None = None) -> dict:
     return dict(noise=noise, sample=sample, cond=cond[idx], per_class=m)
 
 
+def pooled_features(paths: list[str], couplings: list[str], per_class: int | None):
+    """The --features files `paths` and their balanced couplings, pooled in order: (couplings
+    dict as `balanced_couplings`'s, kept dict as one --features file's). Each file's set holds
+    the same count of every class, so their union does too; `couplings` must be the files'
+    couplings lists one after another, and every file must hold the same rows."""
+    kept = [torch.load(p) for p in paths]
+    if [c for k in kept for c in k["couplings"]] != couplings:
+        raise SystemExit(f"{' '.join(paths)} hold couplings "
+                         f"{[k['couplings'] for k in kept]}, not --couplings {couplings}")
+    if len(kept) == 1 and per_class is not None and kept[0]["per_class"] != per_class:
+        raise SystemExit(f"{paths[0]} holds {kept[0]['per_class']} clips a class, not "
+                         f"--per-class {per_class}")
+    if len(kept) > 1 and per_class is not None:
+        raise SystemExit("--per-class applies to one run, not to pooled --from-features")
+    if any(sorted(k["features"]) != sorted(kept[0]["features"]) for k in kept):
+        raise SystemExit(f"{' '.join(paths)} hold different rows: not one design")
+    parts = [balanced_couplings(k["couplings"], k["per_class"]) for k in kept]
+    coup = dict(per_class=sum(c["per_class"] for c in parts),
+                **{key: torch.cat([c[key] for c in parts]) for key in ("noise", "sample", "cond")})
+    rows = [dict(r, seconds=sum(k["rows"][i]["seconds"] for k in kept))
+            for i, r in enumerate(kept[0]["rows"])]
+    devices = sorted({k["device"] for k in kept})
+    return coup, dict(couplings=couplings, per_class=coup["per_class"], rows=rows,
+                      device=" + ".join(devices),
+                      features={key: torch.cat([k["features"][key] for k in kept])
+                                for key in kept[0]["features"]})
+
+
 def sample_students(coup: dict, device: torch.device, batch_size: int) -> dict:
     """Every student row's clips from the couplings' noise and classes, as classifier features
     (computed by the caller): dict(rows=[dict(row, label, steps, seconds, source)],
@@ -218,8 +246,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="JSON with every figure")
     p.add_argument("--features", help="keep every row's features here (torch.save)")
     p.add_argument("--plot", help="PNG: the margins with paired and independent error bars")
-    p.add_argument("--from-features", metavar="FILE",
-                   help="a --features file of the same couplings: score it, sample nothing")
+    p.add_argument("--from-features", metavar="FILE", nargs="+",
+                   help="a --features file of the same couplings: score it, sample nothing; "
+                        "several: their runs pooled (--couplings: theirs, in order)")
     p.add_argument("--per-class", type=int, default=None,
                    help="clips per class (default: the rarest class's count in the couplings)")
     p.add_argument("--ref-per-class", type=int, default=1280)
@@ -236,14 +265,12 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     clf, training = load_classifier()
     clf = clf.to(device)
-    coup = balanced_couplings(args.couplings, args.per_class)
-    m = coup["per_class"]
     if args.from_features:
-        kept = torch.load(args.from_features)
-        if kept["couplings"] != args.couplings or kept["per_class"] != m:
-            raise SystemExit(f"{args.from_features} holds other couplings "
-                             f"({kept['couplings']}, {kept['per_class']} a class)")
+        coup, kept = pooled_features(args.from_features, args.couplings, args.per_class)
+        m = coup["per_class"]
     else:
+        coup = balanced_couplings(args.couplings, args.per_class)
+        m = coup["per_class"]
         students = sample_students(coup, device, args.batch_size)
         kept = dict(couplings=args.couplings, per_class=m, rows=students["rows"],
                     device=str(device) if device.type != "cpu" else

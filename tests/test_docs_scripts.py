@@ -507,9 +507,27 @@ def test_fd_paired_samples_on_the_couplings_noise_and_pairs_the_margin(tmp_path,
         mod.main(args + ["--out", out])
     with pytest.raises(SystemExit, match="f.pt exists"):       # a run's features are kept
         mod.main(args + ["--out", str(tmp_path / "s.json"), "--features", feats])
-    with pytest.raises(SystemExit, match="other couplings"):
+    with pytest.raises(SystemExit, match="not --per-class 11"):
         mod.main(args + ["--out", str(tmp_path / "r.json"), "--from-features", feats,
                          "--per-class", "11"])
+    # pooled: two runs' features (here the same run twice) score as one set of both, in order
+    twice = ["--couplings", *paths, *paths] + args[len(paths) + 1:]
+    pooled = str(tmp_path / "pooled.json")
+    assert mod.main(twice + ["--out", pooled, "--from-features", feats, feats]) == 0
+    doc2 = json.load(open(pooled))
+    assert doc2["per_class"] == 24 and all(r["num"] == 144 for r in doc2["rows"])
+    assert doc2["rows"][2]["fd"] == pytest.approx(doc2["rows"][1]["fd"], rel=1e-3)
+    assert len({r["design"] for r in doc2["rows"]}) == 1 and doc2["rows"][0]["design"] != \
+        doc["rows"][0]["design"]
+    coup2, kept2 = mod.pooled_features([feats, feats], [*paths, *paths], None)
+    assert torch.equal(coup2["cond"], torch.cat([coup["cond"]] * 2))
+    assert torch.equal(kept2["features"][f"{soup.name}_1"],
+                       torch.cat([kept["features"][f"{soup.name}_1"]] * 2))
+    for bad, match in (([*paths], "not --couplings"), ([*paths, *paths, *paths], "not --couplings")):
+        with pytest.raises(SystemExit, match=match):
+            mod.pooled_features([feats, feats], bad, None)
+    with pytest.raises(SystemExit, match="one run"):
+        mod.pooled_features([feats, feats], [*paths, *paths], 12)
 
 
 @pytest.mark.parametrize("name", ["fd_paired", "fd_paired_ref5151"])

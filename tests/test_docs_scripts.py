@@ -530,7 +530,8 @@ def test_fd_paired_samples_on_the_couplings_noise_and_pairs_the_margin(tmp_path,
         mod.pooled_features([feats, feats], [*paths, *paths], 12)
 
 
-@pytest.mark.parametrize("name", ["fd_paired", "fd_paired_ref5151"])
+@pytest.mark.parametrize("name", ["fd_paired", "fd_paired_ref5151", "fd_paired_9103",
+                                  "fd_paired_pooled"])
 def test_fd_paired_committed_goal_is_its_rows(name):
     """docs/fd_paired*.json: the goal table is its rows' figures, the margins' errors are the
     paired jackknife's, and every row was scored on the same design (so the blocks pair)."""

@@ -28,6 +28,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            "pytest-xdist>=3",     # the README's test command runs two workers (-n 2)
             "hypothesis>=6",
             "diffusers>=0.32",
             "matplotlib>=3.7",

@@ -14,6 +14,14 @@ from benchmarks import report
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _outer_env(**extra) -> dict:
+    """This process's environment for a pytest run of its own, without pytest-xdist's worker
+    variables: a child that inherits PYTEST_XDIST_WORKER takes itself for an xdist worker, and
+    pytest-benchmark then times nothing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    return dict(env, **extra)
+
+
 def _bench(op, case, provider, ms, nbytes=0, pct=None, dtype="bfloat16", tensor_bytes=None,
            **extra):
     if tensor_bytes is None:     # a 3-tensor op (add_noise: x0 in, x_t and target out)
@@ -124,7 +132,7 @@ def test_report_on_a_real_run(tmp_path):
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                     "benchmarks/bench_training.py", "-k", "test_bench_add_noise and wan_tiny "
                     "and float32", "--benchmark-enable", f"--benchmark-json={out}"],
-                   cwd=ROOT, check=True, capture_output=True)
+                   cwd=ROOT, check=True, capture_output=True, env=_outer_env())
     readme = tmp_path / "README.md"
     readme.write_text(f"{report.START}\n{report.END}\n")
     subprocess.run([sys.executable, "benchmarks/report.py", str(out), "--readme", str(readme)],
@@ -148,7 +156,7 @@ def test_suite_records_the_bytes_each_goal_counts(tmp_path):
                           "benchmarks/bench_training.py", "benchmarks/bench_attention.py",
                           "benchmarks/bench_sampling.py", "-k", sel, "--benchmark-enable",
                           f"--benchmark-json={out}"], cwd=ROOT, capture_output=True, text=True,
-                         env=dict(os.environ, FMRT_BENCH_JSONL=str(stream)))
+                         env=_outer_env(FMRT_BENCH_JSONL=str(stream)))
     assert res.returncode == 0, res.stdout[-2000:]
     _, rows = report.load(out)
     # the records streamed as each benchmark finished are the same rows
@@ -219,7 +227,7 @@ def test_first_gpu_call_selects_every_kernel_level_goal_case():
 def test_run_gpu_first_phase_dry_run_on_cpu(tmp_path):
     """benchmarks/run_gpu.sh end to end on a CPU (its dry-run mode: tiny shapes, the gpu tests
     skipped): the scratch layout imports, the phase streams its JSONL and writes the report."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env = {k: v for k, v in _outer_env().items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
     env["OUT"] = str(tmp_path)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     res = subprocess.run(["bash", "benchmarks/run_gpu.sh", "first",

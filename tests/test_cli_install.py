@@ -79,3 +79,15 @@ def test_sample_runs_with_fmrt_requirements_only(tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["fmrt_samples.gif", "fmrt_samples.png"]
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run ends with the README's test command, and what that command needs (pytest-xdist
+    for -n) is in the test extra."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    command = re.search(r'^pip install -e "\.\[test\]" && (pytest.*)$', readme, re.M).group(1)
+    ci = [line.strip() for line in open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8")
+          if line.strip() and not line.lstrip().startswith("#")]
+    assert ci[-1] == command
+    if " -n " in f" {command} ":
+        assert "pytest-xdist" in _requirements()[1]["test"]

@@ -66,6 +66,28 @@ than it reads, which the note beside the figures says.
         --from-features runs/fd_paired_features.pt runs/fd_paired_9103_features.pt \
         --out docs/fd_paired_pooled.json --plot docs/fd_paired_pooled.png
 
+The third look, the last on this CPU (fixed 2026-12-04, before any of its clips existed): the
+pooled second look left the average student inside both goals by 1.4-2.0 paired se, short of
+its bar. One more replicate of the same design and size as each run before: noise seeds 9105
+and 9106 (1536 each, as above, in parallel on one thread each), scored alone as above
+(docs/fd_paired_9105.json). The verdict is read on the three 3072-clip runs (9101/9102,
+9103/9104, 9105/9106), independent replicates of one design: per row and goal, the plain mean
+of their margins (equal weights: weights from their own se's would favour the runs whose
+heavy-tailed teacher happened to draw well) with se = sqrt(sum of the paired se's squared) / 3
+(`--combine`, which reads the three JSON files). Met reliably when the mean margin is below 0
+by at least 2.29 se on both FD and FD_inf: Pocock's constant boundary for three looks at a
+two-sided 5 % (the looks were not planned as one group-sequential design, so it is an
+approximation, and stricter than the 2 se of a single look, as a third look must be); on the
+point estimate when below 0 by less. Whatever it shows, the next figure for item 2 comes from a
+GPU run of benchmarks/few_step_goal.py, not from more CPU looks.
+
+    for s in 9105 9106; do ... (as above) ...; done; wait
+    python docs/fd_paired.py --couplings runs/tc/teacher50_910{5,6}.safetensors \\
+        --features runs/fd_paired_9105_features.pt --out docs/fd_paired_9105.json
+    python docs/fd_paired.py --combine docs/fd_paired.json docs/fd_paired_9103.json \\
+        docs/fd_paired_9105.json --bar 2.29 --out docs/fd_paired_combined.json \\
+        --plot docs/fd_paired_combined.png
+
 Writes --out (JSON: every figure, the settings, the seconds each row took) and prints a
 markdown table; --features keeps every row's classifier features (a torch file), from which
 --from-features redoes every figure without sampling again.

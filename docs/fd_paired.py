@@ -204,13 +204,76 @@ def goal_rows(rows: list[dict]) -> list[dict]:
             g[f"margin_{short}"], g[f"margin_{short}_se"] = paired_margin(r, teacher, k, key)
             g[f"margin_{short}_se_independent"] = goal_margin(r[key], r[se], teacher[key],
                                                               teacher[se], k)[1]
-        g["met"] = ("reliably" if all(g[f"margin_{s}"] <= -2 * g[f"margin_{s}_se"]
-                                      for s in ("fd", "fd_inf"))
-                    else "on the point estimate" if all(g[f"margin_{s}"] < 0
-                                                        for s in ("fd", "fd_inf"))
-                    else "no")
+        g["met"] = verdict(g, 2.0)
         out.append(g)
     return out
+
+
+def verdict(goal: dict, bar: float) -> str:
+    """"reliably" when the margins on FD and FD_inf are both below 0 by `bar` of their se's or
+    more, "on the point estimate" when both are below 0, else "no"."""
+    keys = ("fd", "fd_inf")
+    if all(goal[f"margin_{s}"] <= -bar * goal[f"margin_{s}_se"] for s in keys):
+        return "reliably"
+    return "on the point estimate" if all(goal[f"margin_{s}"] < 0 for s in keys) else "no"
+
+
+def combine(paths: list[str], bar: float) -> dict:
+    """The goal over independent runs of this script (the same rows, design and clips a class,
+    no coupling file shared): per row and goal, the plain mean of the runs' margins on FD and
+    FD_inf, se = sqrt(sum of the runs' paired se's squared) / k, and the verdict at `bar` se.
+    Equal weights: weights from the runs' own se's would favour the runs whose heavy-tailed
+    teacher happened to draw well."""
+    import json
+    if len(paths) < 2:
+        raise SystemExit("--combine takes two runs or more")
+    docs = [json.load(open(p)) for p in paths]
+    same = ("blocks", "draws", "ref_seed", "ref_per_class", "per_class")
+    shape = [(g["row"], g["steps"], g["factor"]) for g in docs[0]["goal"]]
+    for p, d in zip(paths[1:], docs[1:]):
+        diff = [k for k in same if d[k] != docs[0][k]]
+        if [(g["row"], g["steps"], g["factor"]) for g in d["goal"]] != shape:
+            diff.append("rows")
+        if diff:
+            raise SystemExit(f"{p} differs from {paths[0]} in {', '.join(diff)}: not one design")
+    files = [c for d in docs for c in d["couplings"]]
+    if len(set(files)) != len(files):
+        raise SystemExit("the runs share couplings: not independent replicates")
+    k = len(docs)
+    goals = []
+    for i, first in enumerate(docs[0]["goal"]):
+        runs = [d["goal"][i] for d in docs]
+        g = {key: first[key] for key in ("row", "label", "steps", "factor")}
+        for s in ("fd", "fd_inf"):
+            g[f"runs_ratio_{s}"] = [r[f"ratio_{s}"] for r in runs]
+            g[f"runs_margin_{s}"] = [r[f"margin_{s}"] for r in runs]
+            g[f"runs_margin_{s}_se"] = [r[f"margin_{s}_se"] for r in runs]
+            g[f"margin_{s}"] = sum(g[f"runs_margin_{s}"]) / k
+            g[f"margin_{s}_se"] = sum(se ** 2 for se in g[f"runs_margin_{s}_se"]) ** 0.5 / k
+        g["met"] = verdict(g, bar)
+        goals.append(g)
+    teacher = [next(r for r in d["rows"] if r["row"] == "teacher") for d in docs]
+    return dict(runs=paths, couplings=[d["couplings"] for d in docs], bar=bar,
+                num=[d["rows"][0]["num"] for d in docs],
+                teacher_fd=[t["fd"] for t in teacher],
+                teacher_fd_inf=[t["fd_inf"] for t in teacher], goal=goals)
+
+
+def combined_table(doc: dict) -> str:
+    bar = doc["bar"]
+    lines = ["| row | steps | goal | margin on FD, run by run (paired se) | mean (se; in se) "
+             "| margin on FD_inf, run by run (paired se) | mean (se; in se) "
+             f"| met (bar {bar:g} se) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for g in doc["goal"]:
+        cells = []
+        for s in ("fd", "fd_inf"):
+            cells.append(" / ".join(f"{m:+.2f} ({se:.2f})" for m, se in
+                                    zip(g[f"runs_margin_{s}"], g[f"runs_margin_{s}_se"])))
+            m, se = g[f"margin_{s}"], g[f"margin_{s}_se"]
+            cells.append(f"{m:+.2f} ({se:.2f}; {m / se:+.2f})")
+        lines.append(f"| {g['label']} | {g['steps']} | {g['factor']:.2f}x | "
+                     f"{' | '.join(cells)} | {g['met']} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], goals: list[dict]) -> str:
@@ -230,9 +293,10 @@ def table(rows: list[dict], goals: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(goals: list[dict], path: str, num: int) -> None:
-    """The margins with two-standard-error bars, paired (thick) and independent (thin), on FD
-    and FD_inf: left of 0 is inside the goal."""
+def plot(goals: list[dict], path: str, title: str, bar: float = 2.0) -> None:
+    """The margins on FD and FD_inf with `bar`-standard-error bars: paired (thick) and, where
+    the goals carry them, independent (thin); a combined run's goals also show each run's
+    margin (hollow). Left of 0 is inside the goal."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -242,9 +306,12 @@ def plot(goals: list[dict], path: str, num: int) -> None:
         for j, (key, colour) in enumerate((("fd", "tab:blue"), ("fd_inf", "tab:orange"))):
             y = i + (j - 0.5) * 0.3
             m = g[f"margin_{key}"]
-            ax.errorbar(m, y, xerr=2 * g[f"margin_{key}_se_independent"], fmt="none",
-                        ecolor=colour, elinewidth=1, capsize=2, alpha=0.5)
-            ax.errorbar(m, y, xerr=2 * g[f"margin_{key}_se"], fmt="o", color=colour, ms=4,
+            if f"margin_{key}_se_independent" in g:
+                ax.errorbar(m, y, xerr=bar * g[f"margin_{key}_se_independent"], fmt="none",
+                            ecolor=colour, elinewidth=1, capsize=2, alpha=0.5)
+            for r in g.get(f"runs_margin_{key}", []):
+                ax.plot(r, y, "o", mfc="none", mec=colour, ms=4, alpha=0.6)
+            ax.errorbar(m, y, xerr=bar * g[f"margin_{key}_se"], fmt="o", color=colour, ms=4,
                         elinewidth=3, label=(f"margin on {'FD' if key == 'fd' else 'FD_inf'}"
                                              if i == 0 else None))
         names.append(f"{g['label']}, {g['steps']} step{'s' if g['steps'] > 1 else ''} "
@@ -253,8 +320,7 @@ def plot(goals: list[dict], path: str, num: int) -> None:
     ax.set_yticks(range(len(goals)), names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("student FD - goal x teacher FD (left of 0: inside the goal)")
-    ax.set_title(f"{num} clips a row, paired by noise: bars are 2 se, thick paired, thin "
-                 f"independent", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
@@ -263,8 +329,13 @@ def plot(goals: list[dict], path: str, num: int) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python docs/fd_paired.py",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--couplings", nargs="+", required=True,
+    p.add_argument("--couplings", nargs="+",
                    help="the teacher's couplings (fmrt reflow --steps 50), never trained on")
+    p.add_argument("--combine", metavar="JSON", nargs="+",
+                   help="the --out files of independent runs: their mean margins and the "
+                        "verdict at --bar se (samples nothing)")
+    p.add_argument("--bar", type=float, default=2.0,
+                   help="--combine: standard errors below 0 for 'reliably' (default 2)")
     p.add_argument("--out", required=True, help="JSON with every figure")
     p.add_argument("--features", help="keep every row's features here (torch.save)")
     p.add_argument("--plot", help="PNG: the margins with paired and independent error bars")
@@ -281,9 +352,20 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if bool(args.combine) == bool(args.couplings):
+        p.error("give --couplings (a run) or --combine (runs' JSON files), one of the two")
     for path in (args.out, args.plot, None if args.from_features else args.features):
         if path and os.path.exists(path):      # before any sampling: nothing is lost
             raise SystemExit(f"{path} exists: not replaced")
+    if args.combine:
+        doc = combine(args.combine, args.bar)
+        atomic_write_json(args.out, doc)
+        if args.plot:
+            plot(doc["goal"], args.plot, f"the mean of {len(args.combine)} runs' margins "
+                 f"({' + '.join(map(str, doc['num']))} clips a row, paired by noise): bars are "
+                 f"{args.bar:g} se, hollow: each run", bar=args.bar)
+        print(combined_table(doc))
+        return 0
     device = torch.device(args.device)
     clf, training = load_classifier()
     clf = clf.to(device)
@@ -328,7 +410,8 @@ def main(argv=None) -> int:
         ref_per_class=args.ref_per_class, ref_seed=args.ref_seed, draws=args.draws,
         blocks=args.blocks, rows=rows, goal=goals))
     if args.plot:
-        plot(goals, args.plot, rows[0]["num"])
+        plot(goals, args.plot, f"{rows[0]['num']} clips a row, paired by noise: bars are 2 se, "
+                               f"thick paired, thin independent")
     print(table(rows, goals))
     return 0
 

@@ -530,6 +530,55 @@ def test_fd_paired_samples_on_the_couplings_noise_and_pairs_the_margin(tmp_path,
         mod.pooled_features([feats, feats], [*paths, *paths], 12)
 
 
+def test_fd_paired_combine_takes_the_plain_mean_of_independent_runs(tmp_path):
+    """--combine: per goal the mean of the runs' margins, se sqrt(sum se^2) / k, the verdict at
+    --bar se on both FD and FD_inf; runs sharing couplings or differing in design refused."""
+    mod = _script("fd_paired")
+
+    def run(name, couplings, margins, per_class=512):
+        goal = dict(row="soup", label="the average", steps=1, factor=1.25)
+        for key, (m, se) in zip(("fd", "fd_inf"), margins):
+            goal.update({f"margin_{key}": m, f"margin_{key}_se": se, f"ratio_{key}": 1.0})
+        doc = dict(couplings=couplings, per_class=per_class, blocks=16, draws=32, ref_seed=999,
+                   ref_per_class=1280, goal=[goal],
+                   rows=[dict(row="real", num=6 * per_class, fd=0.3, fd_inf=0.1),
+                         dict(row="teacher", num=6 * per_class, fd=2.0, fd_inf=1.9)])
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(doc))
+        return str(path)
+
+    a = run("a", ["c1", "c2"], [(-1.0, 0.4), (-1.2, 0.5)])
+    b = run("b", ["c3", "c4"], [(-0.5, 0.3), (-0.3, 0.6)])
+    c = run("c", ["c5", "c6"], [(-0.9, 0.2), (+2.0, 0.2)])
+    doc = mod.combine([a, b], bar=2.0)
+    (g,) = doc["goal"]
+    assert g["margin_fd"] == pytest.approx(-0.75)
+    assert g["margin_fd_se"] == pytest.approx((0.4 ** 2 + 0.3 ** 2) ** 0.5 / 2)
+    assert g["margin_fd_inf"] == pytest.approx(-0.75)
+    assert g["margin_fd_inf_se"] == pytest.approx((0.5 ** 2 + 0.6 ** 2) ** 0.5 / 2)
+    assert g["runs_margin_fd"] == [-1.0, -0.5] and doc["teacher_fd"] == [2.0, 2.0]
+    assert g["met"] == "on the point estimate"        # FD at 3.0 se, FD_inf at 1.9 se
+    assert mod.combine([a, b], bar=1.9)["goal"][0]["met"] == "reliably"
+    assert mod.combine([a, b, c], bar=2.0)["goal"][0]["met"] == "no"   # FD_inf: +0.17
+    shared = run("d", ["c2", "c7"], [(-1.0, 0.1), (-1.0, 0.1)])
+    with pytest.raises(SystemExit, match="share couplings"):
+        mod.combine([a, shared], 2.0)
+    other = run("e", ["c8"], [(-1.0, 0.1), (-1.0, 0.1)], per_class=256)
+    with pytest.raises(SystemExit, match="per_class: not one design"):
+        mod.combine([a, other], 2.0)
+    with pytest.raises(SystemExit, match="two runs or more"):
+        mod.combine([a], 2.0)
+    out = tmp_path / "combined.json"
+    assert mod.main(["--combine", a, b, "--bar", "2.29", "--out", str(out),
+                     "--plot", str(tmp_path / "combined.png")]) == 0
+    assert json.loads(out.read_text())["bar"] == 2.29
+    assert (tmp_path / "combined.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="exists"):
+        mod.main(["--combine", a, b, "--out", str(out)])
+    with pytest.raises(SystemExit):                     # a run and a combination at once
+        mod.main(["--combine", a, b, "--couplings", "c1", "--out", str(tmp_path / "x.json")])
+
+
 @pytest.mark.parametrize("name", ["fd_paired", "fd_paired_ref5151", "fd_paired_9103",
                                   "fd_paired_pooled"])
 def test_fd_paired_committed_goal_is_its_rows(name):

@@ -580,7 +580,7 @@ def test_fd_paired_combine_takes_the_plain_mean_of_independent_runs(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["fd_paired", "fd_paired_ref5151", "fd_paired_9103",
-                                  "fd_paired_pooled"])
+                                  "fd_paired_pooled", "fd_paired_9105"])
 def test_fd_paired_committed_goal_is_its_rows(name):
     """docs/fd_paired*.json: the goal table is its rows' figures, the margins' errors are the
     paired jackknife's, and every row was scored on the same design (so the blocks pair)."""
@@ -596,3 +596,14 @@ def test_fd_paired_committed_goal_is_its_rows(name):
         assert g["factor"] == {1: 1.25, 2: 1.10}[g["steps"]]
         assert (g["margin_fd_inf"], g["margin_fd_inf_se"]) == pytest.approx(
             paired_margin(r, teacher, g["factor"]))
+
+
+def test_fd_paired_committed_combination_is_its_runs():
+    """docs/fd_paired_combined.json (the third look's verdict): recomputed from the three
+    committed runs it names, at its own bar (Pocock's 2.29 for three looks)."""
+    mod = _script("fd_paired")
+    doc = json.load(open(os.path.join(DOCS, "fd_paired_combined.json")))
+    assert doc["bar"] == 2.29 and len(doc["runs"]) == 3
+    runs = [os.path.join(os.path.dirname(DOCS), p) for p in doc["runs"]]
+    again = mod.combine(runs, doc["bar"])
+    assert again["goal"] == doc["goal"] and again["teacher_fd"] == doc["teacher_fd"]
